@@ -1,0 +1,1 @@
+"""Data: HDF5 files, synthetic CMS-like jets, splits, augmentations and Grain pipelines."""
