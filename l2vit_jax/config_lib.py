@@ -1,0 +1,63 @@
+"""Shared pieces of the python config files in ``configs/`` (DESIGN.md §3 recipes)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+LABELLED_FILE = "data/Dataset_Specific_labelled_full_only_for_2i.h5"
+UNLABELLED_FILE = "data/Dataset_Specific_Unlabelled.h5"
+
+
+def model_config(size: str = "default") -> ml_collections.ConfigDict:
+  """L2ViT constructor arguments. 'default' is the original (5,111,579 parameters)."""
+  config = ml_collections.ConfigDict(dict(
+      in_channels=8, img_size=125, patch_size=5, embed_dim=256, depth=6, num_heads=4, mlp_ratio=4.0,
+      num_classes=2, drop_rate=0.1, drop_path_rate=0.1, lcm_kernel=7, attention="linear",
+      dtype="float32"))
+  if size == "tiny":  # for the quickstart on 2 CPU cores and for tests
+    config.update(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+  elif size != "default":
+    raise ValueError(f"unknown model size {size!r}; use 'default' or 'tiny'")
+  return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every task reads; task configs override what differs."""
+  config = ml_collections.ConfigDict()
+  config.task = "finetune"
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.labelled_path = LABELLED_FILE
+  config.data.unlabelled_path = UNLABELLED_FILE
+  config.data.pixel_scale = 1.0  # images are divided by this; stored with every checkpoint
+  config.data.split_seed = 42
+  config.data.unlabelled_val_fraction = 0.05  # held out for SimCLR's validation loss
+  config.data.worker_count = 0  # Grain mp_prefetch workers; 0 reads in the main process
+
+  config.model = model_config()
+
+  config.batch_size = 64  # global, over all devices and processes
+  config.eval_batch_size = 128
+  config.num_epochs = 50
+  config.warmup_epochs = 3
+  config.learning_rate = 3e-4  # heads (and everything, unless backbone_learning_rate is set)
+  config.backbone_learning_rate = ml_collections.FieldReference(None, field_type=float)
+  config.end_learning_rate = 1e-6
+  config.weight_decay = 0.01
+  config.grad_clip_norm = 1.0
+  config.early_stopping_patience = 15
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.classification_weight = 1.0
+  config.loss.regression_weight = 1.0
+  config.loss.temperature = 0.5  # SimCLR NT-Xent
+  config.loss.projection_dim = 128
+
+  config.init_from = ""  # a SimCLR workdir whose backbone initialises finetuning
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 0  # 0: at the end of every epoch only
+  config.keep_checkpoints = 3
+  config.stop_after_steps = 0  # >0: stop (with a checkpoint) after this many steps, to resume later
+  config.tensorboard = True
+  return config

@@ -1,0 +1,88 @@
+"""Run logs: JSON lines (``WORKDIR/metrics.jsonl``), optional TensorBoard, and one-line progress.
+
+Only process 0 writes files. TensorBoard event files are written through ``tensorboardX`` when it is
+installed (``clu``/``flax.metrics.tensorboard`` would need TensorFlow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+from absl import logging
+
+
+def _jsonable(value):
+  value = float(value) if hasattr(value, "__float__") and not isinstance(value, (int, bool)) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+  """Appends one JSON object per call to ``metrics.jsonl`` (resumed runs append to the same file)."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tensorboard = None
+    if self.enabled and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        pass
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tensorboard is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tensorboard.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+class Progress:
+  """Images/s and ETA between log steps, measured on the host around blocking metric reads."""
+
+  def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+    self.total_steps = total_steps
+    self.global_batch_size = global_batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    seconds_per_step = (now - self._last_time) / steps
+    self._last_step, self._last_time = step, now
+    return {"images_per_second": self.global_batch_size / max(seconds_per_step, 1e-9),
+            "eta_seconds": seconds_per_step * (self.total_steps - step)}
+
+
+def format_status(step: int, total_steps: int, metrics: dict) -> str:
+  eta = metrics.get("eta_seconds", 0.0)
+  parts = [f"step {step}/{total_steps}", f"epoch {metrics.get('epoch', 0):.2f}"]
+  parts += [f"{k} {v:.4g}" for k, v in metrics.items()
+            if k.startswith(("train/", "val/")) and isinstance(v, float)]
+  if "learning_rate" in metrics:
+    parts.append(f"lr {metrics['learning_rate']:.3g}")
+  if "images_per_second" in metrics:
+    parts.append(f"{metrics['images_per_second']:.1f} img/s")
+  parts.append(f"ETA {int(eta) // 3600}h{int(eta) % 3600 // 60:02d}m{int(eta) % 60:02d}s")
+  return " | ".join(parts)
+
+
+def log_status(step: int, total_steps: int, metrics: dict) -> None:
+  if jax.process_index() == 0:
+    logging.info("%s", format_status(step, total_steps, metrics))

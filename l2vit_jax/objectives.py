@@ -1,0 +1,85 @@
+"""Training objectives: SimCLR's NT-Xent and the dual-head (class + mass) supervised loss.
+
+Each objective is a plain function ``loss(model, batch) -> (scalar, metrics)`` over a global batch;
+under ``jax.jit`` with sharded inputs the similarity matrix and BatchNorm statistics span the whole
+global batch, so results do not depend on how many devices share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from l2vit_jax import models
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """Normalised-temperature cross entropy (SimCLR) for L2-normalised embeddings of two views.
+
+  Each of the 2B embeddings must pick its partner view among the other 2B-1.
+  """
+  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
+  n = z1.shape[0]
+  logits = jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST) / temperature
+  logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)
+  partners = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, partners).mean()
+
+
+class ContrastiveModel(nnx.Module):
+  """The L2ViT backbone with a SimCLR projector; its ``encoder`` is what finetuning inherits."""
+
+  def __init__(self, encoder: models.L2ViT, projector: models.SimCLRProjector):
+    self.encoder = encoder
+    self.projector = projector
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.projector(self.encoder.features(images))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLRLoss:
+  temperature: float
+
+  def __call__(self, model: ContrastiveModel, batch: dict) -> tuple[jax.Array, dict]:
+    # One forward over both views: BatchNorm sees all 2B images, as one would with a single GPU batch.
+    n = batch["view1"].shape[0]
+    z = model(jnp.concatenate([batch["view1"], batch["view2"]], axis=0))
+    loss = nt_xent(z[:n], z[n:], self.temperature)
+    return loss, {"contrastive_loss": loss}
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DualHeadLoss:
+  """Cross entropy on the class plus SmoothL1 (β = 1) on the standardised mass, as the original."""
+  mass_mean: float
+  mass_std: float
+  classification_weight: float = 1.0
+  regression_weight: float = 1.0
+
+  def predictions(self, model: models.L2ViT, batch: dict) -> dict:
+    logits, mass_z = model(batch["image"])
+    return {"logits": logits.astype(jnp.float32),
+            "mass_z": mass_z[:, 0].astype(jnp.float32)}
+
+  def __call__(self, model: models.L2ViT, batch: dict) -> tuple[jax.Array, dict]:
+    out = self.predictions(model, batch)
+    mask = batch.get("mask", jnp.ones_like(batch["mass"], dtype=jnp.float32))
+    target_z = (batch["mass"] - self.mass_mean) / self.mass_std
+    classification = masked_mean(
+        optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["label"]), mask)
+    regression = masked_mean(optax.huber_loss(out["mass_z"], target_z, delta=1.0), mask)
+    loss = self.classification_weight * classification + self.regression_weight * regression
+    correct = (jnp.argmax(out["logits"], axis=-1) == batch["label"]).astype(jnp.float32)
+    mass_gev = out["mass_z"] * self.mass_std + self.mass_mean
+    return loss, {"classification_loss": classification, "regression_loss": regression,
+                  "accuracy": masked_mean(correct, mask),
+                  "mass_mae": masked_mean(jnp.abs(mass_gev - batch["mass"]), mask)}

@@ -1,0 +1,57 @@
+"""Device mesh and batch placement: data parallel over every device of every process, no pmap.
+
+Parameters are replicated (``P()``); batches are split along the ``data`` axis. A ``model`` axis of
+size 1 is kept in the mesh so parameters can later be sharded FSDP-style without changing callers.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+def make_mesh() -> Mesh:
+  # Auto axes: XLA's partitioner propagates shardings through the model (jax.make_mesh now defaults
+  # to Explicit axes, which would demand sharding annotations on every op that mixes arrays).
+  return jax.make_mesh((jax.device_count(), 1), (DATA_AXIS, MODEL_AXIS),
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Per-process batch size; the global batch must split evenly over processes and devices."""
+  devices = mesh.devices.size
+  if global_batch_size % devices:
+    raise ValueError(f"batch size {global_batch_size} does not divide over {devices} devices; "
+                     f"use a multiple of {devices}")
+  return global_batch_size // jax.process_count()
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice of the batch into one global array sharded along ``data``."""
+  sharding = batch_sharding(mesh)
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array on every process."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

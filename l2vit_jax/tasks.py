@@ -1,0 +1,115 @@
+"""What differs between training recipes: model, objective, data and which parameters are "heads".
+
+``build_task(config)`` returns everything the shared loop in ``train.py`` needs; the loop itself knows
+nothing about SimCLR or mass regression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from l2vit_jax import checkpointing, models, objectives
+from l2vit_jax.data import hdf5, split
+
+HEAD_NAMES = ("cls_head", "reg_head", "projector")
+
+
+@dataclasses.dataclass
+class Task:
+  name: str
+  model: nnx.Module
+  loss: Callable
+  train_source: Sequence[dict]
+  val_source: Sequence[dict]
+  augmentation: str  # for training batches
+  batch_keys: tuple[str, ...]  # what the step needs on device
+  meta: dict  # written into every checkpoint
+
+
+def model_rngs(seed: int) -> nnx.Rngs:
+  return nnx.Rngs(params=seed, dropout=seed + 1)
+
+
+def build_backbone(config) -> models.L2ViT:
+  return models.L2ViT(**checkpointing.model_kwargs(config.model.to_dict()), rngs=model_rngs(config.seed))
+
+
+def labelled_splits(config, *, min_train_examples: int = 1) -> dict:
+  """Validated labelled file → HDF5 sources for train/val/test and the train-split mass statistics."""
+  path = config.data.labelled_path
+  hdf5.validate_file(path, labelled=True, image_size=config.model.img_size,
+                     min_examples=min_train_examples)
+  labels = hdf5.read_labels(path)
+  parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
+  mass_mean, mass_std = split.mass_statistics(labels["mass"], parts["train"])
+  sources = {name: hdf5.HDF5Source(path, labelled=True, indices=idx) for name, idx in parts.items()}
+  return {**sources, "mass_mean": mass_mean, "mass_std": mass_std}
+
+
+def _base_meta(config, **extra) -> dict:
+  return {"task": config.task, "model_config": config.model.to_dict(),
+          "pixel_scale": float(config.data.pixel_scale), **extra}
+
+
+def _simclr_task(config) -> Task:
+  path = config.data.unlabelled_path
+  info = hdf5.validate_file(path, labelled=False, image_size=config.model.img_size,
+                            min_examples=config.batch_size)
+  order = np.random.default_rng(config.data.split_seed).permutation(info.num_examples)
+  num_val = int(round(config.data.unlabelled_val_fraction * info.num_examples))
+  encoder = build_backbone(config)
+  projector = models.SimCLRProjector(in_dim=config.model.embed_dim, hidden_dim=config.model.embed_dim,
+                                     out_dim=config.loss.projection_dim,
+                                     rngs=model_rngs(config.seed + 7))
+  return Task(
+      name="simclr", model=objectives.ContrastiveModel(encoder, projector),
+      loss=objectives.SimCLRLoss(temperature=config.loss.temperature),
+      train_source=hdf5.HDF5Source(path, labelled=False, indices=np.sort(order[num_val:])),
+      val_source=hdf5.HDF5Source(path, labelled=False, indices=np.sort(order[:num_val])),
+      augmentation="simclr", batch_keys=("view1", "view2"),
+      meta=_base_meta(config, projection_dim=config.loss.projection_dim, mass_mean=None, mass_std=None))
+
+
+def load_pretrained_backbone(model: models.L2ViT, workdir: str) -> None:
+  """The pretrain→finetune bridge: backbone weights from a SimCLR (or imported) checkpoint, fresh heads."""
+  arrays, meta = checkpointing.read_model_checkpoint(workdir)
+  prefix = "encoder/"
+  if any(name.startswith(prefix) for name in arrays["params"]):
+    arrays = {group: {name[len(prefix):]: value for name, value in named.items() if name.startswith(prefix)}
+              for group, named in arrays.items()}
+  is_backbone = lambda name: name.split("/")[0] not in HEAD_NAMES
+  checkpointing.load_model_arrays(
+      model, arrays, select=is_backbone,
+      context=f"{workdir}: pretrained backbone (model_config {meta.get('model_config')}) does not fit "
+      "the model being finetuned")
+  logging.info("Initialised the backbone from %s (heads left fresh).", workdir)
+
+
+def _finetune_task(config) -> Task:
+  data = labelled_splits(config, min_train_examples=config.batch_size)
+  model = build_backbone(config)
+  if config.init_from:
+    load_pretrained_backbone(model, config.init_from)
+  return Task(
+      name="finetune", model=model,
+      loss=objectives.DualHeadLoss(mass_mean=data["mass_mean"], mass_std=data["mass_std"],
+                                   classification_weight=config.loss.classification_weight,
+                                   regression_weight=config.loss.regression_weight),
+      train_source=data["train"], val_source=data["val"], augmentation="physics",
+      batch_keys=("image", "label", "mass"),
+      meta=_base_meta(config, mass_mean=data["mass_mean"], mass_std=data["mass_std"],
+                      init_from=config.init_from))
+
+
+TASKS = {"simclr": _simclr_task, "finetune": _finetune_task}
+
+
+def build_task(config) -> Task:
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not a training task; use one of {sorted(TASKS)}")
+  return TASKS[config.task](config)

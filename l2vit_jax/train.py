@@ -1,0 +1,280 @@
+"""One training loop for every recipe (SimCLR pretraining, finetuning, scratch), over a device mesh.
+
+The step is a pure function of explicit state ``(params, batch_stats, opt_state)`` jit-compiled once,
+with the NNX graph split outside jit and merged inside (DESIGN.md §6). Dropout keys are derived from
+(seed, step), so a resumed run draws exactly the keys an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from l2vit_jax import checkpointing, metrics_writer, sharding, tasks
+from l2vit_jax.data import pipeline
+
+SIMCLR_VALIDATION_SEED = 12345  # fixed views, so validation losses are comparable across epochs
+
+
+class DivergenceError(RuntimeError):
+  """Training produced a non-finite loss or gradient; nothing from that state was saved."""
+
+
+# --- optimiser --------------------------------------------------------------------------------------
+
+def _top_level_name(path) -> str:
+  entry = path[0]
+  return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def parameter_groups(params) -> object:
+  """'head' for the task heads (classification, regression, SimCLR projector), else 'backbone'."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "head" if _top_level_name(path) in tasks.HEAD_NAMES else "backbone", params)
+
+
+def learning_rate_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, optax.Schedule]:
+  """Linear warmup then cosine decay to ``end_learning_rate``, per parameter group.
+
+  Warmup starts at peak/warmup_steps rather than 0, so the first step already learns (the original's
+  first epoch did not move the model).
+  """
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+
+  def schedule(peak: float) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak / max(warmup, 1), peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=config.end_learning_rate)
+
+  backbone = config.backbone_learning_rate
+  return {"head": schedule(config.learning_rate),
+          "backbone": schedule(config.learning_rate if backbone is None else backbone)}
+
+
+def make_optimizer(config, schedules: dict[str, optax.Schedule]) -> optax.GradientTransformation:
+  def adamw(schedule):
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
+                     optax.multi_transform({g: adamw(s) for g, s in schedules.items()},
+                                           parameter_groups))
+
+
+# --- steps ------------------------------------------------------------------------------------------
+
+def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
+                    dropout_key: jax.Array) -> Callable:
+  """jit(params, batch_stats, other, opt_state, step, batch) -> new state and metrics (donated)."""
+
+  def train_step(params, batch_stats, other, opt_state, step, batch):
+    def compute_loss(params):
+      model = nnx.merge(graphdef, params, batch_stats, other, copy=True)
+      nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
+      loss, metrics = loss_fn(model, batch)
+      return loss, (metrics, nnx.state(model, nnx.BatchStat))
+
+    (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    grad_norm = optax.global_norm(grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, **metrics,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    return params, new_batch_stats, opt_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0, 1, 3))
+
+
+def make_eval_step(graphdef, loss_fn: Callable) -> Callable:
+  def eval_step(params, batch_stats, other, batch):
+    model = nnx.merge(graphdef, params, batch_stats, other, copy=True)
+    loss, metrics = loss_fn(model, batch)
+    count = jnp.sum(batch["mask"]) if "mask" in batch else jnp.float32(next(iter(batch.values())).shape[0])
+    return {"loss": loss, **metrics, "count": count}
+  return jax.jit(eval_step)
+
+
+# --- loop helpers -----------------------------------------------------------------------------------
+
+def _device_batch(batch: dict, keys: tuple[str, ...], mesh) -> dict:
+  return sharding.global_batch({k: batch[k] for k in keys}, mesh)
+
+
+def _mean_metrics(history: list[dict], prefix: str) -> dict:
+  if not history:
+    return {}
+  fetched = jax.device_get(history)
+  return {f"{prefix}{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
+
+
+def validate(eval_step, state: tuple, task: tasks.Task, config, mesh) -> dict:
+  """Mean validation metrics; SimCLR uses fixed-seed views, finetuning every example once."""
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  per_process = config.eval_batch_size // jax.process_count()
+  if task.augmentation == "simclr":
+    per_process = min(per_process, len(task.val_source) // jax.process_count())
+    dataset = pipeline.make_train_dataset(task.val_source, batch_size=per_process,
+                                          seed=SIMCLR_VALIDATION_SEED, augmentation="simclr",
+                                          pixel_scale=config.data.pixel_scale, **process)
+    num_batches = max(len(task.val_source) // (per_process * jax.process_count()), 1)
+    batches = (b for _, b in zip(range(num_batches), dataset))
+    keys = task.batch_keys
+  else:
+    batches = pipeline.make_eval_dataset(task.val_source, batch_size=per_process,
+                                         pixel_scale=config.data.pixel_scale, **process)
+    keys = task.batch_keys + ("mask",)
+  totals, count = {}, 0.0
+  for batch in batches:
+    metrics = jax.device_get(eval_step(*state, _device_batch(batch, keys, mesh)))
+    weight = float(metrics.pop("count"))
+    count += weight
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * weight
+  return {f"val/{k}": v / max(count, 1.0) for k, v in totals.items()}
+
+
+def _named(params, batch_stats) -> dict:
+  return {"params": checkpointing._flatten(nnx.to_pure_dict(params)),  # pylint: disable=protected-access
+          "batch_stats": checkpointing._flatten(nnx.to_pure_dict(batch_stats))}  # pylint: disable=protected-access
+
+
+def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None:
+  saved, current = saved_meta.get("model_config", {}), meta["model_config"]
+  differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if differing or saved_meta.get("task") != meta["task"]:
+    details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in differing)
+    raise checkpointing.CheckpointMismatchError(
+        f"{workdir}: existing checkpoint (task {saved_meta.get('task')!r}) does not match this run "
+        f"(task {meta['task']!r}){'; ' + details if details else ''}. Use a new --workdir.")
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+  Returns a summary: final step, best validation loss and its epoch, and whether it stopped early.
+  """
+  task = tasks.build_task(config)
+  os.makedirs(workdir, exist_ok=True)
+  write_config(config, workdir)
+  mesh = sharding.make_mesh()
+  per_process_batch = sharding.check_batch_size(config.batch_size, mesh)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_epoch = pipeline.steps_per_epoch(len(task.train_source) // jax.process_count(),
+                                             per_process_batch)
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  train_dataset = pipeline.make_train_dataset(
+      task.train_source, batch_size=per_process_batch, seed=config.seed,
+      augmentation=task.augmentation, pixel_scale=config.data.pixel_scale,
+      worker_count=config.data.worker_count, **process)
+  train_iterator = iter(train_dataset)
+
+  model = task.model
+  model.eval()
+  eval_graphdef = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
+  model.train()
+  graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  schedules = learning_rate_schedules(config, steps_per_epoch, total_steps)
+  tx = make_optimizer(config, schedules)
+  params, batch_stats, other = sharding.replicate((params, batch_stats, other), mesh)
+  opt_state = sharding.replicate(tx.init(params), mesh)
+
+  checkpointer = checkpointing.TrainingCheckpointer(workdir, keep=config.keep_checkpoints)
+  meta = dict(task.meta, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size)
+  early = {"best_val_loss": math.inf, "best_epoch": -1, "epochs_without_improvement": 0,
+           "stopped_early": False}
+  step = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    _check_same_architecture(checkpointer.read_meta(latest), meta, workdir)
+    arrays, optimizer, saved_meta = checkpointer.restore(
+        latest, model=_named(params, batch_stats), optimizer={"opt_state": opt_state, "step": 0},
+        data_iterator=train_iterator)
+    checkpointing.load_model_arrays(model, arrays, context=f"{workdir}: resuming")
+    _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    params, batch_stats = sharding.replicate((params, batch_stats), mesh)
+    opt_state, step = optimizer["opt_state"], int(optimizer["step"])
+    early = saved_meta["early_stopping"]
+    logging.info("Resumed %s from step %d (epoch %.2f) in %s", task.name, step,
+                 step / steps_per_epoch, workdir)
+
+  train_step = make_train_step(graphdef, task.loss, tx, jax.random.key(config.seed))
+  eval_step = make_eval_step(eval_graphdef, task.loss)
+  writer = metrics_writer.MetricWriter(workdir, tensorboard=config.tensorboard)
+  progress = metrics_writer.Progress(total_steps, step, config.batch_size)
+  logging.info("%s: %d steps (%d epochs × %d), global batch %d on %d devices / %d processes",
+               task.name, total_steps, config.num_epochs, steps_per_epoch, config.batch_size,
+               jax.device_count(), jax.process_count())
+
+  def save_latest():
+    checkpointer.save(step, model=_named(params, batch_stats),
+                      optimizer={"opt_state": opt_state, "step": step},
+                      meta=dict(meta, early_stopping=early, epoch=step / steps_per_epoch),
+                      data_iterator=train_iterator)
+
+  def check_finite(history):
+    bad = [i for i, ok in enumerate(jax.device_get([m["finite"] for m in history])) if not ok]
+    if bad:
+      raise DivergenceError(
+          f"non-finite loss or gradient at step {step - len(history) + bad[0] + 1}; stopped without "
+          f"saving it (last good checkpoint: step {checkpointer.latest_step()})")
+
+  history: list[dict] = []
+  with jax.set_mesh(mesh):
+    while step < total_steps and not early["stopped_early"]:
+      batch = _device_batch(next(train_iterator), task.batch_keys, mesh)
+      params, batch_stats, opt_state, metrics = train_step(
+          params, batch_stats, other, opt_state, jnp.int32(step), batch)
+      history.append(metrics)
+      step += 1
+      end_of_epoch = step % steps_per_epoch == 0
+      if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
+        check_finite(history)
+        record = {"epoch": step / steps_per_epoch, **_mean_metrics(history, "train/"),
+                  "learning_rate": float(schedules["head"](step - 1)), **progress.update(step)}
+        if config.backbone_learning_rate is not None:
+          record["backbone_learning_rate"] = float(schedules["backbone"](step - 1))
+        if end_of_epoch or step == total_steps:
+          record.update(validate(eval_step, (params, batch_stats, other), task, config, mesh))
+          record["epoch"] = round(step / steps_per_epoch, 6)
+          if record["val/loss"] < early["best_val_loss"]:
+            early.update(best_val_loss=record["val/loss"], best_epoch=record["epoch"],
+                         epochs_without_improvement=0)
+            checkpointer.save_best(step, model=_named(params, batch_stats),
+                                   meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
+          else:
+            early["epochs_without_improvement"] += 1
+          early["stopped_early"] = early["epochs_without_improvement"] >= config.early_stopping_patience
+        metrics_writer.log_status(step, total_steps, record)
+        writer.write(step, record)
+        history = []
+      stop_here = bool(config.stop_after_steps) and step >= config.stop_after_steps
+      periodic = bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
+      if end_of_epoch or periodic or stop_here or step == total_steps:
+        if history:
+          check_finite(history)
+        save_latest()
+      if stop_here:
+        logging.info("Stopping after step %d as configured (stop_after_steps); rerun to resume.", step)
+        break
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  writer.close()
+  if early["stopped_early"]:
+    logging.info("Early stopping: no validation improvement for %d epochs (best epoch %s).",
+                 config.early_stopping_patience, early["best_epoch"])
+  return {"step": step, "total_steps": total_steps, **early}
