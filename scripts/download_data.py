@@ -1,0 +1,20 @@
+#!/usr/bin/env python3
+"""Downloads the real CMS jet HDF5 files into ``--data-dir`` (default ``data``), resumably.
+
+  python scripts/download_data.py                    # both files: 4.66 GiB labelled + 27.94 GiB unlabelled
+  python scripts/download_data.py --labelled-only    # enough for training from scratch and evaluation
+
+Interrupted downloads resume from ``<file>.part`` when the same command is run again. The logic lives in
+``l2vit_jax/data/download.py``.
+"""
+
+import os
+import sys
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from l2vit_jax.data import download  # pylint: disable=wrong-import-position
+
+if __name__ == "__main__":
+  sys.exit(download.main())
