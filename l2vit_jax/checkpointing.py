@@ -117,9 +117,10 @@ def save_model_checkpoint(directory: str, model: nnx.Module, meta: dict, *, step
     manager.wait_until_finished()
 
 
-def find_model_checkpoint(directory: str) -> tuple[str, int]:
-  """The (manager directory, step) evaluation should restore: ``best/`` first, else the latest."""
-  for sub in (BEST_DIR, LATEST_DIR):
+def find_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR),
+                          ) -> tuple[str, int]:
+  """The (manager directory, step) to restore: by default ``best/`` first, else the latest."""
+  for sub in prefer:
     path = os.path.join(directory, sub)
     if os.path.isdir(path):
       with _manager(path, max_to_keep=None, read_only=True) as manager:
@@ -131,9 +132,10 @@ def find_model_checkpoint(directory: str) -> tuple[str, int]:
                           "with scripts/convert_torch_checkpoint.py")
 
 
-def read_model_checkpoint(directory: str) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+def read_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR),
+                          ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
   """Named arrays and meta of the checkpoint ``find_model_checkpoint`` picks, as host numpy arrays."""
-  path, step = find_model_checkpoint(directory)
+  path, step = find_model_checkpoint(directory, prefer)
   with _manager(path, max_to_keep=None, read_only=True) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(),
                                                              meta=ocp.args.JsonRestore()))

@@ -21,9 +21,18 @@ USER_ERRORS = ("DataError", "CheckpointMismatchError", "CheckpointImportError", 
                "FileNotFoundError")
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the run log (its warnings and errors still show)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def _initialize_distributed() -> None:
   """Multi-host (TPU VM pod slices, multi-node GPU) runs set these; single-host runs skip it."""
   if os.environ.get("L2VIT_COORDINATOR_ADDRESS"):
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests)
     jax.distributed.initialize(coordinator_address=os.environ["L2VIT_COORDINATOR_ADDRESS"],
                                num_processes=int(os.environ["L2VIT_NUM_PROCESSES"]),
                                process_id=int(os.environ["L2VIT_PROCESS_ID"]))
@@ -48,6 +57,7 @@ def dispatch(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   _initialize_distributed()
   logging.info("JAX %s on %s: %d process(es), %d local / %d global devices", jax.__version__,
                jax.default_backend(), jax.process_count(), jax.local_device_count(), jax.device_count())

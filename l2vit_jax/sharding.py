@@ -46,7 +46,19 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """Places a host-identical pytree on every device of every process (``device_put`` cannot span
+  processes); PRNG key leaves travel as their raw key data."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(put, tree)
 
 
 def to_host(array: jax.Array) -> np.ndarray:

@@ -18,6 +18,9 @@ from absl import flags
 from l2vit_jax.data import augment
 
 AUGMENTATIONS = ("none", "physics", "simclr")
+# Grain's default read-ahead is 500 elements on 16 threads; our elements are whole batches of 500 kB
+# images (64 MB for a SimCLR batch), so the default would buffer tens of GiB. Read a few batches ahead.
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
 
 
 def _process_shard(dataset: grain.MapDataset, process_index: int, process_count: int,
@@ -66,7 +69,7 @@ def make_train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, au
   elif augmentation == "simclr":
     dataset = dataset.random_map(simclr_views or augment.SimCLRViews(), seed=seed + 1)
   dataset = dataset.map(augment.ScalePixels(pixel_scale)).batch(batch_size, drop_remainder=True)
-  return _maybe_prefetch(dataset.to_iter_dataset(), worker_count)
+  return _maybe_prefetch(dataset.to_iter_dataset(READ_OPTIONS), worker_count)
 
 
 class _PaddedSource:
@@ -94,4 +97,4 @@ def make_eval_dataset(source: Sequence[dict], *, batch_size: int, pixel_scale: f
   dataset = grain.MapDataset.source(_PaddedSource(source, padded_length))
   dataset = _process_shard(dataset, process_index, process_count, equal_lengths=False)
   dataset = dataset.map(augment.ScalePixels(pixel_scale)).batch(batch_size, drop_remainder=False)
-  return _maybe_prefetch(dataset.to_iter_dataset(), worker_count)
+  return _maybe_prefetch(dataset.to_iter_dataset(READ_OPTIONS), worker_count)

@@ -1,0 +1,19 @@
+"""L2ViT models in Flax NNX and the pure attention / depthwise-convolution kernels they use."""
+
+from l2vit_jax.models.attention import linear_attention
+from l2vit_jax.models.attention import softmax_attention
+from l2vit_jax.models.depthwise import depthwise_conv2d
+from l2vit_jax.models.l2vit import L2ViT
+from l2vit_jax.models.l2vit import SimCLRProjector
+from l2vit_jax.models.l2vit import interpolate_pos_embed
+from l2vit_jax.models.l2vit import param_count
+
+__all__ = [
+    'L2ViT',
+    'SimCLRProjector',
+    'depthwise_conv2d',
+    'interpolate_pos_embed',
+    'linear_attention',
+    'param_count',
+    'softmax_attention',
+]
