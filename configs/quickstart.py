@@ -23,7 +23,7 @@ def get_config():
   config.quickstart = ml_collections.ConfigDict(dict(
       num_labelled=1000, num_unlabelled=1200, data_seed=0,
       simclr_epochs=3, simclr_batch_size=64, simclr_learning_rate=1e-3,
-      finetune_epochs=6, finetune_batch_size=32,
+      finetune_epochs=8, finetune_batch_size=32,
       finetune_head_learning_rate=1e-3, finetune_backbone_learning_rate=5e-4,
       scratch_learning_rate=1e-3))
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -158,17 +159,30 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
   workdir = tmp_path / "two_process"
 
   def launch(*overrides):
-    port = 20000 + os.getpid() % 20000
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}",
-         *overrides],
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
-                 L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
-                 L2VIT_PROCESS_ID=str(i)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
-    for p, out in zip(processes, outputs):
-      assert p.returncode == 0, out[-3000:]
+    with socket.socket() as probe:  # a free port for the coordinator
+      probe.bind(("127.0.0.1", 0))
+      port = probe.getsockname()[1]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = []
+    for i, log in enumerate(logs):
+      # Output goes to files, not pipes: a full pipe would block one process at a barrier forever.
+      with open(log, "w") as out:
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}",
+             *overrides],
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
+                     L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
+                     L2VIT_PROCESS_ID=str(i)),
+            stdout=out, stderr=subprocess.STDOUT))
+    try:
+      for process in processes:
+        process.wait(timeout=300)
+    finally:
+      for process in processes:
+        process.kill()
+    outputs = [log.read_text() for log in logs]
+    for process, output in zip(processes, outputs):
+      assert process.returncode == 0, output[-3000:]
     return outputs
 
   launch("--config.stop_after_steps=3")
