@@ -286,9 +286,9 @@ def import_checkpoint(
 
   Models come back in eval mode (call ``.train()`` to finetune). Metadata:
   {'model_config': L2ViT kwargs, 'pixel_scale': 1.0, 'mass_mean', 'mass_std', 'history',
-   'source': 'torch:' + path}. ``pixel_scale`` is the factor images are multiplied by before the
-  model; the original's divisor is not stored in its checkpoints, so 1.0 is assumed — override it
-  if the weights were trained on pixels / 255.
+   'source': 'torch:' + path}. ``pixel_scale`` is what images are divided by before the
+  model; the original's divisor is not stored in its checkpoints, so 1.0 is assumed — set 255 if
+  the weights were trained on pixels / 255.
   """
   checkpoint = load_torch_checkpoint(path, trust_pickle=trust_pickle)
   model_config = infer_model_config(checkpoint['model_state_dict'])

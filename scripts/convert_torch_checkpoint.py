@@ -28,8 +28,8 @@ _INPUT = flags.DEFINE_string('input', None, 'PyTorch checkpoint (.pt) written by
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory to write the Orbax checkpoint to.',
                                required=True)
 _PIXEL_SCALE = flags.DEFINE_float(
-    'pixel_scale', 1.0, 'Factor the weights expect pixels to be multiplied by (1/255 for weights '
-    'trained on pixels / 255); stored in the meta.')
+    'pixel_scale', 1.0, 'Pixels are divided by this before the model sees them: 255 for weights '
+    'trained on pixels / 255, 1 (the default) for raw pixels; stored in the meta.')
 _TRUST_PICKLE = flags.DEFINE_bool(
     'trust_pickle', False, 'Load with torch.load(weights_only=False). Only for trusted files.')
 

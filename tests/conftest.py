@@ -53,3 +53,19 @@ def tiny_config(task, labelled_path="", unlabelled_path="", **overrides):
       target = getattr(target, parent)
     setattr(target, leaf, value)
   return config
+
+
+def randomise_torch_module(module, generator):
+  """Random values for every PyTorch parameter and BatchNorm statistic (not the zero-bias init)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    for name, parameter in module.named_parameters():
+      parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+      if name.endswith("temperature") or "norm" in name and name.endswith("weight"):
+        parameter.add_(1.0)
+    for name, buffer in module.named_buffers():
+      if name.endswith("running_mean"):
+        buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.5)
+      elif name.endswith("running_var"):
+        buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+  return module.eval()

@@ -12,6 +12,7 @@ from flax import nnx
 
 torch = pytest.importorskip('torch', reason='PyTorch parity tests need torch: pip install torch')
 
+from conftest import randomise_torch_module  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2vit_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2vit_jax import reference_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2vit_jax import torch_import  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -31,27 +32,12 @@ def _full_precision_matmuls():
     yield
 
 
-def _randomise(module, generator):
-  """Random values for every parameter and BatchNorm statistic (not the zero-bias init)."""
-  with torch.no_grad():
-    for name, parameter in module.named_parameters():
-      parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-      if name.endswith('temperature') or 'norm' in name and name.endswith('weight'):
-        parameter.add_(1.0)
-    for name, buffer in module.named_buffers():
-      if name.endswith('running_mean'):
-        buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.5)
-      elif name.endswith('running_var'):
-        buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
-  return module.eval()
-
-
 @pytest.fixture(scope='module')
 def torch_models():
   generator = torch.Generator().manual_seed(0)
-  model = _randomise(reference_torch.build_torch_l2vit(**TINY), generator)
-  projector = _randomise(reference_torch.build_torch_projector(in_dim=32, hidden_dim=32, out_dim=16),
-                         generator)
+  model = randomise_torch_module(reference_torch.build_torch_l2vit(**TINY), generator)
+  projector = randomise_torch_module(
+      reference_torch.build_torch_projector(in_dim=32, hidden_dim=32, out_dim=16), generator)
   return model, projector
 
 

@@ -1,0 +1,82 @@
+"""Evaluation of restored checkpoints: trained by us, or imported from the PyTorch original."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import randomise_torch_module, tiny_config, write_jet_file
+from l2vit_jax import checkpointing, evaluate, train
+from l2vit_jax.data import hdf5, split
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _evaluate_config(labelled, checkpoints, split_name="test"):
+  config = tiny_config("evaluate", labelled)
+  config.checkpoints = checkpoints
+  config.split = split_name
+  config.bootstrap_samples = 50
+  config.report_title = "test report"
+  config.report_notes = ""
+  return config
+
+
+def test_parse_checkpoints():
+  assert evaluate.parse_checkpoints("a=runs/x, runs/y/") == {"a": "runs/x", "y": "runs/y/"}
+  with pytest.raises(ValueError, match="twice"):
+    evaluate.parse_checkpoints("a=x,a=y")
+
+
+def test_evaluating_a_trained_checkpoint_writes_every_output(tmp_path):
+  labelled = write_jet_file(tmp_path / "labelled.h5", num=80)
+  run = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config("finetune", labelled, num_epochs=1), run)
+  out = str(tmp_path / "report")
+  results = evaluate.evaluate_checkpoints(_evaluate_config(labelled, f"tiny={run}"), out)
+
+  test_indices = split.stratified_split(hdf5.read_labels(labelled)["label"])["test"]
+  metrics = json.load(open(os.path.join(out, "tiny", "metrics.json")))
+  assert metrics == pytest.approx(results["tiny"])
+  assert metrics["num_examples"] == len(test_indices)
+  assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["roc_auc"] <= 1
+  assert metrics["mass_mae"] > 0 and metrics["mass_mse"] >= metrics["mass_mae"] ** 2
+  low, high = metrics["accuracy_ci68"]
+  assert low <= metrics["accuracy"] <= high
+  predictions = np.load(os.path.join(out, "tiny", "predictions.npz"))
+  np.testing.assert_array_equal(predictions["index"], test_indices)
+  assert ((predictions["prob"] >= 0) & (predictions["prob"] <= 1)).all()
+  assert np.isfinite(predictions["mass_pred"]).all()
+  for png in ("confusion_matrix", "mass_2d", "mass_residual", "training_curves"):
+    with open(os.path.join(out, "tiny", png + ".png"), "rb") as f:
+      assert f.read(8) == PNG_SIGNATURE
+  report = open(os.path.join(out, "report.md")).read()
+  assert "tiny" in report and "seed L2ViT, SimCLR-pretrained" in report and "roc.png" in report
+
+
+def test_imported_pytorch_checkpoint_predicts_like_the_original(tmp_path):
+  torch = pytest.importorskip("torch", reason="needs torch: pip install torch")
+  from l2vit_jax import reference_torch, torch_import  # pylint: disable=import-outside-toplevel
+
+  torch_model = randomise_torch_module(
+      reference_torch.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2,
+                                        mlp_ratio=2.0), torch.Generator().manual_seed(0))
+  weights = str(tmp_path / "best_model.pt")
+  torch.save({"model_state_dict": torch_model.state_dict(), "mass_mean": 142.46, "mass_std": 50.58,
+              "history": {}}, weights)
+  model, _, meta = torch_import.import_checkpoint(weights)
+  checkpointing.save_model_checkpoint(str(tmp_path / "imported"), model, meta)
+
+  labelled = write_jet_file(tmp_path / "labelled.h5", num=30)
+  out = str(tmp_path / "report")
+  evaluate.evaluate_checkpoints(
+      _evaluate_config(labelled, f"imported={tmp_path / 'imported'}", split_name="all"), out)
+  predictions = np.load(os.path.join(out, "imported", "predictions.npz"))
+  with hdf5.open_hdf5(labelled) as f:
+    images = torch.from_numpy(f["jet"][...]).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    logits, mass_z = torch_model(images)
+  np.testing.assert_allclose(predictions["prob"], torch.softmax(logits, -1)[:, 1].numpy(), atol=1e-4)
+  np.testing.assert_allclose(predictions["mass_pred"], mass_z[:, 0].numpy() * 50.58 + 142.46,
+                             atol=1e-4 * 50.58)
