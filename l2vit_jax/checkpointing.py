@@ -15,16 +15,21 @@ evaluated without the config that produced it.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+LOCK_FILE = "lock"
 
 
 class CheckpointMismatchError(ValueError):
@@ -96,10 +101,13 @@ def load_model_arrays(model: nnx.Module, arrays: dict[str, dict[str, Any]], *, c
 
 def _manager(directory: str, *, max_to_keep: int | None, asynchronous: bool = False,
              read_only: bool = False) -> ocp.CheckpointManager:
+  # A save killed midway (SIGKILL, OOM, preemption without notice) leaves an
+  # ``<step>.orbax-checkpoint-tmp-*`` directory; writers delete those on start so they never pile up
+  # or collide with the step being saved again. Readers leave them alone: a writer may own them.
   return ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           read_only=read_only,
+                                           read_only=read_only, cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=asynchronous))
 
 
@@ -195,6 +203,12 @@ class TrainingCheckpointer:
         force=True)
 
   def save_best(self, step: int, *, model: dict, meta: dict) -> None:
+    # A run killed after saving ``best/<step>`` but before the latest checkpoint of that step resumes
+    # earlier and reaches ``step`` again with the same state: replace what it left rather than fail
+    # (Orbax refuses an existing step) or keep it (with max_to_keep=1 Orbax would then delete the new,
+    # lower step instead).
+    for stale in [s for s in self.best.all_steps() if s >= step]:
+      self.best.delete(stale)
     self.best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -217,3 +231,97 @@ class TrainingCheckpointer:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+# --- one run per workdir ----------------------------------------------------------------------------
+
+class WorkdirLockedError(RuntimeError):
+  """Another live run holds the workdir's lock."""
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+class WorkdirLock:
+  """``WORKDIR/lock``: created atomically (``O_CREAT | O_EXCL``) by the one process writing a workdir.
+
+  It holds ``{"host", "pid", "since"}``. Two runs on one workdir would interleave checkpoints and
+  metrics, so a second run is refused with the holder named. A lock left by a killed run (SIGKILL, OOM,
+  power loss) is stale when its host is this host and its pid is gone: it is taken over with a warning.
+  A lock from another host cannot be checked from here; it is refused, and the message says to delete
+  the file if that run is known to be dead. ``release`` removes the file only if it is still ours.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.held = False
+
+  def _read_holder(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}  # being written right now, or garbage: treated as held by an unknown run
+
+  def _try_create(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      json.dump(dict(self.owner, since=time.strftime("%Y-%m-%d %H:%M:%S")), f)
+    return True
+
+  def acquire(self) -> None:
+    """Takes the lock or raises WorkdirLockedError naming the holder."""
+    for _ in range(3):  # a takeover can race with another starting run; O_EXCL decides the winner
+      if self._try_create():
+        self.held = True
+        return
+      holder = self._read_holder()
+      if holder is None:
+        continue  # released between our attempt and the read
+      same_host = holder.get("host") == self.owner["host"]
+      pid = holder.get("pid")
+      if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not _process_alive(pid):
+        logging.warning("%s: taking over a stale lock of process %d on %s (started %s), which is no "
+                        "longer running (killed?)", self.path, pid, holder.get("host"), holder.get("since"))
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      who = (f"process {pid} on host {holder.get('host')} (started {holder.get('since')})" if holder
+             else "an unknown run (unreadable lock file)")
+      hint = "" if same_host and holder else "; if that run is dead, delete the lock file"
+      raise WorkdirLockedError(f"{os.path.dirname(self.path)}: workdir is in use by {who}; use another "
+                               f"--workdir or wait for it to finish (lock: {self.path}{hint})")
+    raise WorkdirLockedError(f"{self.path}: could not take the workdir lock (contended); try again")
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    self.held = False
+    holder = self._read_holder()
+    if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()

@@ -54,10 +54,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.loss.temperature = 0.5  # SimCLR NT-Xent
   config.loss.projection_dim = 128
 
+  config.mae = ml_collections.ConfigDict(dict(  # masked-image pretraining (task 'mae')
+      mode="mask", mask_ratio=0.6, nonzero_weight=10.0, noise_relative_std=0.2,
+      target_transform="log1p"))
+
   config.init_from = ""  # a SimCLR workdir whose backbone initialises finetuning
   config.log_every_steps = 50
   config.checkpoint_every_steps = 0  # 0: at the end of every epoch only
   config.keep_checkpoints = 3
   config.stop_after_steps = 0  # >0: stop (with a checkpoint) after this many steps, to resume later
+  # True: a step with a non-finite loss or gradient is discarded (counted and logged) instead of stopping
+  # the run with DivergenceError.
+  config.skip_nonfinite_steps = False
   config.tensorboard = True
   return config

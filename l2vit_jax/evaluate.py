@@ -15,7 +15,7 @@ from absl import logging
 from flax import nnx
 
 from l2vit_jax import checkpointing, sharding
-from l2vit_jax.data import hdf5, pipeline, split
+from l2vit_jax.data import pipeline, sources, split
 from l2vit_jax.evaluation import report
 
 
@@ -64,15 +64,15 @@ def predict(model: nnx.Module, source, *, pixel_scale: float, batch_size: int, m
 def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -> tuple[dict, dict]:
   model, meta = checkpointing.restore_model_checkpoint(directory)
   path = config.data.labelled_path
-  hdf5.validate_file(path, labelled=True, image_size=meta["model_config"]["img_size"])
-  labels = hdf5.read_labels(path)
+  sources.validate_file(path, labelled=True, image_size=meta["model_config"]["img_size"])
+  labels = sources.read_labels(path)
   indices = split.stratified_split(labels["label"], seed=config.data.split_seed)[config.split] \
       if config.split != "all" else np.arange(len(labels["label"]))
   if meta.get("mass_mean") is None:
     raise checkpointing.CheckpointMismatchError(
         f"{directory}: checkpoint has no mass standardisation (a SimCLR backbone?); evaluate a "
         "finetuned checkpoint")
-  source = hdf5.HDF5Source(path, labelled=True, indices=indices)
+  source = sources.open_source(path, labelled=True, indices=indices)
   predictions = predict(model, source, pixel_scale=meta.get("pixel_scale", 1.0),
                         batch_size=config.eval_batch_size, mesh=mesh)
   mass_pred = predictions["mass_z"] * meta["mass_std"] + meta["mass_mean"]

@@ -1,14 +1,22 @@
 """Entry point: parses flags, sets up the platform, dispatches on ``config.task``.
 
   python -m l2vit_jax.main --config=configs/simclr.py --workdir=runs/simclr [--config.batch_size=32]
+
+Bad flags, configs, input files and workdirs fail before any work with one line on stderr
+(``error: ...``, no traceback) and a non-zero exit status; nothing is written into the workdir.
+A preempted run (SIGTERM, or Ctrl-C) saves a checkpoint and exits with 128 + the signal number.
 """
 
 import os
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from l2vit_jax import platform
+
+platform.configure_xla_flags()  # before JAX starts a backend: XLA reads XLA_FLAGS only once
+
+import jax  # pylint: disable=wrong-import-position
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports (resumes if it has them).")
@@ -17,15 +25,94 @@ config_flags.DEFINE_config_file("config", None, "Training or evaluation configur
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that mean "bad input or setup": reported as one line, never as a traceback.
-USER_ERRORS = ("DataError", "CheckpointMismatchError", "CheckpointImportError", "DivergenceError",
-               "FileNotFoundError")
+USER_ERRORS = ("DataError", "ConfigError", "CheckpointMismatchError", "CheckpointImportError",
+               "DivergenceError", "WorkdirLockedError", "FileNotFoundError")
+OTHER_TASKS = ("evaluate", "pipeline")
+# The file each training task reads, so an empty path is reported by its config key.
+TASK_INPUT_KEYS = {"simclr": "data.unlabelled_path", "mae": "data.unlabelled_path",
+                   "finetune": "data.labelled_path"}
+
+
+class ConfigError(ValueError):
+  """A config that cannot work, found before anything runs; the message names every bad field."""
+
+
+def _training_tasks() -> tuple[str, ...]:
+  from l2vit_jax import tasks  # pylint: disable=import-outside-toplevel
+  return tuple(sorted(tasks.TASKS))
+
+
+def check_config(config) -> None:
+  """Semantic checks that flag parsing cannot do, before any data is read or the workdir is touched.
+
+  Raises:
+    ConfigError: naming every offending field, its value and what was expected.
+  """
+  training = _training_tasks()
+  if config.task not in training + OTHER_TASKS:
+    raise ConfigError(f"config.task={config.task!r}: expected one of {list(training + OTHER_TASKS)}")
+  if config.task not in training:
+    return
+  from l2vit_jax.models import l2vit  # pylint: disable=import-outside-toplevel
+
+  problems = []
+
+  def expect(ok: bool, field: str, expected: str) -> None:
+    if not ok:
+      value = config
+      for key in field.split("."):
+        value = value.get(key) if value is not None else None
+      problems.append(f"{field}={value!r}: expected {expected}")
+
+  devices, processes = jax.device_count(), jax.process_count()
+  expect(config.batch_size > 0 and config.batch_size % devices == 0, "batch_size",
+         f"a positive multiple of the {devices} device(s)")
+  expect(config.eval_batch_size > 0 and config.eval_batch_size % processes == 0, "eval_batch_size",
+         f"a positive multiple of the {processes} process(es)")
+  expect(config.num_epochs > 0, "num_epochs", "> 0")
+  expect(config.log_every_steps > 0, "log_every_steps", "> 0")
+  expect(config.checkpoint_every_steps >= 0, "checkpoint_every_steps", ">= 0 (0: every epoch)")
+  expect(config.keep_checkpoints > 0, "keep_checkpoints", "> 0")
+  expect(config.stop_after_steps >= 0, "stop_after_steps", ">= 0 (0: never)")
+  expect(config.early_stopping_patience > 0, "early_stopping_patience", "> 0")
+  expect(config.learning_rate > 0, "learning_rate", "> 0")
+  expect(config.data.pixel_scale > 0, "data.pixel_scale", "> 0")
+  expect(0 < config.data.unlabelled_val_fraction < 1, "data.unlabelled_val_fraction", "in (0, 1)")
+  expect(config.model.attention in l2vit.ATTENTION_FNS, "model.attention",
+         f"one of {sorted(l2vit.ATTENTION_FNS)}")
+  expect(config.model.embed_dim % config.model.num_heads == 0, "model.embed_dim",
+         f"a multiple of model.num_heads={config.model.num_heads}")
+  expect(config.model.dtype in ("float32", "bfloat16", "float16", None, ""), "model.dtype",
+         "'float32', 'bfloat16' or 'float16'")
+  input_key = TASK_INPUT_KEYS.get(config.task)
+  if input_key:
+    expect(bool(config.data.get(input_key.split(".")[1])), input_key, "the path of an HDF5 jet file")
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with unknown or mistyped ``--config.FIELD`` overrides as one line, exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:  # wrong type, missing required flag, unknown flag
+    message = str(error)
+  except (AttributeError, KeyError) as error:  # ml_collections: no such config field
+    field = str(error).strip("\"'")
+    culprits = [a for a in argv[1:] if a.startswith("--config.") and field in a.split("=")[0].split(".")]
+    message = (f"{culprits[0] if culprits else '--config.' + field}: the config has no field {field!r}")
+  except Exception as error:  # pylint: disable=broad-except  # a config file that fails to load
+    message = f"{type(error).__name__}: {error}"
+  print(f"error: {' '.join(message.split())} (see --helpfull)", file=sys.stderr)
+  sys.exit(2)
 
 
 class _QuietLibraries(logging.logging.Filter):
   """Keeps Orbax's per-save INFO chatter out of the run log (its warnings and errors still show)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    # The standard library's level: absl's own constants (WARNING = -1) are verbosities, not levelnos.
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _initialize_distributed() -> None:
@@ -42,7 +129,7 @@ def _initialize_distributed() -> None:
 
 def dispatch(config, workdir: str):
   """Runs one task; importable so tests and the quickstart call it without flags."""
-  if config.task in ("simclr", "finetune"):
+  if config.task in _training_tasks():
     from l2vit_jax import train  # pylint: disable=import-outside-toplevel
     return train.train_and_evaluate(config, workdir)
   if config.task == "evaluate":
@@ -51,26 +138,39 @@ def dispatch(config, workdir: str):
   if config.task == "pipeline":
     from l2vit_jax import quickstart  # pylint: disable=import-outside-toplevel
     return quickstart.run_pipeline(config, workdir)
-  raise ValueError(f"unknown config.task {config.task!r}; use simclr, finetune, evaluate or pipeline")
+  raise ConfigError(f"config.task={config.task!r}: expected one of "
+                    f"{list(_training_tasks() + OTHER_TASKS)}")
+
+
+def _fail(message: str, status: int = 1):
+  """One line on stderr (absl's handler would add a prefix, and a second copy if we also logged it)."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(status)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    _fail(f"unexpected command-line arguments {argv[1:]}; options are --config, --workdir and "
+          "--config.FIELD=value", status=2)
   logging.get_absl_logger().addFilter(_QuietLibraries())
   _initialize_distributed()
-  logging.info("JAX %s on %s: %d process(es), %d local / %d global devices", jax.__version__,
-               jax.default_backend(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  config = FLAGS.config
   try:
-    dispatch(FLAGS.config, FLAGS.workdir)
+    check_config(config)
+    if config.task in OTHER_TASKS:  # training logs the platform once its inputs check out
+      logging.info("JAX %s on %s: %d process(es), %d local / %d global devices", jax.__version__,
+                   jax.default_backend(), jax.process_count(), jax.local_device_count(),
+                   jax.device_count())
+    dispatch(config, FLAGS.workdir)
   except Exception as error:  # pylint: disable=broad-except
+    if type(error).__name__ == "Preempted":
+      logging.flush()
+      sys.exit(getattr(error, "exit_status", 143))
     if type(error).__name__ not in USER_ERRORS:
       raise
-    logging.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(error))
 
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,4 +1,4 @@
-"""The quickstart pipeline: synthetic data → SimCLR → finetune → scratch → evaluation report.
+"""The quickstart pipeline: synthetic data → pretraining (SimCLR and/or MAE) → finetune → scratch → report.
 
 Every stage runs in its own sub-directory of the workdir and resumes there, so re-running the same
 command continues where it stopped.
@@ -42,30 +42,45 @@ def _stage(config, paths: dict[str, str], task: str, **fields):
   return stage
 
 
+PRETRAINING = {"simclr": ("simclr",), "mae": ("mae",), "both": ("simclr", "mae")}
+
+
 def stage_configs(config, workdir: str, paths: dict[str, str]) -> dict:
+  """Stage name → config: pretraining runs, a finetune of each, scratch, and the evaluation."""
+  if config.pretrain not in PRETRAINING:
+    raise ValueError(f"config.pretrain must be one of {sorted(PRETRAINING)}, got {config.pretrain!r}")
   q = config.quickstart
   finetune = dict(batch_size=q.finetune_batch_size, num_epochs=q.finetune_epochs, warmup_epochs=1,
                   weight_decay=0.01)
-  return {
-      "simclr": _stage(config, paths, "simclr", batch_size=q.simclr_batch_size,
-                       num_epochs=q.simclr_epochs, warmup_epochs=1, learning_rate=q.simclr_learning_rate,
-                       weight_decay=0.05),
-      "finetune": _stage(config, paths, "finetune", init_from=os.path.join(workdir, "simclr"),
-                         learning_rate=q.finetune_head_learning_rate,
-                         backbone_learning_rate=q.finetune_backbone_learning_rate, **finetune),
-      "scratch": _stage(config, paths, "finetune", init_from="",
-                        learning_rate=q.scratch_learning_rate, **finetune),
-      "evaluate": _stage(config, paths, "evaluate", checkpoints=(
-          f"pretrained={os.path.join(workdir, 'finetune')},scratch={os.path.join(workdir, 'scratch')}")),
-  }
+  stages = {}
+  for pretraining in PRETRAINING[config.pretrain]:
+    # Equal compute: SimCLR encodes two views per image, masked pretraining one, so MAE gets twice
+    # the epochs (q.mae_epochs defaults to 2 × q.simclr_epochs).
+    stages[pretraining] = _stage(
+        config, paths, pretraining, batch_size=q.pretrain_batch_size, warmup_epochs=1,
+        num_epochs=q.simclr_epochs if pretraining == "simclr" else q.mae_epochs,
+        learning_rate=q.pretrain_learning_rate, weight_decay=0.05)
+    stages[f"finetune_{pretraining}"] = _stage(
+        config, paths, "finetune", init_from=os.path.join(workdir, pretraining),
+        learning_rate=q.finetune_head_learning_rate,
+        backbone_learning_rate=q.finetune_backbone_learning_rate, **finetune)
+  stages["scratch"] = _stage(config, paths, "finetune", init_from="",
+                             learning_rate=q.scratch_learning_rate, **finetune)
+  evaluated = {name.removeprefix("finetune_"): os.path.join(workdir, name)
+               for name in stages if name.startswith("finetune_") or name == "scratch"}
+  stages["evaluate"] = _stage(config, paths, "evaluate",
+                              checkpoints=",".join(f"{k}={v}" for k, v in evaluated.items()))
+  return stages
 
 
 def run_pipeline(config, workdir: str) -> dict:
   paths = generate_data(config, workdir)
   stages = stage_configs(config, workdir, paths)
-  for name in ("simclr", "finetune", "scratch"):
+  for name, stage in stages.items():
+    if name == "evaluate":
+      continue
     logging.info("=== quickstart stage: %s ===", name)
-    train.train_and_evaluate(stages[name], os.path.join(workdir, name))
+    train.train_and_evaluate(stage, os.path.join(workdir, name))
   logging.info("=== quickstart stage: evaluate ===")
   results = evaluate.evaluate_checkpoints(stages["evaluate"], os.path.join(workdir, "report"))
   if jax.process_index() == 0:

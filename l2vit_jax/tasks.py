@@ -14,9 +14,9 @@ from absl import logging
 from flax import nnx
 
 from l2vit_jax import checkpointing, models, objectives
-from l2vit_jax.data import hdf5, split
+from l2vit_jax.data import sources, split
 
-HEAD_NAMES = ("cls_head", "reg_head", "projector")
+HEAD_NAMES = ("cls_head", "reg_head", "projector", "decoder", "mask_token")
 
 
 @dataclasses.dataclass
@@ -42,13 +42,13 @@ def build_backbone(config) -> models.L2ViT:
 def labelled_splits(config, *, min_train_examples: int = 1) -> dict:
   """Validated labelled file → HDF5 sources for train/val/test and the train-split mass statistics."""
   path = config.data.labelled_path
-  hdf5.validate_file(path, labelled=True, image_size=config.model.img_size,
-                     min_examples=min_train_examples)
-  labels = hdf5.read_labels(path)
+  sources.validate_file(path, labelled=True, image_size=config.model.img_size,
+                        min_examples=min_train_examples)
+  labels = sources.read_labels(path)
   parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
   mass_mean, mass_std = split.mass_statistics(labels["mass"], parts["train"])
-  sources = {name: hdf5.HDF5Source(path, labelled=True, indices=idx) for name, idx in parts.items()}
-  return {**sources, "mass_mean": mass_mean, "mass_std": mass_std}
+  split_sources = {name: sources.open_source(path, labelled=True, indices=idx) for name, idx in parts.items()}
+  return {**split_sources, "mass_mean": mass_mean, "mass_std": mass_std}
 
 
 def _base_meta(config, **extra) -> dict:
@@ -56,12 +56,19 @@ def _base_meta(config, **extra) -> dict:
           "pixel_scale": float(config.data.pixel_scale), **extra}
 
 
-def _simclr_task(config) -> Task:
+def unlabelled_splits(config) -> dict:
+  """Validated unlabelled file → train and held-out validation sources (a seeded random split)."""
   path = config.data.unlabelled_path
-  info = hdf5.validate_file(path, labelled=False, image_size=config.model.img_size,
-                            min_examples=config.batch_size)
+  info = sources.validate_file(path, labelled=False, image_size=config.model.img_size,
+                               min_examples=config.batch_size)
   order = np.random.default_rng(config.data.split_seed).permutation(info.num_examples)
   num_val = int(round(config.data.unlabelled_val_fraction * info.num_examples))
+  return {"train": sources.open_source(path, labelled=False, indices=np.sort(order[num_val:])),
+          "val": sources.open_source(path, labelled=False, indices=np.sort(order[:num_val]))}
+
+
+def _simclr_task(config) -> Task:
+  data = unlabelled_splits(config)
   encoder = build_backbone(config)
   projector = models.SimCLRProjector(in_dim=config.model.embed_dim, hidden_dim=config.model.embed_dim,
                                      out_dim=config.loss.projection_dim,
@@ -69,14 +76,23 @@ def _simclr_task(config) -> Task:
   return Task(
       name="simclr", model=objectives.ContrastiveModel(encoder, projector),
       loss=objectives.SimCLRLoss(temperature=config.loss.temperature),
-      train_source=hdf5.HDF5Source(path, labelled=False, indices=np.sort(order[num_val:])),
-      val_source=hdf5.HDF5Source(path, labelled=False, indices=np.sort(order[:num_val])),
+      train_source=data["train"], val_source=data["val"],
       augmentation="simclr", batch_keys=("view1", "view2"),
       meta=_base_meta(config, projection_dim=config.loss.projection_dim, mass_mean=None, mass_std=None))
 
 
+def _mae_task(config) -> Task:
+  data = unlabelled_splits(config)
+  model = models.MaskedImageModel(build_backbone(config), rngs=model_rngs(config.seed + 11))
+  return Task(
+      name="mae", model=model, loss=objectives.MaskedReconstructionLoss(**config.mae.to_dict()),
+      train_source=data["train"], val_source=data["val"], augmentation="physics",
+      batch_keys=("image",), meta=_base_meta(config, mae=config.mae.to_dict(), mass_mean=None,
+                                             mass_std=None))
+
+
 def load_pretrained_backbone(model: models.L2ViT, workdir: str) -> None:
-  """The pretrain→finetune bridge: backbone weights from a SimCLR (or imported) checkpoint, fresh heads."""
+  """The pretrain→finetune bridge: backbone weights from a SimCLR, MAE or imported checkpoint; fresh heads."""
   arrays, meta = checkpointing.read_model_checkpoint(workdir)
   prefix = "encoder/"
   if any(name.startswith(prefix) for name in arrays["params"]):
@@ -106,7 +122,7 @@ def _finetune_task(config) -> Task:
                       init_from=config.init_from))
 
 
-TASKS = {"simclr": _simclr_task, "finetune": _finetune_task}
+TASKS = {"simclr": _simclr_task, "mae": _mae_task, "finetune": _finetune_task}
 
 
 def build_task(config) -> Task:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from typing import Callable
 
 import jax
@@ -20,7 +22,7 @@ from absl import logging
 from flax import nnx
 
 from l2vit_jax import checkpointing, metrics_writer, sharding, tasks
-from l2vit_jax.data import pipeline
+from l2vit_jax.data import hdf5, pipeline
 
 SIMCLR_VALIDATION_SEED = 12345  # fixed views, so validation losses are comparable across epochs
 
@@ -71,8 +73,13 @@ def make_optimizer(config, schedules: dict[str, optax.Schedule]) -> optax.Gradie
 # --- steps ------------------------------------------------------------------------------------------
 
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
-                    dropout_key: jax.Array) -> Callable:
-  """jit(params, batch_stats, other, opt_state, step, batch) -> new state and metrics (donated)."""
+                    dropout_key: jax.Array, *, skip_nonfinite: bool = False) -> Callable:
+  """jit(params, batch_stats, other, opt_state, step, batch) -> new state and metrics (donated).
+
+  With ``skip_nonfinite`` a step whose loss or gradient is not finite returns the state it was given
+  (parameters, BatchNorm statistics and optimizer moments untouched) and reports ``skipped=1``;
+  otherwise the loop stops on it (``DivergenceError``).
+  """
 
   def train_step(params, batch_stats, other, opt_state, step, batch):
     def compute_loss(params):
@@ -82,12 +89,17 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
       return loss, (metrics, nnx.state(model, nnx.BatchStat))
 
     (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    grad_norm = optax.global_norm(grads)
-    metrics = {"loss": loss, "grad_norm": grad_norm, **metrics,
-               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-    return params, new_batch_stats, opt_state, metrics
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {"loss": loss, "grad_norm": grad_norm, **metrics, "finite": finite}
+    if skip_nonfinite:
+      keep_new = lambda new, old: jnp.where(finite, new, old)
+      new_params, new_batch_stats, new_opt_state = jax.tree.map(
+          keep_new, (new_params, new_batch_stats, new_opt_state), (params, batch_stats, opt_state))
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new_params, new_batch_stats, new_opt_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0, 1, 3))
 
@@ -108,10 +120,13 @@ def _device_batch(batch: dict, keys: tuple[str, ...], mesh) -> dict:
 
 
 def _mean_metrics(history: list[dict], prefix: str) -> dict:
+  """Means over the steps since the last log; steps skipped as non-finite are left out of them."""
   if not history:
     return {}
   fetched = jax.device_get(history)
-  return {f"{prefix}{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
+  fetched = [m for m in fetched if m["finite"]] or fetched
+  return {f"{prefix}{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+          if k not in ("finite", "skipped")}
 
 
 def validate(eval_step, state: tuple, task: tasks.Task, config, mesh) -> dict:
@@ -155,6 +170,113 @@ def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None
         f"(task {meta['task']!r}){'; ' + details if details else ''}. Use a new --workdir.")
 
 
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops log rows past ``step`` left by a run killed after its last checkpoint (they are redone)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by the kill
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _check_enough_examples(task: tasks.Task, per_process_batch: int) -> None:
+  """The training split must fill one batch per process, and validation must see one example each."""
+  path = getattr(task.train_source, "path", "training data")
+  per_process = len(task.train_source) // jax.process_count()
+  if per_process < per_process_batch:
+    raise hdf5.DataError(
+        f"{path}: key '{hdf5.IMAGE_KEY}': the training split has {len(task.train_source)} examples "
+        f"({per_process} per process), fewer than one batch of {per_process_batch} per process; use a "
+        "larger file or a smaller --config.batch_size")
+  if len(task.val_source) < jax.process_count():
+    raise hdf5.DataError(
+        f"{path}: key '{hdf5.IMAGE_KEY}': the validation split has {len(task.val_source)} examples, "
+        f"need at least {jax.process_count()} (one per process); use a larger file")
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT (or a multi-host preemption notice) stopped training after a final checkpoint.
+
+  ``exit_status`` is 128 + the signal number (143 for SIGTERM), as if the signal had ended the process,
+  so schedulers and retry loops see an unfinished run and restart it, and the restart resumes.
+  """
+
+  def __init__(self, message: str, exit_status: int = 128 + signal.SIGTERM):
+    super().__init__(message)
+    self.exit_status = exit_status
+
+
+class _StopRequests:
+  """Turns SIGTERM and SIGINT into a flag the loop checks at step boundaries (a preemption notice).
+
+  Single-process runs install Python handlers (main thread only). Multi-process runs use JAX's
+  preemption sync point instead: its SIGTERM notifier tells every process, and they agree on the step
+  at which to save together (a local flag could make one process save while the others train on).
+  A second SIGINT falls back to the default (KeyboardInterrupt), for an impatient Ctrl-C.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self.signum = signal.SIGTERM
+    self._previous = {}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    self.received, self.signum = signal.Signals(signum).name, signum
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.received = "preemption notice"
+      except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
+        pass
+    return self.received is not None
+
+  def restore(self) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+def _lock_workdir(workdir: str) -> checkpointing.WorkdirLock | None:
+  """Process 0 takes ``WORKDIR/lock``; every process learns whether it did, so all stop together."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = checkpointing.WorkdirLock(workdir)
+    try:
+      lock.acquire()
+    except checkpointing.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not locked and error is None:
+      error = checkpointing.WorkdirLockedError(
+          f"{workdir}: process 0 could not lock this workdir (another run is using it)")
+  if error is not None:
+    raise error
+  return lock
+
+
 def write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -166,13 +288,44 @@ def write_config(config, workdir: str) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.task`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
+  Inputs are validated before the workdir is touched, so a bad file or config leaves no trace. Then
+  process 0 locks the workdir (one run per workdir). The loop stops with ``DivergenceError`` on a
+  non-finite loss or gradient before anything from that state is saved, and with ``Preempted`` after a
+  final checkpoint when SIGTERM/SIGINT arrives; both leave the workdir resumable.
+
   Returns a summary: final step, best validation loss and its epoch, and whether it stopped early.
   """
   task = tasks.build_task(config)
-  os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
   mesh = sharding.make_mesh()
   per_process_batch = sharding.check_batch_size(config.batch_size, mesh)
+  _check_enough_examples(task, per_process_batch)
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock_workdir(workdir)
+  checkpointer = stop_requests = None
+  try:
+    checkpointer = checkpointing.TrainingCheckpointer(workdir, keep=config.keep_checkpoints)
+    stop_requests = _StopRequests()
+    summary = _train(config, workdir, task, mesh, per_process_batch, checkpointer, stop_requests)
+  finally:
+    if stop_requests is not None:
+      stop_requests.restore()
+    if checkpointer is not None:
+      try:  # saves already under way hold good states: let them finish, also when an error stops us
+        checkpointer.wait_until_finished()
+      finally:
+        checkpointer.close()
+    if lock is not None:
+      lock.release()
+  if summary.pop("preempted"):
+    raise Preempted(f"{workdir}: received {stop_requests.received}; saved a checkpoint at step "
+                    f"{summary['step']} and stopped. Rerun the same command to resume.",
+                    exit_status=128 + stop_requests.signum)
+  return summary
+
+
+def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
+           checkpointer: checkpointing.TrainingCheckpointer, stop_requests: _StopRequests) -> dict:
+  """The loop proper, in a locked workdir; see ``train_and_evaluate``."""
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = pipeline.steps_per_epoch(len(task.train_source) // jax.process_count(),
                                              per_process_batch)
@@ -193,7 +346,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   params, batch_stats, other = sharding.replicate((params, batch_stats, other), mesh)
   opt_state = sharding.replicate(tx.init(params), mesh)
 
-  checkpointer = checkpointing.TrainingCheckpointer(workdir, keep=config.keep_checkpoints)
   meta = dict(task.meta, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size)
   early = {"best_val_loss": math.inf, "best_epoch": -1, "epochs_without_improvement": 0,
            "stopped_early": False}
@@ -209,72 +361,101 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params, batch_stats = sharding.replicate((params, batch_stats), mesh)
     opt_state, step = optimizer["opt_state"], int(optimizer["step"])
     early = saved_meta["early_stopping"]
+    _truncate_metrics(workdir, step)
     logging.info("Resumed %s from step %d (epoch %.2f) in %s", task.name, step,
                  step / steps_per_epoch, workdir)
+  write_config(config, workdir)
 
-  train_step = make_train_step(graphdef, task.loss, tx, jax.random.key(config.seed))
+  skip_nonfinite = bool(config.get("skip_nonfinite_steps", False))
+  train_step = make_train_step(graphdef, task.loss, tx, jax.random.key(config.seed),
+                               skip_nonfinite=skip_nonfinite)
   eval_step = make_eval_step(eval_graphdef, task.loss)
   writer = metrics_writer.MetricWriter(workdir, tensorboard=config.tensorboard)
-  progress = metrics_writer.Progress(total_steps, step, config.batch_size)
-  logging.info("%s: %d steps (%d epochs × %d), global batch %d on %d devices / %d processes",
-               task.name, total_steps, config.num_epochs, steps_per_epoch, config.batch_size,
-               jax.device_count(), jax.process_count())
+  try:
+    progress = metrics_writer.Progress(total_steps, step, config.batch_size)
+    logging.info("%s: %d steps (%d epochs × %d), global batch %d on %d %s devices / %d processes "
+                 "(JAX %s)", task.name, total_steps, config.num_epochs, steps_per_epoch,
+                 config.batch_size, jax.device_count(), jax.default_backend(), jax.process_count(),
+                 jax.__version__)
 
-  def save_latest():
-    checkpointer.save(step, model=_named(params, batch_stats),
-                      optimizer={"opt_state": opt_state, "step": step},
-                      meta=dict(meta, early_stopping=early, epoch=step / steps_per_epoch),
-                      data_iterator=train_iterator)
+    def save_latest():
+      checkpointer.save(step, model=_named(params, batch_stats),
+                        optimizer={"opt_state": opt_state, "step": step},
+                        meta=dict(meta, early_stopping=early, epoch=step / steps_per_epoch),
+                        data_iterator=train_iterator)
 
-  def check_finite(history):
-    bad = [i for i, ok in enumerate(jax.device_get([m["finite"] for m in history])) if not ok]
-    if bad:
-      raise DivergenceError(
-          f"non-finite loss or gradient at step {step - len(history) + bad[0] + 1}; stopped without "
-          f"saving it (last good checkpoint: step {checkpointer.latest_step()})")
+    def check_finite(history):
+      fetched = jax.device_get([(m["finite"], m.get("skipped", 0.0)) for m in history])
+      first_step = step - len(history) + 1
+      skipped = [first_step + i for i, (_, skip) in enumerate(fetched) if skip]
+      if skipped:
+        logging.warning("Skipped %d step(s) with a non-finite loss or gradient (steps %s); their "
+                        "updates were discarded (skip_nonfinite_steps=True).", len(skipped),
+                        ", ".join(map(str, skipped[:10])))
+        return len(skipped)
+      bad = [i for i, (ok, _) in enumerate(fetched) if not ok]
+      if bad:
+        checkpointer.wait_until_finished()  # so the step named below is complete on disk
+        last_good = checkpointer.latest_step()
+        raise DivergenceError(
+            f"{workdir}: non-finite loss or gradient at step {first_step + bad[0]}; stopped without "
+            f"saving that state (last good checkpoint: "
+            f"{'none' if last_good is None else f'step {last_good}'}). Lower the learning rate or set "
+            "--config.skip_nonfinite_steps=True")
+      return 0
 
-  history: list[dict] = []
-  with jax.set_mesh(mesh):
-    while step < total_steps and not early["stopped_early"]:
-      batch = _device_batch(next(train_iterator), task.batch_keys, mesh)
-      params, batch_stats, opt_state, metrics = train_step(
-          params, batch_stats, other, opt_state, jnp.int32(step), batch)
-      history.append(metrics)
-      step += 1
-      end_of_epoch = step % steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
-        check_finite(history)
-        record = {"epoch": step / steps_per_epoch, **_mean_metrics(history, "train/"),
-                  "learning_rate": float(schedules["head"](step - 1)), **progress.update(step)}
-        if config.backbone_learning_rate is not None:
-          record["backbone_learning_rate"] = float(schedules["backbone"](step - 1))
-        if end_of_epoch or step == total_steps:
-          record.update(validate(eval_step, (params, batch_stats, other), task, config, mesh))
-          record["epoch"] = round(step / steps_per_epoch, 6)
-          if record["val/loss"] < early["best_val_loss"]:
-            early.update(best_val_loss=record["val/loss"], best_epoch=record["epoch"],
-                         epochs_without_improvement=0)
-            checkpointer.save_best(step, model=_named(params, batch_stats),
-                                   meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
-          else:
-            early["epochs_without_improvement"] += 1
-          early["stopped_early"] = early["epochs_without_improvement"] >= config.early_stopping_patience
-        metrics_writer.log_status(step, total_steps, record)
-        writer.write(step, record)
-        history = []
-      stop_here = bool(config.stop_after_steps) and step >= config.stop_after_steps
-      periodic = bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
-      if end_of_epoch or periodic or stop_here or step == total_steps:
-        if history:
-          check_finite(history)
-        save_latest()
-      if stop_here:
-        logging.info("Stopping after step %d as configured (stop_after_steps); rerun to resume.", step)
-        break
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  writer.close()
+    history: list[dict] = []  # metrics since the last log step
+    checked = 0  # how many of them were already checked for finiteness (before a save)
+    skipped_steps = 0
+    preempted = False
+    with jax.set_mesh(mesh):
+      while step < total_steps and not early["stopped_early"]:
+        batch = _device_batch(next(train_iterator), task.batch_keys, mesh)
+        params, batch_stats, opt_state, metrics = train_step(
+            params, batch_stats, other, opt_state, jnp.int32(step), batch)
+        history.append(metrics)
+        step += 1
+        end_of_epoch = step % steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
+          skipped_steps += check_finite(history[checked:])
+          record = {"epoch": step / steps_per_epoch, **_mean_metrics(history, "train/"),
+                    "learning_rate": float(schedules["head"](step - 1)), **progress.update(step)}
+          if skip_nonfinite:
+            record["skipped_steps"] = skipped_steps
+          if config.backbone_learning_rate is not None:
+            record["backbone_learning_rate"] = float(schedules["backbone"](step - 1))
+          if end_of_epoch or step == total_steps:
+            record.update(validate(eval_step, (params, batch_stats, other), task, config, mesh))
+            record["epoch"] = round(step / steps_per_epoch, 6)
+            if record["val/loss"] < early["best_val_loss"]:
+              early.update(best_val_loss=record["val/loss"], best_epoch=record["epoch"],
+                           epochs_without_improvement=0)
+              checkpointer.save_best(step, model=_named(params, batch_stats),
+                                     meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
+            else:
+              early["epochs_without_improvement"] += 1
+            early["stopped_early"] = early["epochs_without_improvement"] >= config.early_stopping_patience
+          metrics_writer.log_status(step, total_steps, record)
+          writer.write(step, record)
+          history, checked = [], 0
+        stop_here = bool(config.stop_after_steps) and step >= config.stop_after_steps
+        preempted = stop_requests.requested(step) and step < total_steps
+        periodic = bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
+        if end_of_epoch or periodic or stop_here or preempted or step == total_steps:
+          skipped_steps += check_finite(history[checked:])  # never save a non-finite state
+          checked = len(history)
+          save_latest()
+        if preempted:
+          logging.warning("Received %s: saved a checkpoint at step %d; exiting. Rerun the same command "
+                          "to resume.", stop_requests.received, step)
+          break
+        if stop_here:
+          logging.info("Stopping after step %d as configured (stop_after_steps); rerun to resume.", step)
+          break
+  finally:
+    writer.close()
   if early["stopped_early"]:
     logging.info("Early stopping: no validation improvement for %d epochs (best epoch %s).",
                  config.early_stopping_patience, early["best_epoch"])
-  return {"step": step, "total_steps": total_steps, **early}
+  return {"step": step, "total_steps": total_steps, **early, "skipped_steps": skipped_steps,
+          "preempted": preempted}

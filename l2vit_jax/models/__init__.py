@@ -7,13 +7,19 @@ from l2vit_jax.models.l2vit import L2ViT
 from l2vit_jax.models.l2vit import SimCLRProjector
 from l2vit_jax.models.l2vit import interpolate_pos_embed
 from l2vit_jax.models.l2vit import param_count
+from l2vit_jax.models.masked import MaskedImageModel
+from l2vit_jax.models.masked import patchify
+from l2vit_jax.models.masked import random_token_mask
 
 __all__ = [
     'L2ViT',
+    'MaskedImageModel',
     'SimCLRProjector',
     'depthwise_conv2d',
     'interpolate_pos_embed',
     'linear_attention',
     'param_count',
+    'patchify',
+    'random_token_mask',
     'softmax_attention',
 ]

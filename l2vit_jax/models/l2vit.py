@@ -243,14 +243,26 @@ class L2ViT(nnx.Module):
     self.cls_head = _linear(embed_dim, num_classes, dtype=dtype, rngs=rngs)
     self.reg_head = _linear(embed_dim, 1, dtype=dtype, rngs=rngs)
 
-  def features(self, x: jax.Array) -> jax.Array:
-    """Pooled backbone output (B, embed_dim): final LayerNorm, then mean over tokens."""
+  def tokens(self, x: jax.Array, *, token_mask: jax.Array | None = None,
+             mask_token: jax.Array | None = None) -> jax.Array:
+    """Backbone output tokens (B, N, embed_dim) after the final LayerNorm.
+
+    Where ``token_mask`` (B, N) is set, the patch token is replaced by ``mask_token`` (embed_dim,)
+    before the position embedding: masked-image pretraining keeps the whole token grid, so the LCM
+    still convolves a complete 2-D map.
+    """
     x, grid = self.patch_embed(x)
+    if token_mask is not None:
+      x = jnp.where(token_mask[..., None], mask_token.astype(x.dtype), x)
     pos_embed = interpolate_pos_embed(self.pos_embed[...], self.grid_size, grid)
     x = self.pos_drop(x + pos_embed.astype(x.dtype))
     for block in self.blocks:
       x = block(x, grid)
-    return self.norm(x).mean(axis=1)
+    return self.norm(x)
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """Pooled backbone output (B, embed_dim): final LayerNorm, then mean over tokens."""
+    return self.tokens(x).mean(axis=1)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     features = self.features(x)

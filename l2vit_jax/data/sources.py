@@ -1,0 +1,38 @@
+"""Jet files in either format — HDF5 (as downloaded) or the compact ``.sparse`` format — by extension.
+
+``scripts/prepare_data.py`` converts HDF5 files into the sparse format (≈40× smaller, bit-exact); every
+function here accepts either file and returns what the HDF5 version would, so callers (``tasks.py``,
+``evaluate.py``) need not know which they were given.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from l2vit_jax.data import hdf5, sparse
+
+
+def is_sparse(path: str) -> bool:
+  return str(path).endswith(sparse.SUFFIX)
+
+
+def open_source(path: str, *, labelled: bool, indices: Sequence[int] | None = None
+                ) -> hdf5.HDF5Source | sparse.SparseSource:
+  """Grain random-access source over ``path``: a ``.sparse`` file, or HDF5 otherwise."""
+  source_class = sparse.SparseSource if is_sparse(path) else hdf5.HDF5Source
+  return source_class(path, labelled=labelled, indices=indices)
+
+
+def validate_file(path: str, *, labelled: bool, image_size: int | None = None, min_examples: int = 1,
+                  value_sample: int = hdf5.DEFAULT_VALUE_SAMPLE) -> hdf5.FileInfo:
+  """Format-aware ``hdf5.validate_file``: the same checks and one-line DataErrors for either format."""
+  validate = sparse.validate_file if is_sparse(path) else hdf5.validate_file
+  return validate(path, labelled=labelled, image_size=image_size, min_examples=min_examples,
+                  value_sample=value_sample)
+
+
+def read_labels(path: str) -> dict[str, np.ndarray]:
+  """Format-aware ``hdf5.read_labels``: ``label`` int32, ``mass`` and ``pt`` float32."""
+  return sparse.read_labels(path) if is_sparse(path) else hdf5.read_labels(path)

@@ -1,0 +1,290 @@
+"""A compact, lossless sparse format for jet files, and its Grain random-access source.
+
+The real images are ~99 % zeros (DESIGN.md §2): a 500 kB float32 image holds ~1,500 non-zero pixels.
+``scripts/prepare_data.py`` converts an HDF5 jet file once into a ``.sparse`` file that stores, per
+image, only the flat positions (within H·W·C) and float32 values of its non-zero pixels — about 40×
+smaller — and :class:`SparseSource` yields exactly the records ``hdf5.HDF5Source`` yields.
+
+File layout (little-endian), memory-mappable without any library:
+
+  MAGIC (16 bytes) | header length (uint64) | JSON header | arrays, each 64-byte aligned
+
+The header records ``image_shape`` [H, W, C], ``num_examples``, ``labelled`` and, per array, its
+``dtype``, ``shape`` and byte ``offset``. Arrays: ``offsets`` int64 (N+1,) — image i's non-zeros are
+``positions[offsets[i]:offsets[i+1]]`` — ``positions`` (uint16 when H·W·C ≤ 65,536, else int32),
+``values`` float32 and, when labelled, ``label`` int32, ``mass`` and ``pt`` float32 (N,), the values
+``hdf5.read_labels`` returns. "Non-zero" means a non-zero bit pattern, so -0.0 (and anything else)
+survives: the dense reconstruction is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Callable, Sequence
+
+import numpy as np
+
+from l2vit_jax.data import hdf5
+
+SUFFIX = ".sparse"
+MAGIC = b"L2VIT-SPARSE-v1\n"
+FORMAT_VERSION = 1
+ALIGNMENT = 64
+LABEL_ARRAYS = ("label", "mass", "pt")
+DataError = hdf5.DataError
+
+
+def _fail(path: str, key: str | None, message: str) -> DataError:
+  where = f"{path}: key '{key}'" if key else path
+  return DataError(f"{where}: {message}")
+
+
+def position_dtype(image_shape: Sequence[int]) -> np.dtype:
+  return np.dtype(np.uint16) if int(np.prod(image_shape)) <= 1 << 16 else np.dtype(np.int32)
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def _aligned(offset: int) -> int:
+  return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def _sparsify(images: np.ndarray, pixel_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(n, H, W, C) float32 → per-image non-zero counts, flat positions and values (C order)."""
+  flat = np.ascontiguousarray(images, dtype=np.float32).reshape(len(images), -1)
+  image_index, position = np.nonzero(flat.view(np.uint32))
+  counts = np.bincount(image_index, minlength=len(images))
+  return counts, position.astype(pixel_dtype), flat[image_index, position]
+
+
+def convert_hdf5(input_path: str, output_path: str, *, labelled: bool | None = None,
+                 chunk_size: int = 256, progress: Callable[[int, int], None] | None = None) -> dict:
+  """Converts an HDF5 jet file into the sparse format, ``chunk_size`` images at a time.
+
+  The input is validated first (``hdf5.validate_file``). Memory stays near ``chunk_size`` dense images
+  plus their non-zeros: positions and values stream into temporary files next to the output. The file is
+  written under a hidden temporary name and renamed into place only when complete.
+
+  Args:
+    labelled: whether to carry ``Y``/``m``/``pT``; None means "if the file has them".
+    progress: called with (images converted, total) after every chunk.
+
+  Returns:
+    A summary: examples, labelled, non-zero count, input and output sizes in bytes.
+  """
+  with hdf5.open_hdf5(input_path) as f:
+    if labelled is None:
+      labelled = all(key in f for key in hdf5.LABEL_KEYS)
+  info = hdf5.validate_file(input_path, labelled=labelled)
+  labels = hdf5.read_labels(input_path) if labelled else {}
+  num = info.num_examples
+  image_shape = (info.image_size, info.image_size, hdf5.NUM_CHANNELS)
+  pixel_dtype = position_dtype(image_shape)
+  directory = os.path.dirname(os.path.abspath(output_path))
+  temporary = os.path.join(
+      directory, f".{os.path.basename(output_path)}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+  parts = {name: f"{temporary}.{name}" for name in ("positions", "values")}
+  offsets = np.zeros(num + 1, np.int64)
+  try:
+    with hdf5.open_hdf5(input_path) as f, open(parts["positions"], "wb") as positions_file, \
+        open(parts["values"], "wb") as values_file:
+      jet = f[hdf5.IMAGE_KEY]
+      for start in range(0, num, chunk_size):
+        stop = min(start + chunk_size, num)
+        counts, positions, values = _sparsify(jet[start:stop], pixel_dtype)
+        offsets[start + 1:stop + 1] = offsets[start] + np.cumsum(counts)
+        positions_file.write(positions.tobytes())
+        values_file.write(values.astype("<f4").tobytes())
+        if progress is not None:
+          progress(stop, num)
+    nonzeros = int(offsets[-1])
+    arrays = {"offsets": (offsets.dtype, (num + 1,)), "positions": (pixel_dtype, (nonzeros,)),
+              "values": (np.dtype(np.float32), (nonzeros,))}
+    arrays.update({name: (labels[name].dtype, (num,)) for name in LABEL_ARRAYS if labelled})
+    header = {"format": "l2vit_jax.sparse", "version": FORMAT_VERSION, "num_examples": num,
+              "image_shape": list(image_shape), "labelled": labelled, "source": os.path.basename(input_path),
+              "arrays": {}}
+    # The header's length depends on the offsets it records; lay arrays out after a generous bound.
+    header_room = _aligned(len(MAGIC) + 8 + 4096 + 256 * len(arrays))
+    position = header_room
+    for name, (dtype, shape) in arrays.items():
+      header["arrays"][name] = {"dtype": np.dtype(dtype).newbyteorder("<").str, "shape": list(shape),
+                                "offset": position}
+      position = _aligned(position + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    encoded = json.dumps(header).encode()
+    if len(MAGIC) + 8 + len(encoded) > header_room:
+      raise RuntimeError("sparse header does not fit its reserved room")  # cannot happen
+    with open(temporary, "wb") as out:
+      out.write(MAGIC + np.uint64(len(encoded)).astype("<u8").tobytes() + encoded)
+      for name, spec in header["arrays"].items():
+        out.seek(spec["offset"])
+        if name in parts:
+          with open(parts[name], "rb") as part:
+            while block := part.read(1 << 24):
+              out.write(block)
+        else:
+          source = offsets if name == "offsets" else labels[name]
+          out.write(np.ascontiguousarray(source).astype(spec["dtype"]).tobytes())
+      out.truncate(position)
+    os.replace(temporary, output_path)
+  finally:
+    for path in (temporary, *parts.values()):
+      if os.path.exists(path):
+        os.remove(path)
+  return {"num_examples": num, "labelled": labelled, "nonzeros": nonzeros,
+          "input_bytes": os.path.getsize(input_path), "output_bytes": os.path.getsize(output_path)}
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def read_header(path: str) -> dict:
+  """The JSON header, after checking the magic and that every array lies inside the file."""
+  if not os.path.exists(path):
+    raise _fail(path, None, "file not found (make it with scripts/prepare_data.py --input FILE.h5 "
+                f"--output FILE{SUFFIX})")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+      raise _fail(path, None, f"not an l2vit_jax sparse jet file (expected magic {MAGIC!r})")
+    length = int(np.frombuffer(f.read(8), "<u8")[0]) if size >= len(MAGIC) + 8 else -1
+    try:
+      header = json.loads(f.read(length)) if 0 < length <= size else None
+    except ValueError:
+      header = None
+  if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+    raise _fail(path, None, f"unreadable header or unsupported version (expected {FORMAT_VERSION}); "
+                "re-create it with scripts/prepare_data.py")
+  for name, spec in header["arrays"].items():
+    end = spec["offset"] + int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+    if end > size:
+      raise _fail(path, name, f"extends to byte {end} but the file has {size} bytes (truncated?)")
+  return header
+
+
+def open_arrays(path: str, header: dict | None = None) -> dict[str, np.ndarray]:
+  """Read-only memory maps of every array of the file."""
+  header = header or read_header(path)
+  return {name: np.memmap(path, dtype=spec["dtype"], mode="r", offset=spec["offset"],
+                          shape=tuple(spec["shape"]))
+          for name, spec in header["arrays"].items()}
+
+
+def dense_image(arrays: dict[str, np.ndarray], index: int, image_shape: Sequence[int]) -> np.ndarray:
+  """Image ``index`` as a dense float32 (H, W, C) array, bit-identical to the HDF5 original."""
+  start, stop = arrays["offsets"][index], arrays["offsets"][index + 1]
+  image = np.zeros(int(np.prod(image_shape)), np.float32)
+  image[arrays["positions"][start:stop]] = arrays["values"][start:stop]
+  return image.reshape(image_shape)
+
+
+def read_labels(path: str) -> dict[str, np.ndarray]:
+  """``label`` int32, ``mass`` and ``pt`` float32 — the same arrays as ``hdf5.read_labels``."""
+  header = read_header(path)
+  if not header["labelled"]:
+    raise _fail(path, "label", "missing: this sparse file was converted from an unlabelled file")
+  arrays = open_arrays(path, header)
+  return {name: np.array(arrays[name]) for name in LABEL_ARRAYS}
+
+
+def validate_file(path: str, *, labelled: bool, image_size: int | None = None, min_examples: int = 1,
+                  value_sample: int = hdf5.DEFAULT_VALUE_SAMPLE) -> hdf5.FileInfo:
+  """The checks of ``hdf5.validate_file`` on a sparse file, with the same one-line errors.
+
+  Structure (offsets, array sizes) and labels are checked in full; positions and pixel values on
+  ``value_sample`` images.
+  """
+  header = read_header(path)
+  shape = header.get("image_shape")
+  if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == shape[1]
+          and shape[2] == hdf5.NUM_CHANNELS and (not image_size or shape[0] == image_size)):
+    raise _fail(path, hdf5.IMAGE_KEY, f"expected images ({image_size or 'S'}, {image_size or 'S'}, "
+                f"{hdf5.NUM_CHANNELS}), found {shape}")
+  n = int(header["num_examples"])
+  if n < min_examples:
+    raise _fail(path, hdf5.IMAGE_KEY, f"has {n} examples, need at least {min_examples} (one batch)")
+  expected = {"offsets": (n + 1,), **({name: (n,) for name in LABEL_ARRAYS} if labelled else {})}
+  for name, array_shape in expected.items():
+    if name not in header["arrays"]:
+      reason = " (converted from an unlabelled file?)" if name in LABEL_ARRAYS else ""
+      raise _fail(path, name, f"missing{reason}; found arrays {sorted(header['arrays'])}")
+    if tuple(header["arrays"][name]["shape"]) != array_shape:
+      raise _fail(path, name, f"expected shape {array_shape}, found {header['arrays'][name]['shape']}")
+  arrays = open_arrays(path, header)
+  offsets = np.asarray(arrays["offsets"])
+  if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(arrays["values"]) \
+      or len(arrays["positions"]) != len(arrays["values"]):
+    raise _fail(path, "offsets", f"expected non-decreasing offsets from 0 to {len(arrays['values'])} "
+                "(the number of stored values)")
+  if labelled:
+    label = np.asarray(arrays["label"])
+    bad = ~np.isin(label, (0, 1))
+    if bad.any():
+      raise _fail(path, "label", f"expected class labels in {{0, 1}}, found {label[bad][0]} at index "
+                  f"{int(np.flatnonzero(bad)[0])}")
+    mass = np.asarray(arrays["mass"])
+    bad = ~(np.isfinite(mass) & (mass > 0))
+    if bad.any():
+      raise _fail(path, "mass", f"expected finite positive masses in GeV, found {float(mass[bad][0])} "
+                  f"at index {int(np.flatnonzero(bad)[0])}")
+    pt = np.asarray(arrays["pt"])
+    bad = ~np.isfinite(pt)
+    if bad.any():
+      raise _fail(path, "pt", f"expected finite values, found {float(pt[bad][0])} at index "
+                  f"{int(np.flatnonzero(bad)[0])}")
+  pixels = int(np.prod(shape))
+  nbytes = 0
+  for i in hdf5._value_sample_indices(n, value_sample):  # pylint: disable=protected-access
+    start, stop = int(offsets[i]), int(offsets[i + 1])
+    positions, values = arrays["positions"][start:stop], arrays["values"][start:stop]
+    nbytes += positions.nbytes + values.nbytes
+    if len(positions) and (int(positions.max()) >= pixels or np.any(np.diff(positions.astype(np.int64)) <= 0)):
+      raise _fail(path, "positions", f"image {int(i)}: expected increasing pixel positions below {pixels}")
+    if not np.isfinite(values).all():
+      raise _fail(path, "values", f"expected finite pixels, found NaN/Inf in image {int(i)}")
+    if (values < 0).any():
+      raise _fail(path, "values", f"expected pixels >= 0, found {float(values.min())} in image {int(i)}")
+  return hdf5.FileInfo(path=path, num_examples=n, image_size=int(shape[0]), labelled=labelled,
+                       bytes_read_for_values=nbytes)
+
+
+class SparseSource:
+  """Grain random-access source over a sparse jet file (optionally restricted to ``indices``).
+
+  Yields the records of ``hdf5.HDF5Source`` — ``image`` (H, W, 8) float32, ``index`` (position in the
+  file) and, when labelled, ``label`` int32, ``mass`` and ``pt`` float32 — with bit-identical images.
+  The memory maps are opened lazily in whichever process reads and dropped when pickled (Grain's
+  ``mp_prefetch`` workers are spawned).
+  """
+
+  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None):
+    self.path = path
+    self.labelled = labelled
+    header = read_header(path)
+    self.image_shape = tuple(header["image_shape"])
+    n = int(header["num_examples"])
+    self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+    self._labels = read_labels(path) if labelled else None
+    self._arrays: dict[str, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
+    if self._arrays is None:
+      self._arrays = open_arrays(self.path)
+    index = int(self.indices[record_key])
+    record = {"image": dense_image(self._arrays, index, self.image_shape), "index": np.int64(index)}
+    if self._labels is not None:
+      record.update({k: v[index] for k, v in self._labels.items()})
+    return record
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_arrays"] = None
+    return state
+
+  def __repr__(self) -> str:
+    return f"SparseSource({self.path!r}, labelled={self.labelled}, n={len(self)})"
