@@ -38,18 +38,19 @@ class CheckpointMismatchError(ValueError):
 
 # --- flat named model state -------------------------------------------------------------------------
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_names(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested dicts → ``{"a/b/c": leaf}``, the naming used in every checkpoint."""
   if isinstance(tree, dict):
     flat = {}
     for key, value in tree.items():
-      flat.update(_flatten(value, f"{prefix}{key}/"))
+      flat.update(flatten_names(value, f"{prefix}{key}/"))
     return flat
   return {prefix[:-1]: tree}
 
 
 def flat_state(model: nnx.Module, variable_type: type = nnx.Param) -> dict[str, jax.Array]:
   """Named arrays of one variable type, e.g. ``{"blocks/0/attn/temperature": (4, 1, 1)}``."""
-  return _flatten(nnx.to_pure_dict(nnx.state(model, variable_type)))
+  return flatten_names(nnx.to_pure_dict(nnx.state(model, variable_type)))
 
 
 def model_arrays(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
@@ -81,7 +82,7 @@ def load_model_arrays(model: nnx.Module, arrays: dict[str, dict[str, Any]], *, c
   for group, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
     state = nnx.state(model, variable_type)
     pure = nnx.to_pure_dict(state)
-    current = {k: v for k, v in _flatten(pure).items() if select(k)}
+    current = {k: v for k, v in flatten_names(pure).items() if select(k)}
     found = {k: v for k, v in arrays.get(group, {}).items() if select(k)}
     problem = describe_mismatch(current, found, context=f"{context} ({group})")
     if problem:

@@ -156,8 +156,8 @@ def validate(eval_step, state: tuple, task: tasks.Task, config, mesh) -> dict:
 
 
 def _named(params, batch_stats) -> dict:
-  return {"params": checkpointing._flatten(nnx.to_pure_dict(params)),  # pylint: disable=protected-access
-          "batch_stats": checkpointing._flatten(nnx.to_pure_dict(batch_stats))}  # pylint: disable=protected-access
+  return {"params": checkpointing.flatten_names(nnx.to_pure_dict(params)),
+          "batch_stats": checkpointing.flatten_names(nnx.to_pure_dict(batch_stats))}
 
 
 def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None:

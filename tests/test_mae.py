@@ -59,7 +59,7 @@ def _losses_and_grads(files, mode, steps=3):
       return task.loss(model, batch)[0]
     return jax.grad(loss)(params)
 
-  grads = checkpointing._flatten(nnx.to_pure_dict(grads_of(params)))
+  grads = checkpointing.flatten_names(nnx.to_pure_dict(grads_of(params)))
   for step in range(steps):
     params, batch_stats, opt_state, metrics = step_fn(params, batch_stats, other, opt_state,
                                                       np.int32(0), batch)  # same mask every step

@@ -62,7 +62,7 @@ def test_differential_learning_rates_move_backbone_and_heads_at_their_rates(file
                    weight_decay=0.0)
   _, before, after = _step_on_fixed_batch(config, steps=1)
   change = jax.tree.map(lambda a, b: float(np.abs(a - b).mean()), before, after)
-  flat = checkpointing._flatten(nnx.to_pure_dict(change))
+  flat = checkpointing.flatten_names(nnx.to_pure_dict(change))
   head = np.mean([v for k, v in flat.items() if k.split("/")[0] in ("cls_head", "reg_head")])
   backbone = np.mean([v for k, v in flat.items() if k.split("/")[0] not in ("cls_head", "reg_head")])
   # Adam's first update is ≈ lr · sign(gradient) per parameter.

@@ -169,40 +169,61 @@ def read_labels(path: str) -> dict[str, np.ndarray]:
     }
 
 
-class HDF5Source:
-  """Grain random-access source over a jet file (optionally restricted to ``indices``).
+class LazyJetSource:
+  """Grain random-access source over a jet file, optionally restricted to ``indices``.
 
-  The h5py handle is opened lazily in whichever process reads, and dropped when pickled, because
-  Grain's ``mp_prefetch`` workers are spawned and h5py handles cannot cross processes.
-  Records are dicts: ``image`` (H, W, 8) float32, ``index`` (position in the file) and, when labelled,
-  ``label`` int32, ``mass`` and ``pt`` float32.
+  Records are dicts: ``image`` (H, W, 8) float32, ``index`` (position in the file) and, when
+  labelled, ``label`` int32, ``mass`` and ``pt`` float32. The file handle is opened lazily in
+  whichever process reads, and dropped when pickled, because Grain's ``mp_prefetch`` workers are
+  spawned and open handles cannot cross processes. Subclasses say how to open a file and read one image.
   """
 
-  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None):
+  def __init__(self, path: str, *, labelled: bool, num_examples: int,
+               indices: Sequence[int] | None, labels: dict[str, np.ndarray] | None):
     self.path = path
     self.labelled = labelled
-    with open_hdf5(path) as f:
-      n = f[IMAGE_KEY].shape[0]
-    self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-    self._labels = read_labels(path) if labelled else None
-    self._file: h5py.File | None = None
+    self.indices = np.arange(num_examples) if indices is None else np.asarray(indices, dtype=np.int64)
+    self._labels = labels
+    self._handle = None
+
+  def _open(self):
+    raise NotImplementedError
+
+  def _read_image(self, handle, index: int) -> np.ndarray:
+    raise NotImplementedError
 
   def __len__(self) -> int:
     return len(self.indices)
 
   def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
-    if self._file is None:
-      self._file = open_hdf5(self.path)
+    if self._handle is None:
+      self._handle = self._open()
     index = int(self.indices[record_key])
-    record = {"image": self._file[IMAGE_KEY][index], "index": np.int64(index)}
+    record = {"image": self._read_image(self._handle, index), "index": np.int64(index)}
     if self._labels is not None:
       record.update({k: v[index] for k, v in self._labels.items()})
     return record
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_file"] = None
+    state["_handle"] = None
     return state
 
   def __repr__(self) -> str:
-    return f"HDF5Source({self.path!r}, labelled={self.labelled}, n={len(self)})"
+    return f"{type(self).__name__}({self.path!r}, labelled={self.labelled}, n={len(self)})"
+
+
+class HDF5Source(LazyJetSource):
+  """``LazyJetSource`` over an HDF5 file with the real schema."""
+
+  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None):
+    with open_hdf5(path) as f:
+      num_examples = f[IMAGE_KEY].shape[0]
+    super().__init__(path, labelled=labelled, num_examples=num_examples, indices=indices,
+                     labels=read_labels(path) if labelled else None)
+
+  def _open(self) -> h5py.File:
+    return open_hdf5(self.path)
+
+  def _read_image(self, handle: h5py.File, index: int) -> np.ndarray:
+    return handle[IMAGE_KEY][index]

@@ -250,41 +250,20 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
                        bytes_read_for_values=nbytes)
 
 
-class SparseSource:
-  """Grain random-access source over a sparse jet file (optionally restricted to ``indices``).
+class SparseSource(hdf5.LazyJetSource):
+  """``hdf5.LazyJetSource`` over a sparse jet file: the records of ``hdf5.HDF5Source``, bit-identical.
 
-  Yields the records of ``hdf5.HDF5Source`` — ``image`` (H, W, 8) float32, ``index`` (position in the
-  file) and, when labelled, ``label`` int32, ``mass`` and ``pt`` float32 — with bit-identical images.
-  The memory maps are opened lazily in whichever process reads and dropped when pickled (Grain's
-  ``mp_prefetch`` workers are spawned).
+  The memory maps are opened lazily in whichever process reads and dropped when pickled.
   """
 
   def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None):
-    self.path = path
-    self.labelled = labelled
     header = read_header(path)
     self.image_shape = tuple(header["image_shape"])
-    n = int(header["num_examples"])
-    self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-    self._labels = read_labels(path) if labelled else None
-    self._arrays: dict[str, np.ndarray] | None = None
+    super().__init__(path, labelled=labelled, num_examples=int(header["num_examples"]),
+                     indices=indices, labels=read_labels(path) if labelled else None)
 
-  def __len__(self) -> int:
-    return len(self.indices)
+  def _open(self) -> dict[str, np.ndarray]:
+    return open_arrays(self.path)
 
-  def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
-    if self._arrays is None:
-      self._arrays = open_arrays(self.path)
-    index = int(self.indices[record_key])
-    record = {"image": dense_image(self._arrays, index, self.image_shape), "index": np.int64(index)}
-    if self._labels is not None:
-      record.update({k: v[index] for k, v in self._labels.items()})
-    return record
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_arrays"] = None
-    return state
-
-  def __repr__(self) -> str:
-    return f"SparseSource({self.path!r}, labelled={self.labelled}, n={len(self)})"
+  def _read_image(self, arrays: dict[str, np.ndarray], index: int) -> np.ndarray:
+    return dense_image(arrays, index, self.image_shape)
