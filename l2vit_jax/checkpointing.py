@@ -53,8 +53,14 @@ def flat_state(model: nnx.Module, variable_type: type = nnx.Param) -> dict[str, 
   return flatten_names(nnx.to_pure_dict(nnx.state(model, variable_type)))
 
 
+def named_arrays(params: nnx.State, batch_stats: nnx.State) -> dict[str, dict[str, jax.Array]]:
+  """The checkpoint layout of a model's state: ``{"params": {name: array}, "batch_stats": {...}}``."""
+  return {"params": flatten_names(nnx.to_pure_dict(params)),
+          "batch_stats": flatten_names(nnx.to_pure_dict(batch_stats))}
+
+
 def model_arrays(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
-  return {"params": flat_state(model, nnx.Param), "batch_stats": flat_state(model, nnx.BatchStat)}
+  return named_arrays(nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
 
 
 def describe_mismatch(expected: dict[str, Any], found: dict[str, Any], *, context: str) -> str | None:

@@ -72,7 +72,7 @@ def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -
     raise checkpointing.CheckpointMismatchError(
         f"{directory}: checkpoint has no mass standardisation (a SimCLR backbone?); evaluate a "
         "finetuned checkpoint")
-  source = sources.open_source(path, labelled=True, indices=indices)
+  source = sources.open_source(path, labelled=True, indices=indices, labels=labels)
   predictions = predict(model, source, pixel_scale=meta.get("pixel_scale", 1.0),
                         batch_size=config.eval_batch_size, mesh=mesh)
   mass_pred = predictions["mass_z"] * meta["mass_std"] + meta["mass_mean"]

@@ -40,14 +40,15 @@ def build_backbone(config) -> models.L2ViT:
 
 
 def labelled_splits(config, *, min_train_examples: int = 1) -> dict:
-  """Validated labelled file → HDF5 sources for train/val/test and the train-split mass statistics."""
+  """Validated labelled file → sources for train/val/test and the train-split mass statistics."""
   path = config.data.labelled_path
   sources.validate_file(path, labelled=True, image_size=config.model.img_size,
                         min_examples=min_train_examples)
   labels = sources.read_labels(path)
   parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
   mass_mean, mass_std = split.mass_statistics(labels["mass"], parts["train"])
-  split_sources = {name: sources.open_source(path, labelled=True, indices=idx) for name, idx in parts.items()}
+  split_sources = {name: sources.open_source(path, labelled=True, indices=idx, labels=labels)
+                   for name, idx in parts.items()}
   return {**split_sources, "mass_mean": mass_mean, "mass_std": mass_std}
 
 

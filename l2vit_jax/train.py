@@ -155,11 +155,6 @@ def validate(eval_step, state: tuple, task: tasks.Task, config, mesh) -> dict:
   return {f"val/{k}": v / max(count, 1.0) for k, v in totals.items()}
 
 
-def _named(params, batch_stats) -> dict:
-  return {"params": checkpointing.flatten_names(nnx.to_pure_dict(params)),
-          "batch_stats": checkpointing.flatten_names(nnx.to_pure_dict(batch_stats))}
-
-
 def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None:
   saved, current = saved_meta.get("model_config", {}), meta["model_config"]
   differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -354,7 +349,8 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
   if latest is not None:
     _check_same_architecture(checkpointer.read_meta(latest), meta, workdir)
     arrays, optimizer, saved_meta = checkpointer.restore(
-        latest, model=_named(params, batch_stats), optimizer={"opt_state": opt_state, "step": 0},
+        latest, model=checkpointing.named_arrays(params, batch_stats),
+        optimizer={"opt_state": opt_state, "step": 0},
         data_iterator=train_iterator)
     checkpointing.load_model_arrays(model, arrays, context=f"{workdir}: resuming")
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -379,7 +375,7 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
                  jax.__version__)
 
     def save_latest():
-      checkpointer.save(step, model=_named(params, batch_stats),
+      checkpointer.save(step, model=checkpointing.named_arrays(params, batch_stats),
                         optimizer={"opt_state": opt_state, "step": step},
                         meta=dict(meta, early_stopping=early, epoch=step / steps_per_epoch),
                         data_iterator=train_iterator)
@@ -430,7 +426,7 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
             if record["val/loss"] < early["best_val_loss"]:
               early.update(best_val_loss=record["val/loss"], best_epoch=record["epoch"],
                            epochs_without_improvement=0)
-              checkpointer.save_best(step, model=_named(params, batch_stats),
+              checkpointer.save_best(step, model=checkpointing.named_arrays(params, batch_stats),
                                      meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
             else:
               early["epochs_without_improvement"] += 1

@@ -320,7 +320,7 @@ def nan_outside_the_sample(files, tmp_path_factory):
     dst.write(src.read())
   with h5py.File(path, "r+") as f:
     num = f["jet"].shape[0]
-    unsampled = sorted(set(range(num)) - set(hdf5._value_sample_indices(num, hdf5.DEFAULT_VALUE_SAMPLE)))
+    unsampled = sorted(set(range(num)) - set(hdf5.value_sample_indices(num, hdf5.DEFAULT_VALUE_SAMPLE)))
     assert unsampled
     for index in unsampled:
       f["jet"][index, 3, 3, 3] = np.nan

@@ -93,12 +93,36 @@ def _read_label(path: str, f: h5py.File, key: str, n: int) -> np.ndarray:
   return np.asarray(ds[...], dtype=np.float64).reshape(n)
 
 
-def _value_sample_indices(n: int, sample: int) -> np.ndarray:
+def value_sample_indices(n: int, sample: int) -> np.ndarray:
+  """The images whose pixels validation reads: first, last and a fixed random choice, ``sample`` in all."""
   if sample >= n:
     return np.arange(n)
   rng = np.random.default_rng(0)
   picks = rng.choice(np.arange(1, n - 1), size=max(sample - 2, 0), replace=False)  # exactly `sample`
   return np.unique(np.concatenate([[0, n - 1], picks]))
+
+
+def _reject_first(path: str, key: str, values: np.ndarray, bad: np.ndarray, expected: str) -> None:
+  if bad.any():
+    first = int(np.flatnonzero(bad)[0])
+    raise _fail(path, key, f"expected {expected}, found {float(values[first])} at index {first}")
+
+
+def check_label_values(path: str, labels: dict[str, np.ndarray]) -> None:
+  """Class labels in {0, 1}, finite positive masses, finite pT, given as {key: values} in the order
+  (class, mass, pT) under whatever key names the file format uses."""
+  (label_key, label), (mass_key, mass), (pt_key, pt) = labels.items()
+  _reject_first(path, label_key, label, ~np.isin(label, (0, 1)), "class labels in {0, 1}")
+  _reject_first(path, mass_key, mass, ~(np.isfinite(mass) & (mass > 0)),
+                "finite positive masses in GeV")
+  _reject_first(path, pt_key, pt, ~np.isfinite(pt), "finite values")
+
+
+def check_pixel_values(path: str, key: str, pixels: np.ndarray, image_index: int) -> None:
+  if not np.isfinite(pixels).all():
+    raise _fail(path, key, f"expected finite pixels, found NaN/Inf in image {image_index}")
+  if (pixels < 0).any():
+    raise _fail(path, key, f"expected pixels >= 0, found {float(pixels.min())} in image {image_index}")
 
 
 def validate_file(path: str, *, labelled: bool, image_size: int | None = None, min_examples: int = 1,
@@ -125,22 +149,8 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
     if n < min_examples:
       raise _fail(path, IMAGE_KEY, f"has {n} examples, need at least {min_examples} (one batch)")
     if labelled:
-      y = _read_label(path, f, "Y", n)
-      bad = ~np.isin(y, (0.0, 1.0))
-      if bad.any():
-        raise _fail(path, "Y", f"expected class labels in {{0, 1}}, found {float(y[bad][0])} at index "
-                    f"{int(np.flatnonzero(bad)[0])}")
-      m = _read_label(path, f, "m", n)
-      bad = ~(np.isfinite(m) & (m > 0))
-      if bad.any():
-        raise _fail(path, "m", f"expected finite positive masses in GeV, found {float(m[bad][0])} at index "
-                    f"{int(np.flatnonzero(bad)[0])}")
-      pt = _read_label(path, f, "pT", n)
-      bad = ~np.isfinite(pt)
-      if bad.any():
-        raise _fail(path, "pT", f"expected finite values, found {float(pt[bad][0])} at index "
-                    f"{int(np.flatnonzero(bad)[0])}")
-    indices = _value_sample_indices(n, value_sample)
+      check_label_values(path, {key: _read_label(path, f, key, n) for key in LABEL_KEYS})
+    indices = value_sample_indices(n, value_sample)
     jet = f[IMAGE_KEY]
     nbytes = 0
     for i in indices:
@@ -150,10 +160,7 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
         raise _fail(path, IMAGE_KEY, f"image {int(i)} cannot be read (truncated file, or a compression "
                     f"filter h5py lacks?): {_one_line(e)}") from None
       nbytes += image.nbytes
-      if not np.isfinite(image).all():
-        raise _fail(path, IMAGE_KEY, f"expected finite pixels, found NaN/Inf in image {int(i)}")
-      if (image < 0).any():
-        raise _fail(path, IMAGE_KEY, f"expected pixels >= 0, found {float(image.min())} in image {int(i)}")
+      check_pixel_values(path, IMAGE_KEY, image, int(i))
   return FileInfo(path=path, num_examples=n, image_size=size, labelled=labelled,
                   bytes_read_for_values=nbytes)
 
@@ -216,11 +223,14 @@ class LazyJetSource:
 class HDF5Source(LazyJetSource):
   """``LazyJetSource`` over an HDF5 file with the real schema."""
 
-  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None):
+  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None,
+               labels: dict[str, np.ndarray] | None = None):
     with open_hdf5(path) as f:
       num_examples = f[IMAGE_KEY].shape[0]
+    if labelled and labels is None:
+      labels = read_labels(path)
     super().__init__(path, labelled=labelled, num_examples=num_examples, indices=indices,
-                     labels=read_labels(path) if labelled else None)
+                     labels=labels if labelled else None)
 
   def _open(self) -> h5py.File:
     return open_hdf5(self.path)

@@ -18,11 +18,14 @@ def is_sparse(path: str) -> bool:
   return str(path).endswith(sparse.SUFFIX)
 
 
-def open_source(path: str, *, labelled: bool, indices: Sequence[int] | None = None
-                ) -> hdf5.HDF5Source | sparse.SparseSource:
-  """Grain random-access source over ``path``: a ``.sparse`` file, or HDF5 otherwise."""
+def open_source(path: str, *, labelled: bool, indices: Sequence[int] | None = None,
+                labels: dict[str, np.ndarray] | None = None) -> hdf5.HDF5Source | sparse.SparseSource:
+  """Grain random-access source over ``path``: a ``.sparse`` file, or HDF5 otherwise.
+
+  ``labels`` (from ``read_labels``) saves re-reading them when the caller already has them.
+  """
   source_class = sparse.SparseSource if is_sparse(path) else hdf5.HDF5Source
-  return source_class(path, labelled=labelled, indices=indices)
+  return source_class(path, labelled=labelled, indices=indices, labels=labels)
 
 
 def validate_file(path: str, *, labelled: bool, image_size: int | None = None, min_examples: int = 1,

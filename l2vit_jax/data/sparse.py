@@ -219,33 +219,16 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
     raise _fail(path, "offsets", f"expected non-decreasing offsets from 0 to {len(arrays['values'])} "
                 "(the number of stored values)")
   if labelled:
-    label = np.asarray(arrays["label"])
-    bad = ~np.isin(label, (0, 1))
-    if bad.any():
-      raise _fail(path, "label", f"expected class labels in {{0, 1}}, found {label[bad][0]} at index "
-                  f"{int(np.flatnonzero(bad)[0])}")
-    mass = np.asarray(arrays["mass"])
-    bad = ~(np.isfinite(mass) & (mass > 0))
-    if bad.any():
-      raise _fail(path, "mass", f"expected finite positive masses in GeV, found {float(mass[bad][0])} "
-                  f"at index {int(np.flatnonzero(bad)[0])}")
-    pt = np.asarray(arrays["pt"])
-    bad = ~np.isfinite(pt)
-    if bad.any():
-      raise _fail(path, "pt", f"expected finite values, found {float(pt[bad][0])} at index "
-                  f"{int(np.flatnonzero(bad)[0])}")
+    hdf5.check_label_values(path, {name: np.asarray(arrays[name]) for name in LABEL_ARRAYS})
   pixels = int(np.prod(shape))
   nbytes = 0
-  for i in hdf5._value_sample_indices(n, value_sample):  # pylint: disable=protected-access
+  for i in hdf5.value_sample_indices(n, value_sample):
     start, stop = int(offsets[i]), int(offsets[i + 1])
     positions, values = arrays["positions"][start:stop], arrays["values"][start:stop]
     nbytes += positions.nbytes + values.nbytes
     if len(positions) and (int(positions.max()) >= pixels or np.any(np.diff(positions.astype(np.int64)) <= 0)):
       raise _fail(path, "positions", f"image {int(i)}: expected increasing pixel positions below {pixels}")
-    if not np.isfinite(values).all():
-      raise _fail(path, "values", f"expected finite pixels, found NaN/Inf in image {int(i)}")
-    if (values < 0).any():
-      raise _fail(path, "values", f"expected pixels >= 0, found {float(values.min())} in image {int(i)}")
+    hdf5.check_pixel_values(path, "values", values, int(i))
   return hdf5.FileInfo(path=path, num_examples=n, image_size=int(shape[0]), labelled=labelled,
                        bytes_read_for_values=nbytes)
 
@@ -256,11 +239,14 @@ class SparseSource(hdf5.LazyJetSource):
   The memory maps are opened lazily in whichever process reads and dropped when pickled.
   """
 
-  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None):
+  def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None,
+               labels: dict[str, np.ndarray] | None = None):
     header = read_header(path)
     self.image_shape = tuple(header["image_shape"])
+    if labelled and labels is None:
+      labels = read_labels(path)
     super().__init__(path, labelled=labelled, num_examples=int(header["num_examples"]),
-                     indices=indices, labels=read_labels(path) if labelled else None)
+                     indices=indices, labels=labels if labelled else None)
 
   def _open(self) -> dict[str, np.ndarray]:
     return open_arrays(self.path)
