@@ -86,7 +86,7 @@ def check_config(config) -> None:
          "'float32', 'bfloat16' or 'float16'")
   input_key = TASK_INPUT_KEYS.get(config.task)
   if input_key:
-    expect(bool(config.data.get(input_key.split(".")[1])), input_key, "the path of an HDF5 jet file")
+    expect(bool(config.data.get(input_key.split(".")[1])), input_key, "the path of a jet file (.h5 or .sparse)")
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -103,8 +103,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = (f"{culprits[0] if culprits else '--config.' + field}: the config has no field {field!r}")
   except Exception as error:  # pylint: disable=broad-except  # a config file that fails to load
     message = f"{type(error).__name__}: {error}"
-  print(f"error: {' '.join(message.split())} (see --helpfull)", file=sys.stderr)
-  sys.exit(2)
+  _fail(f"{message} (see --helpfull)", status=2)
 
 
 class _QuietLibraries(logging.logging.Filter):
