@@ -6,6 +6,14 @@
 Each checkpoint directory is a training workdir (its best/ checkpoint is used) or the output of
 scripts/convert_torch_checkpoint.py. Outputs: runs/report/<name>/{metrics.json,predictions.npz,*.png}
 and runs/report/report.md.
+
+With --config.probe=True, each checkpoint also gets rows <name>_linear_probe and <name>_knn: frozen-
+feature probes of its backbone (l2vit_jax/probes.py), which also evaluate pretraining (SimCLR/MAE)
+workdirs; for those the probe rows are the only rows.
+
+Every report also has the row physics_bdt, the physics baseline: boosted decision trees on jet-
+substructure observables computed from the pixels (l2vit_jax/baselines/); --config.physics_baseline=False
+leaves it out.
 """
 
 from l2vit_jax import config_lib
@@ -20,4 +28,8 @@ def get_config():
   config.bootstrap_samples = 1000
   config.report_title = "L2ViT: SimCLR-pretrained vs scratch"
   config.report_notes = ""
+  # Row physics_bdt: boosted trees on jet observables (l2vit_jax/baselines/), fitted on the train split.
+  config.physics_baseline = True
+  config.probe = False  # also linear-probe and kNN rows on each checkpoint's frozen backbone
+  config.probe_k = 20  # kNN neighbours
   return config

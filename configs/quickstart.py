@@ -34,6 +34,7 @@ def get_config():
   config.checkpoints = ""
   config.split = "test"
   config.bootstrap_samples = 200
+  config.physics_baseline = True  # row physics_bdt: boosted trees on jet observables
   config.report_title = "Quickstart (synthetic data): self-supervised pretraining vs scratch L2ViT"
   config.report_notes = ("Tiny model, few epochs, synthetic jets: a smoke test of the whole study, "
                          "not a physics result.")

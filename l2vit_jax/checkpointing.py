@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from l2vit_jax import paths
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 LOCK_FILE = "lock"
@@ -112,7 +114,7 @@ def _manager(directory: str, *, max_to_keep: int | None, asynchronous: bool = Fa
   # ``<step>.orbax-checkpoint-tmp-*`` directory; writers delete those on start so they never pile up
   # or collide with the step being saved again. Readers leave them alone: a writer may own them.
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      paths.as_path(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only, cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=asynchronous))
@@ -126,7 +128,7 @@ def save_model_checkpoint(directory: str, model: nnx.Module, meta: dict, *, step
   """
   if "model_config" not in meta:
     raise ValueError("meta must contain 'model_config' (the model's constructor arguments)")
-  with _manager(os.path.join(directory, BEST_DIR), max_to_keep=1) as manager:
+  with _manager(paths.join(directory, BEST_DIR), max_to_keep=1) as manager:
     manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model_arrays(model)),
                                                meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
@@ -136,8 +138,8 @@ def find_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, L
                           ) -> tuple[str, int]:
   """The (manager directory, step) to restore: by default ``best/`` first, else the latest."""
   for sub in prefer:
-    path = os.path.join(directory, sub)
-    if os.path.isdir(path):
+    path = paths.join(directory, sub)
+    if paths.is_dir(path):
       with _manager(path, max_to_keep=None, read_only=True) as manager:
         step = manager.latest_step()
       if step is not None:
@@ -195,9 +197,9 @@ class TrainingCheckpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
-    self.latest = _manager(os.path.join(workdir, LATEST_DIR), max_to_keep=keep,
+    self.latest = _manager(paths.join(workdir, LATEST_DIR), max_to_keep=keep,
                            asynchronous=asynchronous)
-    self.best = _manager(os.path.join(workdir, BEST_DIR), max_to_keep=1, asynchronous=asynchronous)
+    self.best = _manager(paths.join(workdir, BEST_DIR), max_to_keep=1, asynchronous=asynchronous)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -257,7 +259,8 @@ def _process_alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-  """``WORKDIR/lock``: created atomically (``O_CREAT | O_EXCL``) by the one process writing a workdir.
+  """``WORKDIR/lock``: created atomically by the one process writing a workdir (``O_CREAT | O_EXCL``
+  locally; on ``gs://`` an upload with the precondition ``ifGenerationMatch=0``, see ``paths``).
 
   It holds ``{"host", "pid", "since"}``. Two runs on one workdir would interleave checkpoints and
   metrics, so a second run is refused with the holder named. A lock left by a killed run (SIGKILL, OOM,
@@ -267,31 +270,26 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.workdir = workdir
+    self.path = paths.join(workdir, LOCK_FILE)
     self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
     self.held = False
 
   def _read_holder(self) -> dict | None:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(paths.read_text(self.path))
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
       return {}  # being written right now, or garbage: treated as held by an unknown run
 
   def _try_create(self) -> bool:
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "w") as f:
-      json.dump(dict(self.owner, since=time.strftime("%Y-%m-%d %H:%M:%S")), f)
-    return True
+    holder = dict(self.owner, since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return paths.create_exclusive(self.path, json.dumps(holder).encode())
 
   def acquire(self) -> None:
     """Takes the lock or raises WorkdirLockedError naming the holder."""
-    for _ in range(3):  # a takeover can race with another starting run; O_EXCL decides the winner
+    for _ in range(3):  # a takeover can race with another starting run; the exclusive create decides
       if self._try_create():
         self.held = True
         return
@@ -303,15 +301,12 @@ class WorkdirLock:
       if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not _process_alive(pid):
         logging.warning("%s: taking over a stale lock of process %d on %s (started %s), which is no "
                         "longer running (killed?)", self.path, pid, holder.get("host"), holder.get("since"))
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
+        paths.remove(self.path)
         continue
       who = (f"process {pid} on host {holder.get('host')} (started {holder.get('since')})" if holder
              else "an unknown run (unreadable lock file)")
       hint = "" if same_host and holder else "; if that run is dead, delete the lock file"
-      raise WorkdirLockedError(f"{os.path.dirname(self.path)}: workdir is in use by {who}; use another "
+      raise WorkdirLockedError(f"{self.workdir}: workdir is in use by {who}; use another "
                                f"--workdir or wait for it to finish (lock: {self.path}{hint})")
     raise WorkdirLockedError(f"{self.path}: could not take the workdir lock (contended); try again")
 
@@ -321,10 +316,7 @@ class WorkdirLock:
     self.held = False
     holder = self._read_holder()
     if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      paths.remove(self.path)
 
   def __enter__(self) -> "WorkdirLock":
     self.acquire()

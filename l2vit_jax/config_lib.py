@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "finetune"
   config.seed = 0
+  # Key implementation for dropout, drop-path and MAE masks: 'auto' is XLA's RBG generator ('rbg') on
+  # TPU and JAX's default (threefry) elsewhere (train.PRNG_IMPL_BY_PLATFORM); or any jax.random impl.
+  config.prng_impl = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.labelled_path = LABELLED_FILE
@@ -34,6 +37,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.split_seed = 42
   config.data.unlabelled_val_fraction = 0.05  # held out for SimCLR's validation loss
   config.data.worker_count = 0  # Grain mp_prefetch workers; 0 reads in the main process
+  # Finetuning on a labelled subset: this many train-split jets (0: all), a stratified prefix of the
+  # ordering drawn with train_subset_seed (data.split.nested_subsets); validation and test stay whole.
+  config.data.train_subset = 0
+  config.data.train_subset_seed = 0
+  # Passes over the (subset of the) train split per epoch: > 1 gives a few-jet subset enough steps per
+  # epoch without validating and checkpointing after every step.
+  config.data.train_repeats = 1
 
   config.model = model_config()
 
@@ -57,6 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.mae = ml_collections.ConfigDict(dict(  # masked-image pretraining (task 'mae')
       mode="mask", mask_ratio=0.6, nonzero_weight=10.0, noise_relative_std=0.2,
       target_transform="log1p"))
+
+  # Frozen-feature probes during SimCLR/MAE pretraining (l2vit_jax/probes.py): at every every_epochs-th
+  # validation, a linear probe and kNN on the encoder's features of num_train train-split jets of this
+  # labelled file, scored on num_val validation-split jets; logged as probe/* in metrics.jsonl.
+  # An empty labelled_path turns it off.
+  config.online_probe = ml_collections.ConfigDict(dict(
+      labelled_path="", num_train=512, num_val=256, every_epochs=1, k=20, seed=0))
 
   config.init_from = ""  # a SimCLR workdir whose backbone initialises finetuning
   config.log_every_steps = 50

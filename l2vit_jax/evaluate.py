@@ -14,8 +14,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from l2vit_jax import checkpointing, sharding
-from l2vit_jax.data import pipeline, sources, split
+from l2vit_jax import checkpointing, inference, paths, probes, sharding
+from l2vit_jax.baselines import bdt
+from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import report
 
 
@@ -42,23 +43,18 @@ def predict(model: nnx.Module, source, *, pixel_scale: float, batch_size: int, m
   @jax.jit
   def forward(state, images):
     logits, mass_z = nnx.merge(graphdef, state)(images)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1], mass_z[:, 0].astype(jnp.float32)
+    return {"prob": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1],
+            "mass_z": mass_z[:, 0].astype(jnp.float32)}
 
-  outputs = {"index": [], "prob": [], "mass_z": [], "mask": []}
-  per_process = batch_size // jax.process_count()
-  dataset = pipeline.make_eval_dataset(source, batch_size=per_process, pixel_scale=pixel_scale,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-  for batch in dataset:
-    device = sharding.global_batch({k: batch[k] for k in ("image", "index", "mask")}, mesh)
-    prob, mass_z = forward(state, device["image"])
-    for key, value in (("index", device["index"]), ("prob", prob), ("mass_z", mass_z),
-                       ("mask", device["mask"])):
-      outputs[key].append(sharding.to_host(value))
-  out = {k: np.concatenate(v) for k, v in outputs.items()}
-  keep = out.pop("mask") == 1
-  order = np.argsort(out["index"][keep], kind="stable")
-  return {k: v[keep][order] for k, v in out.items()}
+  return inference.map_source(lambda images: forward(state, images), source, pixel_scale=pixel_scale,
+                              batch_size=batch_size, mesh=mesh)
+
+
+def evaluated_indices(config, labels: dict) -> np.ndarray:
+  """Indices into the labelled file of ``config.split`` ('all': every jet)."""
+  if config.split == "all":
+    return np.arange(len(labels["label"]))
+  return split.stratified_split(labels["label"], seed=config.data.split_seed)[config.split]
 
 
 def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -> tuple[dict, dict]:
@@ -66,8 +62,7 @@ def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -
   path = config.data.labelled_path
   sources.validate_file(path, labelled=True, image_size=meta["model_config"]["img_size"])
   labels = sources.read_labels(path)
-  indices = split.stratified_split(labels["label"], seed=config.data.split_seed)[config.split] \
-      if config.split != "all" else np.arange(len(labels["label"]))
+  indices = evaluated_indices(config, labels)
   if meta.get("mass_mean") is None:
     raise checkpointing.CheckpointMismatchError(
         f"{directory}: checkpoint has no mass standardisation (a SimCLR backbone?); evaluate a "
@@ -78,30 +73,111 @@ def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -
   mass_pred = predictions["mass_z"] * meta["mass_std"] + meta["mass_mean"]
   index = predictions["index"]
   label, mass_true = labels["label"][index], labels["mass"][index]
-  jsonl = os.path.join(directory, "metrics.jsonl")
+  jsonl = paths.join(directory, "metrics.jsonl")
+  has_log = paths.exists(jsonl)
   metrics = {}
   if jax.process_index() == 0:
     metrics = report.write_model_outputs(
         out_dir, name, index=index, labels=label, probs=predictions["prob"], mass_true=mass_true,
-        mass_pred=mass_pred, metrics_jsonl=jsonl if os.path.exists(jsonl) else None,
+        mass_pred=mass_pred, metrics_jsonl=jsonl if has_log else None,
         bootstrap_samples=config.bootstrap_samples)
     logging.info("%s (%s): accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV", name, directory,
                  metrics["accuracy"], metrics["roc_auc"], metrics["mass_mae"])
-  return metrics, {"labels": label, "probs": predictions["prob"], "jsonl": jsonl}
+  return metrics, {"labels": label, "probs": predictions["prob"], "jsonl": jsonl if has_log else None}
+
+
+def _fitting_splits(config) -> tuple[dict, dict[str, np.ndarray]]:
+  """Labels of the labelled file, and its 'train'/'val' splits with 'test' = ``config.split``.
+
+  For the models fitted here (probes, the physics baseline) rather than restored from a checkpoint.
+  """
+  sources.validate_file(config.data.labelled_path, labelled=True)
+  labels = sources.read_labels(config.data.labelled_path)
+  return labels, dict(split.stratified_split(labels["label"], seed=config.data.split_seed),
+                      test=evaluated_indices(config, labels))
+
+
+def evaluate_probes(name: str, directory: str, config, out_dir: str, mesh) -> tuple[dict, dict]:
+  """Rows ``<name>_linear_probe`` and ``<name>_knn``: probes on the frozen backbone (``probes.py``).
+
+  Both are fitted on the train split (the linear probe's ridge strength chosen on the validation split)
+  and scored on ``config.split``; the kNN row's mass is the neighbours' weighted mean mass.
+  """
+  path = config.data.labelled_path
+  labels, splits = _fitting_splits(config)
+  outputs = probes.probe_checkpoint(directory, path, splits, batch_size=config.eval_batch_size,
+                                    mesh=mesh, k=config.get("probe_k", 20))
+  index = outputs["index"]
+  label, mass_true = labels["label"][index], labels["mass"][index]
+  jsonl = paths.join(directory, "metrics.jsonl")
+  jsonl = jsonl if paths.exists(jsonl) else None
+  rows = {f"{name}_linear_probe": (outputs["prob"], outputs["mass_pred"], jsonl),
+          f"{name}_knn": (outputs["knn_prob"], outputs["knn_mass_pred"], None)}
+  results = {}
+  for row, (prob, mass_pred, row_log) in rows.items():
+    if jax.process_index() == 0:
+      results[row] = report.write_model_outputs(
+          out_dir, row, index=index, labels=label, probs=prob, mass_true=mass_true, mass_pred=mass_pred,
+          metrics_jsonl=row_log, bootstrap_samples=config.bootstrap_samples)
+  return results, {"curves": {row: (label, prob) for row, (prob, _, _) in rows.items()}, "jsonl": jsonl}
+
+
+def evaluate_physics_baseline(config, out_dir: str) -> tuple[dict, tuple]:
+  """Row ``physics_bdt``: boosted trees on jet observables (``baselines/bdt.py``).
+
+  Fitted on the train split (iterations chosen on the validation split), scored on ``config.split``;
+  numpy and scikit-learn only, so process 0 alone runs it. The observables are cached in
+  ``out_dir/physics_bdt/``, so evaluating again does not re-read the images.
+  """
+  path = config.data.labelled_path
+  labels, splits = _fitting_splits(config)
+  predictions = bdt.physics_baseline_predictions(path, splits, seed=config.seed,
+                                                 cache_dir=paths.join(out_dir, bdt.BASELINE_NAME))
+  index = predictions["index"]
+  label = labels["label"][index]
+  metrics = report.write_model_outputs(
+      out_dir, bdt.BASELINE_NAME, index=index, labels=label, probs=predictions["prob"],
+      mass_true=labels["mass"][index], mass_pred=predictions["mass_pred"],
+      bootstrap_samples=config.bootstrap_samples)
+  logging.info("%s: accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV", bdt.BASELINE_NAME,
+               metrics["accuracy"], metrics["roc_auc"], metrics["mass_mae"])
+  return metrics, (label, predictions["prob"])
+
+
+def _is_pretraining_checkpoint(directory: str) -> bool:
+  """No mass standardisation in its meta: a SimCLR/MAE backbone, which only probes can evaluate."""
+  return checkpointing.read_model_checkpoint(directory)[1].get("mass_mean") is None
 
 
 def evaluate_checkpoints(config, workdir: str) -> dict:
   """Evaluates every checkpoint of ``config.checkpoints`` and writes ``workdir/report.md``."""
   mesh = sharding.make_mesh()
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   results, curves, logs = {}, {}, {}
-  for name, directory in parse_checkpoints(config.checkpoints).items():
-    results[name], extra = evaluate_checkpoint(name, directory, config, workdir, mesh)
-    curves[name] = (extra["labels"], extra["probs"])
-    if os.path.exists(extra["jsonl"]):
-      logs[name] = extra["jsonl"]
+  probe = config.get("probe", False)
+  baseline = config.get("physics_baseline", False)
+  checkpoints = parse_checkpoints(config.checkpoints)
+  if baseline and bdt.BASELINE_NAME in checkpoints:
+    raise ValueError(f"config.checkpoints: {bdt.BASELINE_NAME!r} is the physics baseline's row; name the "
+                     "checkpoint differently or set --config.physics_baseline=False")
+  for name, directory in checkpoints.items():
+    if not (probe and _is_pretraining_checkpoint(directory)):
+      results[name], extra = evaluate_checkpoint(name, directory, config, workdir, mesh)
+      curves[name] = (extra["labels"], extra["probs"])
+      if extra["jsonl"]:
+        logs[name] = extra["jsonl"]
+    if probe:
+      probe_results, extra = evaluate_probes(name, directory, config, workdir, mesh)
+      results.update(probe_results)
+      curves.update(extra["curves"])
+      if extra["jsonl"]:
+        logs[name] = extra["jsonl"]
+  notes = config.report_notes
+  if baseline and jax.process_index() == 0:
+    results[bdt.BASELINE_NAME], curves[bdt.BASELINE_NAME] = evaluate_physics_baseline(config, workdir)
+    notes = f"{notes}\n\n## Physics baseline\n\n{bdt.REPORT_DESCRIPTION}"
   if jax.process_index() == 0:
     path = report.write_report(workdir, results, predictions=curves, training_logs=logs or None,
-                               title=config.report_title, notes=config.report_notes)
+                               title=config.report_title, notes=notes)
     logging.info("Report written to %s", path)
   return results

@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors that mean "bad input or setup": reported as one line, never as a traceback.
 USER_ERRORS = ("DataError", "ConfigError", "CheckpointMismatchError", "CheckpointImportError",
                "DivergenceError", "WorkdirLockedError", "FileNotFoundError")
-OTHER_TASKS = ("evaluate", "pipeline")
+OTHER_TASKS = ("evaluate", "pipeline", "study")
 # The file each training task reads, so an empty path is reported by its config key.
 TASK_INPUT_KEYS = {"simclr": "data.unlabelled_path", "mae": "data.unlabelled_path",
                    "finetune": "data.labelled_path"}
@@ -114,9 +114,17 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
+# Set (to 1) on every worker of a Cloud TPU VM slice (scripts/launch_tpu.py does): JAX then finds the
+# coordinator, process count and id itself. JAX cannot tell a TPU VM from elsewhere without touching the
+# backend, and the call fails outside a cluster, so it is opt-in (big_vision's BV_JAX_INIT pattern).
+AUTO_DISTRIBUTED_VARIABLE = "L2VIT_DISTRIBUTED"
+
+
 def _initialize_distributed() -> None:
   """Multi-host (TPU VM pod slices, multi-node GPU) runs set these; single-host runs skip it."""
-  if os.environ.get("L2VIT_COORDINATOR_ADDRESS"):
+  if os.environ.get(AUTO_DISTRIBUTED_VARIABLE, "") not in ("", "0"):
+    jax.distributed.initialize()
+  elif os.environ.get("L2VIT_COORDINATOR_ADDRESS"):
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests)
     jax.distributed.initialize(coordinator_address=os.environ["L2VIT_COORDINATOR_ADDRESS"],
@@ -137,6 +145,9 @@ def dispatch(config, workdir: str):
   if config.task == "pipeline":
     from l2vit_jax import quickstart  # pylint: disable=import-outside-toplevel
     return quickstart.run_pipeline(config, workdir)
+  if config.task == "study":
+    from l2vit_jax import study  # pylint: disable=import-outside-toplevel
+    return study.run_study(config, workdir)
   raise ConfigError(f"config.task={config.task!r}: expected one of "
                     f"{list(_training_tasks() + OTHER_TASKS)}")
 

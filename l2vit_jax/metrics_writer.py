@@ -1,18 +1,26 @@
 """Run logs: JSON lines (``WORKDIR/metrics.jsonl``), optional TensorBoard, and one-line progress.
 
 Only process 0 writes files. TensorBoard event files are written through ``tensorboardX`` when it is
-installed (``clu``/``flax.metrics.tensorboard`` would need TensorFlow).
+installed (``clu``/``flax.metrics.tensorboard`` would need TensorFlow) and the workdir is local.
+
+A Cloud Storage object cannot be appended to, and one object may be rewritten only about once a
+second. On a ``gs://`` workdir the writer therefore keeps the file's lines in memory and rewrites the
+object whole at most every ``REMOTE_REWRITE_SECONDS``, at every checkpoint (``flush``) and at the end,
+so what a resumed run finds covers every step up to its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 from absl import logging
+
+from l2vit_jax import paths
+
+REMOTE_REWRITE_SECONDS = 10.0
 
 
 def _jsonable(value):
@@ -23,16 +31,25 @@ def _jsonable(value):
 
 
 class MetricWriter:
-  """Appends one JSON object per call to ``metrics.jsonl`` (resumed runs append to the same file)."""
+  """Adds one JSON object per call to ``metrics.jsonl`` (resumed runs continue the same file)."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self._remote = paths.is_remote(workdir)
+    self._lines: list[str] = []  # remote only: the whole file, rewritten by flush
+    self._unflushed = False
+    self._last_flush = time.monotonic()
+    if self.enabled and self._remote and paths.exists(self.path):
+      self._lines = paths.read_text(self.path).splitlines(keepends=True)
     self._tensorboard = None
-    if self.enabled and tensorboard:
+    if self.enabled and tensorboard and self._remote:
+      logging.info("TensorBoard events are not written to a %s workdir (tensorboardX writes local "
+                   "files); plot %s instead", workdir.split("://")[0], self.path)
+    elif self.enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tensorboard = SummaryWriter(paths.join(workdir, "tensorboard"))
       except ImportError:
         pass
 
@@ -40,14 +57,28 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self._unflushed = True
+      if time.monotonic() - self._last_flush >= REMOTE_REWRITE_SECONDS:
+        self.flush()
+    else:
+      paths.append_text(self.path, line)
     if self._tensorboard is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tensorboard.add_scalar(key, value, step)
 
+  def flush(self) -> None:
+    """Makes every line written so far durable (local lines already are)."""
+    if self.enabled and self._unflushed:
+      paths.write_text(self.path, "".join(self._lines))
+      self._unflushed = False
+      self._last_flush = time.monotonic()
+
   def close(self) -> None:
+    self.flush()
     if self._tensorboard is not None:
       self._tensorboard.close()
 

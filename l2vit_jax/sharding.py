@@ -14,11 +14,21 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
 
-def make_mesh() -> Mesh:
+def make_mesh(devices=None) -> Mesh:
+  """A (data=all devices, model=1) mesh over ``devices`` (default: every device of every process).
+
+  ``devices`` may also be the devices of a compile-only topology (``scripts/compile_tpu.py``).
+  """
+  devices = jax.devices() if devices is None else list(devices)
   # Auto axes: XLA's partitioner propagates shardings through the model (jax.make_mesh now defaults
   # to Explicit axes, which would demand sharding annotations on every op that mixes arrays).
-  return jax.make_mesh((jax.device_count(), 1), (DATA_AXIS, MODEL_AXIS),
-                       axis_types=(AxisType.Auto, AxisType.Auto))
+  return jax.make_mesh((len(devices), 1), (DATA_AXIS, MODEL_AXIS),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform ('cpu', 'gpu', 'tpu') the mesh's devices are, which is what steps compile for."""
+  return mesh.devices.flat[0].platform
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -7,9 +7,9 @@ with the NNX graph split outside jit and merged inside (DESIGN.md §6). Dropout 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 from typing import Callable
@@ -21,8 +21,9 @@ import optax
 from absl import logging
 from flax import nnx
 
-from l2vit_jax import checkpointing, metrics_writer, sharding, tasks
+from l2vit_jax import checkpointing, metrics_writer, paths, sharding, tasks
 from l2vit_jax.data import hdf5, pipeline
+from l2vit_jax.models import depthwise
 
 SIMCLR_VALIDATION_SEED = 12345  # fixed views, so validation losses are comparable across epochs
 
@@ -113,6 +114,85 @@ def make_eval_step(graphdef, loss_fn: Callable) -> Callable:
   return jax.jit(eval_step)
 
 
+# --- steps for the devices of a mesh ----------------------------------------------------------------
+
+# Key implementation for dropout, drop-path and MAE masks per platform ('auto'); JAX's default
+# (threefry) elsewhere, so CPU and GPU runs draw what they always drew. On TPU, threefry's hashing of
+# every mask element made compiling the default model's train step take over 10 minutes (XLA's
+# RngBitGenerator: 147 s; README "Compile-only TPU checks"). 'rbg' still splits and folds keys with
+# threefry, so keys stay a function of (seed, step) and resumes stay exact.
+PRNG_IMPL_BY_PLATFORM = {"tpu": "rbg"}
+
+
+def resolve_prng_impl(name: str, platform: str) -> str | None:
+  """The key implementation ``config.prng_impl`` stands for on ``platform`` (None: JAX's default)."""
+  return PRNG_IMPL_BY_PLATFORM.get(platform) if name == "auto" else name
+
+
+def fix_depthwise_implementations(model: nnx.Module, platform: str) -> str:
+  """Resolves every 'auto' depthwise formulation in ``model`` for ``platform``, in place.
+
+  Done before the graph is split, so the jitted steps carry the target's choice and never consult
+  the host's default backend (which is 'cpu' when compiling for a TPU topology). Returns the
+  formulation(s) now in use, comma-separated.
+  """
+  chosen = set()
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, "depthwise_implementation"):
+      node.depthwise_implementation = depthwise.resolve_implementation(node.depthwise_implementation,
+                                                                       platform)
+      chosen.add(node.depthwise_implementation)
+  return ",".join(sorted(chosen))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted train and eval steps of one model for one platform, and what they were built with."""
+  train: Callable
+  eval: Callable
+  tx: optax.GradientTransformation
+  schedules: dict[str, optax.Schedule]
+  platform: str
+  depthwise_implementation: str
+  prng_impl: str
+
+
+def build_steps(config, model: nnx.Module, loss_fn: Callable, mesh, *, steps_per_epoch: int,
+                total_steps: int) -> tuple[Steps, tuple]:
+  """The steps the training loop runs, for the devices of ``mesh`` (also a compile-only TPU mesh).
+
+  Platform-dependent choices follow the mesh's devices, not JAX's default backend: 'auto' depthwise
+  formulations are fixed on ``model`` and the dropout key gets ``config.prng_impl``'s implementation.
+  The state crossing jit keeps the model's own keys (the step reseeds a copy), so its pytree is the
+  same on every step.
+
+  Returns the steps and the model's host-side state ``(params, batch_stats, other)`` split for them.
+  """
+  platform = sharding.mesh_platform(mesh)
+  depthwise_implementation = fix_depthwise_implementations(model, platform)
+  model.eval()
+  eval_graphdef = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
+  model.train()
+  graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  schedules = learning_rate_schedules(config, steps_per_epoch, total_steps)
+  tx = make_optimizer(config, schedules)
+  dropout_key = jax.random.key(config.seed, impl=resolve_prng_impl(config.get("prng_impl", "auto"),
+                                                                   platform))
+  train_step = make_train_step(graphdef, loss_fn, tx, dropout_key,
+                               skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)))
+  steps = Steps(train=train_step, eval=make_eval_step(eval_graphdef, loss_fn), tx=tx,
+                schedules=schedules, platform=platform,
+                depthwise_implementation=depthwise_implementation,
+                prng_impl=str(jax.random.key_impl(dropout_key)))
+  return steps, (params, batch_stats, other)
+
+
+def eval_batch_keys(augmentation: str, batch_keys: tuple[str, ...]) -> tuple[str, ...]:
+  """SimCLR validates on fixed-seed views of whole batches; other tasks on padded batches whose
+  'mask' flags the padding."""
+  return batch_keys if augmentation == "simclr" else batch_keys + ("mask",)
+
+
 # --- loop helpers -----------------------------------------------------------------------------------
 
 def _device_batch(batch: dict, keys: tuple[str, ...], mesh) -> dict:
@@ -140,11 +220,10 @@ def validate(eval_step, state: tuple, task: tasks.Task, config, mesh) -> dict:
                                           pixel_scale=config.data.pixel_scale, **process)
     num_batches = max(len(task.val_source) // (per_process * jax.process_count()), 1)
     batches = (b for _, b in zip(range(num_batches), dataset))
-    keys = task.batch_keys
   else:
     batches = pipeline.make_eval_dataset(task.val_source, batch_size=per_process,
                                          pixel_scale=config.data.pixel_scale, **process)
-    keys = task.batch_keys + ("mask",)
+  keys = eval_batch_keys(task.augmentation, task.batch_keys)
   totals, count = {}, 0.0
   for batch in batches:
     metrics = jax.device_get(eval_step(*state, _device_batch(batch, keys, mesh)))
@@ -167,11 +246,10 @@ def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None
 
 def _truncate_metrics(workdir: str, step: int) -> None:
   """Drops log rows past ``step`` left by a run killed after its last checkpoint (they are redone)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not paths.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = paths.read_text(path).splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -180,9 +258,7 @@ def _truncate_metrics(workdir: str, step: int) -> None:
     except (ValueError, KeyError, TypeError):
       pass  # a line cut short by the kill
   if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, "".join(kept))
 
 
 def _check_enough_examples(task: tasks.Task, per_process_batch: int) -> None:
@@ -274,8 +350,7 @@ def _lock_workdir(workdir: str) -> checkpointing.WorkdirLock | None:
 
 def write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -294,7 +369,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   per_process_batch = sharding.check_batch_size(config.batch_size, mesh)
   _check_enough_examples(task, per_process_batch)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   lock = _lock_workdir(workdir)
   checkpointer = stop_requests = None
   try:
@@ -332,12 +407,9 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
   train_iterator = iter(train_dataset)
 
   model = task.model
-  model.eval()
-  eval_graphdef = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
-  model.train()
-  graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  schedules = learning_rate_schedules(config, steps_per_epoch, total_steps)
-  tx = make_optimizer(config, schedules)
+  steps, (params, batch_stats, other) = build_steps(
+      config, model, task.loss, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  schedules, tx = steps.schedules, steps.tx
   params, batch_stats, other = sharding.replicate((params, batch_stats, other), mesh)
   opt_state = sharding.replicate(tx.init(params), mesh)
 
@@ -363,9 +435,7 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
   write_config(config, workdir)
 
   skip_nonfinite = bool(config.get("skip_nonfinite_steps", False))
-  train_step = make_train_step(graphdef, task.loss, tx, jax.random.key(config.seed),
-                               skip_nonfinite=skip_nonfinite)
-  eval_step = make_eval_step(eval_graphdef, task.loss)
+  train_step, eval_step = steps.train, steps.eval
   writer = metrics_writer.MetricWriter(workdir, tensorboard=config.tensorboard)
   try:
     progress = metrics_writer.Progress(total_steps, step, config.batch_size)
@@ -375,6 +445,7 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
                  jax.__version__)
 
     def save_latest():
+      writer.flush()  # on gs:// the log is rewritten in batches: make it cover this checkpoint
       checkpointer.save(step, model=checkpointing.named_arrays(params, batch_stats),
                         optimizer={"opt_state": opt_state, "step": step},
                         meta=dict(meta, early_stopping=early, epoch=step / steps_per_epoch),
@@ -423,6 +494,9 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
           if end_of_epoch or step == total_steps:
             record.update(validate(eval_step, (params, batch_stats, other), task, config, mesh))
             record["epoch"] = round(step / steps_per_epoch, 6)
+            if task.online_probe is not None:  # frozen-feature probes of a pretraining backbone
+              record.update(task.online_probe(model, (params, batch_stats, other), mesh,
+                                              epoch=record["epoch"]))
             if record["val/loss"] < early["best_val_loss"]:
               early.update(best_val_loss=record["val/loss"], best_epoch=record["epoch"],
                            epochs_without_improvement=0)

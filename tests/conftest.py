@@ -1,6 +1,14 @@
 """Shared test fixtures: small hand-made jet files that follow (or deliberately break) the schema."""
 
-import h5py
+import os
+
+# The test requirements install libtpu (for the compile-only TPU test), and with it every JAX process
+# would try to start a TPU backend, take libtpu's lock file and print warnings before falling back to
+# the CPU. Tests and the subprocesses they start run on the CPU; scripts/compile_tpu.py still loads
+# libtpu as a compile-only backend under this setting.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import h5py  # pylint: disable=wrong-import-position
 import numpy as np
 import pytest
 

@@ -8,7 +8,9 @@ import pytest
 
 from conftest import randomise_torch_module, tiny_config, write_jet_file
 from l2vit_jax import checkpointing, evaluate, train
+from l2vit_jax.baselines import bdt
 from l2vit_jax.data import hdf5, split
+from l2vit_jax.evaluation import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -29,10 +31,18 @@ def test_parse_checkpoints():
     evaluate.parse_checkpoints("a=x,a=y")
 
 
-def test_evaluating_a_trained_checkpoint_writes_every_output(tmp_path):
-  labelled = write_jet_file(tmp_path / "labelled.h5", num=80)
-  run = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory):
+  """A labelled file and a one-epoch finetuning workdir on it, shared by the tests that evaluate it."""
+  directory = tmp_path_factory.mktemp("finetuned")
+  labelled = write_jet_file(directory / "labelled.h5", num=80)
+  run = str(directory / "run")
   train.train_and_evaluate(tiny_config("finetune", labelled, num_epochs=1), run)
+  return labelled, run
+
+
+def test_evaluating_a_trained_checkpoint_writes_every_output(finetuned_run, tmp_path):
+  labelled, run = finetuned_run
   out = str(tmp_path / "report")
   results = evaluate.evaluate_checkpoints(_evaluate_config(labelled, f"tiny={run}"), out)
 
@@ -53,6 +63,31 @@ def test_evaluating_a_trained_checkpoint_writes_every_output(tmp_path):
       assert f.read(8) == PNG_SIGNATURE
   report = open(os.path.join(out, "report.md")).read()
   assert "tiny" in report and "seed L2ViT, SimCLR-pretrained" in report and "roc.png" in report
+
+
+def test_report_has_the_physics_baseline_beside_the_networks(finetuned_run, tmp_path, monkeypatch):
+  labelled, run = finetuned_run
+  roc_curves = {}
+  plot_roc = plots.plot_roc
+  monkeypatch.setattr(plots, "plot_roc", lambda curves, *args, **kwargs: (
+      roc_curves.update(curves), plot_roc(curves, *args, **kwargs)))
+  config = _evaluate_config(labelled, f"tiny={run}")
+  config.physics_baseline = True
+  out = str(tmp_path / "report")
+  results = evaluate.evaluate_checkpoints(config, out)
+
+  assert list(results) == list(roc_curves) == ["tiny", bdt.BASELINE_NAME]
+  test_indices = split.stratified_split(hdf5.read_labels(labelled)["label"])["test"]
+  baseline_dir = os.path.join(out, bdt.BASELINE_NAME)
+  assert json.load(open(os.path.join(baseline_dir, "metrics.json"))) == json.loads(
+      json.dumps(results[bdt.BASELINE_NAME]))
+  predictions = np.load(os.path.join(baseline_dir, "predictions.npz"))
+  np.testing.assert_array_equal(predictions["index"], test_indices)
+  assert ((predictions["prob"] >= 0) & (predictions["prob"] <= 1)).all()
+  assert np.isfinite(predictions["mass_pred"]).all()
+  report = open(os.path.join(out, "report.md")).read()
+  assert f"| **{bdt.BASELINE_NAME}** |" in report and "## Physics baseline" in report
+  assert "N-subjettiness" in report and "HistGradientBoostingClassifier" in report
 
 
 def test_imported_pytorch_checkpoint_predicts_like_the_original(tmp_path):

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from l2vit_jax import paths
 from l2vit_jax.data import hdf5, sparse
 
 
@@ -31,6 +32,10 @@ def open_source(path: str, *, labelled: bool, indices: Sequence[int] | None = No
 def validate_file(path: str, *, labelled: bool, image_size: int | None = None, min_examples: int = 1,
                   value_sample: int = hdf5.DEFAULT_VALUE_SAMPLE) -> hdf5.FileInfo:
   """Format-aware ``hdf5.validate_file``: the same checks and one-line DataErrors for either format."""
+  if paths.is_remote(path):  # Grain workers read random records: a local file, not an object store
+    raise hdf5.DataError(f"{path}: jet files must be on local disk (gs:// works for workdirs, init_from "
+                         "and reports only); copy it first, e.g. gcloud storage cp URL /local/dir/, and "
+                         "pass the local path")
   validate = sparse.validate_file if is_sparse(path) else hdf5.validate_file
   return validate(path, labelled=labelled, image_size=image_size, min_examples=min_examples,
                   value_sample=value_sample)

@@ -34,3 +34,57 @@ def mass_statistics(masses: np.ndarray, train_indices: np.ndarray) -> tuple[floa
   """Mean and standard deviation of the mass on the training split, used to standardise the target."""
   train_masses = np.asarray(masses, dtype=np.float64).reshape(-1)[train_indices]
   return float(train_masses.mean()), float(train_masses.std())
+
+
+def resolve_label_counts(label_counts, num_train: int) -> list[int]:
+  """Label counts as numbers of jets: values ≤ 1 are fractions of the train split, larger ones counts.
+
+  Returns the distinct counts in increasing order (0.01 of 7000 → 70; 1.0 → 7000; 250 → 250).
+  """
+  counts = set()
+  for value in label_counts:
+    value = float(value)
+    if value <= 0:
+      raise ValueError(f"label counts must be positive, got {value}")
+    counts.add(int(round(value * num_train)) if value <= 1.0 else int(value))
+  return sorted(counts)
+
+
+def stratified_order(labels: np.ndarray, train_indices: np.ndarray, *, seed: int) -> np.ndarray:
+  """A seeded ordering of ``train_indices`` whose every prefix keeps the class balance (±1 per class).
+
+  Each class is shuffled with ``seed``; its i-th member gets the key (i + ½) / class size (plus a random
+  tie-break), and the whole split is sorted by key, so the classes interleave in proportion.
+  """
+  train_indices = np.asarray(train_indices, dtype=np.int64)
+  train_labels = np.asarray(labels).reshape(-1)[train_indices]
+  rng = np.random.default_rng(seed)
+  members, keys = [], []
+  for cls in np.unique(train_labels):
+    shuffled = rng.permutation(train_indices[train_labels == cls])
+    members.append(shuffled)
+    keys.append((np.arange(len(shuffled)) + 0.5) / len(shuffled))
+  members, keys = np.concatenate(members), np.concatenate(keys)
+  tie_break = rng.random(len(keys))
+  return members[np.lexsort((tie_break, keys))]
+
+
+def nested_subsets(labels: np.ndarray, train_indices: np.ndarray, counts, *, seed: int
+                   ) -> dict[int, np.ndarray]:
+  """Stratified, nested labelled subsets of the train split: count → sorted indices.
+
+  Every subset is a prefix of one ``stratified_order``, so each smaller subset lies inside every larger
+  one and keeps the class balance; the result depends only on (labels, train_indices, counts, seed).
+  ``counts`` are numbers of jets (see ``resolve_label_counts`` for fractions).
+
+  Raises:
+    ValueError: a count is not in [1, len(train_indices)].
+  """
+  order = stratified_order(labels, train_indices, seed=seed)
+  subsets = {}
+  for count in counts:
+    count = int(count)
+    if not 1 <= count <= len(order):
+      raise ValueError(f"label count {count}: expected 1..{len(order)} (the train split's size)")
+    subsets[count] = np.sort(order[:count])
+  return subsets

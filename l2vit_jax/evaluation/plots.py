@@ -21,6 +21,7 @@ import matplotlib.figure
 import matplotlib.style
 import numpy as np
 
+from l2vit_jax import paths
 from l2vit_jax.evaluation import metrics
 
 try:  # Optional: only the look of the plots depends on it.
@@ -59,10 +60,9 @@ def _new_figure(ncols: int = 1, width: float = 6.0, height: float = 5.0):
 
 
 def _save(figure: matplotlib.figure.Figure, path: str | os.PathLike) -> str:
-  """Writes the figure as PNG (parent folders created) and releases its memory."""
+  """Writes the figure as PNG (parent folders created; local or gs://) and releases its memory."""
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  figure.savefig(path, dpi=DPI, format="png")
+  paths.write_with(path, figure.savefig, dpi=DPI, format="png")
   figure.clear()  # Drop artists now rather than whenever the garbage collector gets to them.
   return path
 
@@ -197,6 +197,9 @@ _PANELS = (
     ("loss", lambda key: key.endswith("loss")),
     ("accuracy", lambda key: key.endswith("/accuracy")),
     ("mass MAE (GeV)", lambda key: key.endswith("mass_mae")),
+    # Frozen-feature probes logged during pretraining (probes.OnlineProbe); their mass MAE joins the
+    # panel above.
+    ("probe accuracy / ROC-AUC", lambda key: key.startswith("probe/") and key.endswith(("accuracy", "auc"))),
 )
 
 
@@ -206,19 +209,18 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
   A run killed mid-write can leave a truncated last line, which should not stop the plots.
   """
   records, skipped = [], 0
-  with open(path, encoding="utf-8") as file:
-    for line in file:
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        skipped += 1
-        continue
-      if isinstance(record, dict):
-        records.append(record)
-      else:
-        skipped += 1
+  for line in paths.read_text(path).splitlines():
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      skipped += 1
+      continue
+    if isinstance(record, dict):
+      records.append(record)
+    else:
+      skipped += 1
   if skipped:
     logging.warning("%s: skipped %d line(s) that are not JSON objects", path, skipped)
   return records
@@ -240,6 +242,8 @@ def _line_style(key: str) -> dict:
     return dict(ls="--", marker="o", ms=3)
   if key.startswith("train/"):
     return dict(ls="-", alpha=0.8)
+  if key.startswith("probe/"):  # several probe series share a run's colour: style tells them apart
+    return dict(ls="-." if "/linear" in key else ":", marker="s" if key.endswith("auc") else "o", ms=3)
   return dict(ls=":")
 
 
@@ -248,7 +252,8 @@ def plot_training_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike], p
   """Loss, accuracy and mass-MAE curves vs epoch for one or more runs' JSON-lines metrics files.
 
   Every key ending in ``loss`` goes in the loss panel (train solid, val dashed); accuracy and mass-MAE
-  panels appear only when some run logged them. Missing keys in any line are tolerated. The x axis is
+  panels appear only when some run logged them, and so does a panel for the frozen-feature probes of
+  a pretraining run (``probe/*``). Missing keys in any line are tolerated. The x axis is
   ``epoch``, or ``step`` if no line of any run has an epoch.
   """
   runs = {name: read_metrics_jsonl(jsonl) for name, jsonl in metrics_jsonl_paths.items()}

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from l2vit_jax import paths
 from l2vit_jax.evaluation import metrics as metrics_lib
 from l2vit_jax.evaluation import plots
 
@@ -58,9 +59,8 @@ def _check_name(name: str) -> None:
 
 
 def _write_json(path: str, data: Mapping) -> None:
-  with open(path, "w", encoding="utf-8") as file:
-    json.dump(data, file, indent=2, allow_nan=False)  # strict JSON: inf/NaN were mapped to None
-    file.write("\n")
+  # Strict JSON: inf/NaN were mapped to None.
+  paths.write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _write_predictions(path: str, *, index, labels, probs, mass_true, mass_pred) -> None:
@@ -69,9 +69,9 @@ def _write_predictions(path: str, *, index, labels, probs, mass_true, mass_pred)
     raise ValueError(f"index: expected integer example indices, got dtype {index.dtype}")
   if index.size != np.asarray(labels).reshape(-1).size:
     raise ValueError(f"index has {index.size} entries but labels have {np.asarray(labels).size}")
-  np.savez(path, index=index.astype(np.int64), label=np.asarray(labels).reshape(-1).astype(np.int64),
-           prob=np.asarray(probs).reshape(-1), mass_true=np.asarray(mass_true).reshape(-1),
-           mass_pred=np.asarray(mass_pred).reshape(-1))
+  paths.write_with(path, np.savez, index=index.astype(np.int64),
+                   label=np.asarray(labels).reshape(-1).astype(np.int64), prob=np.asarray(probs).reshape(-1),
+                   mass_true=np.asarray(mass_true).reshape(-1), mass_pred=np.asarray(mass_pred).reshape(-1))
 
 
 def write_model_outputs(out_dir: str | os.PathLike, name: str, *, index, labels, probs, mass_true, mass_pred,
@@ -92,19 +92,19 @@ def write_model_outputs(out_dir: str | os.PathLike, name: str, *, index, labels,
     The metrics dict written to metrics.json.
   """
   _check_name(name)
-  model_dir = os.path.join(os.fspath(out_dir), name)
-  os.makedirs(model_dir, exist_ok=True)
+  model_dir = paths.join(os.fspath(out_dir), name)
+  paths.makedirs(model_dir)
   # Metrics first: they validate every input before anything is written.
   results = metrics_lib.classification_and_mass_metrics(labels, probs, mass_true, mass_pred,
                                                         bootstrap_samples=bootstrap_samples)
-  _write_predictions(os.path.join(model_dir, "predictions.npz"), index=index, labels=labels, probs=probs,
+  _write_predictions(paths.join(model_dir, "predictions.npz"), index=index, labels=labels, probs=probs,
                      mass_true=mass_true, mass_pred=mass_pred)
-  _write_json(os.path.join(model_dir, "metrics.json"), results)
-  plots.plot_confusion_matrix(labels, probs, os.path.join(model_dir, "confusion_matrix.png"), title=name)
-  plots.plot_mass_2d(mass_true, mass_pred, os.path.join(model_dir, "mass_2d.png"), title=name)
-  plots.plot_mass_residual(mass_true, mass_pred, os.path.join(model_dir, "mass_residual.png"), title=name)
+  _write_json(paths.join(model_dir, "metrics.json"), results)
+  plots.plot_confusion_matrix(labels, probs, paths.join(model_dir, "confusion_matrix.png"), title=name)
+  plots.plot_mass_2d(mass_true, mass_pred, paths.join(model_dir, "mass_2d.png"), title=name)
+  plots.plot_mass_residual(mass_true, mass_pred, paths.join(model_dir, "mass_residual.png"), title=name)
   if metrics_jsonl is not None:
-    plots.plot_training_curves({name: metrics_jsonl}, os.path.join(model_dir, "training_curves.png"),
+    plots.plot_training_curves({name: metrics_jsonl}, paths.join(model_dir, "training_curves.png"),
                                title=f"{name}: training curves")
   return results
 
@@ -215,7 +215,7 @@ def _per_model_plot_links(out_dir: str, names: Sequence[str]) -> list[str]:
   """Links to the plots write_model_outputs left under ``out_dir/name/`` (only files that exist)."""
   lines = []
   for name in names:
-    found = [plot for plot in PER_MODEL_PLOTS if os.path.isfile(os.path.join(out_dir, name, plot))]
+    found = [plot for plot in PER_MODEL_PLOTS if paths.exists(paths.join(out_dir, name, plot))]
     if found:
       lines += [f"### {name}", ""]
       lines += [_image(os.path.join(name, plot), f"{name}: {plot[:-4].replace('_', ' ')}") for plot in found]
@@ -240,7 +240,7 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping], *,
     The path of report.md.
   """
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   lines = [f"# {title}", ""]
   if notes:
     lines += [notes.strip(), ""]
@@ -249,15 +249,14 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping], *,
   lines += ["## Metrics", "", METRIC_EXPLANATIONS]
   figures = []
   if predictions:
-    plots.plot_roc(dict(predictions), os.path.join(out_dir, "roc.png"), title="ROC and background rejection")
+    plots.plot_roc(dict(predictions), paths.join(out_dir, "roc.png"), title="ROC and background rejection")
     figures.append(_image("roc.png", "ROC curves and background rejection"))
   if training_logs:
-    plots.plot_training_curves(dict(training_logs), os.path.join(out_dir, "training_curves.png"))
+    plots.plot_training_curves(dict(training_logs), paths.join(out_dir, "training_curves.png"))
     figures.append(_image("training_curves.png", "training curves"))
   per_model = _per_model_plot_links(out_dir, list(results))
   if figures or per_model:
     lines += ["## Plots", ""] + [line for figure in figures for line in (figure, "")] + per_model
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w", encoding="utf-8") as file:
-    file.write("\n".join(lines).rstrip() + "\n")
+  path = paths.join(out_dir, "report.md")
+  paths.write_text(path, "\n".join(lines).rstrip() + "\n")
   return path

@@ -1,0 +1,1 @@
+"""Non-network baselines: jet-substructure observables computed from the images, and boosted trees on them."""

@@ -1,0 +1,124 @@
+"""Workdir paths: local folders and ``gs://`` buckets through one set of helpers.
+
+Every read and write of a workdir, an ``init_from`` checkpoint or an evaluation report goes through
+``etils.epath`` (the path library Orbax uses; for ``gs://`` it runs on ``gcsfs``), so a run on a TPU VM
+can use ``--workdir=gs://BUCKET/run``. Cloud Storage differs from a disk in three ways the helpers hide:
+
+* there are no folders: ``makedirs`` does nothing there (an object's name creates its "folders");
+* an object appears whole when its upload completes, so ``write_bytes`` needs no temporary name there
+  (locally it writes one and renames it, so a reader never sees half a file);
+* there is no ``O_EXCL``: ``create_exclusive`` asks for the upload with the precondition
+  ``ifGenerationMatch=0``, which the service refuses when the object already exists.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for URLs such as ``gs://bucket/run`` (object stores), False for local paths."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``; local paths are made absolute (Orbax requires it)."""
+  path = os.fspath(path)
+  return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
+def join(path: PathLike, *parts: str) -> str:
+  """``os.path.join`` that keeps ``gs://`` intact, returned as a string (config values are strings)."""
+  if is_remote(path):
+    return os.fspath(epath.Path(os.fspath(path)).joinpath(*parts))
+  return os.path.join(path, *parts)
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates a local folder and its parents; nothing to do on an object store."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def exists(path: PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def is_dir(path: PathLike) -> bool:
+  return as_path(path).is_dir()
+
+
+def read_text(path: PathLike) -> str:
+  """The file's text; raises FileNotFoundError when it is missing (local or remote)."""
+  return as_path(path).read_text(encoding="utf-8")
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Replaces ``path`` with ``data`` so that readers see the old content or the new, never a part."""
+  path = as_path(path)
+  if is_remote(path):
+    path.write_bytes(data)
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  temporary.write_bytes(data)
+  os.replace(temporary, path)
+
+
+def write_text(path: PathLike, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
+
+
+def append_text(path: PathLike, text: str) -> None:
+  """Appends to a local file (object stores cannot append: callers rewrite with ``write_text``)."""
+  if is_remote(path):
+    raise ValueError(f"{path}: objects cannot be appended to; rewrite them whole with write_text")
+  with open(path, "a", encoding="utf-8") as file:
+    file.write(text)
+
+
+def write_with(path: PathLike, writer, **kwargs) -> None:
+  """Runs ``writer(file_object, **kwargs)`` into memory and writes the bytes with ``write_bytes``.
+
+  For libraries that write to a file object (``numpy.savez``, matplotlib's ``savefig``).
+  """
+  buffer = io.BytesIO()
+  writer(buffer, **kwargs)
+  write_bytes(path, buffer.getvalue())
+
+
+def create_exclusive(path: PathLike, data: bytes) -> bool:
+  """Creates ``path`` holding ``data`` only if it does not exist; False if it already did.
+
+  Atomic in both places: locally ``O_CREAT | O_EXCL``; on GCS an upload with the precondition
+  ``ifGenerationMatch=0`` (of two concurrent creators exactly one succeeds).
+  """
+  if is_remote(path):
+    import fsspec  # pylint: disable=import-outside-toplevel
+    filesystem, object_path = fsspec.core.url_to_fs(os.fspath(path))
+    try:
+      filesystem.pipe_file(object_path, data, mode="create")
+    except FileExistsError:
+      return False
+    return True
+  try:
+    fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "wb") as file:
+    file.write(data)
+  return True
+
+
+def remove(path: PathLike) -> None:
+  """Deletes a file or object; a missing one is not an error."""
+  try:
+    as_path(path).unlink()
+  except FileNotFoundError:
+    pass
+

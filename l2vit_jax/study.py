@@ -1,0 +1,387 @@
+"""The label-efficiency study: does self-supervised pretraining beat training from scratch, and where?
+
+  python -m l2vit_jax.main --config=configs/study.py --workdir=runs/study [--config.study.quick=True]
+
+For every seed, SimCLR and MAE pretraining run once (``WORKDIR/seed{s}/pretrain_{simclr,mae}``) and are
+shared by every label count. Then, for each label count n (a nested stratified subset of the train
+split, ``data.split.nested_subsets``; validation and test stay fixed) and each arm, one cell trains or
+fits in ``WORKDIR/seed{s}/n{n}/{arm}/`` and writes ``result.json`` (test metrics) last, atomically. A
+rerun skips cells with a ``result.json``; a cell cut short resumes through the normal workdir resume.
+At the end: ``study.json`` (every cell, and mean/std over seeds per arm and count), ``study.png`` and
+``report.md``.
+
+The labelled subset depends on the study seed, so the spread over seeds includes which jets happen to
+be labelled, as it would for a user who labels n jets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from l2vit_jax import checkpointing, evaluate, quickstart, sharding, train
+from l2vit_jax.data import hdf5, sources, split
+from l2vit_jax.evaluation import metrics as metrics_lib
+from l2vit_jax.evaluation import study_report
+
+ARMS = ("scratch", "finetune_simclr", "finetune_mae", "probe_simclr", "probe_mae", "physics_bdt")
+# The pretraining each arm needs (None: none).
+PRETRAINING = {"scratch": None, "finetune_simclr": "simclr", "finetune_mae": "mae",
+               "probe_simclr": "simclr", "probe_mae": "mae", "physics_bdt": None}
+# Arms built on modules with their own dependencies (scikit-learn for the trees).
+OPTIONAL_ARMS = ("probe_simclr", "probe_mae", "physics_bdt")
+RESULT_FILE = "result.json"
+COMMAND = "python -m l2vit_jax.main --config=configs/study.py --workdir={workdir}{extra}"
+
+
+class ConfigError(ValueError):
+  """A study config that cannot work (main.py reports errors of this name as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One unit of work: a pretraining run (count None) or one arm at one label count, for one seed."""
+  arm: str  # an entry of ARMS, or 'pretrain_simclr' / 'pretrain_mae'
+  seed: int
+  count: int | None
+  directory: str
+
+  def describe(self) -> str:
+    return f"{self.arm}, seed {self.seed}" + ("" if self.count is None else f", n={self.count}")
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+def _merge(config, overrides) -> None:
+  """Recursively sets ``overrides`` (a ConfigDict shaped like ``config``) into ``config``."""
+  for key, value in overrides.items():
+    if hasattr(value, "items") and key in config and hasattr(config[key], "items"):
+      _merge(config[key], value)
+    else:
+      config[key] = value
+
+
+def resolve_config(config):
+  """The study config with ``config.quick_settings`` applied when ``config.study.quick`` is set."""
+  config = config.copy_and_resolve_references()
+  if config.study.quick:
+    with config.unlocked():
+      _merge(config, config.quick_settings)
+  return config
+
+
+def selected_arms(config) -> tuple[str, ...]:
+  """``config.study.arms`` ('scratch,physics_bdt') as a tuple, every name checked against ARMS."""
+  arms = tuple(a.strip() for a in str(config.study.arms).split(",") if a.strip())
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown or not arms:
+    raise ConfigError(f"config.study.arms={config.study.arms!r}: expected a comma-separated subset of "
+                     f"{', '.join(ARMS)}")
+  return arms
+
+
+def _training_config(config, paths: dict[str, str], task: str, recipe, **fields):
+  """A training config for one stage: the study config with ``recipe`` (top-level fields) applied."""
+  stage = config.copy_and_resolve_references()
+  with stage.unlocked():
+    stage.task = task
+    stage.data.labelled_path = paths["labelled"]
+    stage.data.unlabelled_path = paths["unlabelled"]
+    for key, value in {**recipe.to_dict(), **fields}.items():
+      *parents, leaf = key.split(".")  # 'data.train_repeats' names a nested field
+      target = stage
+      for parent in parents:
+        target = target[parent]
+      target[leaf] = value
+  return stage
+
+
+def cell_schedule(recipe, count: int, devices: int, min_steps: int) -> dict:
+  """Batch size and passes per epoch of a finetuning cell on ``count`` labelled jets.
+
+  The batch is min(recipe batch, count), rounded down to a multiple of the device count. Small subsets
+  make short epochs; rather than more epochs (each validates and checkpoints), an epoch repeats the
+  subset so that the run takes at least ``min_steps`` optimiser steps over the recipe's epochs, with
+  its warmup and early-stopping patience unchanged.
+  """
+  batch = max(min(recipe.batch_size, count) // devices * devices, devices)
+  steps_per_pass = max(count // batch, 1)
+  repeats = max(1, int(math.ceil(min_steps / (recipe.num_epochs * steps_per_pass))))
+  return {"batch_size": batch, "data.train_repeats": repeats}
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def study_data(config, workdir: str) -> dict[str, str]:
+  """The labelled and unlabelled files: generated under WORKDIR/data when quick, else config.data's."""
+  if not config.study.quick:
+    return {"labelled": config.data.labelled_path, "unlabelled": config.data.unlabelled_path}
+  generator = config.copy_and_resolve_references()
+  with generator.unlocked():
+    generator.quickstart = config.study.synthetic
+  return quickstart.generate_data(generator, workdir)
+
+
+def _classes_drawn(labels: np.ndarray, train: np.ndarray, count: int, seed: int) -> int:
+  """How many classes the first ``count`` jets of seed ``seed``'s labelled subset contain."""
+  if count < 1:
+    return 0
+  return len(np.unique(labels[split.nested_subsets(labels, train, [count], seed=seed)[count]]))
+
+
+def check_inputs(config, paths: dict[str, str], arms: tuple[str, ...]) -> dict:
+  """Validates the files and the label counts before anything trains.
+
+  Returns:
+    labels (the file's labels), the fixed split and the resolved label counts.
+
+  Raises:
+    hdf5.DataError: one line naming the file and the label count it cannot serve.
+  """
+  path = paths["labelled"]
+  sources.validate_file(path, labelled=True, image_size=config.model.img_size)
+  if any(PRETRAINING[arm] for arm in arms):
+    sources.validate_file(paths["unlabelled"], labelled=False, image_size=config.model.img_size,
+                          min_examples=max(config.pretrain_simclr.batch_size, config.pretrain_mae.batch_size))
+  labels = sources.read_labels(path)
+  parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
+  try:
+    counts = split.resolve_label_counts(config.study.label_counts, len(parts["train"]))
+  except ValueError as error:
+    raise ConfigError(f"config.study.label_counts={tuple(config.study.label_counts)}: {error}") from None
+  devices, num_classes = jax.device_count(), len(np.unique(labels["label"]))
+  smallest, largest = counts[0], counts[-1]
+  if largest > len(parts["train"]):
+    raise hdf5.DataError(f"{path}: label count {largest} is larger than the train split of this file "
+                         f"({len(parts['train'])} jets); use a larger file or smaller label counts")
+  for seed in _seeds(config):
+    present = _classes_drawn(labels["label"], parts["train"], smallest, seed)
+    if present < num_classes or smallest < devices:
+      raise hdf5.DataError(
+          f"{path}: label count {smallest} (of a {len(parts['train'])}-jet train split) is too small: it "
+          f"needs at least one jet of each of the {num_classes} classes and one batch of {devices} "
+          f"(seed {seed} draws {present} class(es)); use a larger file or larger label counts")
+  return {"labels": labels, "parts": parts, "counts": counts}
+
+
+def _seeds(config) -> list[int]:
+  return [int(config.study.first_seed) + i for i in range(int(config.study.num_seeds))]
+
+
+# --- cells ------------------------------------------------------------------------------------------
+
+def pretrain_dir(workdir: str, seed: int, method: str) -> str:
+  return os.path.join(workdir, f"seed{seed}", f"pretrain_{method}")
+
+
+def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -> list[Cell]:
+  """Every cell in running order: per seed, its pretraining first, then each count and arm."""
+  cells = []
+  for seed in _seeds(config):
+    for method in ("simclr", "mae"):
+      if any(PRETRAINING[arm] == method for arm in arms):
+        cells.append(Cell(f"pretrain_{method}", seed, None, pretrain_dir(workdir, seed, method)))
+    for count in counts:
+      cells.extend(Cell(arm, seed, count, os.path.join(workdir, f"seed{seed}", f"n{count}", arm))
+                   for arm in arms)
+  return cells
+
+
+def read_result(cell: Cell) -> dict | None:
+  path = os.path.join(cell.directory, RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json_atomically(path: str, data: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=2, allow_nan=False)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+class _Runner:
+  """Runs cells: the training configs, the fixed split and the arms' implementations."""
+
+  def __init__(self, config, workdir: str, paths: dict[str, str], inputs: dict, mesh):
+    self.config, self.workdir, self.paths, self.mesh = config, workdir, paths, mesh
+    self.labels, self.parts = inputs["labels"], inputs["parts"]
+    self.bootstrap = int(config.study.bootstrap_samples)
+
+  def pretrain_config(self, method: str, seed: int):
+    recipe = self.config.pretrain_simclr if method == "simclr" else self.config.pretrain_mae
+    return _training_config(self.config, self.paths, method, recipe, seed=seed, init_from="")
+
+  def finetune_config(self, cell: Cell):
+    pretraining = PRETRAINING[cell.arm]
+    recipe = self.config.finetune if pretraining else self.config.scratch
+    schedule = cell_schedule(recipe, cell.count, jax.device_count(), self.config.study.min_steps)
+    init_from = pretrain_dir(self.workdir, cell.seed, pretraining) if pretraining else ""
+    stage = _training_config(self.config, self.paths, "finetune", recipe, seed=cell.seed,
+                             init_from=init_from, **schedule)
+    with stage.unlocked():
+      stage.data.train_subset = cell.count
+      stage.data.train_subset_seed = cell.seed
+    return stage
+
+  def splits(self, cell: Cell) -> dict[str, np.ndarray]:
+    subset = split.nested_subsets(self.labels["label"], self.parts["train"], [cell.count],
+                                  seed=cell.seed)[cell.count]
+    return {"train": subset, "val": self.parts["val"], "test": self.parts["test"]}
+
+  def run(self, cell: Cell) -> dict:
+    if cell.arm.startswith("pretrain_"):
+      method = cell.arm.removeprefix("pretrain_")
+      return {"train_summary": train.train_and_evaluate(self.pretrain_config(method, cell.seed),
+                                                        cell.directory)}
+    if cell.arm in ("scratch", "finetune_simclr", "finetune_mae"):
+      summary = train.train_and_evaluate(self.finetune_config(cell), cell.directory)
+      return {"train_summary": summary, **self.score(self.predict_finetuned(cell.directory))}
+    if cell.arm.startswith("probe_"):
+      from l2vit_jax import probes  # pylint: disable=import-outside-toplevel
+      pretrained = pretrain_dir(self.workdir, cell.seed, PRETRAINING[cell.arm])
+      return self.score(probes.probe_checkpoint(pretrained, self.paths["labelled"], self.splits(cell),
+                                                batch_size=self.config.eval_batch_size, mesh=self.mesh))
+    from l2vit_jax.baselines import bdt  # pylint: disable=import-outside-toplevel
+    return self.score(bdt.physics_baseline_predictions(
+        self.paths["labelled"], self.splits(cell), seed=cell.seed,
+        cache_dir=os.path.join(self.workdir, "cache")))
+
+  def predict_finetuned(self, directory: str) -> dict:
+    model, meta = checkpointing.restore_model_checkpoint(directory)
+    source = sources.open_source(self.paths["labelled"], labelled=True, indices=self.parts["test"],
+                                 labels=self.labels)
+    predictions = evaluate.predict(model, source, pixel_scale=meta.get("pixel_scale", 1.0),
+                                   batch_size=self.config.eval_batch_size, mesh=self.mesh)
+    return {"index": predictions["index"], "prob": predictions["prob"],
+            "mass_pred": predictions["mass_z"] * meta["mass_std"] + meta["mass_mean"]}
+
+  def score(self, predictions: dict) -> dict:
+    """Test-split metrics of ``{"index", "prob", "mass_pred"}`` (every arm reports the same ones)."""
+    index = np.asarray(predictions["index"])
+    if not np.array_equal(np.sort(index), self.parts["test"]):
+      raise ValueError("predictions do not cover exactly the fixed test split")
+    return {"metrics": metrics_lib.classification_and_mass_metrics(
+        self.labels["label"][index], predictions["prob"], self.labels["mass"][index],
+        predictions["mass_pred"], bootstrap_samples=self.bootstrap)}
+
+
+class _Progress:
+  """'cell k/N … ETA' from the measured times of the cells run so far, per arm."""
+
+  def __init__(self):
+    self.seconds: dict[str, list[float]] = {}
+
+  def estimate(self, arm: str) -> float | None:
+    times = self.seconds.get(arm) or [t for ts in self.seconds.values() for t in ts]
+    return float(np.mean(times)) if times else None
+
+  def eta(self, remaining: list[Cell]) -> str:
+    if not remaining:
+      return "0 s"
+    if not self.seconds:
+      return "unknown"
+    return _duration(sum(self.estimate(cell.arm) for cell in remaining))
+
+  def record(self, arm: str, seconds: float) -> None:
+    self.seconds.setdefault(arm, []).append(seconds)
+
+
+def _duration(seconds: float) -> str:
+  return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
+  """Runs every cell without a result (in order), logging progress; returns every available result."""
+  progress, results = _Progress(), {}
+  pending = [cell for cell in cells if read_result(cell) is None]
+  for k, cell in enumerate(cells, 1):
+    existing = read_result(cell)
+    if existing is not None:
+      logging.info("study cell %d/%d (%s): done already, skipped", k, len(cells), cell.describe())
+      results[cell] = existing
+      continue
+    logging.info("study cell %d/%d (%s) … ETA %s", k, len(cells), cell.describe(),
+                 progress.eta(pending))
+    start = time.time()
+    try:
+      result = runner.run(cell)
+    except ImportError as error:
+      if cell.arm not in OPTIONAL_ARMS:
+        raise
+      # A probe or baseline whose dependencies are not installed: report it, run the other arms.
+      logging.warning("study cell %s skipped: %s", cell.describe(), error)
+      pending.remove(cell)
+      continue
+    seconds = time.time() - start
+    result = {"arm": cell.arm, "seed": cell.seed, "count": cell.count, "seconds": seconds, **result}
+    if jax.process_index() == 0:
+      _write_json_atomically(os.path.join(cell.directory, RESULT_FILE), result)
+    progress.record(cell.arm, seconds)
+    pending.remove(cell)
+    results[cell] = result
+    logging.info("study cell %d/%d (%s) done in %s%s", k, len(cells), cell.describe(),
+                 _duration(seconds), _metrics_line(result))
+  return results
+
+
+def _metrics_line(result: dict) -> str:
+  m = result.get("metrics")
+  return "" if not m else (f": accuracy {m['accuracy']:.3f}, ROC-AUC {m['roc_auc']:.3f}, "
+                           f"mass MAE {m['mass_mae']:.1f} GeV")
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+def study_command(config, workdir: str) -> str:
+  """The command line that ran the study (with its overrides), or its plain form when called from code."""
+  if sys.argv and sys.argv[0].endswith(os.path.join("l2vit_jax", "main.py")):
+    return " ".join(["python -m l2vit_jax.main", *map(shlex.quote, sys.argv[1:])])
+  return COMMAND.format(workdir=workdir, extra=" --config.study.quick=True" if config.study.quick else "")
+
+
+def _enable_compilation_cache(directory: str) -> None:
+  """Cells of one shape compile the same steps: XLA's persistent cache makes all but the first cheap."""
+  if not jax.config.jax_compilation_cache_dir:  # a cache the user chose wins
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_study(config, workdir: str) -> dict:
+  """Runs (or resumes) the whole study in ``workdir`` and writes study.json, study.png and report.md."""
+  config = resolve_config(config)
+  _enable_compilation_cache(os.path.join(workdir, "cache", "xla"))
+  arms = selected_arms(config)
+  paths = study_data(config, workdir)
+  inputs = check_inputs(config, paths, arms)
+  cells = plan_cells(config, workdir, arms, inputs["counts"])
+  logging.info("Label-efficiency study: %d cells (%d seeds × counts %s × arms %s, plus pretraining) in %s",
+               len(cells), len(_seeds(config)), inputs["counts"], ", ".join(arms), workdir)
+  results = run_cells(cells, _Runner(config, workdir, paths, inputs, sharding.make_mesh()))
+  scored = [r for cell, r in results.items() if cell.count is not None]
+  study = study_report.summarise(scored, arms=arms, counts=inputs["counts"])
+  study.update(command=study_command(config, workdir), data=_data_description(config, paths, inputs))
+  if jax.process_index() == 0:
+    study_report.write_outputs(workdir, study)
+    print(f"\nStudy done: {os.path.join(workdir, 'report.md')}")
+  return study
+
+
+def _data_description(config, paths: dict[str, str], inputs: dict) -> dict:
+  parts = inputs["parts"]
+  return {"labelled": paths["labelled"], "unlabelled": paths["unlabelled"],
+          "synthetic": bool(config.study.quick), "image_size": int(config.model.img_size),
+          "train": len(parts["train"]), "val": len(parts["val"]), "test": len(parts["test"]),
+          "seeds": _seeds(config), "counts": inputs["counts"]}

@@ -1,0 +1,142 @@
+"""Compile-only checks: the real train step compiles for a v5e slice (and, where the CUDA plugin is
+installed, for H100s) on this CPU-only machine.
+
+Compiles run ``scripts/compile_tpu.py`` in a subprocess: libtpu and the CUDA plugin must see their
+environment before JAX starts its backends, and the test process's own JAX stays CPU-only.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from l2vit_jax import compile_only, sharding, tasks, tpu_specs, train
+from l2vit_jax.models import depthwise
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL_FLAGS = ["--config.model.embed_dim=32", "--config.model.depth=1", "--config.model.num_heads=2",
+                    "--config.model.mlp_ratio=2.0", "--config.model.img_size=25",
+                    "--config.model.dtype=bfloat16"]
+
+
+def _compile_report(out_dir, topology: str) -> dict:
+  out = out_dir / "report.json"
+  command = [sys.executable, os.path.join(REPO, "scripts", "compile_tpu.py"), f"--topology={topology}",
+             "--config=" + os.path.join(REPO, "configs", "finetune.py"), *TINY_MODEL_FLAGS,
+             "--config.batch_size=8", "--config.eval_batch_size=8", "--max_batch=false", f"--out={out}"]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def v5e_report(tmp_path_factory):
+  pytest.importorskip("libtpu", reason="needs jax[tpu] (requirements-test.txt) for libtpu")
+  return _compile_report(tmp_path_factory.mktemp("v5e"), "v5e:2x2")
+
+
+@pytest.fixture(scope="module")
+def h100_report(tmp_path_factory):
+  if not (importlib.util.find_spec("jax_plugins") and importlib.util.find_spec("jax_plugins.xla_cuda12")):
+    pytest.skip('needs the CUDA plugin (pip install "jax[cuda12]"; ~3 GB, not in CI), no GPU')
+  return _compile_report(tmp_path_factory.mktemp("h100"), "h100:4")
+
+
+@pytest.mark.parametrize("target", ["v5e_report", "h100_report"])
+def test_tiny_train_step_compiles_split_over_four_chips(target, request):
+  report = request.getfixturevalue(target)
+  assert (report["chips"], report["hosts"]) == (4, 1)
+  assert report["platform"] == {"v5e_report": "tpu", "h100_report": "gpu"}[target]
+  train_step = report["train_step"]
+  # The batch is split over the 4 chips, parameters are whole on each (replicated).
+  assert train_step["per_chip_batch_bytes"] * 4 == report["global_batch_bytes"] > 0
+  assert train_step["per_chip_parameter_bytes"] == report["parameter_bytes"] > 0
+  # Replicated parameters need their gradients summed over chips.
+  assert train_step["collectives"]["all-reduce"]["count"] >= 1
+  assert 0 < train_step["peak_memory_bytes"] <= report["chip_spec"]["hbm_bytes"] and report["fits_hbm"]
+  assert train_step["flops"] > 0 and report["eval_step"]["flops"] > 0
+  assert report["roofline"]["step_seconds_lower_bound"] > 0
+
+
+@pytest.mark.parametrize("target", ["v5e_report", "h100_report"])
+def test_depthwise_and_prng_follow_the_target_not_the_host(target, request):
+  report = request.getfixturevalue(target)
+  # This host alone would pick the CPU formulation; the target's step must have grouped convolutions.
+  assert depthwise.resolve_implementation("auto") != "lax"
+  assert report["depthwise_implementation"] == "lax"
+  assert report["train_step"]["grouped_convolutions"] > 0
+  assert report["prng_impl"] == {"v5e_report": "rbg", "h100_report": "threefry2x32"}[target]
+
+
+def test_build_steps_with_rbg_keys_keeps_one_compilation_and_draws_by_step():
+  """The dropout key implementation changes the masks, not the state crossing jit, and keys still
+  depend only on (seed, step), which is what makes resumes exact."""
+  config = tiny_config("finetune", prng_impl="rbg")
+  config.model.update(drop_rate=0.5, drop_path_rate=0.5)
+  model, loss = tasks.build_model_and_loss(config)
+  mesh = sharding.make_mesh()
+  steps, (params, batch_stats, other) = train.build_steps(config, model, loss, mesh, steps_per_epoch=10,
+                                                          total_steps=100)
+  assert (steps.platform, steps.prng_impl) == ("cpu", "rbg")
+  assert steps.depthwise_implementation == depthwise.resolve_implementation("auto", "cpu")
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch({"image": rng.exponential(1.0, (8, 25, 25, 8)).astype(np.float32),
+                                 "label": np.arange(8, dtype=np.int32) % 2,
+                                 "mass": rng.uniform(50, 300, 8).astype(np.float32)}, mesh)
+  opt_state = steps.tx.init(params)
+  copy = lambda tree: jax.tree.map(np.array, tree)
+  losses = []
+  with jax.set_mesh(mesh):
+    for step in (0, 1, 0):  # step 0 again, from the same state: the same masks
+      new = steps.train(copy(params), copy(batch_stats), other, copy(opt_state), np.int32(step), batch)
+      losses.append(float(new[3]["loss"]))
+  assert losses[0] == losses[2] != losses[1]
+  assert steps.train._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_cloud_accelerator_types_map_to_topologies():
+  expected = {"v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
+              "v5litepod-256": "v5e:16x16", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1",
+              "v5p-16": "v5p:2x2x2", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v4-128": "v4:4x4x4",
+              "v5e:4x8": "v5e:4x8"}
+  assert {name: tpu_specs.topology_for_accelerator_type(name) for name in expected} == expected
+  assert tpu_specs.num_chips("v5p:2x2x2") == 8
+  with pytest.raises(ValueError, match="power-of-two"):
+    tpu_specs.topology_for_accelerator_type("v4-1536")
+  with pytest.raises(ValueError, match="unknown TPU generation"):
+    tpu_specs.chip_spec("v9:2x2")
+
+
+def test_largest_fitting_batch_search_is_bounded_and_exact_for_linear_memory():
+  hbm, compiles = 1000, []
+
+  def peak_memory_at(batch):  # 100 bytes fixed, 3 per example; out of memory past HBM
+    compiles.append(batch)
+    peak = 100 + 3 * batch
+    return peak if peak <= hbm else None
+
+  found = compile_only.largest_fitting_batch(peak_memory_at, known=(8, 124), hbm_bytes=hbm, multiple=4,
+                                             max_compiles=6)
+  assert (found["largest_fitting"], found["smallest_failing"], found["exact"]) == (300, 304, True)
+  assert len(compiles) <= 6 and all(b % 4 == 0 for b in compiles)
+  bounded = compile_only.largest_fitting_batch(peak_memory_at, known=(8, 124), hbm_bytes=hbm, multiple=4,
+                                               max_compiles=1)
+  assert bounded["largest_fitting"] == 16 and not bounded["exact"]
+
+
+def test_collectives_are_read_from_optimized_hlo():
+  hlo = "\n".join([
+      "  %all-reduce.1 = f32[32]{0:T(128)} all-reduce(%x), channel_id=1",
+      "  %all-reduce.2 = (bf16[3,2,16]{2,1,0}, f32[]{:T(128)}) all-reduce(%a, %b), channel_id=2",
+      "  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}",
+      "  %agd = f32[32]{0} all-gather-done(%ags)",
+      "  %fusion = f32[32]{0} fusion(%all-reduce.1), kind=kLoop",
+  ])
+  assert compile_only.collectives(hlo) == {"all-reduce": {"count": 2, "bytes": 128 + 192 + 4},
+                                           "all-gather": {"count": 1, "bytes": 128}}
