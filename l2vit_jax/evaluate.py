@@ -63,10 +63,6 @@ def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -
   sources.validate_file(path, labelled=True, image_size=meta["model_config"]["img_size"])
   labels = sources.read_labels(path)
   indices = evaluated_indices(config, labels)
-  if meta.get("mass_mean") is None:
-    raise checkpointing.CheckpointMismatchError(
-        f"{directory}: checkpoint has no mass standardisation (a SimCLR backbone?); evaluate a "
-        "finetuned checkpoint")
   source = sources.open_source(path, labelled=True, indices=indices, labels=labels)
   predictions = predict(model, source, pixel_scale=meta.get("pixel_scale", 1.0),
                         batch_size=config.eval_batch_size, mesh=mesh)
@@ -152,7 +148,6 @@ def _is_pretraining_checkpoint(directory: str) -> bool:
 def evaluate_checkpoints(config, workdir: str) -> dict:
   """Evaluates every checkpoint of ``config.checkpoints`` and writes ``workdir/report.md``."""
   mesh = sharding.make_mesh()
-  paths.makedirs(workdir)
   results, curves, logs = {}, {}, {}
   probe = config.get("probe", False)
   baseline = config.get("physics_baseline", False)
@@ -160,8 +155,15 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
   if baseline and bdt.BASELINE_NAME in checkpoints:
     raise ValueError(f"config.checkpoints: {bdt.BASELINE_NAME!r} is the physics baseline's row; name the "
                      "checkpoint differently or set --config.physics_baseline=False")
+  pretraining = {name: _is_pretraining_checkpoint(directory) for name, directory in checkpoints.items()}
+  for name, directory in checkpoints.items():  # refused before any evaluation runs
+    if pretraining[name] and not probe:
+      raise checkpointing.CheckpointMismatchError(
+          f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; probe its "
+          "frozen features with --config.probe=True, or evaluate a finetuned workdir")
+  paths.makedirs(workdir)
   for name, directory in checkpoints.items():
-    if not (probe and _is_pretraining_checkpoint(directory)):
+    if not pretraining[name]:
       results[name], extra = evaluate_checkpoint(name, directory, config, workdir, mesh)
       curves[name] = (extra["labels"], extra["probs"])
       if extra["jsonl"]:

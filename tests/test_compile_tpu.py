@@ -140,3 +140,19 @@ def test_collectives_are_read_from_optimized_hlo():
   ])
   assert compile_only.collectives(hlo) == {"all-reduce": {"count": 2, "bytes": 128 + 192 + 4},
                                            "all-gather": {"count": 1, "bytes": 128}}
+
+
+def test_compile_table_row_reads_the_report(v5e_report, tmp_path):
+  """scripts/compile_table.py turns a report into the README table's row, cell for cell."""
+  path = tmp_path / "report.json"
+  path.write_text(json.dumps(v5e_report))
+  done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compile_table.py"), "--header",
+                         str(path)], capture_output=True, text=True, check=True)
+  header, rule, row = done.stdout.splitlines()
+  assert len(header.split("|")) == len(rule.split("|")) == len(row.split("|"))
+  cells = [cell.strip() for cell in row.strip("|").split("|")]
+  assert cells[:4] == ["finetune", "v5e:2x2", "8", "bfloat16"]
+  step = v5e_report["train_step"]
+  assert float(cells[4]) == pytest.approx(step["peak_memory_bytes"] / 2**30, abs=0.005)
+  assert f"all-reduce {step['collectives']['all-reduce']['count']}×" in cells[8]
+  assert cells[12] == "not searched"

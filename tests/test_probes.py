@@ -196,7 +196,7 @@ def test_evaluate_with_probe_reports_probe_rows_of_a_pretraining_checkpoint(simc
     assert os.path.exists(os.path.join(out, row, "predictions.npz"))
   assert os.path.exists(os.path.join(out, "simclr_linear_probe", "training_curves.png"))
   config.probe = False  # without probes, a pretraining checkpoint is still refused
-  with pytest.raises(checkpointing.CheckpointMismatchError):
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="pretraining .* --config.probe=True"):
     evaluate.evaluate_checkpoints(config, str(tmp_path / "refused"))
 
 
