@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from l2vit_jax import checkpointing, evaluate, quickstart, sharding, train
+from l2vit_jax import paths as paths_lib  # `paths` names the data files here
 from l2vit_jax.data import hdf5, sources, split
 from l2vit_jax.evaluation import metrics as metrics_lib
 from l2vit_jax.evaluation import study_report
@@ -180,7 +181,7 @@ def _seeds(config) -> list[int]:
 # --- cells ------------------------------------------------------------------------------------------
 
 def pretrain_dir(workdir: str, seed: int, method: str) -> str:
-  return os.path.join(workdir, f"seed{seed}", f"pretrain_{method}")
+  return paths_lib.join(workdir, f"seed{seed}", f"pretrain_{method}")
 
 
 def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -> list[Cell]:
@@ -191,25 +192,18 @@ def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -
       if any(PRETRAINING[arm] == method for arm in arms):
         cells.append(Cell(f"pretrain_{method}", seed, None, pretrain_dir(workdir, seed, method)))
     for count in counts:
-      cells.extend(Cell(arm, seed, count, os.path.join(workdir, f"seed{seed}", f"n{count}", arm))
+      cells.extend(Cell(arm, seed, count, paths_lib.join(workdir, f"seed{seed}", f"n{count}", arm))
                    for arm in arms)
   return cells
 
 
 def read_result(cell: Cell) -> dict | None:
-  path = os.path.join(cell.directory, RESULT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = paths_lib.join(cell.directory, RESULT_FILE)
+  return json.loads(paths_lib.read_text(path)) if paths_lib.exists(path) else None
 
 
 def _write_json_atomically(path: str, data: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=2, allow_nan=False)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  paths_lib.write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 class _Runner:
@@ -257,7 +251,7 @@ class _Runner:
     from l2vit_jax.baselines import bdt  # pylint: disable=import-outside-toplevel
     return self.score(bdt.physics_baseline_predictions(
         self.paths["labelled"], self.splits(cell), seed=cell.seed,
-        cache_dir=os.path.join(self.workdir, "cache")))
+        cache_dir=paths_lib.join(self.workdir, "cache")))
 
   def predict_finetuned(self, directory: str) -> dict:
     model, meta = checkpointing.restore_model_checkpoint(directory)
@@ -328,7 +322,7 @@ def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
     seconds = time.time() - start
     result = {"arm": cell.arm, "seed": cell.seed, "count": cell.count, "seconds": seconds, **result}
     if jax.process_index() == 0:
-      _write_json_atomically(os.path.join(cell.directory, RESULT_FILE), result)
+      _write_json_atomically(paths_lib.join(cell.directory, RESULT_FILE), result)
     progress.record(cell.arm, seconds)
     pending.remove(cell)
     results[cell] = result
