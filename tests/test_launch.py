@@ -171,9 +171,11 @@ def test_failing_step_stops_the_run_and_still_deletes_unless_kept(fake_gcloud, k
 def test_ctrl_c_during_the_run_still_deletes_the_vm(fake_gcloud):
   fake_gcloud["FAKE_GCLOUD_HANG_ON"] = "l2vit_jax.main"
   # A shell that starts jobs in the background (CI under nohup, `cmd &`) makes them ignore SIGINT, and
-  # children inherit that: give the launcher the terminal's default, as when a user presses Ctrl-C.
-  process = subprocess.Popen([sys.executable, LAUNCHER, *ALL], env=fake_gcloud, stderr=subprocess.PIPE,
-                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # children inherit that: give the launcher Python's usual Ctrl-C handling, as in a terminal.
+  with_ctrl_c = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+  process = subprocess.Popen([sys.executable, "-c", with_ctrl_c, LAUNCHER, *ALL], env=fake_gcloud,
+                             stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 30
   while "run" not in describe(fake_gcloud.calls()):
     assert process.poll() is None and time.monotonic() < deadline
