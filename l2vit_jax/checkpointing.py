@@ -160,6 +160,13 @@ def read_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, L
   return arrays, dict(restored["meta"])
 
 
+def read_model_meta(directory: str, prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR)) -> dict:
+  """Only the meta of the checkpoint ``find_model_checkpoint`` picks (no arrays are read)."""
+  path, step = find_model_checkpoint(directory, prefer)
+  with _manager(path, max_to_keep=None, read_only=True) as manager:
+    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
 def restore_model_checkpoint(directory: str) -> tuple[nnx.Module, dict]:
   """Rebuilds the L2ViT described by the checkpoint's meta and loads its weights, in eval mode."""
   from l2vit_jax import models  # pylint: disable=import-outside-toplevel

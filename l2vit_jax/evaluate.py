@@ -142,7 +142,7 @@ def evaluate_physics_baseline(config, out_dir: str) -> tuple[dict, tuple]:
 
 def _is_pretraining_checkpoint(directory: str) -> bool:
   """No mass standardisation in its meta: a SimCLR/MAE backbone, which only probes can evaluate."""
-  return checkpointing.read_model_checkpoint(directory)[1].get("mass_mean") is None
+  return checkpointing.read_model_meta(directory).get("mass_mean") is None
 
 
 def evaluate_checkpoints(config, workdir: str) -> dict:
