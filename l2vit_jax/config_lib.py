@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.split_seed = 42
   config.data.unlabelled_val_fraction = 0.05  # held out for SimCLR's validation loss
   config.data.worker_count = 0  # Grain mp_prefetch workers; 0 reads in the main process
+  # Training batches from a .sparse file travel to the device sparse (≈2 % of the dense bytes) and are
+  # densified and augmented inside the jitted step, bit-identical to host augmentation: 'auto' (on for
+  # .sparse, off for HDF5), 'on' (refuses HDF5) or 'off' (dense host augmentation).
+  config.data.device_augmentation = "auto"
   # Finetuning on a labelled subset: this many train-split jets (0: all), a stratified prefix of the
   # ordering drawn with train_subset_seed (data.split.nested_subsets); validation and test stay whole.
   config.data.train_subset = 0

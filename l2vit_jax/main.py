@@ -18,6 +18,8 @@ import jax  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
+from l2vit_jax import peers  # pylint: disable=wrong-import-position
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports (resumes if it has them).")
 config_flags.DEFINE_config_file("config", None, "Training or evaluation configuration file.",
@@ -26,7 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that mean "bad input or setup": reported as one line, never as a traceback.
 USER_ERRORS = ("DataError", "ConfigError", "CheckpointMismatchError", "CheckpointImportError",
-               "DivergenceError", "WorkdirLockedError", "FileNotFoundError")
+               "DivergenceError", "WorkdirLockedError", "FileNotFoundError",
+               "CheckpointDamagedError", "CheckpointSaveError")
 OTHER_TASKS = ("evaluate", "pipeline", "study")
 # The file each training task reads, so an empty path is reported by its config key.
 TASK_INPUT_KEYS = {"simclr": "data.unlabelled_path", "mae": "data.unlabelled_path",
@@ -121,17 +124,25 @@ AUTO_DISTRIBUTED_VARIABLE = "L2VIT_DISTRIBUTED"
 
 
 def _initialize_distributed() -> None:
-  """Multi-host (TPU VM pod slices, multi-node GPU) runs set these; single-host runs skip it."""
+  """Multi-host (TPU VM pod slices, multi-node GPU) runs set these; single-host runs skip it.
+
+  A process of a multi-process run that dies ends the others within ``L2VIT_PEER_TIMEOUT_SECONDS``
+  (``peers.py``: one ``error: ... lost process N`` line), instead of leaving them in a collective.
+  """
+  timeouts = dict(heartbeat_timeout_seconds=peers.jax_heartbeat_timeout_seconds())
   if os.environ.get(AUTO_DISTRIBUTED_VARIABLE, "") not in ("", "0"):
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   elif os.environ.get("L2VIT_COORDINATOR_ADDRESS"):
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests)
     jax.distributed.initialize(coordinator_address=os.environ["L2VIT_COORDINATOR_ADDRESS"],
                                num_processes=int(os.environ["L2VIT_NUM_PROCESSES"]),
-                               process_id=int(os.environ["L2VIT_PROCESS_ID"]))
+                               process_id=int(os.environ["L2VIT_PROCESS_ID"]), **timeouts)
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
+  else:
+    return
+  peers.start_watchdog()
 
 
 def dispatch(config, workdir: str):
@@ -179,6 +190,8 @@ def main(argv):
     if type(error).__name__ not in USER_ERRORS:
       raise
     _fail(str(error))
+  finally:  # before JAX's final barrier: peers waiting there must not take this process for lost
+    peers.mark_exiting()
 
 
 if __name__ == "__main__":

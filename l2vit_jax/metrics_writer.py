@@ -3,10 +3,14 @@
 Only process 0 writes files. TensorBoard event files are written through ``tensorboardX`` when it is
 installed (``clu``/``flax.metrics.tensorboard`` would need TensorFlow) and the workdir is local.
 
-A Cloud Storage object cannot be appended to, and one object may be rewritten only about once a
-second. On a ``gs://`` workdir the writer therefore keeps the file's lines in memory and rewrites the
-object whole at most every ``REMOTE_REWRITE_SECONDS``, at every checkpoint (``flush``) and at the end,
-so what a resumed run finds covers every step up to its checkpoint.
+The writer keeps the file's lines in memory and replaces the file whole, never appends: a kill
+mid-write would leave an appended line cut short, which a resumed run or a plot would then have to
+trust or guess about. Locally every ``write`` replaces the file (a temporary file renamed over it, so
+a reader sees the old log or the new one). A Cloud Storage object appears whole anyway, but one object
+may be rewritten only about once a second: on a ``gs://`` workdir the object is rewritten at most
+every ``REMOTE_REWRITE_SECONDS``, at every checkpoint (``flush``) and at the end, so what a resumed
+run finds covers every step up to its checkpoint. Lines that do not parse (a torn last line written
+by older versions, which appended) are dropped when the writer opens the log.
 """
 
 from __future__ import annotations
@@ -30,6 +34,18 @@ def _jsonable(value):
   return value
 
 
+def complete_lines(text: str) -> list[str]:
+  """The lines of a JSON-lines log that hold a whole JSON object (a torn or blank line is dropped)."""
+  lines = []
+  for line in text.splitlines():
+    try:
+      if isinstance(json.loads(line), dict):
+        lines.append(line + "\n")
+    except ValueError:
+      pass
+  return lines
+
+
 class MetricWriter:
   """Adds one JSON object per call to ``metrics.jsonl`` (resumed runs continue the same file)."""
 
@@ -37,11 +53,11 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self.path = paths.join(workdir, "metrics.jsonl")
     self._remote = paths.is_remote(workdir)
-    self._lines: list[str] = []  # remote only: the whole file, rewritten by flush
+    self._lines: list[str] = []  # the whole file, rewritten by flush
     self._unflushed = False
     self._last_flush = time.monotonic()
-    if self.enabled and self._remote and paths.exists(self.path):
-      self._lines = paths.read_text(self.path).splitlines(keepends=True)
+    if self.enabled and paths.exists(self.path):
+      self._lines = complete_lines(paths.read_text(self.path))
     self._tensorboard = None
     if self.enabled and tensorboard and self._remote:
       logging.info("TensorBoard events are not written to a %s workdir (tensorboardX writes local "
@@ -57,21 +73,17 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    line = json.dumps(record) + "\n"
-    if self._remote:
-      self._lines.append(line)
-      self._unflushed = True
-      if time.monotonic() - self._last_flush >= REMOTE_REWRITE_SECONDS:
-        self.flush()
-    else:
-      paths.append_text(self.path, line)
+    self._lines.append(json.dumps(record) + "\n")
+    self._unflushed = True
+    if not self._remote or time.monotonic() - self._last_flush >= REMOTE_REWRITE_SECONDS:
+      self.flush()
     if self._tensorboard is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tensorboard.add_scalar(key, value, step)
 
   def flush(self) -> None:
-    """Makes every line written so far durable (local lines already are)."""
+    """Replaces the file by every line written so far (locally ``write`` already did)."""
     if self.enabled and self._unflushed:
       paths.write_text(self.path, "".join(self._lines))
       self._unflushed = False

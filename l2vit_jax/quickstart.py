@@ -76,6 +76,11 @@ def stage_configs(config, workdir: str, data_files: dict[str, str]) -> dict:
   return stages
 
 
+def _unfinished(summary: dict) -> bool:
+  """A stage that returned before its last step without stopping early (``stop_after_steps``)."""
+  return summary["step"] < summary["total_steps"] and not summary["stopped_early"]
+
+
 def run_pipeline(config, workdir: str) -> dict:
   data_files = generate_data(config, workdir)
   stages = stage_configs(config, workdir, data_files)
@@ -83,7 +88,11 @@ def run_pipeline(config, workdir: str) -> dict:
     if name == "evaluate":
       continue
     logging.info("=== quickstart stage: %s ===", name)
-    train.train_and_evaluate(stage, paths.join(workdir, name))
+    summary = train.train_and_evaluate(stage, paths.join(workdir, name))
+    if _unfinished(summary):  # later stages must not start from (or evaluate) a half-trained model
+      logging.info("Quickstart paused in stage %s at step %d of %d (stop_after_steps); rerun the same "
+                   "command to continue.", name, summary["step"], summary["total_steps"])
+      return {}
   logging.info("=== quickstart stage: evaluate ===")
   results = evaluate.evaluate_checkpoints(stages["evaluate"], paths.join(workdir, "report"))
   if jax.process_index() == 0:

@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 
 from l2vit_jax import checkpointing, metrics_writer, paths, sharding, tasks
-from l2vit_jax.data import hdf5, pipeline
+from l2vit_jax.data import device_augment, hdf5, pipeline
 from l2vit_jax.models import depthwise
 
 SIMCLR_VALIDATION_SEED = 12345  # fixed views, so validation losses are comparable across epochs
@@ -74,8 +74,12 @@ def make_optimizer(config, schedules: dict[str, optax.Schedule]) -> optax.Gradie
 # --- steps ------------------------------------------------------------------------------------------
 
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
-                    dropout_key: jax.Array, *, skip_nonfinite: bool = False) -> Callable:
+                    dropout_key: jax.Array, *, skip_nonfinite: bool = False,
+                    prepare_batch: Callable | None = None) -> Callable:
   """jit(params, batch_stats, other, opt_state, step, batch) -> new state and metrics (donated).
+
+  ``prepare_batch`` (e.g. ``device_augment.prepare_batch``) turns the shipped batch into the one the
+  loss reads, on the device, before anything else.
 
   With ``skip_nonfinite`` a step whose loss or gradient is not finite returns the state it was given
   (parameters, BatchNorm statistics and optimizer moments untouched) and reports ``skipped=1``;
@@ -83,6 +87,9 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
   """
 
   def train_step(params, batch_stats, other, opt_state, step, batch):
+    if prepare_batch is not None:
+      batch = prepare_batch(batch)
+
     def compute_loss(params):
       model = nnx.merge(graphdef, params, batch_stats, other, copy=True)
       nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
@@ -158,7 +165,7 @@ class Steps:
 
 
 def build_steps(config, model: nnx.Module, loss_fn: Callable, mesh, *, steps_per_epoch: int,
-                total_steps: int) -> tuple[Steps, tuple]:
+                total_steps: int, prepare_batch: Callable | None = None) -> tuple[Steps, tuple]:
   """The steps the training loop runs, for the devices of ``mesh`` (also a compile-only TPU mesh).
 
   Platform-dependent choices follow the mesh's devices, not JAX's default backend: 'auto' depthwise
@@ -179,7 +186,8 @@ def build_steps(config, model: nnx.Module, loss_fn: Callable, mesh, *, steps_per
   dropout_key = jax.random.key(config.seed, impl=resolve_prng_impl(config.get("prng_impl", "auto"),
                                                                    platform))
   train_step = make_train_step(graphdef, loss_fn, tx, dropout_key,
-                               skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)))
+                               skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
+                               prepare_batch=prepare_batch)
   steps = Steps(train=train_step, eval=make_eval_step(eval_graphdef, loss_fn), tx=tx,
                 schedules=schedules, platform=platform,
                 depthwise_implementation=depthwise_implementation,
@@ -379,13 +387,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     if stop_requests is not None:
       stop_requests.restore()
-    if checkpointer is not None:
-      try:  # saves already under way hold good states: let them finish, also when an error stops us
-        checkpointer.wait_until_finished()
-      finally:
-        checkpointer.close()
-    if lock is not None:
-      lock.release()
+    try:
+      if checkpointer is not None:
+        try:  # saves already under way hold good states: let them finish, also when an error stops us
+          checkpointer.wait_until_finished()
+        finally:
+          checkpointer.close()
+    finally:  # a save failing here (full disk) must not leave the workdir locked
+      if lock is not None:
+        lock.release()
   if summary.pop("preempted"):
     raise Preempted(f"{workdir}: received {stop_requests.received}; saved a checkpoint at step "
                     f"{summary['step']} and stopped. Rerun the same command to resume.",
@@ -400,15 +410,21 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
   steps_per_epoch = pipeline.steps_per_epoch(len(task.train_source) // jax.process_count(),
                                              per_process_batch)
   total_steps = int(config.num_epochs * steps_per_epoch)
+  # .sparse training files ship sparse batches that the step densifies and augments on the device.
+  on_device = device_augment.enabled(config.data.get("device_augmentation", "auto"), task.train_source)
   train_dataset = pipeline.make_train_dataset(
       task.train_source, batch_size=per_process_batch, seed=config.seed,
       augmentation=task.augmentation, pixel_scale=config.data.pixel_scale,
-      worker_count=config.data.worker_count, **process)
+      worker_count=config.data.worker_count, device_augmentation=on_device, **process)
+  train_keys = (device_augment.batch_keys(task.batch_keys, task.augmentation) if on_device
+                else task.batch_keys)
   train_iterator = iter(train_dataset)
 
   model = task.model
   steps, (params, batch_stats, other) = build_steps(
-      config, model, task.loss, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+      config, model, task.loss, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      prepare_batch=(device_augment.prepare_batch(task.augmentation, task.train_source.image_shape)
+                     if on_device else None))
   schedules, tx = steps.schedules, steps.tx
   params, batch_stats, other = sharding.replicate((params, batch_stats, other), mesh)
   opt_state = sharding.replicate(tx.init(params), mesh)
@@ -417,21 +433,23 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
   early = {"best_val_loss": math.inf, "best_epoch": -1, "epochs_without_improvement": 0,
            "stopped_early": False}
   step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    _check_same_architecture(checkpointer.read_meta(latest), meta, workdir)
-    arrays, optimizer, saved_meta = checkpointer.restore(
-        latest, model=checkpointing.named_arrays(params, batch_stats),
-        optimizer={"opt_state": opt_state, "step": 0},
-        data_iterator=train_iterator)
+  # The newest checkpoint whose arrays match their digests; damaged ones are set aside with a warning.
+  resumed = checkpointer.restore_latest(
+      model=checkpointing.named_arrays(params, batch_stats),
+      optimizer={"opt_state": opt_state, "step": 0}, data_iterator=train_iterator,
+      check_meta=lambda saved_meta: _check_same_architecture(saved_meta, meta, workdir))
+  if resumed is not None:
+    arrays, optimizer, saved_meta = resumed
     checkpointing.load_model_arrays(model, arrays, context=f"{workdir}: resuming")
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     params, batch_stats = sharding.replicate((params, batch_stats), mesh)
     opt_state, step = optimizer["opt_state"], int(optimizer["step"])
     early = saved_meta["early_stopping"]
-    _truncate_metrics(workdir, step)
     logging.info("Resumed %s from step %d (epoch %.2f) in %s", task.name, step,
                  step / steps_per_epoch, workdir)
+  # Rows logged after the checkpoint we resume from (or by a run killed before its first one) are
+  # redone: drop them so every step is logged once.
+  _truncate_metrics(workdir, step)
   write_config(config, workdir)
 
   skip_nonfinite = bool(config.get("skip_nonfinite_steps", False))
@@ -450,6 +468,10 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
                         optimizer={"opt_state": opt_state, "step": step},
                         meta=dict(meta, early_stopping=early, epoch=step / steps_per_epoch),
                         data_iterator=train_iterator)
+      if stop_here or preempted or step >= total_steps or early["stopped_early"]:
+        # The loop ends after this save: wait for it here, so a failed write (a full disk) stops the
+        # loop with CheckpointSaveError and the cleanup after it (lock release) still runs.
+        checkpointer.wait_until_finished()
 
     def check_finite(history):
       fetched = jax.device_get([(m["finite"], m.get("skipped", 0.0)) for m in history])
@@ -472,19 +494,24 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
       return 0
 
     history: list[dict] = []  # metrics since the last log step
-    checked = 0  # how many of them were already checked for finiteness (before a save)
     skipped_steps = 0
     preempted = False
     with jax.set_mesh(mesh):
       while step < total_steps and not early["stopped_early"]:
-        batch = _device_batch(next(train_iterator), task.batch_keys, mesh)
+        batch = _device_batch(next(train_iterator), train_keys, mesh)
         params, batch_stats, opt_state, metrics = train_step(
             params, batch_stats, other, opt_state, jnp.int32(step), batch)
         history.append(metrics)
         step += 1
         end_of_epoch = step % steps_per_epoch == 0
-        if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
-          skipped_steps += check_finite(history[checked:])
+        stop_here = bool(config.stop_after_steps) and step >= config.stop_after_steps
+        preempted = stop_requests.requested(step) and step < total_steps
+        periodic = bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
+        saving = end_of_epoch or periodic or stop_here or preempted or step == total_steps
+        # A row at every save: the running means since the last row live only in memory, and a run
+        # resumed from this checkpoint must not log a row that averages fewer steps than it claims.
+        if step % config.log_every_steps == 0 or saving:
+          skipped_steps += check_finite(history)  # also before every save: never save a non-finite state
           record = {"epoch": step / steps_per_epoch, **_mean_metrics(history, "train/"),
                     "learning_rate": float(schedules["head"](step - 1)), **progress.update(step)}
           if skip_nonfinite:
@@ -507,13 +534,8 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
             early["stopped_early"] = early["epochs_without_improvement"] >= config.early_stopping_patience
           metrics_writer.log_status(step, total_steps, record)
           writer.write(step, record)
-          history, checked = [], 0
-        stop_here = bool(config.stop_after_steps) and step >= config.stop_after_steps
-        preempted = stop_requests.requested(step) and step < total_steps
-        periodic = bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
-        if end_of_epoch or periodic or stop_here or preempted or step == total_steps:
-          skipped_steps += check_finite(history[checked:])  # never save a non-finite state
-          checked = len(history)
+          history = []
+        if saving:
           save_latest()
         if preempted:
           logging.warning("Received %s: saved a checkpoint at step %d; exiting. Rerun the same command "

@@ -12,8 +12,15 @@ Prints one JSON object (and writes it to ``--out``). Sections (``--only`` picks 
   FLOPs (XLA's cost analysis and an analytic count) and their rate as a fraction of the matmul peak,
   peak memory. With ``torch`` importable, the PyTorch reference model (same configuration, fp32,
   forward + backward + clipping + AdamW; inference under ``no_grad``) is timed interleaved with ours
-  — repeat by repeat, so load from other processes hits both alike — and the ratios reported.
-* ``precision``: float32 vs bfloat16 train-step img/s (interleaved).
+  in ``--pairs`` rounds (each round runs ours and theirs once, the order reversed every other round so
+  that a drift in machine speed hits both alike); every ours/PyTorch ratio is reported per round and
+  as the median and min–max over rounds.
+* ``precision``: float32 vs bfloat16 train-step img/s (paired the same way). On an accelerator
+  ``--only=model,precision --dtype=bfloat16`` is the command to run.
+* ``profile`` (only when named in ``--only``): per-operation-category milliseconds of our train step
+  and inference (a JAX profiler trace; each XLA thunk attributed through the named scope its HLO
+  metadata carries) beside PyTorch's (torch.profiler self CPU time, attributed the same way):
+  ``--only=profile --steps=2 --out docs/profile_cpu.json``.
 * ``depthwise``: forward and gradient time of every ``depthwise_conv2d`` formulation on the LCM's
   (batch, 25, 25, 256) 7×7 case.
 * ``attention``: linear vs softmax attention (the kernels alone, 4 heads of 64, batch 1) at growing
@@ -21,7 +28,13 @@ Prints one JSON object (and writes it to ``--out``). Sections (``--only`` picks 
 * ``pipeline``: the augmented training pipeline (``pipeline.make_train_dataset``, physics
   augmentation) from an HDF5 file and from its ``.sparse`` conversion, on synthetic jets; file sizes.
 
-Timings are the minimum over repeats (the least-disturbed run) and are only comparable within one run.
+Single-implementation timings (matmul, depthwise, attention) are the minimum over repeats. Every
+section records the machine's load around it (``load``): the 1-minute load average before and after,
+and the CPU that *other* processes used while it ran (from /proc/stat minus this process's own
+rusage). A section where other processes used more than ``LOADED_FRACTION`` of the cores is marked
+``"loaded": true`` and a banner says so: load slowed PyTorch's thread pool far more than XLA's (the
+ratios this script once reported on a busy machine, 1.7×, were 0.6–1.0× on a quiet one), so ratios
+from a loaded run are not figures to quote.
 """
 
 from __future__ import annotations
@@ -39,14 +52,20 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SECTIONS = ("matmul", "model", "precision", "depthwise", "attention", "pipeline")
+SECTIONS = ("matmul", "model", "precision", "profile", "depthwise", "attention", "pipeline")
+# A section is 'loaded' when other processes used more than this fraction of the cores while it ran.
+# Ours and PyTorch each spread a step over every core; a quarter of them taken by others is where the
+# ratio stopped meaning anything in practice (README "Performance": at a load of ~4 on 2 cores the
+# ratio read 1.7×, quiet 0.6–1.0×), while a quiet desktop stays well below it.
+LOADED_FRACTION = 0.25
 TINY_MODEL = dict(img_size=25, patch_size=5, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", help="also write the JSON here")
-  parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+  parser.add_argument("--only", default=",".join(s for s in SECTIONS if s != "profile"),
+                      help=f"comma-separated subset of {SECTIONS} (default: all but 'profile')")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes everywhere (tests, smoke runs)")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -61,8 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--depthwise-implementation", default="auto")
   parser.add_argument("--max-patch-mib", type=int, default=128,
                       help="skip the 'patches' depthwise formulation when its patch tensor is larger")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-  parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (ours, torch, ...)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per runner and round")
+  parser.add_argument("--pairs", "--repeats", dest="pairs", type=int, default=None,
+                      help="paired rounds (ours then theirs, alternating order) behind each ratio; "
+                           "default 5 (2 with --tiny)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--pipeline-images", type=int, default=1024)
   parser.add_argument("--pipeline-batches", type=int, default=30)
@@ -75,9 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   if args.tiny:
     for key, value in TINY_MODEL.items():
       setattr(args, key, value)
-    args.batch, args.steps, args.repeats = 4, 1, 1
+    args.batch, args.steps = 4, 1
     args.pipeline_images, args.pipeline_batches = 32, 4
     args.attention_tokens = "16,64"
+  if args.pairs is None:
+    args.pairs = 2 if args.tiny else 5
   return args
 
 
@@ -252,15 +275,76 @@ def _fake_batch(args):
   return images, batch
 
 
-def _interleaved(runners: dict[str, Callable[[int], None]], steps: int, repeats: int) -> dict[str, float]:
-  """Seconds per step of each runner: the minimum over ``repeats`` rounds, runners alternating."""
-  best = {name: float("inf") for name in runners}
-  for _ in range(repeats):
-    for name, run in runners.items():
+def _paired_rounds(runners: dict[str, Callable[[int], None]], steps: int,
+                   pairs: int) -> dict[str, list[float]]:
+  """Seconds per step of every runner in each of ``pairs`` rounds. A round runs each runner once,
+  in reverse order every other round, so that a drift in machine speed hits ours and theirs alike."""
+  seconds = {name: [] for name in runners}
+  for round_index in range(pairs):
+    for name in (list(runners) if round_index % 2 == 0 else list(runners)[::-1]):
       start = time.perf_counter()
-      run(steps)
-      best[name] = min(best[name], (time.perf_counter() - start) / steps)
-  return best
+      runners[name](steps)
+      seconds[name].append((time.perf_counter() - start) / steps)
+  return seconds
+
+
+def summarize(values: list[float]) -> dict:
+  """Median and range of per-round figures (the median: one disturbed round cannot move it)."""
+  ordered = sorted(values)
+  middle = len(ordered) // 2
+  median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+  return {"median": median, "min": ordered[0], "max": ordered[-1], "rounds": list(values)}
+
+
+def _ratio_summary(reference_seconds: list[float], our_seconds: list[float]) -> dict:
+  """ours/reference speed ratio per round (reference time over ours), summarized."""
+  return summarize([theirs / ours for theirs, ours in zip(reference_seconds, our_seconds)])
+
+
+def _rates(batch: int, seconds: list[float]) -> dict:
+  return summarize([batch / s for s in seconds])
+
+
+class LoadMonitor:
+  """The machine's load around one measurement: load averages, and CPU used by other processes."""
+
+  def __init__(self):
+    self.load_before = os.getloadavg()
+    self.busy_before, self.own_before = _machine_busy_seconds(), _own_cpu_seconds()
+    self.start = time.perf_counter()
+
+  def finish(self) -> dict:
+    wall = time.perf_counter() - self.start
+    cores = os.cpu_count() or 1
+    result = {"loadavg_1min_before": self.load_before[0], "loadavg_1min_after": os.getloadavg()[0],
+              "cpu_count": cores, "loaded_fraction_threshold": LOADED_FRACTION}
+    busy_after = _machine_busy_seconds()
+    if self.busy_before is not None and busy_after is not None and wall > 0:
+      other = (busy_after - self.busy_before) - (_own_cpu_seconds() - self.own_before)
+      result["other_processes_cpu_fraction"] = max(0.0, other) / (wall * cores)
+      result["loaded"] = result["other_processes_cpu_fraction"] > LOADED_FRACTION
+    else:  # no /proc/stat: the load average taken before we added our own load
+      result["loaded"] = self.load_before[0] > LOADED_FRACTION * cores
+    return result
+
+
+def _machine_busy_seconds() -> float | None:
+  """CPU-seconds every process on the machine has spent busy since boot (Linux /proc/stat)."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  guest = sum(fields[8:10])  # already counted in user/nice
+  return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+  """CPU-seconds of this process (every thread) and of its waited-for children."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def bench_model(args, matmul: dict | None) -> dict:
@@ -277,7 +361,8 @@ def bench_model(args, matmul: dict | None) -> dict:
       runners.update(torch_train=theirs.run_train, torch_inference=theirs.run_inference)
     except ImportError as error:
       torch_error = str(error)
-  seconds = _interleaved(runners, args.steps, args.repeats)
+  rounds = _paired_rounds(runners, args.steps, args.pairs)
+  seconds = {name: summarize(values)["median"] for name, values in rounds.items()}
   forward_flops = analytic_forward_flops(args)
   train_flop_rate = 3 * forward_flops * args.batch / seconds["jax_train"]
   result = {
@@ -286,8 +371,11 @@ def bench_model(args, matmul: dict | None) -> dict:
                  "depthwise_implementation": args.depthwise_implementation,
                  "depthwise_resolved": __import__("l2vit_jax.models.depthwise", fromlist=["_"])
                  .resolve_implementation(args.depthwise_implementation)},
-      "train_img_per_s": args.batch / seconds["jax_train"],
+      "pairs": args.pairs, "steps_per_round": args.steps,
+      "train_img_per_s": args.batch / seconds["jax_train"],  # medians over rounds
       "inference_img_per_s": args.batch / seconds["jax_inference"],
+      "train_img_per_s_rounds": _rates(args.batch, rounds["jax_train"]),
+      "inference_img_per_s_rounds": _rates(args.batch, rounds["jax_inference"]),
       "train_step_seconds": seconds["jax_train"],
       "train_compile_seconds": ours.compile_seconds,
       "inference_compile_seconds": ours.forward_compile_seconds,
@@ -310,9 +398,13 @@ def bench_model(args, matmul: dict | None) -> dict:
     import torch  # pylint: disable=import-outside-toplevel
     result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
                        "train_img_per_s": args.batch / seconds["torch_train"],
-                       "inference_img_per_s": args.batch / seconds["torch_inference"]}
-    result["ratio_train_ours_over_torch"] = seconds["torch_train"] / seconds["jax_train"]
-    result["ratio_inference_ours_over_torch"] = seconds["torch_inference"] / seconds["jax_inference"]
+                       "inference_img_per_s": args.batch / seconds["torch_inference"],
+                       "train_img_per_s_rounds": _rates(args.batch, rounds["torch_train"]),
+                       "inference_img_per_s_rounds": _rates(args.batch, rounds["torch_inference"])}
+    for kind in ("train", "inference"):
+      ratio = _ratio_summary(rounds[f"torch_{kind}"], rounds[f"jax_{kind}"])
+      result[f"ratio_{kind}_ours_over_torch"] = ratio["median"]
+      result[f"ratio_{kind}_ours_over_torch_rounds"] = ratio
   elif use_torch:
     result["torch"] = {"skipped": torch_error}
   return result
@@ -321,13 +413,242 @@ def bench_model(args, matmul: dict | None) -> dict:
 def bench_precision(args) -> dict:
   _, batch = _fake_batch(args)
   trainers = {dtype: _JaxTrainer(args, dtype, batch) for dtype in ("float32", "bfloat16")}
-  seconds = _interleaved({d: t.run_train for d, t in trainers.items()}, args.steps, args.repeats)
-  inference = _interleaved({d: t.run_inference for d, t in trainers.items()}, args.steps, args.repeats)
-  return {"train_img_per_s": {d: args.batch / s for d, s in seconds.items()},
-          "inference_img_per_s": {d: args.batch / s for d, s in inference.items()},
-          "train_speedup_bf16_over_f32": seconds["float32"] / seconds["bfloat16"],
-          "inference_speedup_bf16_over_f32": inference["float32"] / inference["bfloat16"],
-          "train_compile_seconds": {d: t.compile_seconds for d, t in trainers.items()}}
+  result = {"pairs": args.pairs, "train_compile_seconds": {d: t.compile_seconds for d, t in trainers.items()}}
+  for kind in ("train", "inference"):
+    rounds = _paired_rounds({d: getattr(t, f"run_{kind}") for d, t in trainers.items()}, args.steps,
+                            args.pairs)
+    result[f"{kind}_img_per_s"] = {d: _rates(args.batch, s)["median"] for d, s in rounds.items()}
+    ratio = _ratio_summary(rounds["float32"], rounds["bfloat16"])
+    result[f"{kind}_speedup_bf16_over_f32"] = ratio["median"]
+    result[f"{kind}_speedup_bf16_over_f32_rounds"] = ratio
+  return result
+
+
+# Operation categories of the per-operation profile, attributed by wrapping these callables in a
+# named scope (JAX) or record_function (PyTorch) while the profiled step is traced; the innermost
+# scope wins, so a Linear inside the attention module counts as a matmul, not as attention.
+PROFILE_CATEGORIES = ("patch_embed", "linear_matmuls", "attention_kernel", "layernorm", "gelu",
+                      "depthwise_lcm", "batchnorm", "dropout_droppath", "optimizer", "other")
+
+
+def _jax_scope_targets():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.models import l2vit  # pylint: disable=import-outside-toplevel
+  return [(l2vit.PatchEmbed, "__call__", "patch_embed"), (nnx.Linear, "__call__", "linear_matmuls"),
+          (nnx.LayerNorm, "__call__", "layernorm"), (nnx.BatchNorm, "__call__", "batchnorm"),
+          (l2vit, "gelu", "gelu"), (l2vit.DepthwiseConv, "__call__", "depthwise_lcm"),
+          (nnx.Dropout, "__call__", "dropout_droppath"), (l2vit.DropPath, "__call__", "dropout_droppath"),
+          (l2vit.ATTENTION_FNS, "linear", "attention_kernel")]
+
+
+class _Wrapped:
+  """Temporarily replaces ``owner.name`` (attribute or dict item) by ``wrap(category, original)``."""
+
+  def __init__(self, targets, wrap):
+    self.targets, self.wrap, self.saved = targets, wrap, []
+
+  def __enter__(self):
+    for owner, name, category in self.targets:
+      is_dict = isinstance(owner, dict)
+      original = owner[name] if is_dict else getattr(owner, name)
+      self.saved.append((owner, name, original, is_dict))
+      wrapped = self.wrap(category, original)
+      if is_dict:
+        owner[name] = wrapped
+      else:
+        setattr(owner, name, wrapped)
+    return self
+
+  def __exit__(self, *exc):
+    for owner, name, original, is_dict in reversed(self.saved):
+      if is_dict:
+        owner[name] = original
+      else:
+        setattr(owner, name, original)
+
+
+def _jax_scoped(category, fn):
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  @functools.wraps(fn)
+  def scoped(*a, **k):
+    with jax.named_scope(f"cat_{category}"):
+      return fn(*a, **k)
+  return scoped
+
+
+def _hlo_frames(hlo_text: str) -> dict[str, str]:
+  """stack_frame_id -> 'file:function' of the innermost frame (the HLO's frame tables)."""
+  import re  # pylint: disable=import-outside-toplevel
+  tables: dict[str, dict[str, str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+    elif current is not None and re.match(r"^\d+ ", line):
+      key, value = line.split(" ", 1)
+      current[key] = value.strip().strip('"')
+    else:
+      current = None
+  fields = lambda table, key: dict(re.findall(r"(\w+)=(\d+)", tables.get(table, {}).get(key, "")))
+  frames = {}
+  for frame in tables.get("StackFrames", {}):
+    location = fields("FileLocations", fields("StackFrames", frame).get("file_location_id"))
+    frames[frame] = (f'{tables["FileNames"].get(location.get("file_name_id"), "?")}:'
+                     f'{tables["FunctionNames"].get(location.get("function_name_id"), "?")}')
+  return frames
+
+
+def _hlo_categories(hlo_text: str) -> dict[str, tuple[str, bool]]:
+  """HLO instruction name -> (category, backward?) from each instruction's metadata: the innermost
+  cat_ scope in its op_name; else 'optimizer' for ops traced directly in the train step's body
+  (clipping, AdamW, the update), outside the loss."""
+  import re  # pylint: disable=import-outside-toplevel
+  pattern = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*metadata=\{([^}]*)\}')
+  frames = _hlo_frames(hlo_text)
+  result = {}
+  for line in hlo_text.splitlines():
+    match = pattern.match(line)
+    if not match:
+      continue
+    meta = match.group(2)
+    op_name = re.search(r'op_name="([^"]*)"', meta)
+    op_name = op_name.group(1) if op_name else ""
+    frame = re.search(r"stack_frame_id=(\d+)", meta)
+    innermost = frames.get(frame.group(1), "?") if frame else "?"
+    scopes = re.findall(r"cat_(\w+)", op_name)
+    if scopes:
+      category = scopes[-1]
+    elif "/optax/" in innermost or innermost.endswith(":make_train_step.<locals>.train_step"):
+      category = "optimizer"
+    else:
+      category = "other"
+    result[match.group(1)] = (category, "transpose(" in op_name)
+  return result
+
+
+def _jax_profile(trainer, run: Callable[[int], None], compiled, steps: int, directory: str) -> dict:
+  """ms per step by (category, forward/backward) from a JAX profiler trace of ``run(steps)``."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  names = _hlo_categories(compiled.as_text())
+  start = time.perf_counter()
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    run(steps)
+  wall = (time.perf_counter() - start) / steps
+  [path] = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  totals: dict[str, float] = {}
+  for event in events:
+    op = event.get("args", {}).get("hlo_op")
+    # Control flow (while loops) encloses thunks that are traced themselves: count leaves only.
+    if event.get("ph") != "X" or not op or event["name"].startswith("end: ") or op.startswith(
+        ("while", "conditional", "call")):
+      continue
+    category, backward = names.get(op, ("other", False))
+    key = f"{category}/{'bwd' if backward else 'fwd'}"
+    totals[key] = totals.get(key, 0.0) + event["dur"] / 1e3 / steps
+  return {"ms_per_step": totals, "wall_ms_per_step_traced": 1e3 * wall}
+
+
+def _torch_profile(theirs, run: Callable[[int], None], steps: int) -> dict:
+  """ms per step by (category, forward/backward) from torch.profiler (self CPU time)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from l2vit_jax import reference_torch  # pylint: disable=import-outside-toplevel
+  nn, modules = torch.nn, reference_torch.torch_modules()
+
+  def scoped(category, fn):
+    def wrapped(self, *a, **k):
+      if category == "conv":  # grouped = the LCM's depthwise convs; the other is the patch embedding
+        name = "depthwise_lcm" if self.groups > 1 else "patch_embed"
+      else:
+        name = category
+      with torch.profiler.record_function(f"cat_{name}"):
+        return fn(self, *a, **k)
+    return wrapped
+
+  targets = [(nn.Conv2d, "forward", "conv"), (nn.Linear, "forward", "linear_matmuls"),
+             (nn.LayerNorm, "forward", "layernorm"), (nn.BatchNorm2d, "forward", "batchnorm"),
+             (nn.GELU, "forward", "gelu"), (nn.Dropout, "forward", "dropout_droppath"),
+             (modules.DropPath, "forward", "dropout_droppath"),
+             (torch.optim.AdamW, "step", "optimizer")]
+  # clip_grad_norm_ and the reference's einsums (only its attention kernel uses einsum) are functions.
+  clip, einsum = torch.nn.utils.clip_grad_norm_, torch.einsum
+  torch.nn.utils.clip_grad_norm_ = lambda *a, **k: _torch_scoped_call(torch, "optimizer", clip, a, k)
+  torch.einsum = lambda *a, **k: _torch_scoped_call(torch, "attention_kernel", einsum, a, k)
+  try:
+    with _Wrapped(targets, scoped):
+      start = time.perf_counter()
+      with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(steps)
+      wall = (time.perf_counter() - start) / steps
+  finally:
+    torch.nn.utils.clip_grad_norm_, torch.einsum = clip, einsum
+  return {"ms_per_step": _torch_categories(prof.events(), steps), "wall_ms_per_step_traced": 1e3 * wall}
+
+
+def _torch_scoped_call(torch, category, fn, args, kwargs):
+  with torch.profiler.record_function(f"cat_{category}"):
+    return fn(*args, **kwargs)
+
+
+def _torch_categories(events, steps: int) -> dict[str, float]:
+  """Self CPU time per category: forward ops by their enclosing cat_ scope; backward ops by the scope
+  of the forward op whose autograd node (same sequence number) they run. The attention kernel's relu,
+  clamp and division sit unscoped in LinearAttention.forward and count as 'other'."""
+  def scope_of(event):
+    while event is not None:
+      if event.name.startswith("cat_"):
+        return event.name[4:]
+      event = event.cpu_parent
+    return None
+
+  forward_scope = {}
+  for event in events:
+    if getattr(event, "sequence_nr", -1) >= 0 and not event.name.startswith("autograd::"):
+      scope = scope_of(event)
+      if scope and event.sequence_nr not in forward_scope:
+        forward_scope[event.sequence_nr] = scope
+  totals: dict[str, float] = {}
+  for event in events:
+    if event.name.startswith("cat_"):
+      continue
+    node, backward = event, False
+    while node is not None and not node.name.startswith("autograd::engine::evaluate_function"):
+      node = node.cpu_parent
+    if node is not None:
+      backward = True
+      category = forward_scope.get(getattr(node, "sequence_nr", -1)) or scope_of(event) or "other"
+    else:
+      category = scope_of(event) or "other"
+    key = f"{category}/{'bwd' if backward else 'fwd'}"
+    totals[key] = totals.get(key, 0.0) + event.self_cpu_time_total / 1e3 / steps
+  return totals
+
+
+def bench_profile(args) -> dict:
+  """Per-operation-category breakdown of one train step and one inference forward, ours (JAX profiler
+  trace, thunk times by HLO metadata) beside PyTorch's (torch.profiler self CPU time). Times are
+  summed over threads, so they can exceed the wall time per step."""
+  images, batch = _fake_batch(args)
+  with _Wrapped(_jax_scope_targets(), _jax_scoped):
+    ours = _JaxTrainer(args, args.dtype, batch)
+  result = {"categories": list(PROFILE_CATEGORIES), "steps": args.steps}
+  with tempfile.TemporaryDirectory(prefix="l2vit_profile_") as directory:
+    result["ours"] = {
+        "train": _jax_profile(ours, ours.run_train, ours.train_step, args.steps,
+                              os.path.join(directory, "train")),
+        "inference": _jax_profile(ours, ours.run_inference, ours.forward, args.steps,
+                                  os.path.join(directory, "inference"))}
+  if not args.no_torch:
+    theirs = _TorchTrainer(args, images)
+    result["torch"] = {"train": _torch_profile(theirs, theirs.run_train, args.steps),
+                       "inference": _torch_profile(theirs, theirs.run_inference, args.steps)}
+  return result
 
 
 def bench_depthwise(args) -> dict:
@@ -393,10 +714,61 @@ def bench_attention(args) -> dict:
           "softmax_slower_from_tokens": slower[0] if slower else None}
 
 
+def _wait_until_idle(poll: float = 0.2) -> None:
+  """Returns once this process's threads (Grain's read-ahead) have stopped using CPU."""
+  while True:
+    cpu = time.process_time()
+    time.sleep(poll)
+    if time.process_time() - cpu < 0.01 * poll:
+      return
+
+
+def _time_input_path(dataset, keys: tuple[str, ...], batches: int, batch: int) -> tuple[dict, dict]:
+  """Images/s, host CPU per image (process_time: every thread, Grain's included) and host→device bytes
+  per image of one training input path; also returns its last batch.
+
+  CPU time runs from an idle process with a full read-ahead buffer to the same state again, so it
+  counts exactly the batches taken (and nothing of an earlier path's leftover read-ahead).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  iterator = iter(dataset)
+  for _ in range(3):  # warm-up: threads, page cache, first memory maps
+    last = next(iterator)
+  _wait_until_idle()
+  cpu, start = time.process_time(), time.perf_counter()
+  for _ in range(batches):
+    last = next(iterator)
+  seconds = time.perf_counter() - start
+  _wait_until_idle()
+  cpu = time.process_time() - cpu
+  images = batches * batch
+  return {"img_per_s": images / seconds, "host_cpu_us_per_image": 1e6 * cpu / images,
+          "host_to_device_bytes_per_image": sum(np.asarray(last[k]).nbytes for k in keys) / batch}, last
+
+
+def _time_device_augmentation(augmentation: str, image_shape, shipped: dict, batch: int) -> float:
+  """Microseconds per image of the jitted densify + augment (``device_augment.prepare_batch``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.data import device_augment  # pylint: disable=import-outside-toplevel
+  prepare = jax.jit(device_augment.prepare_batch(augmentation, image_shape))
+  arrays = jax.device_put(shipped)
+  jax.block_until_ready(prepare(arrays))
+  repeats = 10
+  start = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(prepare(arrays))
+  return 1e6 * (time.perf_counter() - start) / (repeats * batch)
+
+
 def bench_pipeline(args) -> dict:
-  from l2vit_jax.data import pipeline, sources, sparse, synthetic  # pylint: disable=import-outside-toplevel
-  results = {"images": args.pipeline_images, "image_size": args.img_size, "batch": args.batch,
-             "augmentation": "physics", "formats": {}}
+  """Training input paths, physics (finetuning) and SimCLR augmentation: HDF5 and ``.sparse`` read and
+  augmented densely on the host ('formats'), and ``.sparse`` shipped sparse and densified + augmented
+  inside the step ('sparse_device', whose images are bit-identical)."""
+  from l2vit_jax import tasks  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.data import device_augment, pipeline, sources, sparse, synthetic  # pylint: disable=import-outside-toplevel
+  batch = args.batch if args.tiny else 64  # the finetuning recipe's batch: per-batch costs amortise
+  results = {"images": args.pipeline_images, "image_size": args.img_size, "batch": batch,
+             "timed_batches": args.pipeline_batches}
   with tempfile.TemporaryDirectory(prefix="l2vit_benchmark_") as directory:
     h5_path = os.path.join(directory, "jets.h5")
     sparse_path = os.path.join(directory, "jets" + sparse.SUFFIX)
@@ -407,23 +779,49 @@ def bench_pipeline(args) -> dict:
     results["hdf5_bytes"], results["sparse_bytes"] = summary["input_bytes"], summary["output_bytes"]
     results["size_ratio_hdf5_over_sparse"] = summary["input_bytes"] / summary["output_bytes"]
     results["nonzero_fraction"] = summary["nonzeros"] / (args.pipeline_images * args.img_size**2 * 8)
-    for name, path in (("hdf5", h5_path), ("sparse", sparse_path)):
-      dataset = pipeline.make_train_dataset(sources.open_source(path, labelled=True),
-                                            batch_size=args.batch, seed=0, augmentation="physics")
-      iterator = iter(dataset)
-      for _ in range(3):  # warm-up: threads, page cache, first memory maps
-        next(iterator)
-      start = time.perf_counter()
-      for _ in range(args.pipeline_batches):
-        next(iterator)
-      seconds = time.perf_counter() - start
-      results["formats"][name] = {"img_per_s": args.pipeline_batches * args.batch / seconds}
+    for task, augmentation in (("finetune", "physics"), ("simclr", "simclr")):
+      keys = tasks.BATCH_KEYS[task]
+      paths = {"hdf5": (h5_path, False, keys), "sparse": (sparse_path, False, keys),
+               "sparse_device": (sparse_path, True, device_augment.batch_keys(keys, augmentation))}
+      measured = {}
+      for name, (path, on_device, shipped_keys) in paths.items():
+        source = sources.open_source(path, labelled=True)
+        dataset = pipeline.make_train_dataset(source, batch_size=batch, seed=0, augmentation=augmentation,
+                                              device_augmentation=on_device)
+        measured[name], last = _time_input_path(dataset, shipped_keys, args.pipeline_batches, batch)
+        if on_device:
+          measured[name]["device_densify_augment_us_per_image"] = _time_device_augmentation(
+              augmentation, source.image_shape, {k: last[k] for k in shipped_keys}, batch)
+      device = measured.pop("sparse_device")
+      device["bytes_fraction_of_dense"] = (device["host_to_device_bytes_per_image"]
+                                           / measured["sparse"]["host_to_device_bytes_per_image"])
+      if augmentation == "physics":  # 'formats' keeps the layout earlier reports had
+        results.update(augmentation=augmentation, formats=measured, sparse_device=device)
+      else:
+        results[augmentation] = {**measured, "sparse_device": device}
   results["sparse_speedup_over_hdf5"] = (results["formats"]["sparse"]["img_per_s"]
                                          / results["formats"]["hdf5"]["img_per_s"])
   return results
 
 
 # --- main -------------------------------------------------------------------------------------------
+
+def _print_ratios(section: str, result: dict) -> None:
+  """One stderr line per ratio (median and range over rounds), and a banner for a loaded machine."""
+  for key, ratio in result.items():
+    if key.endswith("_rounds") and ("ratio" in key or "speedup" in key):
+      print(f"[benchmark] {key[:-len('_rounds')]}: median {ratio['median']:.2f}x "
+            f"(min {ratio['min']:.2f}, max {ratio['max']:.2f}, {len(ratio['rounds'])} pairs)",
+            file=sys.stderr, flush=True)
+  load = result["load"]
+  if load["loaded"]:
+    other = load.get("other_processes_cpu_fraction")
+    print(f"[benchmark] !!! LOADED MACHINE during '{section}': other processes used "
+          f"{'?' if other is None else f'{other:.0%}'} of {load['cpu_count']} cores "
+          f"(threshold {LOADED_FRACTION:.0%}; 1-min load {load['loadavg_1min_before']:.2f} before, "
+          f"{load['loadavg_1min_after']:.2f} after). Its ratios are not figures to quote.",
+          file=sys.stderr, flush=True)
+
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
@@ -444,7 +842,7 @@ def main(argv: list[str] | None = None) -> dict:
   for section in SECTIONS:
     if section not in args.sections:
       continue
-    start = time.perf_counter()
+    start, monitor = time.perf_counter(), LoadMonitor()
     if section == "matmul":
       report["matmul"] = bench_matmul(args)
     elif section == "model":
@@ -457,9 +855,15 @@ def main(argv: list[str] | None = None) -> dict:
       report["attention"] = bench_attention(args)
     elif section == "pipeline":
       report["pipeline"] = bench_pipeline(args)
+    elif section == "profile":
+      report["profile"] = bench_profile(args)
     timings[section] = time.perf_counter() - start
+    report[section]["load"] = monitor.finish()
+    report[section]["loaded"] = report[section]["load"]["loaded"]
     print(f"[benchmark] {section}: {timings[section]:.0f} s", file=sys.stderr, flush=True)
+    _print_ratios(section, report[section])
   report["section_seconds"] = timings
+  report["loaded"] = any(report[s]["loaded"] for s in timings)
   report["peak_rss_mib"] = _max_rss_mib()
   text = json.dumps(report, indent=2)
   print(text)

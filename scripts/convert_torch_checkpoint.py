@@ -42,7 +42,10 @@ def main(argv):
   except (torch_import.CheckpointImportError, ImportError) as error:
     sys.exit(f'error: {error}')
   meta['pixel_scale'] = _PIXEL_SCALE.value
-  checkpointing.save_model_checkpoint(_WORKDIR.value, model, meta)
+  try:
+    checkpointing.save_model_checkpoint(_WORKDIR.value, model, meta)
+  except checkpointing.CheckpointSaveError as error:  # a full disk or a write error
+    sys.exit(f'error: {error}')
   print(f'imported {_INPUT.value}: L2ViT {meta["model_config"]}, '
         f'{models.param_count(model):,} parameters')
   if projector is not None:

@@ -102,7 +102,7 @@ def _sparse_image(seed=0):
 
 def test_physics_augment_preserves_shape_sign_and_intensity():
   image = _sparse_image()
-  outputs = [augment.PhysicsAugment().random_map({"image": image}, np.random.default_rng(s))["image"]
+  outputs = [augment.PhysicsAugment().random_map({"image": image[None]}, np.random.default_rng(s))["image"][0]
              for s in range(20)]
   for out in outputs:
     assert out.shape == image.shape and out.min() >= 0
@@ -117,9 +117,9 @@ def test_physics_augment_preserves_shape_sign_and_intensity():
 def test_simclr_views_differ_and_keep_empty_pixels_empty():
   image = _sparse_image()
   record = augment.SimCLRViews(channel_dropout_probability=1.0).random_map(
-      {"image": image, "index": 0}, np.random.default_rng(0))
-  assert "image" not in record and record["index"] == 0
-  for view in (record["view1"], record["view2"]):
+      {"image": image[None], "index": np.zeros(1, np.int64)}, np.random.default_rng(0))
+  assert "image" not in record and record["index"][0] == 0
+  for view in (record["view1"][0], record["view2"][0]):
     assert view.shape == image.shape and view.min() >= 0
     assert np.count_nonzero(view) <= np.count_nonzero(image)
     assert 1 <= sum(view[..., c].sum() == 0 and image[..., c].sum() > 0 for c in range(8)) <= 2

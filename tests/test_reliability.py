@@ -249,6 +249,25 @@ def _bad_file(tmp_path, case) -> tuple[str, str, dict, tuple[str, ...]]:
   raise ValueError(case)
 
 
+def _rows_without_timings(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [{k: v for k, v in row.items() if k not in ("images_per_second", "eta_seconds")} for row in rows]
+
+
+def test_a_run_stopped_between_log_rows_logs_what_an_uninterrupted_run_logs(files, tmp_path):
+  """Saves off the log interval (every 2 steps, rows every 3): the stopped and resumed run must not
+  log a row whose train/* means cover only the steps since the resume."""
+  config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"],
+                              num_epochs=2, log_every_steps=3, checkpoint_every_steps=2)
+  assert _cli(config_file, tmp_path / "uninterrupted").returncode == 0
+  stopped = _cli(config_file, tmp_path / "stopped", "--config.stop_after_steps=4")
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  resumed = _cli(config_file, tmp_path / "stopped")
+  assert resumed.returncode == 0 and "Resumed finetune from step 4" in resumed.stderr
+  assert _rows_without_timings(tmp_path / "stopped") == _rows_without_timings(tmp_path / "uninterrupted")
+
+
 @pytest.mark.parametrize("case, workdir_exists", [
     ("missing", False), ("not_hdf5", False), ("truncated", True), ("nan_pixels", False),
     ("labels_not_binary", True), ("wrong_image_size", False), ("train_split_under_one_batch", False)])

@@ -24,6 +24,7 @@ import os
 import secrets
 from typing import Callable, Sequence
 
+import grain
 import numpy as np
 
 from l2vit_jax.data import hdf5
@@ -32,6 +33,8 @@ SUFFIX = ".sparse"
 MAGIC = b"L2VIT-SPARSE-v1\n"
 FORMAT_VERSION = 1
 ALIGNMENT = 64
+# Padded batches hold this multiple of non-zeros per image: one compiled step per file size class.
+CAPACITY_MULTIPLE = 256
 LABEL_ARRAYS = ("label", "mass", "pt")
 DataError = hdf5.DataError
 
@@ -253,3 +256,63 @@ class SparseSource(hdf5.LazyJetSource):
 
   def _read_image(self, arrays: dict[str, np.ndarray], index: int) -> np.ndarray:
     return dense_image(arrays, index, self.image_shape)
+
+  def capacity(self) -> int:
+    """Non-zeros per image of a padded batch: the file's maximum, rounded up to CAPACITY_MULTIPLE.
+
+    The whole file's maximum (not this subset's), so every split and subset compiles the same shapes.
+    """
+    counts = np.diff(np.asarray(open_arrays(self.path)["offsets"]))
+    largest = int(counts.max()) if len(counts) else 0
+    return max(-(-largest // CAPACITY_MULTIPLE), 1) * CAPACITY_MULTIPLE
+
+  def read_padded(self, record_keys: np.ndarray, capacity: int) -> dict[str, np.ndarray]:
+    """The records at ``record_keys`` in padded sparse form, without densifying anything.
+
+    ``positions`` (B, capacity) int32 flat positions within H·W·C, padded with H·W·C (outside every
+    image, so a scatter with mode='drop' ignores them); ``values`` (B, capacity) float32 padded with 0;
+    ``count`` (B,) int32; ``image_shape`` (3,); ``index`` and the labels as a dense batch has them.
+    """
+    if self._handle is None:
+      self._handle = self._open()
+    arrays, indices = self._handle, self.indices[np.asarray(record_keys, dtype=np.int64)]
+    starts, stops = arrays["offsets"][indices], arrays["offsets"][indices + 1]
+    positions = np.full((len(indices), capacity), np.prod(self.image_shape), np.int32)
+    values = np.zeros((len(indices), capacity), np.float32)
+    for row, (start, stop) in enumerate(zip(starts, stops)):  # contiguous copies, one per image
+      positions[row, :stop - start] = arrays["positions"][start:stop]
+      values[row, :stop - start] = arrays["values"][start:stop]
+    batch = {"positions": positions, "values": values, "count": (stops - starts).astype(np.int32),
+             "image_shape": np.asarray(self.image_shape), "index": indices.astype(np.int64)}
+    if self._labels is not None:
+      batch.update({k: v[indices] for k, v in self._labels.items()})
+    return batch
+
+
+class ReadPaddedBatch(grain.transforms.Map):
+  """Grain map from a batch of record keys (positions in ``source``) to ``SparseSource.read_padded``,
+  values divided by ``pixel_scale`` exactly as ``augment.ScalePixels`` divides dense images.
+
+  Scaling happens here, on the host, because XLA compiles a division by a broadcast divisor into a
+  multiplication by its reciprocal, which rounds differently. A value that scaling turns into ±0 in
+  bits (an underflow) is dropped, so the entries are exactly the non-zero pixels of the scaled image.
+  """
+
+  def __init__(self, source: SparseSource, pixel_scale: float = 1.0):
+    self.source = source
+    self.capacity = source.capacity()
+    self.pixel_scale = float(pixel_scale)
+
+  def map(self, record_keys: np.ndarray) -> dict[str, np.ndarray]:
+    batch = self.source.read_padded(record_keys, self.capacity)
+    if self.pixel_scale == 1.0:
+      return batch
+    values = batch["values"] / np.float32(self.pixel_scale)
+    kept = values.view(np.uint32) != 0  # padding (0) is never kept
+    positions, counts = batch["positions"], batch["count"]
+    for row in np.flatnonzero(kept.sum(axis=1) < counts):  # after an underflow only: compact the row
+      count = int(kept[row].sum())
+      positions[row, :count], values[row, :count] = positions[row, kept[row]], values[row, kept[row]]
+      positions[row, count:], values[row, count:] = np.prod(self.source.image_shape), 0.0
+      counts[row] = count
+    return {**batch, "positions": positions, "values": values, "count": counts}

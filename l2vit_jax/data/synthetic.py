@@ -28,7 +28,9 @@ close to the real files' (about 99 % zero pixels overall).
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import socket
 from typing import Callable
 
 import h5py
@@ -462,6 +464,43 @@ def _block_rng(seed: int, block_index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(block_index,)))
 
 
+def _partial_name(path: str, pid: int | str, host: str, token: str) -> str:
+  directory, name = os.path.split(os.path.abspath(path))
+  return os.path.join(directory, f".{name}.{pid}@{host}.{token}.partial")
+
+
+def _process_alive(pid: int) -> bool:
+  # As checkpointing's lock takeover checks it; data/ imports nothing above itself.
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def remove_stale_partials(path: str) -> list[str]:
+  """Deletes the temporaries of ``path`` that killed writers on this host left; returns their paths.
+
+  At full size a partial file is hundreds of MB and a killed run would leave one per kill. Only files of
+  this host whose process is gone are stale: another host's (shared filesystem) cannot be checked.
+  """
+  directory, name = os.path.split(os.path.abspath(path))
+  pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)@(.+)\.[0-9a-f]+\.partial$")  # see _partial_name
+  stale = []
+  for entry in os.listdir(directory) if os.path.isdir(directory) else ():
+    match = pattern.match(entry)
+    if match and match.group(2) == socket.gethostname() and not _process_alive(int(match.group(1))):
+      stale.append(os.path.join(directory, entry))
+  for partial in stale:
+    try:
+      os.remove(partial)
+    except FileNotFoundError:  # another writer cleaned it up first
+      pass
+  return stale
+
+
 def write_synthetic_hdf5(path: str, num: int, *, labelled: bool = True, seed: int = 0,
                          image_size: int = REAL_IMAGE_SIZE, chunk_size: int = 256,
                          progress: Callable[[int], None] | None = None) -> None:
@@ -471,7 +510,8 @@ def write_synthetic_hdf5(path: str, num: int, *, labelled: bool = True, seed: in
   ``labelled``, ``Y``, ``m``, ``pT`` (num, 1). Memory stays near ``chunk_size`` images whatever ``num``
   is. The file is written under a temporary name in the same directory and renamed into place only once
   complete, so an interrupted run never leaves a partial file under ``path`` nor destroys one already
-  there (a killed process may leave a hidden ``.NAME.*.partial`` file behind, never a truncated NAME).
+  there (a killed process leaves a hidden ``.NAME.PID@HOST.*.partial`` file behind, never a truncated
+  NAME; the next write of NAME on that host deletes it once process PID is gone).
 
   Image i is drawn from the generator of its block of IMAGES_PER_SEED_BLOCK images, so the content
   depends only on (seed, num, image_size), never on ``chunk_size``; an unlabelled file holds the same
@@ -482,10 +522,9 @@ def write_synthetic_hdf5(path: str, num: int, *, labelled: bool = True, seed: in
   """
   if num < 1 or chunk_size < 1 or image_size < 1:
     raise ValueError(f"need num, chunk_size and image_size >= 1, got {num}, {chunk_size}, {image_size}")
-  directory = os.path.dirname(os.path.abspath(path))
+  remove_stale_partials(path)
   # Hidden, unique and in the same directory, so os.replace is an atomic rename on the same filesystem.
-  temporary = os.path.join(
-      directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+  temporary = _partial_name(path, os.getpid(), socket.gethostname(), secrets.token_hex(4))
   try:
     with h5py.File(temporary, "w-") as f:
       f.attrs["generator"] = "l2vit_jax.data.synthetic"

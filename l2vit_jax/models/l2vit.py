@@ -95,10 +95,20 @@ class PatchEmbed(nnx.Module):
     self.norm = _layer_norm(embed_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
-    """(B, H, W, C) → tokens (B, gh·gw, D) in row-major grid order, and the grid (gh, gw)."""
-    x = self.proj(x)
-    batch, grid_h, grid_w, dim = x.shape
-    return self.norm(x.reshape(batch, grid_h * grid_w, dim)), (grid_h, grid_w)
+    """(B, H, W, C) → tokens (B, gh·gw, D) in row-major grid order, and the grid (gh, gw).
+
+    The stride-p p×p 'VALID' convolution computed as one (B·gh·gw, p·p·C) × (p·p·C, D) matmul on
+    the image cut into patches: the same sums (bit-identical forward on CPU), but XLA:CPU's kernel
+    gradient of the strided convolution transposed the whole input first (README "Performance").
+    """
+    x, kernel, bias = nnx_dtypes.promote_dtype(
+        (x, self.proj.kernel[...], self.proj.bias[...]), dtype=self.proj.dtype)
+    patch_h, patch_w, channels, dim = kernel.shape
+    batch, grid_h, grid_w = x.shape[0], x.shape[1] // patch_h, x.shape[2] // patch_w
+    x = x[:, :grid_h * patch_h, :grid_w * patch_w]  # 'VALID': a partial last patch is dropped
+    patches = x.reshape(batch, grid_h, patch_h, grid_w, patch_w, channels).transpose(0, 1, 3, 2, 4, 5)
+    tokens = patches.reshape(batch, grid_h * grid_w, patch_h * patch_w * channels) @ kernel.reshape(-1, dim)
+    return self.norm(tokens + bias), (grid_h, grid_w)
 
 
 class LinearAttention(nnx.Module):

@@ -1,0 +1,83 @@
+r"""Checks every checkpoint of a workdir against the digests saved with it.
+
+  python scripts/verify_checkpoint.py runs/finetune [runs/simclr gs://bucket/run ...]
+
+Reads each step under WORKDIR/checkpoints/ and WORKDIR/best/ (or a folder of steps given directly),
+recomputes the SHA-256 of every array and compares it with the digests in the step's meta. Prints
+one line per step (``ok``, ``DAMAGED: <arrays>``, ``unreadable: <error>`` or ``no digests`` for a
+checkpoint written before digests existed) and exits with status 1 if any step is damaged or
+unreadable, 2 if a directory holds no checkpoint. Steps set aside as ``<step>.damaged`` are listed,
+not checked.
+"""
+
+import os
+import sys
+
+# Runs from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # reading arrays needs no accelerator
+
+import orbax.checkpoint as ocp  # pylint: disable=wrong-import-position
+from absl import app, logging  # pylint: disable=wrong-import-position
+
+from l2vit_jax import checkpointing, paths  # pylint: disable=wrong-import-position
+
+ARRAY_ITEMS = ("model", "optimizer")
+
+
+def manager_dirs(directory: str) -> list[str]:
+  """``checkpoints/`` and ``best/`` of a workdir, or ``directory`` itself when it holds steps."""
+  found = [paths.join(directory, sub) for sub in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR)
+           if paths.is_dir(paths.join(directory, sub))]
+  return found or [directory]
+
+
+def check_step(manager: ocp.CheckpointManager, step: int) -> tuple[bool, str]:
+  """(intact, one-line verdict) for one step."""
+  step_dir = paths.as_path(manager.directory) / str(step)
+  items = {name: ocp.args.StandardRestore() for name in ARRAY_ITEMS if (step_dir / name).is_dir()}
+  try:
+    restored = checkpointing.restore_verified(manager, step, **items)
+  except checkpointing.CheckpointDamagedError as error:
+    return False, str(error).split(": damaged checkpoint: ", 1)[-1]
+  if checkpointing.DIGESTS not in restored["meta"]:
+    return True, "no digests (written before integrity checks): not verified"
+  return True, f"ok ({len(restored['meta'][checkpointing.DIGESTS])} arrays)"
+
+
+def verify(directory: str) -> tuple[int, int]:
+  """Prints a verdict per step; returns (steps checked, steps damaged)."""
+  checked = damaged = 0
+  for manager_dir in manager_dirs(directory):
+    if not paths.is_dir(manager_dir):
+      continue
+    set_aside = sorted(p.name for p in paths.as_path(manager_dir).iterdir()
+                       if checkpointing.DAMAGED_SUFFIX in p.name)
+    with checkpointing._manager(manager_dir, max_to_keep=None, read_only=True) as manager:  # pylint: disable=protected-access
+      for step in manager.all_steps():
+        intact, verdict = check_step(manager, step)
+        checked, damaged = checked + 1, damaged + (not intact)
+        print(f"{paths.join(manager_dir, str(step))}: {verdict if intact else 'DAMAGED: ' + verdict}")
+    for name in set_aside:
+      print(f"{paths.join(manager_dir, name)}: set aside earlier (not checked)")
+  return checked, damaged
+
+
+def main(argv):
+  if len(argv) < 2:
+    sys.exit("usage: verify_checkpoint.py WORKDIR [WORKDIR ...]")
+  logging.set_verbosity(logging.ERROR)  # Orbax's read-only notices; the verdicts are the output
+  status = 0
+  for directory in argv[1:]:
+    checked, damaged = verify(directory)
+    if not checked:
+      print(f"error: {directory}: no checkpoint found", file=sys.stderr)
+      status = max(status, 2)
+    elif damaged:
+      print(f"{directory}: {damaged} of {checked} checkpoint(s) damaged", file=sys.stderr)
+      status = 1 if status != 2 else status
+  sys.exit(status)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,70 @@
+"""scripts/benchmark.py: paired ratios with their spread, the load record, the per-operation profile.
+
+Timings are never asserted (they depend on the machine); the statistics and the report's fields are.
+"""
+
+import os
+
+import pytest
+
+from scripts import benchmark
+
+
+def test_summarize_reports_median_and_range():
+  assert benchmark.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0,
+                                                  "rounds": [3.0, 1.0, 2.0]}
+  assert benchmark.summarize([4.0, 1.0, 2.0, 3.0])["median"] == 2.5
+
+
+def test_paired_rounds_alternate_order_and_pair_ratios():
+  calls = []
+  runners = {name: (lambda steps, name=name: calls.append((name, steps))) for name in ("ours", "theirs")}
+  rounds = benchmark._paired_rounds(runners, steps=2, pairs=3)  # pylint: disable=protected-access
+  assert [name for name, _ in calls] == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
+  assert all(steps == 2 for _, steps in calls) and all(len(v) == 3 for v in rounds.values())
+  # Reference time over ours, per round: ours twice as fast in every round reads 2.0.
+  ratio = benchmark._ratio_summary([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])  # pylint: disable=protected-access
+  assert ratio["median"] == ratio["min"] == ratio["max"] == 2.0
+
+
+def test_load_monitor_marks_a_loaded_machine(monkeypatch):
+  load = benchmark.LoadMonitor().finish()
+  assert {"loadavg_1min_before", "loadavg_1min_after", "cpu_count", "loaded_fraction_threshold",
+          "loaded"} <= load.keys()
+  if os.path.exists("/proc/stat"):
+    assert 0.0 <= load["other_processes_cpu_fraction"]
+  # Any foreign CPU at all counts as load when the threshold is below zero, none when above one.
+  monkeypatch.setattr(benchmark, "LOADED_FRACTION", -1.0)
+  assert benchmark.LoadMonitor().finish()["loaded"]
+  monkeypatch.setattr(benchmark, "LOADED_FRACTION", 2.0)
+  assert not benchmark.LoadMonitor().finish()["loaded"]
+
+
+def test_tiny_run_reports_paired_ratios_load_and_profile(capsys):
+  report = benchmark.main(["--tiny", "--only=model,profile", "--pairs=3"])
+  assert isinstance(report["loaded"], bool)
+  for section in ("model", "profile"):
+    assert isinstance(report[section]["loaded"], bool)
+    assert report[section]["load"]["loaded_fraction_threshold"] == benchmark.LOADED_FRACTION
+  model = report["model"]
+  assert model["pairs"] == 3 and len(model["train_img_per_s_rounds"]["rounds"]) == 3
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pytest.skip("no torch: no ours/PyTorch ratios")
+  for kind in ("train", "inference"):
+    ratio = model[f"ratio_{kind}_ours_over_torch_rounds"]
+    assert len(ratio["rounds"]) == 3 and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert model[f"ratio_{kind}_ours_over_torch"] == ratio["median"]
+  printed = capsys.readouterr().err
+  assert "ratio_train_ours_over_torch: median" in printed
+  assert ("LOADED MACHINE" in printed) == report["loaded"]
+  profile = report["profile"]
+  for who in ("ours", "torch"):
+    for kind in ("train", "inference"):
+      times = profile[who][kind]["ms_per_step"]
+      assert {key.split("/")[0] for key in times} <= set(benchmark.PROFILE_CATEGORIES), (who, kind)
+      assert sum(times.values()) > 0
+  # The scopes that attribute our operations are found in the trace, forward and backward.
+  assert {"linear_matmuls/fwd", "linear_matmuls/bwd", "gelu/fwd", "layernorm/fwd"} <= set(
+      profile["ours"]["train"]["ms_per_step"])

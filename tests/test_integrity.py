@@ -1,0 +1,287 @@
+"""Checkpoint integrity and storage faults, through the real command line (issue 15, items 1 and 2).
+
+One short finetuning run (checkpoints at steps 5, 10 and 15) is trained once; every test damages a
+copy of it: bytes flipped in an array file (as a bad disk block or a torn copy would), a full disk
+(a size-limited tmpfs, root only) or a file-size limit (unprivileged) during a save.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from conftest import write_jet_file
+from l2vit_jax import checkpointing, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+ENV.pop("XLA_FLAGS", None)
+RUN = ("--config.checkpoint_every_steps=5",)  # 5 steps an epoch, 20 in all (num_epochs=4)
+# The CLI under a file-size limit; SIGXFSZ ignored so an oversized write fails with EFBIG instead of
+# killing the process (set in the child itself: no preexec_fn in a process with threads).
+LIMITED_CLI = ("import resource, runpy, signal, sys; limit = int(sys.argv.pop(1)); "
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+               "sys.argv[0] = 'l2vit_jax.main'; "
+               "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)")
+
+
+def _write_config(path, task, labelled, **overrides) -> str:
+  path.write_text(f"from conftest import tiny_config\n\n"
+                  f"def get_config():\n"
+                  f"  return tiny_config({task!r}, {str(labelled)!r}, '', **{overrides!r})\n")
+  return str(path)
+
+
+def _cli(config_file, workdir, *flags, prefix=("-m", "l2vit_jax.main")) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *prefix, f"--config={config_file}", f"--workdir={workdir}",
+                         *flags], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _verify(workdir) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "verify_checkpoint.py"),
+                         str(workdir)], env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def _all_intact(workdir) -> bool:
+  """What ``_verify`` checks, in this process (no start-up cost): every step verifies."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  try:
+    import verify_checkpoint  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  checked, damaged = verify_checkpoint.verify(str(workdir))
+  return checked > 0 and damaged == 0
+
+
+def _error_line(result, *fragments) -> str:
+  """Non-zero exit, no traceback, and one ``error:`` line holding ``fragments``, last on stderr."""
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode != 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-5000:]
+  errors = [line for line in lines if line.startswith("error: ")]
+  assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  return errors[0]
+
+
+def _entries(workdir, sub=checkpointing.LATEST_DIR) -> list[str]:
+  return sorted(os.listdir(os.path.join(workdir, sub)))
+
+
+def _resumed_from(result) -> int:
+  line = next(line for line in result.stderr.splitlines() if "Resumed finetune from step" in line)
+  return int(line.split("from step ")[1].split()[0])
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(config file, workdir) of a run stopped at step 15 with checkpoints 5, 10, 15 and best/."""
+  root = tmp_path_factory.mktemp("integrity")
+  ENV["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")
+  labelled = write_jet_file(root / "labelled.h5", num=65)
+  config_file = _write_config(root / "config.py", "finetune", labelled, num_epochs=4)
+  workdir = str(root / "trained")
+  result = _cli(config_file, workdir, *RUN, "--config.stop_after_steps=15")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _entries(workdir) == ["10", "15", "5"]
+  return {"config": config_file, "workdir": workdir, "labelled": labelled, "root": root}
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  copy = str(tmp_path / "run")
+  shutil.copytree(trained["workdir"], copy)
+  return copy
+
+
+# --- damage ---------------------------------------------------------------------------------------------
+
+def _biggest_file(directory) -> str:
+  files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+  return max(files, key=os.path.getsize)
+
+
+def flip_bytes(step_dir, count=64) -> str:
+  """Inverts ``count`` bytes in the middle of the biggest file under ``step_dir/model``, as the issue
+  did (a bad disk block); returns the file."""
+  path = _biggest_file(os.path.join(step_dir, "model"))
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+  open(path, "wb").write(bytes(data))
+  return path
+
+
+def _read_params(step_dir) -> dict:
+  """The step's parameters as stored, read past every check (a plain Orbax restore)."""
+  with ocp.CheckpointManager(os.path.dirname(os.path.abspath(step_dir)),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    restored = manager.restore(int(os.path.basename(step_dir)),
+                               args=ocp.args.Composite(model=ocp.args.StandardRestore()))
+  return {name: np.asarray(value) for name, value in restored["model"]["params"].items()}
+
+
+def nudge_values(step_dir) -> str:
+  """Damage that stays finite: one bit flipped in the biggest array file under ``step_dir/model``, at
+  the first position from its middle where the stored parameters still read back and differ from the
+  saved ones by less than 1, all finite (chunks are compressed, so which bits qualify is found by
+  trying).
+  Returns the damaged array's name."""
+  original = _read_params(step_dir)
+  path = _biggest_file(os.path.join(step_dir, "model"))
+  data = bytearray(open(path, "rb").read())
+  for offset in range(len(data) // 2, len(data), 101):
+    data[offset] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    try:
+      damaged = _read_params(step_dir)
+    except Exception:  # pylint: disable=broad-except  # unreadable: not the damage wanted here
+      damaged = original
+    changed = [name for name in original if not np.array_equal(original[name], damaged[name])]
+    plausible = all(np.isfinite(damaged[name]).all() and
+                    np.abs(damaged[name] - original[name]).max() < 1.0 for name in changed)
+    if changed and plausible:  # weights a training run would go on from without a word
+      return f"model/params/{changed[0]}"
+    data[offset] ^= 0x01
+  open(path, "wb").write(bytes(data))
+  raise AssertionError(f"no single-bit flip in {path} kept the values finite")
+
+
+# --- 1. integrity --------------------------------------------------------------------------------------
+
+def test_damaged_latest_checkpoints_are_set_aside_and_the_run_resumes_from_one_that_verifies(
+    trained, workdir):
+  """Step 15: the issue's 64 flipped bytes (non-finite values once read). Step 10: values nudged and
+  still finite (before this change training went on from them silently). Both set aside, with one
+  warning line each naming the arrays; the run resumes from step 5 and finishes."""
+  checkpoints = os.path.join(workdir, checkpointing.LATEST_DIR)
+  flip_bytes(os.path.join(checkpoints, "15"))
+  nudged = nudge_values(os.path.join(checkpoints, "10"))
+
+  check = _verify(workdir)
+  assert check.returncode == 1, check.stdout + check.stderr
+  verdicts = dict(line.split(": ", 1) for line in check.stdout.splitlines())
+  assert verdicts[os.path.join(checkpoints, "5")].startswith("ok")
+  assert verdicts[os.path.join(checkpoints, "10")].startswith("DAMAGED") and nudged in verdicts[
+      os.path.join(checkpoints, "10")]
+  assert verdicts[os.path.join(checkpoints, "15")].startswith("DAMAGED: 1 array(s) differ")
+
+  result = _cli(trained["config"], workdir, *RUN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  warnings = [line for line in result.stderr.splitlines() if "damaged checkpoint" in line]
+  assert len(warnings) == 2, warnings
+  assert "checkpoints/15: damaged checkpoint: 1 array(s) differ from the digests" in warnings[0]
+  assert "model/params/" in warnings[0] and "set aside as" in warnings[0]
+  assert "checkpoints/10: damaged checkpoint" in warnings[1] and nudged in warnings[1]
+  assert _resumed_from(result) == 5
+  assert "15.damaged" in _entries(workdir) and "10.damaged" in _entries(workdir)
+  assert {"10", "15", "20"} <= set(_entries(workdir))  # redone from step 5
+  assert _all_intact(workdir)  # the set-aside steps are listed, not counted
+
+
+def test_when_no_checkpoint_verifies_the_run_stops_in_one_line(trained, workdir):
+  for step in ("5", "10", "15"):
+    flip_bytes(os.path.join(workdir, checkpointing.LATEST_DIR, step))
+  line = _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints: no checkpoint verifies",
+                     "step(s) 15, 10, 5 are damaged and were set aside")
+  assert "Resumed" not in line
+  assert _entries(workdir) == ["10.damaged", "15.damaged", "5.damaged"]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+
+
+def test_evaluation_and_the_finetune_bridge_refuse_a_damaged_checkpoint(trained, workdir):
+  (step,) = _entries(workdir, checkpointing.BEST_DIR)
+  best = os.path.join(workdir, checkpointing.BEST_DIR, step)
+  nudged = nudge_values(best)
+  before = sorted(os.listdir(best))
+  evaluate = _write_config(trained["root"] / "evaluate.py", "evaluate", trained["labelled"],
+                           checkpoints=f"tiny={workdir}", physics_baseline=False, split="test",
+                           bootstrap_samples=10, report_title="report", report_notes="")
+  _error_line(_cli(evaluate, str(trained["root"] / "report")), f"{best}: damaged checkpoint", nudged)
+  finetune = _cli(trained["config"], str(trained["root"] / "bridge"), f"--config.init_from={workdir}")
+  _error_line(finetune, f"{best}: damaged checkpoint", nudged)
+  assert sorted(os.listdir(best)) == before  # refused, not set aside: these runs only read it
+
+
+def test_checkpoints_without_digests_still_load_with_a_warning(trained, workdir, caplog):
+  (step,) = _entries(workdir, checkpointing.BEST_DIR)
+  meta_file = os.path.join(workdir, checkpointing.BEST_DIR, step, "meta", "metadata")
+  meta = json.load(open(meta_file))
+  del meta[checkpointing.DIGESTS]  # as written before this change
+  json.dump(meta, open(meta_file, "w"))
+  arrays, _ = checkpointing.read_model_checkpoint(workdir)
+  assert arrays["params"]
+  assert "has no array digests (written before integrity checks)" in caplog.text
+
+
+def test_imported_weights_carry_digests(tmp_path):
+  """``save_model_checkpoint`` (scripts/convert_torch_checkpoint.py) writes digests too."""
+  model = models.L2ViT(img_size=25, embed_dim=32, depth=1, num_heads=2, rngs=nnx.Rngs(0))
+  checkpointing.save_model_checkpoint(str(tmp_path), model, {"model_config": {}})
+  best = os.path.join(tmp_path, checkpointing.BEST_DIR, "0")
+  flip_bytes(best)
+  with pytest.raises(checkpointing.CheckpointDamagedError, match=f"{best}: damaged checkpoint"):
+    checkpointing.read_model_checkpoint(str(tmp_path))
+
+
+# --- 2. storage faults ---------------------------------------------------------------------------------
+
+def _assert_save_failed_cleanly(result, workdir, cause):
+  _error_line(result, f"{os.path.join(workdir, checkpointing.LATEST_DIR)}: checkpoint save failed: "
+              f"{cause}")
+  complete = [name for name in _entries(workdir) if name.isdigit()]
+  assert sorted(complete, key=int) == ["5", "10", "15"]  # nothing half-written taken for step 20
+  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert _all_intact(workdir)  # the earlier checkpoints are intact
+
+
+def _assert_resumes_after_space_is_freed(trained, workdir):
+  result = _cli(trained["config"], workdir, *RUN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _resumed_from(result) == 15
+  assert [name for name in _entries(workdir) if not name.isdigit()] == []  # leftovers removed
+  assert "20" in _entries(workdir)
+
+
+def test_a_full_disk_during_a_save_stops_in_one_line_and_the_rerun_resumes(trained, tmp_path):
+  if os.geteuid() != 0:
+    pytest.skip("mounting a size-limited tmpfs needs root; the file-size-limit test covers the rest")
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  try:
+    workdir = str(mount / "run")
+    shutil.copytree(trained["workdir"], workdir)
+    free = shutil.disk_usage(mount).free
+    filler = mount / "filler"
+    with open(filler, "wb") as f:  # leave 100 KiB: the log fits, a checkpoint (~0.5 MiB) does not
+      f.write(b"\0" * (free - 100 * 1024))
+    _assert_save_failed_cleanly(_cli(trained["config"], workdir, *RUN), workdir,
+                                "[Errno 28] No space left on device")
+    filler.unlink()
+    _assert_resumes_after_space_is_freed(trained, workdir)
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_write_error_during_a_save_stops_in_one_line_and_the_rerun_resumes(trained, workdir):
+  """Unprivileged: a 40 kB file-size limit (RLIMIT_FSIZE) makes the checkpoint's array files fail
+  with EFBIG while the log and config still fit."""
+  result = _cli(trained["config"], workdir, *RUN, prefix=("-c", LIMITED_CLI, "40000"))
+  _assert_save_failed_cleanly(result, workdir, "[Errno 27] File too large")
+  _assert_resumes_after_space_is_freed(trained, workdir)
