@@ -34,22 +34,28 @@ def _jsonable(value):
   return value
 
 
-def complete_lines(text: str) -> list[str]:
-  """The lines of a JSON-lines log that hold a whole JSON object (a torn or blank line is dropped)."""
+def complete_lines(text: str, up_to_step: int | None = None) -> list[str]:
+  """The lines of a JSON-lines log that hold a whole JSON object (a torn or blank line is dropped),
+  and with ``up_to_step`` only those of steps up to it."""
   lines = []
   for line in text.splitlines():
     try:
-      if isinstance(json.loads(line), dict):
-        lines.append(line + "\n")
+      record = json.loads(line)
     except ValueError:
-      pass
+      continue
+    if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
+      lines.append(line + "\n")
   return lines
 
 
 class MetricWriter:
-  """Adds one JSON object per call to ``metrics.jsonl`` (resumed runs continue the same file)."""
+  """Adds one JSON object per call to ``metrics.jsonl`` (resumed runs continue the same file).
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  ``resume_step``: the step a run starts from. Rows past it, left by a run killed after its last
+  checkpoint (or before its first), are redone, so they are dropped from the file at once.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.path = paths.join(workdir, "metrics.jsonl")
     self._remote = paths.is_remote(workdir)
@@ -57,7 +63,10 @@ class MetricWriter:
     self._unflushed = False
     self._last_flush = time.monotonic()
     if self.enabled and paths.exists(self.path):
-      self._lines = complete_lines(paths.read_text(self.path))
+      text = paths.read_text(self.path)
+      self._lines = complete_lines(text, up_to_step=resume_step)
+      if "".join(self._lines) != text:
+        paths.write_text(self.path, "".join(self._lines))
     self._tensorboard = None
     if self.enabled and tensorboard and self._remote:
       logging.info("TensorBoard events are not written to a %s workdir (tensorboardX writes local "

@@ -74,14 +74,6 @@ def write_text(path: PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
-def append_text(path: PathLike, text: str) -> None:
-  """Appends to a local file (object stores cannot append: callers rewrite with ``write_text``)."""
-  if is_remote(path):
-    raise ValueError(f"{path}: objects cannot be appended to; rewrite them whole with write_text")
-  with open(path, "a", encoding="utf-8") as file:
-    file.write(text)
-
-
 def write_with(path: PathLike, writer, **kwargs) -> None:
   """Runs ``writer(file_object, **kwargs)`` into memory and writes the bytes with ``write_bytes``.
 

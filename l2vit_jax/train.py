@@ -8,7 +8,6 @@ with the NNX graph split outside jit and merged inside (DESIGN.md §6). Dropout 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -252,23 +251,6 @@ def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None
         f"(task {meta['task']!r}){'; ' + details if details else ''}. Use a new --workdir.")
 
 
-def _truncate_metrics(workdir: str, step: int) -> None:
-  """Drops log rows past ``step`` left by a run killed after its last checkpoint (they are redone)."""
-  path = paths.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not paths.exists(path):
-    return
-  lines = paths.read_text(path).splitlines(keepends=True)
-  kept = []
-  for line in lines:
-    try:
-      if json.loads(line)["step"] <= step:
-        kept.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass  # a line cut short by the kill
-  if len(kept) != len(lines):
-    paths.write_text(path, "".join(kept))
-
-
 def _check_enough_examples(task: tasks.Task, per_process_batch: int) -> None:
   """The training split must fill one batch per process, and validation must see one example each."""
   path = getattr(task.train_source, "path", "training data")
@@ -447,14 +429,13 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
     early = saved_meta["early_stopping"]
     logging.info("Resumed %s from step %d (epoch %.2f) in %s", task.name, step,
                  step / steps_per_epoch, workdir)
-  # Rows logged after the checkpoint we resume from (or by a run killed before its first one) are
-  # redone: drop them so every step is logged once.
-  _truncate_metrics(workdir, step)
   write_config(config, workdir)
 
   skip_nonfinite = bool(config.get("skip_nonfinite_steps", False))
   train_step, eval_step = steps.train, steps.eval
-  writer = metrics_writer.MetricWriter(workdir, tensorboard=config.tensorboard)
+  # Rows logged after the step we start from (by a run killed after its last checkpoint, or before
+  # its first) are redone: the writer drops them, so every step is logged once.
+  writer = metrics_writer.MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=step)
   try:
     progress = metrics_writer.Progress(total_steps, step, config.batch_size)
     logging.info("%s: %d steps (%d epochs × %d), global batch %d on %d %s devices / %d processes "

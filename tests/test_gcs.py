@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from conftest import write_jet_file
-from l2vit_jax import checkpointing, metrics_writer, paths, train
+from l2vit_jax import checkpointing, metrics_writer, paths
 from test_reliability import ENV, _assert_one_line_error, _write_config
 
 BUCKET = "l2vit-test"
@@ -201,9 +201,8 @@ def test_metrics_on_gcs_are_rewritten_whole_and_truncated_on_resume(gcs):
     writer.write(step, {"train/loss": 1.0 / step})
   writer.close()
   assert _logged_steps(gcs, "metrics") == [1, 2, 3, 4, 5, 6]
-  train._truncate_metrics(workdir, 4)  # pylint: disable=protected-access  # a resume from step 4
+  resumed = metrics_writer.MetricWriter(workdir, resume_step=4)  # a resume from step 4
   assert _logged_steps(gcs, "metrics") == [1, 2, 3, 4]
-  resumed = metrics_writer.MetricWriter(workdir)
   resumed.write(5, {"train/loss": 0.2})
   resumed.flush()
   assert _logged_steps(gcs, "metrics") == [1, 2, 3, 4, 5]
