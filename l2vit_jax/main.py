@@ -9,6 +9,7 @@ A preempted run (SIGTERM, or Ctrl-C) saves a checkpoint and exits with 128 + the
 
 import os
 import sys
+import warnings
 
 from l2vit_jax import platform
 
@@ -166,6 +167,9 @@ def dispatch(config, workdir: str):
 def _fail(message: str, status: int = 1):
   """One line on stderr (absl's handler would add a prefix, and a second copy if we also logged it)."""
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  # An aborted Orbax save (e.g. a full disk) can leave its write coroutines unawaited; Python warns
+  # about them at interpreter exit, below the error line the user should read last.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
   sys.exit(status)
 
 

@@ -285,3 +285,18 @@ def test_a_write_error_during_a_save_stops_in_one_line_and_the_rerun_resumes(tra
   result = _cli(trained["config"], workdir, *RUN, prefix=("-c", LIMITED_CLI, "40000"))
   _assert_save_failed_cleanly(result, workdir, "[Errno 27] File too large")
   _assert_resumes_after_space_is_freed(trained, workdir)
+
+
+def test_the_error_line_stays_last_when_an_aborted_save_left_coroutines_unawaited():
+  """Seen in CI on a full disk: Orbax left write coroutines unawaited, and Python's warning about
+  them at interpreter exit landed below the error line."""
+  code = ("import atexit\n"
+          "from l2vit_jax import main\n"
+          "async def write_fragment(): pass\n"
+          "pending = [write_fragment()]\n"
+          "atexit.register(pending.clear)  # dropped at exit, as Orbax's were\n"
+          "main._fail('checkpoint save failed')\n")
+  result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == "error: checkpoint save failed", result.stderr
