@@ -14,6 +14,7 @@ import warnings
 from l2vit_jax import platform
 
 platform.configure_xla_flags()  # before JAX starts a backend: XLA reads XLA_FLAGS only once
+platform.configure_allocator()  # before any thread starts: a thread keeps its first malloc arena
 
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position

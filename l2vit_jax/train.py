@@ -477,9 +477,16 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
     history: list[dict] = []  # metrics since the last log step
     skipped_steps = 0
     preempted = False
+    # XLA:CPU allocates a step's temporaries (GBs) when the step is dispatched. With freed memory
+    # kept for reuse (platform.configure_allocator), every step run ahead would keep a block of its
+    # own, so on CPU the next batch is prepared while a step runs but dispatched after it ends.
+    one_step_in_flight = jax.default_backend() == "cpu"
+    metrics = None
     with jax.set_mesh(mesh):
       while step < total_steps and not early["stopped_early"]:
         batch = _device_batch(next(train_iterator), train_keys, mesh)
+        if one_step_in_flight:
+          jax.block_until_ready(metrics)
         params, batch_stats, opt_state, metrics = train_step(
             params, batch_stats, other, opt_state, jnp.int32(step), batch)
         history.append(metrics)

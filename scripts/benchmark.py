@@ -219,14 +219,14 @@ class _JaxTrainer:
     for _ in range(steps):
       params, batch_stats, opt_state, metrics = self.train_step(
           params, batch_stats, other, opt_state, self.jax.numpy.int32(self.step_count), self.batch)
+      self.jax.block_until_ready(metrics)  # one step in flight, as the train loop runs on CPU
       self.step_count += 1
     self.jax.block_until_ready((params, metrics))
     self.state = [params, batch_stats, other, opt_state]
 
   def run_inference(self, steps: int) -> None:
     for _ in range(steps):
-      outputs = self.forward(self.eval_state, self.batch["image"])
-    self.jax.block_until_ready(outputs)
+      outputs = self.jax.block_until_ready(self.forward(self.eval_state, self.batch["image"]))
 
 
 class _TorchTrainer:
@@ -275,16 +275,21 @@ def _fake_batch(args):
   return images, batch
 
 
-def _paired_rounds(runners: dict[str, Callable[[int], None]], steps: int,
-                   pairs: int) -> dict[str, list[float]]:
+def _paired_rounds(runners: dict[str, Callable[[int], None]], steps: int, pairs: int,
+                   page_faults: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
   """Seconds per step of every runner in each of ``pairs`` rounds. A round runs each runner once,
-  in reverse order every other round, so that a drift in machine speed hits ours and theirs alike."""
+  in reverse order every other round, so that a drift in machine speed hits ours and theirs alike.
+  ``page_faults``, if given, receives each runner's minor page faults per step, round by round."""
   seconds = {name: [] for name in runners}
   for round_index in range(pairs):
     for name in (list(runners) if round_index % 2 == 0 else list(runners)[::-1]):
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       runners[name](steps)
       seconds[name].append((time.perf_counter() - start) / steps)
+      if page_faults is not None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        page_faults.setdefault(name, []).append(faults / steps)
   return seconds
 
 
@@ -361,7 +366,10 @@ def bench_model(args, matmul: dict | None) -> dict:
       runners.update(torch_train=theirs.run_train, torch_inference=theirs.run_inference)
     except ImportError as error:
       torch_error = str(error)
-  rounds = _paired_rounds(runners, args.steps, args.pairs)
+  # An untimed round first: the heap settles once both models have allocated beside each other.
+  _paired_rounds(runners, 1, 1)
+  page_faults: dict[str, list[float]] = {}
+  rounds = _paired_rounds(runners, args.steps, args.pairs, page_faults)
   seconds = {name: summarize(values)["median"] for name, values in rounds.items()}
   forward_flops = analytic_forward_flops(args)
   train_flop_rate = 3 * forward_flops * args.batch / seconds["jax_train"]
@@ -377,6 +385,8 @@ def bench_model(args, matmul: dict | None) -> dict:
       "train_img_per_s_rounds": _rates(args.batch, rounds["jax_train"]),
       "inference_img_per_s_rounds": _rates(args.batch, rounds["jax_inference"]),
       "train_step_seconds": seconds["jax_train"],
+      # Faulting in fresh pages every step cost ~1 s before the allocator was tuned (platform.py).
+      "minor_page_faults_per_step": {name: summarize(values) for name, values in page_faults.items()},
       "train_compile_seconds": ours.compile_seconds,
       "inference_compile_seconds": ours.forward_compile_seconds,
       "analytic_train_gflop_per_image": 3 * forward_flops / 1e9,
@@ -827,6 +837,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   from l2vit_jax import platform as l2vit_platform  # pylint: disable=import-outside-toplevel
   applied_flags = l2vit_platform.configure_xla_flags()
+  allocator_tuned = l2vit_platform.configure_allocator()
   import jax  # pylint: disable=import-outside-toplevel
   report = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -837,6 +848,8 @@ def main(argv: list[str] | None = None) -> dict:
       "versions": {"python": python_platform.python_version(), "jax": jax.__version__},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "xla_flags_added_by_l2vit": applied_flags,
+      # glibc keeps freed memory for reuse (l2vit_jax/platform.py); L2VIT_NO_MALLOC_TUNING=1 is off.
+      "allocator_tuned": allocator_tuned,
   }
   timings = {}
   for section in SECTIONS:

@@ -181,3 +181,34 @@ def test_benchmark_runs_tiny_and_reports_expected_keys(tmp_path):
   assert all(r['linear_ms'] > 0 and r['softmax_ms'] > 0 for r in report['attention']['forward'])
   pipe = report['pipeline']
   assert set(pipe['formats']) == {'hdf5', 'sparse'} and pipe['size_ratio_hdf5_over_sparse'] > 1
+
+
+_SECOND_ALLOCATION_FAULTS = """
+import json, resource
+from l2vit_jax import platform
+tuned = platform.configure_allocator()  # before numpy starts its threads, as main.py does
+import numpy as np
+block = np.ones(64 << 20, np.float32)  # 256 MiB, written: every page faulted in once
+del block
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = np.ones(64 << 20, np.float32)
+print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.parametrize("opt_out", ["", "1"])
+def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again(opt_out):
+  """A train step's temporaries are one multi-GB block per step; glibc by default maps it fresh each
+  time, and faulting it in cost about a third of the CPU step (README "Performance")."""
+  env = dict(os.environ, PYTHONPATH=REPO, L2VIT_NO_MALLOC_TUNING=opt_out,
+             NUMPY_MADVISE_HUGEPAGE="0")  # count 4 KiB pages, whatever the kernel's THP setting
+  result = subprocess.run([sys.executable, "-c", _SECOND_ALLOCATION_FAULTS], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+  measured = json.loads(result.stdout)
+  pages = (256 << 20) // 4096
+  if not opt_out and not measured["tuned"]:
+    pytest.skip("not Linux with glibc: mallopt is unavailable and the allocator is left alone")
+  if opt_out:
+    assert not measured["tuned"] and measured["faults"] > pages // 2, measured
+  else:
+    assert measured["faults"] < pages // 100, measured

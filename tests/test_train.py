@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -193,3 +194,30 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
   steps = [r["step"] for r in rows]
   assert steps == sorted(set(steps)) and steps[-1] == rows[-1]["step"]  # one writer, no duplicates
   assert "val/loss" in rows[-1]
+
+
+def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tmp_path, monkeypatch):
+  """XLA:CPU allocates a step's temporaries when it is dispatched; with freed memory kept for reuse
+  (platform.configure_allocator) every step run ahead would keep a block of its own. Each step here
+  ends with a slow host callback, so a loop that ran ahead would dispatch before it ended."""
+  make_train_step = train.make_train_step
+  previous_ended = []
+
+  def make_slow_train_step(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+    slow = jax.jit(lambda x: jax.pure_callback(lambda value: (time.sleep(0.2), value)[1],
+                                               jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+    last = {}
+
+    def slow_train_step(*step_args):
+      if last:
+        previous_ended.append(all(leaf.is_ready() for leaf in jax.tree.leaves(last)))
+      params, batch_stats, opt_state, metrics = train_step(*step_args)
+      last.update(metrics, slow=slow(metrics["loss"]))
+      return params, batch_stats, opt_state, dict(last)
+    return slow_train_step
+
+  monkeypatch.setattr(train, "make_train_step", make_slow_train_step)
+  train.train_and_evaluate(_config("finetune", files, num_epochs=1, log_every_steps=1000),
+                           str(tmp_path))  # no log row between steps: nothing else waits for them
+  assert len(previous_ended) >= 3 and all(previous_ended), previous_ended
