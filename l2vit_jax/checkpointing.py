@@ -555,16 +555,6 @@ class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir's lock."""
 
 
-def _process_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
-
-
 class WorkdirLock:
   """``WORKDIR/lock``: created atomically by the one process writing a workdir (``O_CREAT | O_EXCL``
   locally; on ``gs://`` an upload with the precondition ``ifGenerationMatch=0``, see ``paths``).
@@ -605,7 +595,7 @@ class WorkdirLock:
         continue  # released between our attempt and the read
       same_host = holder.get("host") == self.owner["host"]
       pid = holder.get("pid")
-      if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not _process_alive(pid):
+      if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not paths.process_alive(pid):
         logging.warning("%s: taking over a stale lock of process %d on %s (started %s), which is no "
                         "longer running (killed?)", self.path, pid, holder.get("host"), holder.get("since"))
         paths.remove(self.path)

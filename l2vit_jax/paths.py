@@ -114,3 +114,14 @@ def remove(path: PathLike) -> None:
   except FileNotFoundError:
     pass
 
+
+def process_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists on this host: decides if the writer of a lock or a temporary
+  file is gone (its leftovers may then be taken over or removed)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True

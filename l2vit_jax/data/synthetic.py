@@ -36,6 +36,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from l2vit_jax import paths
 from l2vit_jax.data import hdf5
 
 NUM_CHANNELS = hdf5.NUM_CHANNELS
@@ -469,17 +470,6 @@ def _partial_name(path: str, pid: int | str, host: str, token: str) -> str:
   return os.path.join(directory, f".{name}.{pid}@{host}.{token}.partial")
 
 
-def _process_alive(pid: int) -> bool:
-  # As checkpointing's lock takeover checks it; data/ imports nothing above itself.
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # someone else's process
-    return True
-  return True
-
-
 def remove_stale_partials(path: str) -> list[str]:
   """Deletes the temporaries of ``path`` that killed writers on this host left; returns their paths.
 
@@ -491,7 +481,7 @@ def remove_stale_partials(path: str) -> list[str]:
   stale = []
   for entry in os.listdir(directory) if os.path.isdir(directory) else ():
     match = pattern.match(entry)
-    if match and match.group(2) == socket.gethostname() and not _process_alive(int(match.group(1))):
+    if match and match.group(2) == socket.gethostname() and not paths.process_alive(int(match.group(1))):
       stale.append(os.path.join(directory, entry))
   for partial in stale:
     try:
