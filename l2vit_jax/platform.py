@@ -46,6 +46,7 @@ def configure_xla_flags(flags: dict[str, str] | None = None) -> list[str]:
 # glibc's mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 ALLOCATOR_OPT_OUT_VARIABLE = "L2VIT_NO_MALLOC_TUNING"
+_allocator_tuned = False
 
 
 def configure_allocator() -> bool:
@@ -67,4 +68,12 @@ def configure_allocator() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim
-  return all(mallopt(parameter, value) == 1 for parameter, value in settings)
+  global _allocator_tuned
+  _allocator_tuned = all(mallopt(parameter, value) == 1 for parameter, value in settings)
+  return _allocator_tuned
+
+
+def allocator_tuned() -> bool:
+  """Whether :func:`configure_allocator` took effect in this process: freed memory stays resident,
+  so whatever a computation allocates ahead of running keeps its pages once it has run."""
+  return _allocator_tuned

@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from l2vit_jax import checkpointing, metrics_writer, paths, sharding, tasks
+from l2vit_jax import platform as l2vit_platform  # "platform" names a mesh platform string here
 from l2vit_jax.data import device_augment, hdf5, pipeline
 from l2vit_jax.models import depthwise
 
@@ -479,8 +480,8 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
     preempted = False
     # XLA:CPU allocates a step's temporaries (GBs) when the step is dispatched. With freed memory
     # kept for reuse (platform.configure_allocator), every step run ahead would keep a block of its
-    # own, so on CPU the next batch is prepared while a step runs but dispatched after it ends.
-    one_step_in_flight = jax.default_backend() == "cpu"
+    # own, so there the next batch is prepared while a step runs but dispatched after it ends.
+    one_step_in_flight = jax.default_backend() == "cpu" and l2vit_platform.allocator_tuned()
     metrics = None
     with jax.set_mesh(mesh):
       while step < total_steps and not early["stopped_early"]:

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, sharding, tasks, train
+from l2vit_jax import checkpointing, platform, sharding, tasks, train
 from l2vit_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,8 +198,9 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
 
 def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tmp_path, monkeypatch):
   """XLA:CPU allocates a step's temporaries when it is dispatched; with freed memory kept for reuse
-  (platform.configure_allocator) every step run ahead would keep a block of its own. Each step here
-  ends with a slow host callback, so a loop that ran ahead would dispatch before it ended."""
+  (platform.configure_allocator, which main.py calls) every step run ahead would keep a block of its
+  own. Each step here ends with a slow host callback, so a loop that ran ahead would dispatch before
+  it ended."""
   make_train_step = train.make_train_step
   previous_ended = []
 
@@ -218,6 +219,7 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tm
     return slow_train_step
 
   monkeypatch.setattr(train, "make_train_step", make_slow_train_step)
+  monkeypatch.setattr(platform, "_allocator_tuned", True)  # as main.py leaves it on Linux
   train.train_and_evaluate(_config("finetune", files, num_epochs=1, log_every_steps=1000),
                            str(tmp_path))  # no log row between steps: nothing else waits for them
   assert len(previous_ended) >= 3 and all(previous_ended), previous_ended
