@@ -26,13 +26,17 @@ CPU_FLAGS: dict[str, str] = {}
 OPT_OUT_VARIABLE = "L2VIT_NO_XLA_FLAGS"
 
 
+def _opted_out(variable: str) -> bool:
+  return os.environ.get(variable, "") not in ("", "0")
+
+
 def configure_xla_flags(flags: dict[str, str] | None = None) -> list[str]:
   """Adds ``flags`` (default :data:`CPU_FLAGS`) to ``XLA_FLAGS`` unless already set there.
 
   Returns the ``--name=value`` strings it added. Flags for backends that are not used are ignored
   by XLA, so this is safe to call on any machine.
   """
-  if os.environ.get(OPT_OUT_VARIABLE, "") not in ("", "0"):
+  if _opted_out(OPT_OUT_VARIABLE):
     return []
   flags = CPU_FLAGS if flags is None else flags
   existing = os.environ.get("XLA_FLAGS", "")
@@ -60,7 +64,7 @@ def configure_allocator() -> bool:
   its peak memory, which the step needs anyway. Returns whether the settings took effect: only on
   Linux with glibc, and not when ``L2VIT_NO_MALLOC_TUNING=1``.
   """
-  if os.environ.get(ALLOCATOR_OPT_OUT_VARIABLE, "") not in ("", "0") or not sys.platform.startswith("linux"):
+  if _opted_out(ALLOCATOR_OPT_OUT_VARIABLE) or not sys.platform.startswith("linux"):
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt

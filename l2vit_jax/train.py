@@ -195,6 +195,16 @@ def build_steps(config, model: nnx.Module, loss_fn: Callable, mesh, *, steps_per
   return steps, (params, batch_stats, other)
 
 
+def keeps_one_step_in_flight() -> bool:
+  """Whether the train loop dispatches a step only after the previous one ended.
+
+  XLA:CPU allocates a step's temporaries (GBs) when the step is dispatched. With freed memory kept
+  for reuse (platform.configure_allocator), every step run ahead would keep a block of its own, so
+  there the next batch is prepared while a step runs but dispatched after it ends.
+  """
+  return jax.default_backend() == "cpu" and l2vit_platform.allocator_tuned()
+
+
 def eval_batch_keys(augmentation: str, batch_keys: tuple[str, ...]) -> tuple[str, ...]:
   """SimCLR validates on fixed-seed views of whole batches; other tasks on padded batches whose
   'mask' flags the padding."""
@@ -478,10 +488,7 @@ def _train(config, workdir: str, task: tasks.Task, mesh, per_process_batch: int,
     history: list[dict] = []  # metrics since the last log step
     skipped_steps = 0
     preempted = False
-    # XLA:CPU allocates a step's temporaries (GBs) when the step is dispatched. With freed memory
-    # kept for reuse (platform.configure_allocator), every step run ahead would keep a block of its
-    # own, so there the next batch is prepared while a step runs but dispatched after it ends.
-    one_step_in_flight = jax.default_backend() == "cpu" and l2vit_platform.allocator_tuned()
+    one_step_in_flight = keeps_one_step_in_flight()
     metrics = None
     with jax.set_mesh(mesh):
       while step < total_steps and not early["stopped_early"]:

@@ -198,6 +198,7 @@ class _JaxTrainer:
     self.batch = batch
     self.step_count = 0
     step_fn = train.make_train_step(graphdef, loss, tx, jax.random.key(0))
+    self.one_step_in_flight = train.keeps_one_step_in_flight()  # as the train loop dispatches
     start = time.perf_counter()
     self.train_step = step_fn.lower(*self.state, jnp.int32(0), batch).compile()
     self.compile_seconds = time.perf_counter() - start
@@ -219,7 +220,8 @@ class _JaxTrainer:
     for _ in range(steps):
       params, batch_stats, opt_state, metrics = self.train_step(
           params, batch_stats, other, opt_state, self.jax.numpy.int32(self.step_count), self.batch)
-      self.jax.block_until_ready(metrics)  # one step in flight, as the train loop runs on CPU
+      if self.one_step_in_flight:
+        self.jax.block_until_ready(metrics)
       self.step_count += 1
     self.jax.block_until_ready((params, metrics))
     self.state = [params, batch_stats, other, opt_state]
