@@ -8,7 +8,7 @@ scripts/convert_torch_checkpoint.py. Outputs: runs/report/<name>/{metrics.json,p
 and runs/report/report.md.
 
 With --config.probe=True, each checkpoint also gets rows <name>_linear_probe and <name>_knn: frozen-
-feature probes of its backbone (l2vit_jax/probes.py), which also evaluate pretraining (SimCLR/MAE)
+feature probes of its backbone (l2vit_jax/evaluation/probes.py), which also evaluate pretraining (SimCLR/MAE)
 workdirs; for those the probe rows are the only rows.
 
 Every report also has the row physics_bdt, the physics baseline: boosted decision trees on jet-

@@ -1,4 +1,4 @@
-"""Dual-head finetuning of a SimCLR-pretrained backbone (DESIGN.md §3, "finetune (pretrained)").
+"""Dual-head finetuning of a SimCLR-pretrained backbone (docs/design.md, training recipes).
 
   python -m l2vit_jax.main --config=configs/finetune.py --workdir=runs/finetune \
       --config.init_from=runs/simclr
@@ -11,10 +11,5 @@ def get_config():
   config = config_lib.base_config()
   config.task = "finetune"
   config.init_from = "runs/simclr"
-  config.batch_size = 64
-  config.num_epochs = 50
-  config.warmup_epochs = 3
-  config.learning_rate = 1e-4  # heads
-  config.backbone_learning_rate = 5e-5
-  config.weight_decay = 0.01
+  config_lib.apply_recipe(config, config_lib.recipe("finetune"))
   return config

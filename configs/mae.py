@@ -14,13 +14,8 @@ from l2vit_jax import config_lib
 def get_config():
   config = config_lib.base_config()
   config.task = "mae"
-  config.batch_size = 128
-  config.num_epochs = 100
-  config.warmup_epochs = 5
-  config.learning_rate = 3e-4
-  config.weight_decay = 0.05
+  config_lib.apply_recipe(config, config_lib.recipe("mae"))
   config.mae.mode = "mask"
   config.mae.mask_ratio = 0.6
   config.mae.nonzero_weight = 10.0
-  config.early_stopping_patience = 15
   return config

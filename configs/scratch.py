@@ -1,4 +1,4 @@
-"""The same dual-head training from random initialisation: the baseline (DESIGN.md §3, "scratch").
+"""The same dual-head training from random initialisation: the baseline (docs/design.md, training recipes).
 
   python -m l2vit_jax.main --config=configs/scratch.py --workdir=runs/scratch
 """
@@ -10,9 +10,5 @@ def get_config():
   config = config_lib.base_config()
   config.task = "finetune"
   config.init_from = ""
-  config.batch_size = 64
-  config.num_epochs = 50
-  config.warmup_epochs = 3
-  config.learning_rate = 3e-4
-  config.weight_decay = 0.01
+  config_lib.apply_recipe(config, config_lib.recipe("scratch"))
   return config

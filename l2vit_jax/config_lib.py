@@ -1,4 +1,11 @@
-"""Shared pieces of the python config files in ``configs/`` (DESIGN.md §3 recipes)."""
+"""Shared pieces of the python config files in ``configs/``: the base config, model sizes and the
+training recipes of the original (``docs/design.md``, "Training recipes").
+
+A recipe is the set of top-level training fields one stage sets (batch size, epochs, learning rates,
+...). The single-stage configs apply one to the base config; the quickstart and the study keep one per
+stage (``pretrain_simclr``, ``pretrain_mae``, ``finetune``, ``scratch``) and
+``experiments.stages.stage_config`` applies it when the stage runs.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +28,53 @@ def model_config(size: str = "default") -> ml_collections.ConfigDict:
   return config
 
 
+# The original's recipes (SimCLR: AdamW 3e-4, wd 0.05, warmup 5 of 100 epochs; finetuning: heads 1e-4,
+# backbone 5e-5, wd 0.01, warmup 3 of 50; scratch: 3e-4 everywhere). Masked-image pretraining uses
+# SimCLR's schedule.
+RECIPES = {
+    "simclr": dict(batch_size=128, num_epochs=100, warmup_epochs=5, learning_rate=3e-4, weight_decay=0.05,
+                   early_stopping_patience=15),
+    "mae": dict(batch_size=128, num_epochs=100, warmup_epochs=5, learning_rate=3e-4, weight_decay=0.05,
+                early_stopping_patience=15),
+    "finetune": dict(batch_size=64, num_epochs=50, warmup_epochs=3, learning_rate=1e-4,
+                     backbone_learning_rate=5e-5, weight_decay=0.01, early_stopping_patience=15),
+    "scratch": dict(batch_size=64, num_epochs=50, warmup_epochs=3, learning_rate=3e-4, weight_decay=0.01,
+                    early_stopping_patience=15),
+}
+
+
+def recipe(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The fields of recipe ``name`` (``RECIPES``) with ``overrides``; keys may be dotted
+  ('data.train_repeats') to name a nested field."""
+  return ml_collections.ConfigDict({**RECIPES[name], **overrides})
+
+
+def apply_recipe(config: ml_collections.ConfigDict, fields) -> ml_collections.ConfigDict:
+  """Sets ``fields`` (a recipe, or any mapping of possibly dotted keys) into ``config``, in place."""
+  for key, value in (fields.items() if hasattr(fields, "items") else fields):
+    *parents, leaf = key.split(".")
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def generated_data_config(*, num_labelled: int, num_unlabelled: int, data_seed: int = 0
+                          ) -> ml_collections.ConfigDict:
+  """What the multi-stage runs generate under WORKDIR/data when no data files are given: a labelled
+  and an unlabelled file of this many jets (the unlabelled one from seed ``data_seed + 1``)."""
+  return ml_collections.ConfigDict(dict(num_labelled=num_labelled, num_unlabelled=num_unlabelled,
+                                        data_seed=data_seed))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every task reads; task configs override what differs."""
   config = ml_collections.ConfigDict()
   config.task = "finetune"
   config.seed = 0
   # Key implementation for dropout, drop-path and MAE masks: 'auto' is XLA's RBG generator ('rbg') on
-  # TPU and JAX's default (threefry) elsewhere (train.PRNG_IMPL_BY_PLATFORM); or any jax.random impl.
+  # TPU and JAX's default (threefry) elsewhere (training.steps.PRNG_IMPL_BY_PLATFORM); or any jax.random impl.
   config.prng_impl = "auto"
 
   config.data = ml_collections.ConfigDict()
@@ -72,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
       mode="mask", mask_ratio=0.6, nonzero_weight=10.0, noise_relative_std=0.2,
       target_transform="log1p"))
 
-  # Frozen-feature probes during SimCLR/MAE pretraining (l2vit_jax/probes.py): at every every_epochs-th
+  # Frozen-feature probes during SimCLR/MAE pretraining (evaluation/probes.py): at every every_epochs-th
   # validation, a linear probe and kNN on the encoder's features of num_train train-split jets of this
   # labelled file, scored on num_val validation-split jets; logged as probe/* in metrics.jsonl.
   # An empty labelled_path turns it off.

@@ -7,7 +7,7 @@
 Prints one JSON object (and writes it to ``--out``). Sections (``--only`` picks a subset):
 
 * ``matmul``: a 10000×256×1024 float32 matmul, the machine's practical FLOP/s peak for this run.
-* ``model``: the real jitted train step (``train.make_optimizer`` + ``train.make_train_step`` with the
+* ``model``: the real jitted train step (``optimizer.make_optimizer`` + ``steps.make_train_step`` with the
   finetune ``DualHeadLoss``) and the jitted eval-mode forward, after compilation: img/s, compile time,
   FLOPs (XLA's cost analysis and an analytic count) and their rate as a fraction of the matmul peak,
   peak memory. With ``torch`` importable, the PyTorch reference model (same configuration, fp32,
@@ -50,12 +50,11 @@ import tempfile
 import time
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SECTIONS = ("matmul", "model", "precision", "profile", "depthwise", "attention", "pipeline")
 # A section is 'loaded' when other processes used more than this fraction of the cores while it ran.
 # Ours and PyTorch each spread a step over every core; a quarter of them taken by others is where the
-# ratio stopped meaning anything in practice (README "Performance": at a load of ~4 on 2 cores the
+# ratio stopped meaning anything in practice (docs/performance_log.md: at a load of ~4 on 2 cores the
 # ratio read 1.7×, quiet 0.6–1.0×), while a quiet desktop stays well below it.
 LOADED_FRACTION = 0.25
 TINY_MODEL = dict(img_size=25, patch_size=5, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
@@ -177,7 +176,8 @@ class _JaxTrainer:
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    from l2vit_jax import config_lib, models, objectives, train  # pylint: disable=import-outside-toplevel
+    from l2vit_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+    from l2vit_jax.training import objectives, optimizer, steps
     self.jax = jax
     model = models.L2ViT(**_model_kwargs(args), attention=args.attention,
                          dtype=None if dtype == "float32" else jnp.dtype(dtype),
@@ -186,7 +186,7 @@ class _JaxTrainer:
                          raise_if_not_found=False)
     config = config_lib.base_config()
     config.learning_rate, config.backbone_learning_rate = 1e-4, 5e-5  # the finetune recipe
-    tx = train.make_optimizer(config, train.learning_rate_schedules(config, 100, 10_000))
+    tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 100, 10_000))
     loss = objectives.DualHeadLoss(mass_mean=142.46, mass_std=50.58)
     model.eval()
     eval_graphdef, eval_state = nnx.split(model)
@@ -197,8 +197,8 @@ class _JaxTrainer:
     self.state = [params, batch_stats, other, tx.init(params)]
     self.batch = batch
     self.step_count = 0
-    step_fn = train.make_train_step(graphdef, loss, tx, jax.random.key(0))
-    self.one_step_in_flight = train.keeps_one_step_in_flight()  # as the train loop dispatches
+    step_fn = steps.make_train_step(graphdef, loss, tx, jax.random.key(0))
+    self.one_step_in_flight = steps.keeps_one_step_in_flight()  # as the train loop dispatches
     start = time.perf_counter()
     self.train_step = step_fn.lower(*self.state, jnp.int32(0), batch).compile()
     self.compile_seconds = time.perf_counter() - start
@@ -236,9 +236,9 @@ class _TorchTrainer:
 
   def __init__(self, args, images_nhwc):
     import torch  # pylint: disable=import-outside-toplevel
-    from l2vit_jax import reference_torch  # pylint: disable=import-outside-toplevel
+    from l2vit_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
     self.torch = torch
-    self.model = reference_torch.build_torch_l2vit(**_model_kwargs(args))
+    self.model = torch_reference.build_torch_l2vit(**_model_kwargs(args))
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
     self.images = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())
     batch = len(images_nhwc)
@@ -387,7 +387,7 @@ def bench_model(args, matmul: dict | None) -> dict:
       "train_img_per_s_rounds": _rates(args.batch, rounds["jax_train"]),
       "inference_img_per_s_rounds": _rates(args.batch, rounds["jax_inference"]),
       "train_step_seconds": seconds["jax_train"],
-      # Faulting in fresh pages every step cost ~1 s before the allocator was tuned (platform.py).
+      # Faulting in fresh pages every step cost ~1 s before the allocator was tuned (runtime/host.py).
       "minor_page_faults_per_step": {name: summarize(values) for name, values in page_faults.items()},
       "train_compile_seconds": ours.compile_seconds,
       "inference_compile_seconds": ours.forward_compile_seconds,
@@ -570,8 +570,8 @@ def _jax_profile(trainer, run: Callable[[int], None], compiled, steps: int, dire
 def _torch_profile(theirs, run: Callable[[int], None], steps: int) -> dict:
   """ms per step by (category, forward/backward) from torch.profiler (self CPU time)."""
   import torch  # pylint: disable=import-outside-toplevel
-  from l2vit_jax import reference_torch  # pylint: disable=import-outside-toplevel
-  nn, modules = torch.nn, reference_torch.torch_modules()
+  from l2vit_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
+  nn, modules = torch.nn, torch_reference.torch_modules()
 
   def scoped(category, fn):
     def wrapped(self, *a, **k):
@@ -776,7 +776,7 @@ def bench_pipeline(args) -> dict:
   """Training input paths, physics (finetuning) and SimCLR augmentation: HDF5 and ``.sparse`` read and
   augmented densely on the host ('formats'), and ``.sparse`` shipped sparse and densified + augmented
   inside the step ('sparse_device', whose images are bit-identical)."""
-  from l2vit_jax import tasks  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.training import recipes  # pylint: disable=import-outside-toplevel
   from l2vit_jax.data import device_augment, pipeline, sources, sparse, synthetic  # pylint: disable=import-outside-toplevel
   batch = args.batch if args.tiny else 64  # the finetuning recipe's batch: per-batch costs amortise
   results = {"images": args.pipeline_images, "image_size": args.img_size, "batch": batch,
@@ -792,7 +792,7 @@ def bench_pipeline(args) -> dict:
     results["size_ratio_hdf5_over_sparse"] = summary["input_bytes"] / summary["output_bytes"]
     results["nonzero_fraction"] = summary["nonzeros"] / (args.pipeline_images * args.img_size**2 * 8)
     for task, augmentation in (("finetune", "physics"), ("simclr", "simclr")):
-      keys = tasks.BATCH_KEYS[task]
+      keys = recipes.BATCH_KEYS[task]
       paths = {"hdf5": (h5_path, False, keys), "sparse": (sparse_path, False, keys),
                "sparse_device": (sparse_path, True, device_augment.batch_keys(keys, augmentation))}
       measured = {}
@@ -837,9 +837,9 @@ def _print_ratios(section: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  from l2vit_jax import platform as l2vit_platform  # pylint: disable=import-outside-toplevel
-  applied_flags = l2vit_platform.configure_xla_flags()
-  allocator_tuned = l2vit_platform.configure_allocator()
+  from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel
+  applied_flags = host.configure_xla_flags()
+  allocator_tuned = host.configure_allocator()
   import jax  # pylint: disable=import-outside-toplevel
   report = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -850,7 +850,7 @@ def main(argv: list[str] | None = None) -> dict:
       "versions": {"python": python_platform.python_version(), "jax": jax.__version__},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "xla_flags_added_by_l2vit": applied_flags,
-      # glibc keeps freed memory for reuse (l2vit_jax/platform.py); L2VIT_NO_MALLOC_TUNING=1 is off.
+      # glibc keeps freed memory for reuse (l2vit_jax/runtime/host.py); L2VIT_NO_MALLOC_TUNING=1 is off.
       "allocator_tuned": allocator_tuned,
   }
   timings = {}

@@ -44,8 +44,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Runnable as `python scripts/chaos_run.py` from a checkout without installing the package.
-sys.path.insert(0, REPO)
 
 # Progress markers of the quickstart's log, in the order they appear: (pattern, segment name format).
 MARKERS = (
@@ -243,12 +241,12 @@ def _log_rows(path: str) -> list[dict]:
 def _same_checkpoint(reference: str, chaos: str, roots: tuple[str, str]) -> bool:
   """Same steps kept, and the latest one's arrays and meta equal (Orbax's files hold timestamps)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from l2vit_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.checkpoint import model_io, naming  # pylint: disable=import-outside-toplevel
   steps = [sorted(name for name in os.listdir(folder) if name.isdigit()) for folder in (reference, chaos)]
   subfolder = os.path.basename(reference)
-  restored = [checkpointing.read_model_checkpoint(os.path.dirname(folder), prefer=(subfolder,))
+  restored = [model_io.read_model_checkpoint(os.path.dirname(folder), prefer=(subfolder,))
               for folder in (reference, chaos)]
-  flat = [checkpointing.flatten_names(arrays) for arrays, _ in restored]
+  flat = [naming.flatten_names(arrays) for arrays, _ in restored]
   # The meta names init_from, a folder inside the workdir.
   metas = [json.dumps(meta, sort_keys=True).replace(root, "WORKDIR")
            for (_, meta), root in zip(restored, roots)]

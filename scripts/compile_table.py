@@ -1,4 +1,4 @@
-"""Markdown rows of the README's compile-only table from ``scripts/compile_tpu.py --out`` JSON files.
+"""Markdown rows of the compile table of docs/compile_only.md from ``scripts/compile_tpu.py --out`` JSON files.
 
   python scripts/compile_table.py runs/compile/*.json            # rows, one per file, sorted
   python scripts/compile_table.py --header runs/compile/*.json   # with the table's header

@@ -7,9 +7,9 @@
 
 ``--topology`` takes libtpu names (``v5e:2x2``, ``v5e:4x4``, ``v5p:2x2x2``, ``v4:2x2x1``, ``v6e:2x2``),
 Cloud accelerator types (``v5litepod-8``, ``v5p-16``) or ``h100:N`` (N H100s on one host, through the
-CUDA plugin: ``pip install "jax[cuda12]"``, no GPU needed). The steps are ``train.build_steps``'s, with
-``sharding.py``'s mesh and shardings; the model, dtype and global batch come from the config. The
-JSON (README "Compile-only TPU checks") gives, per chip: peak memory, FLOPs and bytes accessed per
+CUDA plugin: ``pip install "jax[cuda12]"``, no GPU needed). The steps are ``training.steps.build_steps``'s, with
+``runtime.sharding``'s mesh and shardings; the model, dtype and global batch come from the config. The
+JSON (docs/compile_only.md) gives, per chip: peak memory, FLOPs and bytes accessed per
 step, the batch and parameter bytes each chip holds, the collectives in the optimized HLO; the
 depthwise formulation and PRNG used; compile times; the largest global batch whose train step fits the
 chip's HBM (a bounded search over compiles; ``--max_batch=false`` skips it); and a roofline lower
@@ -19,22 +19,19 @@ bound on step time from the chip's published figures, with the img/s and MFU it 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from l2vit_jax import compile_only  # pylint: disable=wrong-import-position
+from l2vit_jax.tpu import compile_only
 
 compile_only.set_compile_only_environment()  # before JAX starts any backend
 
 import jax  # pylint: disable=wrong-import-position
 
-from l2vit_jax import tpu_specs  # pylint: disable=wrong-import-position
+from l2vit_jax.tpu import chips
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "libtpu topology or Cloud accelerator type.")
@@ -46,16 +43,16 @@ _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 
 def report(config, topology: str, *, max_batch: bool, max_batch_compiles: int) -> dict:
   """The compile-only report for ``config`` on ``topology`` (see the module docstring)."""
-  topology = tpu_specs.topology_for_accelerator_type(topology)
-  spec = tpu_specs.chip_spec(topology)
+  topology = chips.topology_for_accelerator_type(topology)
+  spec = chips.chip_spec(topology)
   mesh = compile_only.compile_only_mesh(topology)
   devices = list(mesh.devices.flat)
-  chips = len(devices)
+  num_chips = len(devices)
   compiled = compile_only.CompiledSteps(config, mesh, config.batch_size)
   train = compiled.train
-  flops_per_step = train["flops"] * chips
+  flops_per_step = train["flops"] * num_chips
   result = {
-      "topology": topology, "chip": devices[0].device_kind, "chips": chips,
+      "topology": topology, "chip": devices[0].device_kind, "chips": num_chips,
       "hosts": len({d.process_index for d in devices}),
       "task": config.task, "dtype": config.model.dtype, "global_batch": config.batch_size,
       "eval_global_batch": config.eval_batch_size, "platform": compiled.steps.platform,
@@ -91,7 +88,7 @@ def report(config, topology: str, *, max_batch: bool, max_batch_compiles: int) -
     start = time.perf_counter()
     result["max_global_batch"] = compile_only.largest_fitting_batch(
         peak_memory_at, known=(config.batch_size, train["peak_memory_bytes"]),
-        hbm_bytes=spec.hbm_bytes, multiple=chips, max_compiles=max_batch_compiles)
+        hbm_bytes=spec.hbm_bytes, multiple=num_chips, max_compiles=max_batch_compiles)
     result["max_global_batch"]["seconds"] = round(time.perf_counter() - start, 1)
   return result
 

@@ -16,12 +16,11 @@ import sys
 from absl import app
 from absl import flags
 
-# Runs from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from l2vit_jax import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax import torch_import  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import model_io, naming
+from l2vit_jax import models
+from l2vit_jax.interop import torch_import
 
 _INPUT = flags.DEFINE_string('input', None, 'PyTorch checkpoint (.pt) written by the original.',
                              required=True)
@@ -39,18 +38,18 @@ def main(argv):
   try:
     model, projector, meta = torch_import.import_checkpoint(_INPUT.value,
                                                             trust_pickle=_TRUST_PICKLE.value)
-  except (torch_import.CheckpointImportError, ImportError) as error:
+  except (errors.CheckpointImportError, ImportError) as error:
     sys.exit(f'error: {error}')
   meta['pixel_scale'] = _PIXEL_SCALE.value
   try:
-    checkpointing.save_model_checkpoint(_WORKDIR.value, model, meta)
-  except checkpointing.CheckpointSaveError as error:  # a full disk or a write error
+    model_io.save_model_checkpoint(_WORKDIR.value, model, meta)
+  except errors.CheckpointSaveError as error:  # a full disk or a write error
     sys.exit(f'error: {error}')
   print(f'imported {_INPUT.value}: L2ViT {meta["model_config"]}, '
         f'{models.param_count(model):,} parameters')
   if projector is not None:
     print(f'SimCLR projector ({models.param_count(projector):,} parameters) checked, not saved')
-  print(f'saved to {os.path.join(_WORKDIR.value, checkpointing.BEST_DIR)}')
+  print(f'saved to {os.path.join(_WORKDIR.value, naming.BEST_DIR)}')
 
 
 if __name__ == '__main__':

@@ -8,13 +8,10 @@ Interrupted downloads resume from ``<file>.part`` when the same command is run a
 ``l2vit_jax/data/download.py``.
 """
 
-import os
 import sys
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from l2vit_jax.data import download  # pylint: disable=wrong-import-position
+from l2vit_jax.data import download
 
 if __name__ == "__main__":
   sys.exit(download.main())

@@ -146,7 +146,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _check_config_file(config: str, ref: str) -> None:
   """The config must be in the commit the workers get, at a path relative to the repository root."""
-  path = config.split(":", 1)[0]  # ml_collections accepts configs/x.py:argument
+  path = config.split(":", 1)[0]  # ml_collections accepts configs/study.py:quick
   if os.path.isabs(path) or path.startswith(".."):
     raise UsageError(f"--config={config}: expected a path relative to the repository root, "
                      "e.g. configs/simclr.py")

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-# Runnable as `python scripts/make_synthetic.py` from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from l2vit_jax.data import synthetic  # pylint: disable=wrong-import-position
+from l2vit_jax.data import synthetic
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,13 +11,12 @@ temporary name and renames when complete. Point ``config.data.labelled_path`` /
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from l2vit_jax.data import hdf5, sparse  # pylint: disable=wrong-import-position
+from l2vit_jax.data import sparse
+from l2vit_jax import errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     summary = sparse.convert_hdf5(args.input, args.output, labelled=args.labelled,
                                   chunk_size=args.chunk_size, progress=progress)
-  except hdf5.DataError as error:
+  except errors.DataError as error:
     print(f"\nerror: {error}", file=sys.stderr)
     return 1
   ratio = summary["input_bytes"] / max(summary["output_bytes"], 1)

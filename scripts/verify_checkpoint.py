@@ -13,21 +13,21 @@ not checked.
 import os
 import sys
 
-# Runs from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # reading arrays needs no accelerator
 
 import orbax.checkpoint as ocp  # pylint: disable=wrong-import-position
 from absl import app, logging  # pylint: disable=wrong-import-position
 
-from l2vit_jax import checkpointing, paths  # pylint: disable=wrong-import-position
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import integrity, naming, storage
+from l2vit_jax.runtime import paths
 
 ARRAY_ITEMS = ("model", "optimizer")
 
 
 def manager_dirs(directory: str) -> list[str]:
   """``checkpoints/`` and ``best/`` of a workdir, or ``directory`` itself when it holds steps."""
-  found = [paths.join(directory, sub) for sub in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR)
+  found = [paths.join(directory, sub) for sub in (naming.LATEST_DIR, naming.BEST_DIR)
            if paths.is_dir(paths.join(directory, sub))]
   return found or [directory]
 
@@ -37,12 +37,12 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> tuple[bool, str]:
   step_dir = paths.as_path(manager.directory) / str(step)
   items = {name: ocp.args.StandardRestore() for name in ARRAY_ITEMS if (step_dir / name).is_dir()}
   try:
-    restored = checkpointing.restore_verified(manager, step, **items)
-  except checkpointing.CheckpointDamagedError as error:
+    restored = integrity.restore_verified(manager, step, **items)
+  except errors.CheckpointDamagedError as error:
     return False, str(error).split(": damaged checkpoint: ", 1)[-1]
-  if checkpointing.DIGESTS not in restored["meta"]:
+  if integrity.DIGESTS not in restored["meta"]:
     return True, "no digests (written before integrity checks): not verified"
-  return True, f"ok ({len(restored['meta'][checkpointing.DIGESTS])} arrays)"
+  return True, f"ok ({len(restored['meta'][integrity.DIGESTS])} arrays)"
 
 
 def verify(directory: str) -> tuple[int, int]:
@@ -52,8 +52,8 @@ def verify(directory: str) -> tuple[int, int]:
     if not paths.is_dir(manager_dir):
       continue
     set_aside = sorted(p.name for p in paths.as_path(manager_dir).iterdir()
-                       if checkpointing.DAMAGED_SUFFIX in p.name)
-    with checkpointing._manager(manager_dir, max_to_keep=None, read_only=True) as manager:  # pylint: disable=protected-access
+                       if integrity.DAMAGED_SUFFIX in p.name)
+    with storage.open_manager(manager_dir, max_to_keep=None, read_only=True) as manager:  # pylint: disable=protected-access
       for step in manager.all_steps():
         intact, verdict = check_step(manager, step)
         checked, damaged = checked + 1, damaged + (not intact)

@@ -77,3 +77,11 @@ def randomise_torch_module(module, generator):
       elif name.endswith("running_var"):
         buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
   return module.eval()
+
+
+def flat_params(model, variable_type=None) -> dict:
+  """Named arrays of one variable type (``nnx.Param`` by default), e.g.
+  ``{"blocks/0/attn/temperature": (4, 1, 1)}``, as checkpoints name them."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.checkpoint import naming  # pylint: disable=import-outside-toplevel
+  return naming.flatten_names(nnx.to_pure_dict(nnx.state(model, variable_type or nnx.Param)))

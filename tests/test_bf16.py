@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from l2vit_jax import config_lib, models, objectives, train
+from l2vit_jax import config_lib, models
+from l2vit_jax.training import objectives, optimizer, steps
 
 CURVE_TOLERANCE = 0.015
 STEPS, WINDOW, BATCH = 300, 25, 16
@@ -47,12 +48,12 @@ def _loss_curve(dtype, param_dtype=jnp.float32) -> np.ndarray:
   images, labels, mass = _separable_jets()
   config = config_lib.base_config()
   config.learning_rate = config.backbone_learning_rate = 3e-4
-  tx = train.make_optimizer(config, train.learning_rate_schedules(config, 10, STEPS))
+  tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 10, STEPS))
   graphdef, params, stats, other = nnx.split(_model(dtype), nnx.Param, nnx.BatchStat, ...)
   params = jax.tree.map(lambda p: p.astype(param_dtype), params)
   opt_state = tx.init(params)
   loss = objectives.DualHeadLoss(mass_mean=float(mass.mean()), mass_std=float(mass.std()))
-  step = train.make_train_step(graphdef, loss, tx, jax.random.key(0))
+  step = steps.make_train_step(graphdef, loss, tx, jax.random.key(0))
   losses = []
   for i in range(STEPS):
     start = (i * BATCH) % len(images)
@@ -107,7 +108,7 @@ def test_bf16_model_keeps_float32_parameters_state_and_attention():
   params = nnx.state(model, nnx.Param)
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   config = config_lib.base_config()
-  tx = train.make_optimizer(config, train.learning_rate_schedules(config, 10, 100))
+  tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 10, 100))
   opt_state = tx.init(params)
   assert {l.dtype for l in jax.tree.leaves(opt_state) if l.ndim} == {jnp.dtype(jnp.float32)}
   images = jnp.zeros((2, 25, 25, 8), jnp.float32)

@@ -9,8 +9,8 @@ file-by-file comparison with an uninterrupted run.
 Checkpoints are saved at epoch ends only (the quickstart's default), where a log row is written too.
 With ``--config.checkpoint_every_steps`` off the log interval the weights still match, but the resumed
 run's next ``metrics.jsonl`` row averages its ``train/*`` metrics over the steps since the resume only
-(``train.py`` keeps them in memory, not in the checkpoint), and ``training_curves.png`` follows: out of
-this test's scope, see the README's failure table.
+(``training.loop`` keeps them in memory, not in the checkpoint), and ``training_curves.png`` follows: out of
+this test's scope, see the failure table in docs/training.md.
 """
 
 import json
@@ -27,10 +27,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
 ENV.pop("XLA_FLAGS", None)
 # 25 × 25 images, one block: SimCLR 5 steps (1 epoch), finetune and scratch 10 steps (2 epochs).
-TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.quickstart.num_labelled=120",
-        "--config.quickstart.num_unlabelled=96", "--config.quickstart.simclr_epochs=1",
-        "--config.quickstart.finetune_epochs=2", "--config.quickstart.pretrain_batch_size=16",
-        "--config.quickstart.finetune_batch_size=16", "--config.eval_batch_size=20",
+TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.generate.num_labelled=120",
+        "--config.generate.num_unlabelled=96", "--config.pretrain_simclr.num_epochs=1",
+        "--config.finetune.num_epochs=2", "--config.scratch.num_epochs=2",
+        "--config.pretrain_simclr.batch_size=16", "--config.finetune.batch_size=16",
+        "--config.scratch.batch_size=16", "--config.eval_batch_size=20",
         "--config.bootstrap_samples=20", "--config.tensorboard=False",
         "--config.online_probe.num_train=32", "--config.online_probe.num_val=16"]
 STAGES = {"data", "simclr", "finetune_simclr", "scratch", "evaluate"}

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from l2vit_jax import compile_only, sharding, tasks, tpu_specs, train
+from l2vit_jax.runtime import sharding
+from l2vit_jax.tpu import chips, compile_only
+from l2vit_jax.training import recipes, steps
 from l2vit_jax.models import depthwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,25 +81,25 @@ def test_build_steps_with_rbg_keys_keeps_one_compilation_and_draws_by_step():
   depend only on (seed, step), which is what makes resumes exact."""
   config = tiny_config("finetune", prng_impl="rbg")
   config.model.update(drop_rate=0.5, drop_path_rate=0.5)
-  model, loss = tasks.build_model_and_loss(config)
+  model, loss = recipes.build_model_and_loss(config)
   mesh = sharding.make_mesh()
-  steps, (params, batch_stats, other) = train.build_steps(config, model, loss, mesh, steps_per_epoch=10,
-                                                          total_steps=100)
-  assert (steps.platform, steps.prng_impl) == ("cpu", "rbg")
-  assert steps.depthwise_implementation == depthwise.resolve_implementation("auto", "cpu")
+  jitted, (params, batch_stats, other) = steps.build_steps(config, model, loss, mesh, steps_per_epoch=10,
+                                                           total_steps=100)
+  assert (jitted.platform, jitted.prng_impl) == ("cpu", "rbg")
+  assert jitted.depthwise_implementation == depthwise.resolve_implementation("auto", "cpu")
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({"image": rng.exponential(1.0, (8, 25, 25, 8)).astype(np.float32),
                                  "label": np.arange(8, dtype=np.int32) % 2,
                                  "mass": rng.uniform(50, 300, 8).astype(np.float32)}, mesh)
-  opt_state = steps.tx.init(params)
+  opt_state = jitted.tx.init(params)
   copy = lambda tree: jax.tree.map(np.array, tree)
   losses = []
   with jax.set_mesh(mesh):
     for step in (0, 1, 0):  # step 0 again, from the same state: the same masks
-      new = steps.train(copy(params), copy(batch_stats), other, copy(opt_state), np.int32(step), batch)
+      new = jitted.train(copy(params), copy(batch_stats), other, copy(opt_state), np.int32(step), batch)
       losses.append(float(new[3]["loss"]))
   assert losses[0] == losses[2] != losses[1]
-  assert steps.train._cache_size() == 1  # pylint: disable=protected-access
+  assert jitted.train._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_cloud_accelerator_types_map_to_topologies():
@@ -105,12 +107,11 @@ def test_cloud_accelerator_types_map_to_topologies():
               "v5litepod-256": "v5e:16x16", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1",
               "v5p-16": "v5p:2x2x2", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v4-128": "v4:4x4x4",
               "v5e:4x8": "v5e:4x8"}
-  assert {name: tpu_specs.topology_for_accelerator_type(name) for name in expected} == expected
-  assert tpu_specs.num_chips("v5p:2x2x2") == 8
+  assert {name: chips.topology_for_accelerator_type(name) for name in expected} == expected
   with pytest.raises(ValueError, match="power-of-two"):
-    tpu_specs.topology_for_accelerator_type("v4-1536")
+    chips.topology_for_accelerator_type("v4-1536")
   with pytest.raises(ValueError, match="unknown TPU generation"):
-    tpu_specs.chip_spec("v9:2x2")
+    chips.chip_spec("v9:2x2")
 
 
 def test_largest_fitting_batch_search_is_bounded_and_exact_for_linear_memory():
@@ -143,7 +144,7 @@ def test_collectives_are_read_from_optimized_hlo():
 
 
 def test_compile_table_row_reads_the_report(v5e_report, tmp_path):
-  """scripts/compile_table.py turns a report into the README table's row, cell for cell."""
+  """scripts/compile_table.py turns a report into the row of the compile table (docs/compile_only.md), cell for cell."""
   path = tmp_path / "report.json"
   path.write_text(json.dumps(v5e_report))
   done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compile_table.py"), "--header",

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import write_jet_file
 from l2vit_jax.data import augment, hdf5, pipeline, split
+from l2vit_jax import errors
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ def _nan_image(num=40, size=25):
 ])
 def test_malformed_labelled_file_gives_one_line_error(tmp_path, kwargs, expected):
   path = write_jet_file(tmp_path / "bad.h5", **kwargs)
-  with pytest.raises(hdf5.DataError) as error:
+  with pytest.raises(errors.DataError) as error:
     hdf5.validate_file(path, labelled=True)
   message = str(error.value)
   assert expected in message and path in message and "\n" not in message
@@ -36,14 +37,14 @@ def test_malformed_labelled_file_gives_one_line_error(tmp_path, kwargs, expected
 def test_not_hdf5_truncated_and_missing_files(tmp_path):
   text = tmp_path / "notes.h5"
   text.write_text("<html>404</html>")
-  with pytest.raises(hdf5.DataError, match="not an HDF5 file"):
+  with pytest.raises(errors.DataError, match="not an HDF5 file"):
     hdf5.validate_file(str(text), labelled=True)
-  with pytest.raises(hdf5.DataError, match="file not found"):
+  with pytest.raises(errors.DataError, match="file not found"):
     hdf5.validate_file(str(tmp_path / "absent.h5"), labelled=False)
   good = write_jet_file(tmp_path / "good.h5")
   truncated = tmp_path / "truncated.h5"
   truncated.write_bytes(open(good, "rb").read()[: 300_000])
-  with pytest.raises(hdf5.DataError, match="truncated"):
+  with pytest.raises(errors.DataError, match="truncated"):
     hdf5.validate_file(str(truncated), labelled=True)
 
 
@@ -53,9 +54,9 @@ def test_valid_files_and_sampled_value_check(tmp_path, jet_file):
   assert info.bytes_read_for_values == 8 * 25 * 25 * 8 * 4  # a sample, not the whole file
   unlabelled = write_jet_file(tmp_path / "unlabelled.h5", labelled=False)
   assert hdf5.validate_file(unlabelled, labelled=False).num_examples == 40
-  with pytest.raises(hdf5.DataError, match="key 'Y': missing"):
+  with pytest.raises(errors.DataError, match="key 'Y': missing"):
     hdf5.validate_file(unlabelled, labelled=True)
-  with pytest.raises(hdf5.DataError, match="need at least 64"):
+  with pytest.raises(errors.DataError, match="need at least 64"):
     hdf5.validate_file(jet_file, labelled=True, min_examples=64)
 
 

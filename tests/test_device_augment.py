@@ -5,10 +5,17 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, train
+from l2vit_jax.checkpoint import model_io, naming
+from l2vit_jax.training import loop
 from l2vit_jax.data import augment, device_augment, pipeline, sources, sparse
 
 TASK_KEYS = {"physics": ("image", "label", "mass"), "simclr": ("view1", "view2")}
+
+
+def nonzero_counts(images: np.ndarray) -> np.ndarray:
+  """Per image, the number of pixels with a non-zero bit pattern (the ``.sparse`` file's entries)."""
+  flat = np.ascontiguousarray(images, dtype=np.float32).reshape(len(images), -1)
+  return np.count_nonzero(flat.view(np.uint32), axis=1)
 
 
 def _special_jets(num=48, size=25):
@@ -67,7 +74,7 @@ def test_underflowing_pixels_are_dropped_so_noise_stays_aligned(files):
   source = sources.open_source(files["labelled"], labelled=True, indices=[1, 2, 3, 0])
   batch = sparse.ReadPaddedBatch(source, pixel_scale=255.0).map(np.arange(4))
   dense = np.stack([source[i]["image"] for i in range(4)]).reshape(4, -1) / np.float32(255.0)
-  np.testing.assert_array_equal(batch["count"], augment.nonzero_counts(dense))
+  np.testing.assert_array_equal(batch["count"], nonzero_counts(dense))
   assert _bits(batch["values"][3][batch["positions"][3] == (1 * 25 + 2) * 8 + 3])[0] == 0x80000000  # -0.0
 
 
@@ -102,11 +109,11 @@ def test_physics_keeps_intensity_and_empty_pixels_and_simclr_only_removes(files)
   rng = np.random.default_rng(3)
   physics = augment.PhysicsAugment().random_map({"image": images}, rng)["image"]
   np.testing.assert_allclose(physics.sum(axis=(1, 2)), images.sum(axis=(1, 2)), rtol=1e-5)
-  np.testing.assert_array_equal(augment.nonzero_counts(physics), augment.nonzero_counts(images))
+  np.testing.assert_array_equal(nonzero_counts(physics), nonzero_counts(images))
   views = augment.SimCLRViews().random_map({"image": images}, rng)
   for view in ("view1", "view2"):
     assert np.all((views[view] != 0) <= _moved_support(images, views[view]))
-    assert np.all(augment.nonzero_counts(views[view]) <= augment.nonzero_counts(images))
+    assert np.all(nonzero_counts(views[view]) <= nonzero_counts(images))
 
 
 def _moved_support(images, view):
@@ -137,7 +144,7 @@ def test_settings(files, tmp_path):
 
 
 def _final_params(workdir):
-  arrays, _ = checkpointing.read_model_checkpoint(workdir, prefer=(checkpointing.LATEST_DIR,))
+  arrays, _ = model_io.read_model_checkpoint(workdir, prefer=(naming.LATEST_DIR,))
   return arrays
 
 
@@ -149,15 +156,15 @@ def test_training_on_device_equals_host_and_resumes(files, tmp_path, task):
   config = lambda setting, **kw: tiny_config(task, files["labelled"], files["unlabelled"], num_epochs=1,
                                              **{"data.device_augmentation": setting,
                                                 "data.pixel_scale": 3.0, **kw})
-  train.train_and_evaluate(config("off"), str(tmp_path / "host"))
+  loop.train_and_evaluate(config("off"), str(tmp_path / "host"))
   if task == "finetune":
     workdirs = ["resumed"]
     resumed = str(tmp_path / "resumed")
-    assert train.train_and_evaluate(config("auto", stop_after_steps=2), resumed)["step"] == 2
-    train.train_and_evaluate(config("auto"), resumed)
+    assert loop.train_and_evaluate(config("auto", stop_after_steps=2), resumed)["step"] == 2
+    loop.train_and_evaluate(config("auto"), resumed)
   else:
     workdirs = ["device"]
-    train.train_and_evaluate(config("on"), str(tmp_path / "device"))
+    loop.train_and_evaluate(config("on"), str(tmp_path / "device"))
   want = _final_params(str(tmp_path / "host"))
   for workdir in workdirs:
     got = _final_params(str(tmp_path / workdir))

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import randomise_torch_module, tiny_config, write_jet_file
-from l2vit_jax import checkpointing, evaluate, train
+from l2vit_jax.checkpoint import model_io
+from l2vit_jax.evaluation import evaluate
+from l2vit_jax.training import loop
 from l2vit_jax.baselines import bdt
 from l2vit_jax.data import hdf5, split
 from l2vit_jax.evaluation import plots
@@ -37,7 +39,7 @@ def finetuned_run(tmp_path_factory):
   directory = tmp_path_factory.mktemp("finetuned")
   labelled = write_jet_file(directory / "labelled.h5", num=80)
   run = str(directory / "run")
-  train.train_and_evaluate(tiny_config("finetune", labelled, num_epochs=1), run)
+  loop.train_and_evaluate(tiny_config("finetune", labelled, num_epochs=1), run)
   return labelled, run
 
 
@@ -92,16 +94,16 @@ def test_report_has_the_physics_baseline_beside_the_networks(finetuned_run, tmp_
 
 def test_imported_pytorch_checkpoint_predicts_like_the_original(tmp_path):
   torch = pytest.importorskip("torch", reason="needs torch: pip install torch")
-  from l2vit_jax import reference_torch, torch_import  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.interop import torch_import, torch_reference  # pylint: disable=import-outside-toplevel
 
   torch_model = randomise_torch_module(
-      reference_torch.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2,
+      torch_reference.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2,
                                         mlp_ratio=2.0), torch.Generator().manual_seed(0))
   weights = str(tmp_path / "best_model.pt")
   torch.save({"model_state_dict": torch_model.state_dict(), "mass_mean": 142.46, "mass_std": 50.58,
               "history": {}}, weights)
   model, _, meta = torch_import.import_checkpoint(weights)
-  checkpointing.save_model_checkpoint(str(tmp_path / "imported"), model, meta)
+  model_io.save_model_checkpoint(str(tmp_path / "imported"), model, meta)
 
   labelled = write_jet_file(tmp_path / "labelled.h5", num=30)
   out = str(tmp_path / "report")

@@ -21,7 +21,10 @@ import urllib.request
 import pytest
 
 from conftest import write_jet_file
-from l2vit_jax import checkpointing, metrics_writer, paths
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import naming, workdir_lock
+from l2vit_jax.runtime import paths
+from l2vit_jax.training import metrics_log
 from test_reliability import ENV, _assert_one_line_error, _write_config
 
 BUCKET = "l2vit-test"
@@ -106,7 +109,7 @@ def _complete_checkpoint_steps(gcs, run: str) -> list[int]:
   On GCS, which cannot rename a folder atomically, Orbax writes a step in place and marks it complete
   with a last ``<step>/commit_success.txt`` object (each item folder gets one of its own before).
   """
-  prefix = f"{run}/{checkpointing.LATEST_DIR}/"
+  prefix = f"{run}/{naming.LATEST_DIR}/"
   names = [name[len(prefix):].split("/") for name in _objects(gcs, prefix)]
   return sorted(int(parts[0]) for parts in names
                 if parts[1:] == ["commit_success.txt"] and parts[0].isdigit())
@@ -142,7 +145,7 @@ def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
   assert _logged_steps(gcs, "simclr") == list(range(1, 13))
   objects = _objects(gcs, "simclr/")
   assert "simclr/lock" not in objects  # released
-  assert any(name.startswith(f"simclr/{checkpointing.BEST_DIR}/") for name in objects)
+  assert any(name.startswith(f"simclr/{naming.BEST_DIR}/") for name in objects)
   assert json.loads(_read(gcs, "simclr/config.json"))["task"] == "simclr"
 
   # 3. Finetunes from the gs:// backbone into another gs:// workdir.
@@ -178,30 +181,30 @@ def test_jet_files_on_gcs_are_refused_in_one_line(gcs, tmp_path):
 
 
 def test_lock_on_gcs_is_exclusive(gcs):
-  lock = f"gs://{BUCKET}/locked/{checkpointing.LOCK_FILE}"
+  lock = f"gs://{BUCKET}/locked/{workdir_lock.LOCK_FILE}"
   assert paths.create_exclusive(lock, b"first")
   assert not paths.create_exclusive(lock, b"second")  # the generation precondition refuses it
-  assert _read(gcs, f"locked/{checkpointing.LOCK_FILE}") == b"first"
+  assert _read(gcs, f"locked/{workdir_lock.LOCK_FILE}") == b"first"
   paths.remove(lock)
   other_host = {"host": "another-host", "pid": 1, "since": "2026-01-01 00:00:00"}
   paths.write_text(lock, json.dumps(other_host))
-  with pytest.raises(checkpointing.WorkdirLockedError, match="another-host.*delete the lock file"):
-    checkpointing.WorkdirLock(f"gs://{BUCKET}/locked").acquire()
-  assert json.loads(_read(gcs, f"locked/{checkpointing.LOCK_FILE}")) == other_host  # left alone
-  with checkpointing.WorkdirLock(f"gs://{BUCKET}/free") as held:
-    assert json.loads(_read(gcs, f"free/{checkpointing.LOCK_FILE}"))["pid"] == os.getpid()
+  with pytest.raises(errors.WorkdirLockedError, match="another-host.*delete the lock file"):
+    workdir_lock.WorkdirLock(f"gs://{BUCKET}/locked").acquire()
+  assert json.loads(_read(gcs, f"locked/{workdir_lock.LOCK_FILE}")) == other_host  # left alone
+  with workdir_lock.WorkdirLock(f"gs://{BUCKET}/free") as held:
+    assert json.loads(_read(gcs, f"free/{workdir_lock.LOCK_FILE}"))["pid"] == os.getpid()
     assert held.held
   assert _objects(gcs, "free/") == []
 
 
 def test_metrics_on_gcs_are_rewritten_whole_and_truncated_on_resume(gcs):
   workdir = f"gs://{BUCKET}/metrics"
-  writer = metrics_writer.MetricWriter(workdir, tensorboard=True)
+  writer = metrics_log.MetricWriter(workdir, tensorboard=True)
   for step in range(1, 7):
     writer.write(step, {"train/loss": 1.0 / step})
   writer.close()
   assert _logged_steps(gcs, "metrics") == [1, 2, 3, 4, 5, 6]
-  resumed = metrics_writer.MetricWriter(workdir, resume_step=4)  # a resume from step 4
+  resumed = metrics_log.MetricWriter(workdir, resume_step=4)  # a resume from step 4
   assert _logged_steps(gcs, "metrics") == [1, 2, 3, 4]
   resumed.write(5, {"train/loss": 0.2})
   resumed.flush()

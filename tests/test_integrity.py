@@ -17,7 +17,9 @@ import pytest
 from flax import nnx
 
 from conftest import write_jet_file
-from l2vit_jax import checkpointing, models
+from l2vit_jax import models
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import integrity, model_io, naming, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -74,7 +76,7 @@ def _error_line(result, *fragments) -> str:
   return errors[0]
 
 
-def _entries(workdir, sub=checkpointing.LATEST_DIR) -> list[str]:
+def _entries(workdir, sub=naming.LATEST_DIR) -> list[str]:
   return sorted(os.listdir(os.path.join(workdir, sub)))
 
 
@@ -166,7 +168,7 @@ def test_damaged_latest_checkpoints_are_set_aside_and_the_run_resumes_from_one_t
   """Step 15: the issue's 64 flipped bytes (non-finite values once read). Step 10: values nudged and
   still finite (before this change training went on from them silently). Both set aside, with one
   warning line each naming the arrays; the run resumes from step 5 and finishes."""
-  checkpoints = os.path.join(workdir, checkpointing.LATEST_DIR)
+  checkpoints = os.path.join(workdir, naming.LATEST_DIR)
   flip_bytes(os.path.join(checkpoints, "15"))
   nudged = nudge_values(os.path.join(checkpoints, "10"))
 
@@ -193,17 +195,17 @@ def test_damaged_latest_checkpoints_are_set_aside_and_the_run_resumes_from_one_t
 
 def test_when_no_checkpoint_verifies_the_run_stops_in_one_line(trained, workdir):
   for step in ("5", "10", "15"):
-    flip_bytes(os.path.join(workdir, checkpointing.LATEST_DIR, step))
+    flip_bytes(os.path.join(workdir, naming.LATEST_DIR, step))
   line = _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints: no checkpoint verifies",
                      "step(s) 15, 10, 5 are damaged and were set aside")
   assert "Resumed" not in line
   assert _entries(workdir) == ["10.damaged", "15.damaged", "5.damaged"]
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
 
 
 def test_evaluation_and_the_finetune_bridge_refuse_a_damaged_checkpoint(trained, workdir):
-  (step,) = _entries(workdir, checkpointing.BEST_DIR)
-  best = os.path.join(workdir, checkpointing.BEST_DIR, step)
+  (step,) = _entries(workdir, naming.BEST_DIR)
+  best = os.path.join(workdir, naming.BEST_DIR, step)
   nudged = nudge_values(best)
   before = sorted(os.listdir(best))
   evaluate = _write_config(trained["root"] / "evaluate.py", "evaluate", trained["labelled"],
@@ -216,12 +218,12 @@ def test_evaluation_and_the_finetune_bridge_refuse_a_damaged_checkpoint(trained,
 
 
 def test_checkpoints_without_digests_still_load_with_a_warning(trained, workdir, caplog):
-  (step,) = _entries(workdir, checkpointing.BEST_DIR)
-  meta_file = os.path.join(workdir, checkpointing.BEST_DIR, step, "meta", "metadata")
+  (step,) = _entries(workdir, naming.BEST_DIR)
+  meta_file = os.path.join(workdir, naming.BEST_DIR, step, "meta", "metadata")
   meta = json.load(open(meta_file))
-  del meta[checkpointing.DIGESTS]  # as written before this change
+  del meta[integrity.DIGESTS]  # as written before this change
   json.dump(meta, open(meta_file, "w"))
-  arrays, _ = checkpointing.read_model_checkpoint(workdir)
+  arrays, _ = model_io.read_model_checkpoint(workdir)
   assert arrays["params"]
   assert "has no array digests (written before integrity checks)" in caplog.text
 
@@ -229,21 +231,21 @@ def test_checkpoints_without_digests_still_load_with_a_warning(trained, workdir,
 def test_imported_weights_carry_digests(tmp_path):
   """``save_model_checkpoint`` (scripts/convert_torch_checkpoint.py) writes digests too."""
   model = models.L2ViT(img_size=25, embed_dim=32, depth=1, num_heads=2, rngs=nnx.Rngs(0))
-  checkpointing.save_model_checkpoint(str(tmp_path), model, {"model_config": {}})
-  best = os.path.join(tmp_path, checkpointing.BEST_DIR, "0")
+  model_io.save_model_checkpoint(str(tmp_path), model, {"model_config": {}})
+  best = os.path.join(tmp_path, naming.BEST_DIR, "0")
   flip_bytes(best)
-  with pytest.raises(checkpointing.CheckpointDamagedError, match=f"{best}: damaged checkpoint"):
-    checkpointing.read_model_checkpoint(str(tmp_path))
+  with pytest.raises(errors.CheckpointDamagedError, match=f"{best}: damaged checkpoint"):
+    model_io.read_model_checkpoint(str(tmp_path))
 
 
 # --- 2. storage faults ---------------------------------------------------------------------------------
 
 def _assert_save_failed_cleanly(result, workdir, cause):
-  _error_line(result, f"{os.path.join(workdir, checkpointing.LATEST_DIR)}: checkpoint save failed: "
+  _error_line(result, f"{os.path.join(workdir, naming.LATEST_DIR)}: checkpoint save failed: "
               f"{cause}")
   complete = [name for name in _entries(workdir) if name.isdigit()]
   assert sorted(complete, key=int) == ["5", "10", "15"]  # nothing half-written taken for step 20
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   assert _all_intact(workdir)  # the earlier checkpoints are intact
 
 

@@ -8,6 +8,7 @@ shell would.
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -216,9 +217,13 @@ def _bash_blocks(markdown):
   return [block.split("```", 1)[0].replace("\\\n", " ") for block in blocks]
 
 
-def test_readme_manual_sequence_is_what_the_launcher_runs():
-  with open(os.path.join(REPO_ROOT, "README.md")) as f:
-    section = f.read().split("### TPU VMs", 1)[1].split("\n## ", 1)[0]
+def test_the_documented_manual_sequence_is_what_the_launcher_runs():
+  with open(os.path.join(REPO_ROOT, "docs", "scaling.md")) as f:
+    text = f.read()
+  heading = re.search(r"^(#+) TPU VMs.*$", text, re.M)
+  section = text[heading.end():]
+  end = re.search(rf"^#{{1,{len(heading.group(1))}}} ", section, re.M)
+  section = section[:end.start()] if end else section
   launch_block = _bash_blocks(section.split("**3. Launch.**", 1)[1])[0]
   manual_block = _bash_blocks(section.split("**The same by hand.**", 1)[1])[0]
   command = shlex.split(launch_block)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, models, objectives, tasks, train
+from conftest import flat_params, tiny_config, write_jet_file
+from l2vit_jax import models
+from l2vit_jax.checkpoint import model_io, naming
+from l2vit_jax.training import loop, objectives, optimizer, recipes, steps
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_patchify_follows_the_token_grid():
 
 
 def test_masked_tokens_keep_the_grid_and_change_only_through_the_mask(files):
-  model = tasks.build_task(tiny_config("mae", unlabelled_path=files["unlabelled"])).model
+  model = recipes.build_task(tiny_config("mae", unlabelled_path=files["unlabelled"])).model
   model.eval()
   images = jnp.asarray(np.random.default_rng(0).exponential(1.0, (2, 25, 25, 8)), jnp.float32)
   mask = models.random_token_mask(jax.random.key(1), 2, 25, 0.5)
@@ -42,15 +44,15 @@ def test_masked_tokens_keep_the_grid_and_change_only_through_the_mask(files):
   np.testing.assert_allclose(model(scrambled, mask), masked, atol=1e-5)
 
 
-def _losses_and_grads(files, mode, steps=3):
+def _losses_and_grads(files, mode, num_steps=3):
   config = tiny_config("mae", unlabelled_path=files["unlabelled"], warmup_epochs=0)
   config.mae.mode = mode
-  task = tasks.build_task(config)
+  task = recipes.build_task(config)
   batch = {"image": jnp.asarray(np.stack([task.train_source[i]["image"] for i in range(8)]))}
   task.model.train()
   graphdef, params, batch_stats, other = nnx.split(task.model, nnx.Param, nnx.BatchStat, ...)
-  tx = train.make_optimizer(config, train.learning_rate_schedules(config, 10, 100))
-  step_fn = train.make_train_step(graphdef, task.loss, tx, jax.random.key(0))
+  tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 10, 100))
+  step_fn = steps.make_train_step(graphdef, task.loss, tx, jax.random.key(0))
   opt_state, losses = tx.init(params), []
 
   def grads_of(params):
@@ -59,8 +61,8 @@ def _losses_and_grads(files, mode, steps=3):
       return task.loss(model, batch)[0]
     return jax.grad(loss)(params)
 
-  grads = checkpointing.flatten_names(nnx.to_pure_dict(grads_of(params)))
-  for step in range(steps):
+  grads = naming.flatten_names(nnx.to_pure_dict(grads_of(params)))
+  for step in range(num_steps):
     params, batch_stats, opt_state, metrics = step_fn(params, batch_stats, other, opt_state,
                                                       np.int32(0), batch)  # same mask every step
     losses.append(float(metrics["loss"]))
@@ -96,11 +98,11 @@ def test_nonzero_pixels_are_weighted_up():
 
 def test_bridge_loads_the_mae_backbone(files, tmp_path):
   workdir = str(tmp_path / "mae")
-  train.train_and_evaluate(tiny_config("mae", unlabelled_path=files["unlabelled"], num_epochs=1),
+  loop.train_and_evaluate(tiny_config("mae", unlabelled_path=files["unlabelled"], num_epochs=1),
                            workdir)
-  pretrained, meta = checkpointing.read_model_checkpoint(workdir)
+  pretrained, meta = model_io.read_model_checkpoint(workdir)
   assert meta["task"] == "mae" and "mask_token" in pretrained["params"]
-  model = tasks.build_task(tiny_config("finetune", files["labelled"], init_from=workdir)).model
-  for name, value in checkpointing.flat_state(model).items():
+  model = recipes.build_task(tiny_config("finetune", files["labelled"], init_from=workdir)).model
+  for name, value in flat_params(model).items():
     if name.split("/")[0] not in ("cls_head", "reg_head"):
       np.testing.assert_array_equal(value, pretrained["params"]["encoder/" + name])

@@ -251,11 +251,11 @@ def test_training_steps_have_finite_gradients_and_lower_the_loss():
 
 
 def test_torch_is_optional(monkeypatch):
-  from l2vit_jax import reference_torch  # pylint: disable=import-outside-toplevel
-  from l2vit_jax import torch_import  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.interop import torch_import  # pylint: disable=import-outside-toplevel
   monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` raise ImportError
-  importlib.reload(reference_torch)  # the module itself imports without torch
+  importlib.reload(torch_reference)  # the module itself imports without torch
   with pytest.raises(ImportError, match='pip install torch'):
-    reference_torch.build_torch_l2vit()
+    torch_reference.build_torch_l2vit()
   with pytest.raises(ImportError, match='pip install torch'):
     torch_import.load_torch_checkpoint('model.pt')

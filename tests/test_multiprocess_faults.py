@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import write_jet_file
-from l2vit_jax import checkpointing, metrics_writer, peers
+from l2vit_jax.checkpoint import model_io, naming, workdir_lock
+from l2vit_jax.runtime import peers
+from l2vit_jax.training import metrics_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -97,7 +99,7 @@ def _logged_steps(workdir) -> list[int]:
 
 
 def _complete_steps(workdir) -> list[int]:
-  path = os.path.join(workdir, checkpointing.LATEST_DIR)
+  path = os.path.join(workdir, naming.LATEST_DIR)
   return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
 
 
@@ -112,13 +114,13 @@ def _run_to_the_end(config_file, workdir, log_prefix) -> list[str]:
 def _model_arrays(workdir, sub) -> tuple[int, dict]:
   """The step under ``workdir/sub`` and its model arrays, read by this single process (the pair's
   checkpoint names the devices of both processes: read as numpy, see read_model_checkpoint)."""
-  arrays, _ = checkpointing.read_model_checkpoint(str(workdir), prefer=(sub,))
-  return checkpointing.find_model_checkpoint(str(workdir), prefer=(sub,))[1], arrays
+  arrays, _ = model_io.read_model_checkpoint(str(workdir), prefer=(sub,))
+  return model_io.find_model_checkpoint(str(workdir), prefer=(sub,))[1], arrays
 
 
 def _assert_same_final_state(workdir, reference):
   """The latest and best checkpoints equal the uninterrupted run's, bit for bit; one log row a step."""
-  for sub in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR):
+  for sub in (naming.LATEST_DIR, naming.BEST_DIR):
     want_step, want = _model_arrays(reference, sub)
     got_step, got = _model_arrays(str(workdir), sub)
     assert got_step == want_step, sub
@@ -155,7 +157,7 @@ def _preempt(config_file, workdir, log_prefix, targets) -> int:
     assert "Traceback" not in output, output[-3000:]
     assert f"saved a checkpoint at step {saved}; exiting" in output, output[-3000:]
   assert start + 2 <= saved < TOTAL_STEPS
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))  # released
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released
   return saved
 
 
@@ -218,8 +220,8 @@ def test_metrics_log_is_never_torn_by_a_kill(tmp_path):
   """SIGKILL of a process writing ``metrics.jsonl`` as fast as it can, at random moments: every line
   of what is left parses, and a log torn by an older (appending) version is repaired on open."""
   path = tmp_path / "metrics.jsonl"
-  writer_code = ("import os, sys\nfrom l2vit_jax import metrics_writer\n"
-                 "writer = metrics_writer.MetricWriter(sys.argv[1], tensorboard=False)\n"
+  writer_code = ("import os, sys\nfrom l2vit_jax.training import metrics_log\n"
+                 "writer = metrics_log.MetricWriter(sys.argv[1], tensorboard=False)\n"
                  "log = os.path.join(sys.argv[1], 'metrics.jsonl')\n"
                  "start = len(open(log).readlines()) if os.path.exists(log) else 0\n"
                  "print('ready', flush=True)\n"
@@ -241,7 +243,7 @@ def test_metrics_log_is_never_torn_by_a_kill(tmp_path):
 
   with open(path, "a") as f:
     f.write('{"step": 99999, "train/lo')  # what an interrupted append used to leave
-  writer = metrics_writer.MetricWriter(str(tmp_path), tensorboard=False)
+  writer = metrics_log.MetricWriter(str(tmp_path), tensorboard=False)
   writer.write(100000, {"train/loss": 0.5})
   steps = _logged_steps(tmp_path)
   assert 99999 not in steps and steps[-1] == 100000

@@ -170,7 +170,7 @@ def test_boosted_trees_beat_chance_and_the_median_mass(synthetic_labelled, tmp_p
 
 
 def test_evaluation_and_quickstart_reports_include_the_baseline():
-  from l2vit_jax import quickstart  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.experiments import quickstart  # pylint: disable=import-outside-toplevel
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   configs = {name: runpy.run_path(os.path.join(repo, "configs", f"{name}.py"))["get_config"]()
              for name in ("evaluate", "quickstart")}
@@ -180,7 +180,7 @@ def test_evaluation_and_quickstart_reports_include_the_baseline():
 
 
 def test_a_checkpoint_named_like_the_baseline_is_refused(tmp_path):
-  from l2vit_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
   config = tiny_config("evaluate", str(tmp_path / "labelled.h5"))
   config.checkpoints = f"{bdt.BASELINE_NAME}={tmp_path / 'run'}"
   config.physics_baseline = True

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import write_jet_file
 from l2vit_jax.data import hdf5, pipeline, sources, sparse, synthetic
+from l2vit_jax import errors
 from l2vit_jax.models import depthwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,7 @@ def test_sparse_keeps_negative_zero_and_unlabelled_files(tmp_path):
   source = sources.open_source(out, labelled=False)
   for i in range(3):
     assert source[i]['image'].tobytes() == jet[i].tobytes()
-  with pytest.raises(hdf5.DataError, match="u.sparse: key 'label': missing"):
+  with pytest.raises(errors.DataError, match="u.sparse: key 'label': missing"):
     sources.validate_file(out, labelled=True)
 
 
@@ -128,18 +129,18 @@ def test_sparse_validation_errors_name_file_and_key(tmp_path, synthetic_files):
   info = sources.validate_file(sparse_path, labelled=True, image_size=25)
   assert (info.num_examples, info.image_size) == (24, 25)
   assert sources.read_labels(sparse_path)['label'].dtype == np.int32
-  with pytest.raises(hdf5.DataError, match=r"jets.sparse: key 'jet': expected images \(32, 32, 8\)"):
+  with pytest.raises(errors.DataError, match=r"jets.sparse: key 'jet': expected images \(32, 32, 8\)"):
     sources.validate_file(sparse_path, labelled=True, image_size=32)
   truncated = tmp_path / 'truncated.sparse'
   truncated.write_bytes(open(sparse_path, 'rb').read()[:-100])
-  with pytest.raises(hdf5.DataError, match=r"truncated.sparse: key '\w+': extends to byte"):
+  with pytest.raises(errors.DataError, match=r"truncated.sparse: key '\w+': extends to byte"):
     sources.validate_file(str(truncated), labelled=True)
   not_sparse = tmp_path / 'x.sparse'
   not_sparse.write_bytes(b'hello')
-  with pytest.raises(hdf5.DataError, match='x.sparse: not an l2vit_jax sparse jet file'):
+  with pytest.raises(errors.DataError, match='x.sparse: not an l2vit_jax sparse jet file'):
     sources.open_source(str(not_sparse), labelled=False)
   bad_labels = write_jet_file(tmp_path / 'bad.h5', overrides={'Y': np.full((40, 1), 2.0, np.float32)})
-  with pytest.raises(hdf5.DataError, match="bad.h5: key 'Y'"):  # the input is validated first
+  with pytest.raises(errors.DataError, match="bad.h5: key 'Y'"):  # the input is validated first
     sparse.convert_hdf5(bad_labels, str(tmp_path / 'bad.sparse'))
   assert not os.path.exists(tmp_path / 'bad.sparse')
 
@@ -185,8 +186,8 @@ def test_benchmark_runs_tiny_and_reports_expected_keys(tmp_path):
 
 _SECOND_ALLOCATION_FAULTS = """
 import json, resource
-from l2vit_jax import platform
-tuned = platform.configure_allocator()  # before numpy starts its threads, as main.py does
+from l2vit_jax.runtime import host
+tuned = host.configure_allocator()  # before numpy starts its threads, as main.py does
 import numpy as np
 block = np.ones(64 << 20, np.float32)  # 256 MiB, written: every page faulted in once
 del block
@@ -199,7 +200,7 @@ print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_S
 @pytest.mark.parametrize("opt_out", ["", "1"])
 def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again(opt_out):
   """A train step's temporaries are one multi-GB block per step; glibc by default maps it fresh each
-  time, and faulting it in cost about a third of the CPU step (README "Performance")."""
+  time, and faulting it in cost about a third of the CPU step (docs/performance.md)."""
   env = dict(os.environ, PYTHONPATH=REPO, L2VIT_NO_MALLOC_TUNING=opt_out,
              NUMPY_MADVISE_HUGEPAGE="0")  # count 4 KiB pages, whatever the kernel's THP setting
   result = subprocess.run([sys.executable, "-c", _SECOND_ALLOCATION_FAULTS], env=env,

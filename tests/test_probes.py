@@ -9,7 +9,12 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, evaluate, models, probes, sharding, train
+from l2vit_jax import models
+from l2vit_jax import errors
+from l2vit_jax.evaluation import evaluate, probes
+from l2vit_jax.models import build
+from l2vit_jax.runtime import sharding
+from l2vit_jax.training import loop
 from l2vit_jax.data import hdf5, sources, split
 from l2vit_jax.evaluation import metrics, plots
 
@@ -102,7 +107,7 @@ def test_knn_probabilities_on_two_clusters_are_exact():
 
 def test_features_cover_every_record_once_in_index_order(jet_file):
   config = tiny_config("finetune", jet_file)
-  backbone = models.L2ViT(**checkpointing.model_kwargs(config.model.to_dict()), rngs=nnx.Rngs(0))
+  backbone = models.L2ViT(**build.model_kwargs(config.model.to_dict()), rngs=nnx.Rngs(0))
   indices = np.sort([3, 1, 4, 15, 9, 26, 5, 35, 8, 37, 2])  # 11: the last batch is padded
 
   def features(chosen):
@@ -130,7 +135,7 @@ def simclr_run(tmp_path_factory):
   unlabelled = write_jet_file(root / "unlabelled.h5", num=32, labelled=False)
   config = tiny_config("simclr", labelled, unlabelled, **{"online_probe.labelled_path": labelled})
   workdir = str(root / "simclr")
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return {"labelled": labelled, "workdir": workdir, "config": config}
 
 
@@ -155,7 +160,7 @@ def test_online_probe_is_off_without_a_labelled_path_and_skips_epochs(simclr_run
   probe = probes.online_probe(config)
   assert not probe.due(1.0) and probe.due(2.0)
   fit, select, held = (probe.subsets[k] for k in ("fit", "select", "evaluate"))
-  parts = split.stratified_split(probe.labels["label"])
+  parts = split.stratified_split(probe.labelled.labels["label"])
   assert set(fit) | set(select) <= set(parts["train"]) and not set(fit) & set(select)
   assert set(held) <= set(parts["val"])
   config.online_probe.labelled_path = ""
@@ -163,9 +168,9 @@ def test_online_probe_is_off_without_a_labelled_path_and_skips_epochs(simclr_run
 
 
 def test_probe_checkpoint_of_a_simclr_run(simclr_run):
-  labels = hdf5.read_labels(simclr_run["labelled"])
-  splits = split.stratified_split(labels["label"])
-  out = probes.probe_checkpoint(simclr_run["workdir"], simclr_run["labelled"], splits, batch_size=16,
+  labelled = sources.open_labelled(simclr_run["labelled"], split_seed=split.SPLIT_SEED)
+  labels, splits = labelled.labels, labelled.parts
+  out = probes.probe_checkpoint(simclr_run["workdir"], labelled, splits, batch_size=16,
                                 mesh=sharding.make_mesh(), k=5)
   assert set(out) == {"index", "prob", "mass_pred", "knn_prob", "knn_mass_pred"}
   np.testing.assert_array_equal(out["index"], splits["test"])
@@ -196,12 +201,12 @@ def test_evaluate_with_probe_reports_probe_rows_of_a_pretraining_checkpoint(simc
     assert os.path.exists(os.path.join(out, row, "predictions.npz"))
   assert os.path.exists(os.path.join(out, "simclr_linear_probe", "training_curves.png"))
   config.probe = False  # without probes, a pretraining checkpoint is still refused
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="pretraining .* --config.probe=True"):
+  with pytest.raises(errors.CheckpointMismatchError, match="pretraining .* --config.probe=True"):
     evaluate.evaluate_checkpoints(config, str(tmp_path / "refused"))
 
 
 def test_quickstart_pretraining_stages_run_the_online_probe(tmp_path):
-  from l2vit_jax import quickstart  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.experiments import quickstart  # pylint: disable=import-outside-toplevel
 
   config = runpy.run_path(os.path.join(REPO, "configs", "quickstart.py"))["get_config"]()
   config.pretrain = "both"

@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, train
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import model_io, naming, storage, workdir_lock
 from l2vit_jax.data import download, hdf5
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,11 +99,11 @@ def _snapshot(directory) -> dict | None:
 
 
 def _latest_arrays(workdir):
-  return checkpointing.read_model_checkpoint(str(workdir), prefer=(checkpointing.LATEST_DIR,))
+  return model_io.read_model_checkpoint(str(workdir), prefer=(naming.LATEST_DIR,))
 
 
 def _checkpoint_entries(workdir) -> list[str]:
-  path = os.path.join(workdir, checkpointing.LATEST_DIR)
+  path = os.path.join(workdir, naming.LATEST_DIR)
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
@@ -171,7 +172,7 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(files, tmp_path
     assert max(_complete_steps(workdir)) > start
     if trial:  # the previous kill left its lock behind; this run took it over
       assert "taking over a stale lock" in log.read_text()
-  assert os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))  # the last kill left it too
+  assert os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # the last kill left it too
 
   # SIGTERM (a preemption notice): the run saves at the next step boundary and exits; checkpoints are
   # otherwise only written at epoch ends here, so the checkpoint at that step is the SIGTERM's doing.
@@ -192,18 +193,18 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(files, tmp_path
   saved_at = max(_complete_steps(workdir))
   assert f"Received SIGTERM: saved a checkpoint at step {saved_at}; exiting" in output, output[-3000:]
   assert start < saved_at < reference["total_steps"]
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))  # released on SIGTERM
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released on SIGTERM
 
   result = _cli(config_file, workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed finetune from step {saved_at}" in result.stderr
   assert not _tmp_steps(workdir)  # what the kills left behind was cleaned up
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   got, meta = _latest_arrays(workdir)
   assert meta["early_stopping"]["best_val_loss"] == reference["best_val_loss"]
-  for sub in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR):  # the best model survived intact too
-    want, want_meta = checkpointing.read_model_checkpoint(str(tmp_path / "uninterrupted"), prefer=(sub,))
-    got, got_meta = checkpointing.read_model_checkpoint(workdir, prefer=(sub,))
+  for sub in (naming.LATEST_DIR, naming.BEST_DIR):  # the best model survived intact too
+    want, want_meta = model_io.read_model_checkpoint(str(tmp_path / "uninterrupted"), prefer=(sub,))
+    got, got_meta = model_io.read_model_checkpoint(workdir, prefer=(sub,))
     assert got_meta["epoch"] == want_meta["epoch"]
     for group in want:
       assert sorted(got[group]) == sorted(want[group])
@@ -301,21 +302,21 @@ def test_bad_input_file_fails_in_one_line_and_writes_nothing(tmp_path, case, wor
 ])
 def test_every_schema_violation_is_named(tmp_path, kwargs, expected):
   path = write_jet_file(tmp_path / "bad.h5", **kwargs)
-  with pytest.raises(hdf5.DataError) as error:
+  with pytest.raises(errors.DataError) as error:
     hdf5.validate_file(path, labelled=True, image_size=25)
   message = str(error.value)
   assert expected in message and message.startswith(path) and "\n" not in message
 
 
 def test_paths_that_are_not_files(tmp_path):
-  with pytest.raises(hdf5.DataError, match="no file given"):
+  with pytest.raises(errors.DataError, match="no file given"):
     hdf5.validate_file("", labelled=True)
-  with pytest.raises(hdf5.DataError, match="is a directory"):
+  with pytest.raises(errors.DataError, match="is a directory"):
     hdf5.validate_file(str(tmp_path), labelled=True)
   group = tmp_path / "group.h5"
   with h5py.File(group, "w") as f:
     f.create_group("jet")
-  with pytest.raises(hdf5.DataError, match="key 'jet': expected shape .* found a group"):
+  with pytest.raises(errors.DataError, match="key 'jet': expected shape .* found a group"):
     hdf5.validate_file(str(group), labelled=False)
 
 
@@ -349,8 +350,8 @@ def nan_outside_the_sample(files, tmp_path_factory):
 
 def _checkpoint_at(workdir, step) -> dict:
   """The named model arrays of ``WORKDIR/checkpoints/<step>``."""
-  with checkpointing._manager(  # pylint: disable=protected-access
-      os.path.join(workdir, checkpointing.LATEST_DIR), max_to_keep=None, read_only=True) as manager:
+  with storage.open_manager(  # pylint: disable=protected-access
+      os.path.join(workdir, naming.LATEST_DIR), max_to_keep=None, read_only=True) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
   return {group: {name: np.asarray(value) for name, value in arrays.items()}
           for group, arrays in restored["model"].items()}
@@ -372,7 +373,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(fil
   if complete:
     arrays, _ = _latest_arrays(workdir)
     assert all(np.isfinite(v).all() for group in arrays.values() for v in group.values())
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
 
 
 def test_skip_nonfinite_steps_discards_exactly_that_update(files, tmp_path, nan_outside_the_sample):
@@ -418,7 +419,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(files, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": "2026-01-01 00:00:00"}
-  lock_path = str(workdir / checkpointing.LOCK_FILE)
+  lock_path = str(workdir / workdir_lock.LOCK_FILE)
   with open(lock_path, "w") as f:
     json.dump(holder, f)  # held by this test's own process: alive, so the lock is not stale
   before = _snapshot(workdir)
@@ -429,7 +430,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(files, tmp_path):
 
 
 def test_workdir_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, caplog):
-  first = checkpointing.WorkdirLock(str(tmp_path))
+  first = workdir_lock.WorkdirLock(str(tmp_path))
   first.acquire()
   holder = json.load(open(tmp_path / "lock"))
   assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
@@ -440,21 +441,21 @@ def test_workdir_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, ca
   try:
     with open(tmp_path / "lock", "w") as f:
       json.dump({"host": socket.gethostname(), "pid": sleeper.pid}, f)
-    with pytest.raises(checkpointing.WorkdirLockedError, match=f"process {sleeper.pid} on host"):
-      checkpointing.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(errors.WorkdirLockedError, match=f"process {sleeper.pid} on host"):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   finally:
     sleeper.kill()
     sleeper.wait()
-  with checkpointing.WorkdirLock(str(tmp_path)):  # the holder died: a stale lock, taken over
+  with workdir_lock.WorkdirLock(str(tmp_path)):  # the holder died: a stale lock, taken over
     assert json.load(open(tmp_path / "lock"))["pid"] == os.getpid()
   assert "taking over a stale lock" in caplog.text
   assert not os.path.exists(tmp_path / "lock")
 
   with open(tmp_path / "lock", "w") as f:
     json.dump({"host": "another-host", "pid": 1}, f)
-  with pytest.raises(checkpointing.WorkdirLockedError,
+  with pytest.raises(errors.WorkdirLockedError,
                      match="process 1 on host another-host.*if that run is dead, delete the lock file"):
-    checkpointing.WorkdirLock(str(tmp_path)).acquire()
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   assert json.load(open(tmp_path / "lock"))["host"] == "another-host"  # someone else's: left alone
 
 

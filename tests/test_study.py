@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, study, tasks, train
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import model_io
+from l2vit_jax.experiments import study
+from l2vit_jax.training import loop, recipes
 from l2vit_jax.data import split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,22 +73,22 @@ def files(tmp_path_factory):
 
 def test_finetune_trains_on_the_subset_with_fixed_validation_and_test(files, tmp_path):
   config = tiny_config("finetune", files["labelled"], num_epochs=1)
-  full = tasks.labelled_splits(config)
+  full = recipes.labelled_splits(config)
   with config.unlocked():
     config.data.train_subset, config.data.train_subset_seed = 16, 3
   labels = (np.arange(80) % 2).astype(np.float32)
   expected = split.nested_subsets(labels, split.stratified_split(labels)["train"], [16], seed=3)[16]
-  subset = tasks.labelled_splits(config)
+  subset = recipes.labelled_splits(config)
   assert len(subset["train"]) == 16 and len(subset["val"]) == len(full["val"])
   assert len(subset["test"]) == len(full["test"])
   with config.unlocked():
     config.data.train_repeats = 3
-  repeated = tasks.labelled_splits(config)
+  repeated = recipes.labelled_splits(config)
   assert len(repeated["train"]) == 48 and repeated["mass_mean"] == subset["mass_mean"]
   config.data.train_repeats = 1
-  summary = train.train_and_evaluate(config, str(tmp_path / "ft"))
+  summary = loop.train_and_evaluate(config, str(tmp_path / "ft"))
   assert summary["step"] == 16 // config.batch_size  # one epoch over the subset, not the full split
-  _, meta = checkpointing.read_model_checkpoint(str(tmp_path / "ft"))
+  _, meta = model_io.read_model_checkpoint(str(tmp_path / "ft"))
   assert meta["train_subset"] == 16 and meta["train_subset_seed"] == 3
   with h5py.File(files["labelled"]) as f:
     masses = np.asarray(f["m"])[:, 0]
@@ -139,7 +142,7 @@ def test_study_writes_outputs_and_a_rerun_skips_done_cells(files, tmp_path, monk
 
   def no_training(*args, **kwargs):
     raise AssertionError("a done cell was trained again")
-  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(loop, "train_and_evaluate", no_training)
   again = study.run_study(_study_config(files), workdir)
   assert [os.path.getmtime(p) for p in results] == mtimes
   assert again["summary"] == result["summary"]
@@ -160,7 +163,7 @@ def test_a_file_too_small_for_the_smallest_label_count_fails_before_training(fil
 
 def test_unknown_arms_are_refused_by_name():
   config = ml_collections.ConfigDict(dict(study=dict(arms="scratch,finetune_byol")))
-  with pytest.raises(study.ConfigError, match="finetune_byol"):
+  with pytest.raises(errors.ConfigError, match="finetune_byol"):
     study.selected_arms(config)
   assert study.selected_arms(ml_collections.ConfigDict(dict(study=dict(arms="scratch, physics_bdt")))) == \
       ("scratch", "physics_bdt")

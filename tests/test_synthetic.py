@@ -18,11 +18,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from l2vit_jax.data import hdf5
+from l2vit_jax import errors
 from l2vit_jax.data import synthetic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = 25  # pixels per side in most tests: the same physical window, 5× coarser pixels
-# Means of the real files' channels (DESIGN.md §2).
+# Means of the real files' channels (docs/design.md, Data).
 REAL_CHANNEL_MEANS = np.array([0.083, 0.087, 0.057, 0.127, 1.517, 1.187, 1.233, 1.183])
 
 
@@ -68,7 +69,7 @@ def test_unlabelled_file_has_only_images(tmp_path):
 
   with h5py.File(path, "r") as f:
     assert set(f.keys()) == {"jet"}
-  with pytest.raises(hdf5.DataError, match="'Y'"):
+  with pytest.raises(errors.DataError, match="'Y'"):
     hdf5.validate_file(path, labelled=True)
 
 

@@ -14,8 +14,9 @@ torch = pytest.importorskip('torch', reason='PyTorch parity tests need torch: pi
 
 from conftest import randomise_torch_module  # pylint: disable=g-import-not-at-top,wrong-import-position
 from l2vit_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax import reference_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax import torch_import  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2vit_jax.interop import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2vit_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from l2vit_jax.interop import torch_import  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(in_channels=8, img_size=25, patch_size=5, embed_dim=32, depth=2, num_heads=2,
@@ -35,9 +36,9 @@ def _full_precision_matmuls():
 @pytest.fixture(scope='module')
 def torch_models():
   generator = torch.Generator().manual_seed(0)
-  model = randomise_torch_module(reference_torch.build_torch_l2vit(**TINY), generator)
+  model = randomise_torch_module(torch_reference.build_torch_l2vit(**TINY), generator)
   projector = randomise_torch_module(
-      reference_torch.build_torch_projector(in_dim=32, hidden_dim=32, out_dim=16), generator)
+      torch_reference.build_torch_projector(in_dim=32, hidden_dim=32, out_dim=16), generator)
   return model, projector
 
 
@@ -123,7 +124,7 @@ def test_unknown_missing_and_misshaped_tensors_are_refused_together(torch_models
   del state_dict['norm.bias']
   state_dict['blocks.1.lcm.conv2.weight'] = torch.ones(32, 1, 3, 3)
   model = models.L2ViT(**EXPECTED_CONFIG, rngs=nnx.Rngs(0))
-  with pytest.raises(torch_import.CheckpointImportError) as error:
+  with pytest.raises(errors.CheckpointImportError) as error:
     torch_import.convert_state_dict(state_dict, model)
   message = str(error.value)
   assert 'unknown tensors: blocks.0.attn.extra_scale' in message
@@ -134,13 +135,13 @@ def test_unknown_missing_and_misshaped_tensors_are_refused_together(torch_models
 def test_projector_with_wrong_names_is_refused(torch_models):
   state_dict = {k.replace('net.3', 'net.2'): v for k, v in torch_models[1].state_dict().items()}
   projector = models.SimCLRProjector(32, 32, 16, rngs=nnx.Rngs(0))
-  with pytest.raises(torch_import.CheckpointImportError, match=r'unknown tensors: net\.2\.bias, '
+  with pytest.raises(errors.CheckpointImportError, match=r'unknown tensors: net\.2\.bias, '
                      r'net\.2\.weight; missing tensors: net\.3\.bias, net\.3\.weight'):
     torch_import.convert_projector_state_dict(state_dict, projector)
 
 
 def test_convert_script_end_to_end(torch_models, finetuned_checkpoint, tmp_path):
-  checkpointing = pytest.importorskip('l2vit_jax.checkpointing')
+  from l2vit_jax.checkpoint import model_io  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'imported')
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'convert_torch_checkpoint.py'),
@@ -148,7 +149,7 @@ def test_convert_script_end_to_end(torch_models, finetuned_checkpoint, tmp_path)
       capture_output=True, text=True, check=False,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr
-  model, meta = checkpointing.restore_model_checkpoint(workdir)
+  model, meta = model_io.restore_model_checkpoint(workdir)
   assert meta['mass_mean'] == pytest.approx(142.46)
   assert meta['model_config'] == EXPECTED_CONFIG
   _assert_model_parity(torch_models[0], model, _images())

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config, write_jet_file
-from l2vit_jax import checkpointing, platform, sharding, tasks, train
+from conftest import flat_params, tiny_config, write_jet_file
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import model_io, naming
+from l2vit_jax.runtime import host, sharding
+from l2vit_jax.training import loop, optimizer, recipes, steps
 from l2vit_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,20 +35,20 @@ def _config(task, files, **overrides):
   return tiny_config(task, files["labelled"], files["unlabelled"], **overrides)
 
 
-def _step_on_fixed_batch(config, steps=2):
+def _step_on_fixed_batch(config, num_steps=2):
   """Losses of ``steps`` consecutive updates on one batch: entry i is the loss before update i."""
-  task = tasks.build_task(config)
+  task = recipes.build_task(config)
   batch = next(iter(pipeline.make_train_dataset(task.train_source, batch_size=config.batch_size, seed=0,
                                                 augmentation=task.augmentation)))
   mesh = sharding.make_mesh()
   batch = sharding.global_batch({k: batch[k] for k in task.batch_keys}, mesh)
   task.model.train()
   graphdef, params, batch_stats, other = nnx.split(task.model, nnx.Param, nnx.BatchStat, ...)
-  tx = train.make_optimizer(config, train.learning_rate_schedules(config, 10, 100))
+  tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 10, 100))
   opt_state = tx.init(params)
-  step_fn = train.make_train_step(graphdef, task.loss, tx, jax.random.key(0))
+  step_fn = steps.make_train_step(graphdef, task.loss, tx, jax.random.key(0))
   losses, before = [], jax.tree.map(np.asarray, params)
-  for step in range(steps):
+  for step in range(num_steps):
     params, batch_stats, opt_state, metrics = step_fn(params, batch_stats, other, opt_state,
                                                       np.int32(step), batch)
     losses.append(float(metrics["loss"]))
@@ -61,9 +64,9 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(files, task):
 def test_differential_learning_rates_move_backbone_and_heads_at_their_rates(files):
   config = _config("finetune", files, warmup_epochs=0, learning_rate=1e-3, backbone_learning_rate=1e-5,
                    weight_decay=0.0)
-  _, before, after = _step_on_fixed_batch(config, steps=1)
+  _, before, after = _step_on_fixed_batch(config, num_steps=1)
   change = jax.tree.map(lambda a, b: float(np.abs(a - b).mean()), before, after)
-  flat = checkpointing.flatten_names(nnx.to_pure_dict(change))
+  flat = naming.flatten_names(nnx.to_pure_dict(change))
   head = np.mean([v for k, v in flat.items() if k.split("/")[0] in ("cls_head", "reg_head")])
   backbone = np.mean([v for k, v in flat.items() if k.split("/")[0] not in ("cls_head", "reg_head")])
   # Adam's first update is ≈ lr · sign(gradient) per parameter.
@@ -71,21 +74,21 @@ def test_differential_learning_rates_move_backbone_and_heads_at_their_rates(file
 
 
 def _latest_arrays(workdir):
-  path = os.path.join(workdir, checkpointing.LATEST_DIR)
-  arrays, meta = checkpointing.read_model_checkpoint(workdir, prefer=(checkpointing.LATEST_DIR,))
+  path = os.path.join(workdir, naming.LATEST_DIR)
+  arrays, meta = model_io.read_model_checkpoint(workdir, prefer=(naming.LATEST_DIR,))
   return arrays, meta
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(files, tmp_path):
   config = _config("finetune", files, drop_rate=0.0)
   config.model.update(drop_rate=0.1, drop_path_rate=0.1)  # dropout keys must resume exactly too
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   interrupted = _config("finetune", files, stop_after_steps=3)
   interrupted.model.update(drop_rate=0.1, drop_path_rate=0.1)
-  first = train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
+  first = loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
   assert first["step"] == 3
   interrupted.stop_after_steps = 0
-  second = train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
+  second = loop.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
   assert second["step"] == straight["step"] == straight["total_steps"]
   want, _ = _latest_arrays(str(tmp_path / "straight"))
   got, _ = _latest_arrays(str(tmp_path / "resumed"))
@@ -97,31 +100,31 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(files, tmp_path):
 
 def test_bridge_loads_backbone_and_leaves_heads_fresh(files, tmp_path):
   simclr_dir = str(tmp_path / "simclr")
-  train.train_and_evaluate(_config("simclr", files, num_epochs=1), simclr_dir)
-  pretrained, meta = checkpointing.read_model_checkpoint(simclr_dir)
+  loop.train_and_evaluate(_config("simclr", files, num_epochs=1), simclr_dir)
+  pretrained, meta = model_io.read_model_checkpoint(simclr_dir)
   assert meta["task"] == "simclr" and any(k.startswith("projector/") for k in pretrained["params"])
-  bridged = tasks.build_task(_config("finetune", files, init_from=simclr_dir)).model
-  fresh = tasks.build_task(_config("finetune", files)).model
-  bridged_params = checkpointing.flat_state(bridged)
-  fresh_params = checkpointing.flat_state(fresh)
+  bridged = recipes.build_task(_config("finetune", files, init_from=simclr_dir)).model
+  fresh = recipes.build_task(_config("finetune", files)).model
+  bridged_params = flat_params(bridged)
+  fresh_params = flat_params(fresh)
   for name, value in bridged_params.items():
     if name.split("/")[0] in ("cls_head", "reg_head"):
       np.testing.assert_array_equal(value, fresh_params[name])
     else:
       np.testing.assert_array_equal(value, pretrained["params"]["encoder/" + name])
       assert not np.array_equal(value, fresh_params[name]) or name.endswith("bias")
-  lcm_stats = checkpointing.flat_state(bridged, nnx.BatchStat)
+  lcm_stats = flat_params(bridged, nnx.BatchStat)
   for name, value in lcm_stats.items():
     np.testing.assert_array_equal(value, pretrained["batch_stats"]["encoder/" + name])
 
 
 def test_bridge_refuses_a_backbone_of_another_size(files, tmp_path):
   simclr_dir = str(tmp_path / "simclr")
-  train.train_and_evaluate(_config("simclr", files, num_epochs=1), simclr_dir)
+  loop.train_and_evaluate(_config("simclr", files, num_epochs=1), simclr_dir)
   config = _config("finetune", files, init_from=simclr_dir)
   config.model.embed_dim = 48
-  with pytest.raises(checkpointing.CheckpointMismatchError, match=r"mis-shaped: blocks/0/attn/proj/bias \(32,\) vs model \(48,\)"):
-    tasks.build_task(config)
+  with pytest.raises(errors.CheckpointMismatchError, match=r"mis-shaped: blocks/0/attn/proj/bias \(32,\) vs model \(48,\)"):
+    recipes.build_task(config)
 
 
 def _run_script(code, env_extra, timeout=300):
@@ -136,10 +139,10 @@ def test_eight_devices_give_the_same_losses_as_one(files, tmp_path):
   code = f"""
       import json, jax
       from conftest import tiny_config
-      from l2vit_jax import train
+      from l2vit_jax.training import loop
       config = tiny_config("finetune", {files['labelled']!r}, {files['unlabelled']!r}, num_epochs=1)
       workdir = {str(tmp_path)!r} + "/devices" + str(jax.device_count())
-      train.train_and_evaluate(config, workdir)
+      loop.train_and_evaluate(config, workdir)
       rows = [json.loads(l) for l in open(workdir + "/metrics.jsonl")]
       print(json.dumps([r["train/loss"] for r in rows] + [rows[-1]["val/loss"]]))
   """
@@ -198,10 +201,10 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
 
 def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tmp_path, monkeypatch):
   """XLA:CPU allocates a step's temporaries when it is dispatched; with freed memory kept for reuse
-  (platform.configure_allocator, which main.py calls) every step run ahead would keep a block of its
+  (host.configure_allocator, which main.py calls) every step run ahead would keep a block of its
   own. Each step here ends with a slow host callback, so a loop that ran ahead would dispatch before
   it ended."""
-  make_train_step = train.make_train_step
+  make_train_step = steps.make_train_step
   previous_ended = []
 
   def make_slow_train_step(*args, **kwargs):
@@ -218,8 +221,8 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tm
       return params, batch_stats, opt_state, dict(last)
     return slow_train_step
 
-  monkeypatch.setattr(train, "make_train_step", make_slow_train_step)
-  monkeypatch.setattr(platform, "_allocator_tuned", True)  # as main.py leaves it on Linux
-  train.train_and_evaluate(_config("finetune", files, num_epochs=1, log_every_steps=1000),
+  monkeypatch.setattr(steps, "make_train_step", make_slow_train_step)
+  monkeypatch.setattr(host, "_allocator_tuned", True)  # as main.py leaves it on Linux
+  loop.train_and_evaluate(_config("finetune", files, num_epochs=1, log_every_steps=1000),
                            str(tmp_path))  # no log row between steps: nothing else waits for them
   assert len(previous_ended) >= 3 and all(previous_ended), previous_ended

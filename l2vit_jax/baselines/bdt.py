@@ -30,7 +30,7 @@ from absl import logging
 from sklearn import ensemble, metrics
 from threadpoolctl import threadpool_limits
 
-from l2vit_jax import paths
+from l2vit_jax.runtime import paths
 from l2vit_jax.baselines import observables
 from l2vit_jax.data import sources
 
@@ -81,7 +81,7 @@ def _read_cache(path: str) -> np.ndarray | None:
 def file_observables(labelled_path: str, *, cache_dir: str | None = None) -> np.ndarray:
   """(N, F) observables of every image of a jet file, read from or written to ``cache_dir``'s cache.
 
-  ``cache_dir`` may be local or ``gs://`` (``paths.py``); the cache is written whole or not at all.
+  ``cache_dir`` may be local or ``gs://`` (``runtime.paths``); the cache is written whole or not at all.
   """
   cache = _cache_path(labelled_path, cache_dir) if cache_dir else None
   if cache is not None and paths.exists(cache):

@@ -1,7 +1,7 @@
 """Jet-substructure observables computed from the pixels of jet images: the physics baseline's inputs.
 
 Physicists judge a tagger against observables like these fed to boosted decision trees (``bdt.py``).
-Everything here is numpy on raw images (N, H, W, 8), channels-last (DESIGN.md §2: 0 track pT, 1 d0, 2 dz,
+Everything here is numpy on raw images (N, H, W, 8), channels-last (docs/design.md, Data: 0 track pT, 1 d0, 2 dz,
 3 ECAL, 4 HCAL, 5–7 pixel layers), vectorised over a chunk of images and working on the non-zero pixels
 only (about 1 % of them).
 

@@ -1,6 +1,6 @@
 """Physics-aware augmentations of whole batches, as Grain transforms, for host or device application.
 
-Rows are η and columns φ (DESIGN.md §2). φ is periodic, so cyclic rolls along columns are symmetries;
+Rows are η and columns φ (docs/design.md, Data). φ is periodic, so cyclic rolls along columns are symmetries;
 flips in η and φ are too. Never rotate by 90° (it swaps η and φ), crop, blur or colour-jitter.
 
 Augmentation is split in two so that it can run on the accelerator: ``draw_view_params`` draws the
@@ -55,12 +55,6 @@ def noise_indices(seeds, ranks, xp=np):
   x = (x ^ (x >> 16)) * xp.uint32(0x85EBCA6B)
   x = (x ^ (x >> 13)) * xp.uint32(0xC2B2AE35)
   return (x ^ (x >> 16)) >> (32 - NOISE_TABLE_BITS)
-
-
-def nonzero_counts(images: np.ndarray) -> np.ndarray:
-  """Per image, the number of pixels with a non-zero bit pattern (the ``.sparse`` file's entries)."""
-  flat = np.ascontiguousarray(images, dtype=np.float32).reshape(len(images), -1)
-  return np.count_nonzero(flat.view(np.uint32), axis=1)
 
 
 def jitter(values, factors, xp=np):

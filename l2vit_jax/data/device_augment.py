@@ -17,7 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from l2vit_jax.data import augment, hdf5, sparse
+from l2vit_jax.data import augment, sparse
+from l2vit_jax import errors
 
 SPARSE_KEYS = ("positions", "values")
 SETTINGS = ("auto", "on", "off")
@@ -34,7 +35,7 @@ def enabled(setting: str, source) -> bool:
     raise ValueError(f"config.data.device_augmentation={setting!r}: expected one of {list(SETTINGS)}")
   is_sparse = isinstance(source, sparse.SparseSource)
   if setting == "on" and not is_sparse:
-    raise hdf5.DataError(f"{getattr(source, 'path', source)}: config.data.device_augmentation='on' needs "
+    raise errors.DataError(f"{getattr(source, 'path', source)}: config.data.device_augmentation='on' needs "
                          f"a {sparse.SUFFIX} training file; convert it with scripts/prepare_data.py, or "
                          "use 'auto'")
   return setting != "off" and is_sparse
@@ -80,7 +81,7 @@ def densify_view(positions: jax.Array, values: jax.Array, params: dict[str, jax.
 
 def prepare_batch(augmentation: str, image_shape: tuple[int, int, int],
                   transform: augment.BatchAugment | None = None) -> Callable[[dict], dict]:
-  """The batch-preparation hook of ``train.make_train_step``: a sparse batch → the dense batch the
+  """The batch-preparation hook of ``training.steps.make_train_step``: a sparse batch → the dense batch the
   loss reads (``image``, or ``view1``/``view2``; other keys unchanged). ``transform`` is the one the
   pipeline drew the parameters with (default: ``augment.TRANSFORMS[augmentation]``)."""
   views = augment.VIEWS[augmentation]

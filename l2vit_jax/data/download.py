@@ -1,4 +1,4 @@
-"""Downloads the two real CMS jet files (DESIGN.md §2), resumably, and validates them before use.
+"""Downloads the two real CMS jet files (docs/design.md, Data), resumably, and validates them before use.
 
 A file is streamed into ``<dest>.part`` and renamed to ``<dest>`` only after its size matches what the
 server announced, it starts with the HDF5 signature and it passes :func:`hdf5.validate_file`, so ``<dest>``
@@ -39,6 +39,7 @@ from typing import Sequence
 import tqdm
 
 from l2vit_jax.data import hdf5
+from l2vit_jax import errors
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 GIB = 1 << 30
@@ -54,7 +55,7 @@ _USER_AGENT = "l2vit_jax-download/1.0 (python urllib)"
 class RemoteFile:
   """One of the real data files.
 
-  ``approx_bytes`` is a lower bound (the datasets' payload, DESIGN.md §2): the exact size, including
+  ``approx_bytes`` is a lower bound (the datasets' payload, docs/design.md, Data): the exact size, including
   HDF5 metadata, is only known from the server's reply, so it is used for the report and the up-front
   disk-space check, never to judge a download.
   """
@@ -192,7 +193,7 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
   if os.path.exists(dest):
     try:
       info = hdf5.validate_file(dest, labelled=labelled)
-    except hdf5.DataError as e:
+    except errors.DataError as e:
       # Not ours to delete: it may be a copy the user made on purpose. Say how to get a fresh one.
       raise DownloadError(f"{dest} already exists but is not a valid jet file ({_one_line(e)}); move it "
                           "aside or delete it to download again") from None
@@ -261,7 +262,7 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
     os.fsync(f.fileno())  # the rename below must not expose a file whose data is still in the page cache
   try:
     info = hdf5.validate_file(part, labelled=labelled)
-  except hdf5.DataError as e:
+  except errors.DataError as e:
     _remove(part)  # complete and the right size, so resuming cannot fix it
     raise DownloadError(f"{url}: downloaded file is not a valid jet file: {_one_line(e)}; "
                         f"removed {part}") from None

@@ -1,6 +1,6 @@
 """HDF5 jet files: schema validation and a lazily opened random-access source for Grain.
 
-The schema is the one of the real CMS files (DESIGN.md §2): ``jet`` (N, H, W, 8) float32 channels-last,
+The schema is the one of the real CMS files (docs/design.md, Data): ``jet`` (N, H, W, 8) float32 channels-last,
 and for labelled files ``Y`` (N, 1) in {0, 1}, ``m`` (N, 1) mass in GeV, ``pT`` (N, 1).
 """
 
@@ -13,15 +13,13 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from l2vit_jax.errors import DataError
+
 NUM_CHANNELS = 8
 IMAGE_KEY = "jet"
 LABEL_KEYS = ("Y", "m", "pT")
 # Images checked for finite, non-negative values; shapes and labels are always checked in full.
 DEFAULT_VALUE_SAMPLE = 64
-
-
-class DataError(ValueError):
-  """A data file that cannot be used; the message is one line naming file, key and expectation."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +137,7 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
     28 GiB unlabelled file included). ``FileInfo.bytes_read_for_values`` reports the exact amount.
 
   Pixels outside the sample are not checked here; a NaN among them stops training at the step that
-  reads it (``train.DivergenceError``) before anything from that state is saved.
+  reads it (``errors.DivergenceError``) before anything from that state is saved.
 
   Raises:
     DataError: with a one-line message naming the file, the key and what was expected.

@@ -1,18 +1,21 @@
 """Jet files in either format — HDF5 (as downloaded) or the compact ``.sparse`` format — by extension.
 
 ``scripts/prepare_data.py`` converts HDF5 files into the sparse format (≈40× smaller, bit-exact); every
-function here accepts either file and returns what the HDF5 version would, so callers (``tasks.py``,
-``evaluate.py``) need not know which they were given.
+function here accepts either file and returns what the HDF5 version would, so callers (training
+recipes, evaluation, the study) need not know which they were given. ``open_labelled`` is the one way a
+labelled file is validated, read and split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
-from l2vit_jax import paths
-from l2vit_jax.data import hdf5, sparse
+from l2vit_jax import errors
+from l2vit_jax.data import hdf5, sparse, split
+from l2vit_jax.runtime import paths
 
 
 def is_sparse(path: str) -> bool:
@@ -33,7 +36,7 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
                   value_sample: int = hdf5.DEFAULT_VALUE_SAMPLE) -> hdf5.FileInfo:
   """Format-aware ``hdf5.validate_file``: the same checks and one-line DataErrors for either format."""
   if paths.is_remote(path):  # Grain workers read random records: a local file, not an object store
-    raise hdf5.DataError(f"{path}: jet files must be on local disk (gs:// works for workdirs, init_from "
+    raise errors.DataError(f"{path}: jet files must be on local disk (gs:// works for workdirs, init_from "
                          "and reports only); copy it first, e.g. gcloud storage cp URL /local/dir/, and "
                          "pass the local path")
   validate = sparse.validate_file if is_sparse(path) else hdf5.validate_file
@@ -44,3 +47,37 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
 def read_labels(path: str) -> dict[str, np.ndarray]:
   """Format-aware ``hdf5.read_labels``: ``label`` int32, ``mass`` and ``pt`` float32."""
   return sparse.read_labels(path) if is_sparse(path) else hdf5.read_labels(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledFile:
+  """A validated labelled file, its labels (``read_labels``) and the fixed stratified split.
+
+  ``parts`` is ``split.stratified_split`` of the labels with the given seed: every user of a labelled
+  file (finetuning, evaluation, probes, the study) sees the same train/val/test jets.
+  """
+  path: str
+  image_size: int
+  labels: dict[str, np.ndarray]
+  parts: dict[str, np.ndarray]
+
+  def source(self, indices: Sequence[int]) -> hdf5.HDF5Source | sparse.SparseSource:
+    """A source over the jets ``indices``, reusing the labels already read."""
+    return open_source(self.path, labelled=True, indices=indices, labels=self.labels)
+
+  def check_image_size(self, model_config: dict, checkpoint: str) -> None:
+    """Refuses (one line) a checkpoint whose model was built for other images than this file's."""
+    if int(model_config["img_size"]) != self.image_size:
+      raise errors.DataError(
+          f"{self.path}: key '{hdf5.IMAGE_KEY}': images are {self.image_size}×{self.image_size}, but the "
+          f"model of {checkpoint} expects {model_config['img_size']}×{model_config['img_size']}")
+
+
+def open_labelled(path: str, *, split_seed: int, image_size: int | None = None,
+                  min_examples: int = 1) -> LabelledFile:
+  """Validates ``path`` as a labelled file (one-line ``DataError`` otherwise), reads its labels and
+  splits them."""
+  info = validate_file(path, labelled=True, image_size=image_size, min_examples=min_examples)
+  labels = read_labels(path)
+  return LabelledFile(path, info.image_size, labels,
+                      split.stratified_split(labels["label"], seed=split_seed))

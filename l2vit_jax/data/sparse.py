@@ -1,6 +1,6 @@
 """A compact, lossless sparse format for jet files, and its Grain random-access source.
 
-The real images are ~99 % zeros (DESIGN.md §2): a 500 kB float32 image holds ~1,500 non-zero pixels.
+The real images are ~99 % zeros (docs/design.md, Data): a 500 kB float32 image holds ~1,500 non-zero pixels.
 ``scripts/prepare_data.py`` converts an HDF5 jet file once into a ``.sparse`` file that stores, per
 image, only the flat positions (within H·W·C) and float32 values of its non-zero pixels — about 40×
 smaller — and :class:`SparseSource` yields exactly the records ``hdf5.HDF5Source`` yields.
@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from l2vit_jax.data import hdf5
+from l2vit_jax.errors import DataError
 
 SUFFIX = ".sparse"
 MAGIC = b"L2VIT-SPARSE-v1\n"
@@ -36,7 +37,6 @@ ALIGNMENT = 64
 # Padded batches hold this multiple of non-zeros per image: one compiled step per file size class.
 CAPACITY_MULTIPLE = 256
 LABEL_ARRAYS = ("label", "mass", "pt")
-DataError = hdf5.DataError
 
 
 def _fail(path: str, key: str | None, message: str) -> DataError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# DESIGN.md §2: 20 % test, then 1/8 of the rest validation -> 7000 / 1000 / 2000 for 10,000 images.
+# docs/design.md, Data: 20 % test, then 1/8 of the rest validation -> 7000 / 1000 / 2000 for 10,000 images.
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION_OF_REST = 1 / 8
 SPLIT_SEED = 42
@@ -34,6 +34,12 @@ def mass_statistics(masses: np.ndarray, train_indices: np.ndarray) -> tuple[floa
   """Mean and standard deviation of the mass on the training split, used to standardise the target."""
   train_masses = np.asarray(masses, dtype=np.float64).reshape(-1)[train_indices]
   return float(train_masses.mean()), float(train_masses.std())
+
+
+def destandardise_mass(mass_z: np.ndarray, mass_mean: float, mass_std: float) -> np.ndarray:
+  """Masses in GeV from the standardised masses the network regresses: the inverse of the
+  standardisation with the train split's ``mass_statistics`` stored in every finetuned checkpoint."""
+  return np.asarray(mass_z) * mass_std + mass_mean
 
 
 def resolve_label_counts(label_counts, num_train: int) -> list[int]:

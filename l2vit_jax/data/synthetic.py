@@ -1,4 +1,4 @@
-"""Synthetic CMS-like jet images with exactly the schema of the real files (DESIGN.md §2).
+"""Synthetic CMS-like jet images with exactly the schema of the real files (docs/design.md, Data).
 
 The real files (4.7 GiB and 28 GiB) cannot be fetched everywhere, so tests and demos run on jets generated
 here. The labels must be learnable from the pixels the way they are in the real data, not planted as a
@@ -36,7 +36,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from l2vit_jax import paths
+from l2vit_jax.runtime import paths
 from l2vit_jax.data import hdf5
 
 NUM_CHANNELS = hdf5.NUM_CHANNELS

@@ -21,7 +21,7 @@ import matplotlib.figure
 import matplotlib.style
 import numpy as np
 
-from l2vit_jax import paths
+from l2vit_jax.runtime import paths
 from l2vit_jax.evaluation import metrics
 
 try:  # Optional: only the look of the plots depends on it.

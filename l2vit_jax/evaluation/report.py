@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from l2vit_jax import paths
+from l2vit_jax.runtime import paths
 from l2vit_jax.evaluation import metrics as metrics_lib
 from l2vit_jax.evaluation import plots
 

@@ -2,6 +2,7 @@
 
 from l2vit_jax.models.attention import linear_attention
 from l2vit_jax.models.attention import softmax_attention
+from l2vit_jax.models.contrastive import ContrastiveModel
 from l2vit_jax.models.depthwise import depthwise_conv2d
 from l2vit_jax.models.l2vit import L2ViT
 from l2vit_jax.models.l2vit import SimCLRProjector
@@ -12,6 +13,7 @@ from l2vit_jax.models.masked import patchify
 from l2vit_jax.models.masked import random_token_mask
 
 __all__ = [
+    'ContrastiveModel',
     'L2ViT',
     'MaskedImageModel',
     'SimCLRProjector',

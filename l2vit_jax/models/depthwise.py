@@ -25,7 +25,7 @@ Implementation = Literal['auto', 'lax', 'shifted_adds', 'shifted_adds_vjp', 'row
 # Every name accepted by ``implementation``; all but 'auto' are concrete formulations.
 IMPLEMENTATIONS = ('auto', 'lax', 'shifted_adds', 'shifted_adds_vjp', 'row_scan', 'patches',
                    'channel_batched')
-# What 'auto' picks per backend, from scripts/benchmark.py (README "Performance"): on XLA:CPU the
+# What 'auto' picks per backend, from scripts/benchmark.py (docs/performance.md): on XLA:CPU the
 # custom-VJP shifted adds were ≈40× faster than the grouped convolution for the gradient; GPU and
 # TPU compilers have native depthwise kernels.
 AUTO_BY_BACKEND = {'cpu': 'shifted_adds_vjp'}

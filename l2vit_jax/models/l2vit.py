@@ -1,8 +1,8 @@
 """L2ViT (linear-attention vision transformer with local concentration) in Flax NNX.
 
-A faithful port of the PyTorch original (DESIGN.md §1). Attribute names mirror the PyTorch
+A faithful port of the PyTorch original (docs/design.md, Model). Attribute names mirror the PyTorch
 ``state_dict`` names (``blocks[i].attn.qkv`` ↔ ``blocks.{i}.attn.qkv.weight``) so that checkpoint
-import is a mechanical renaming (see ``l2vit_jax.torch_import``).
+import is a mechanical renaming (see ``l2vit_jax.interop.torch_import``).
 
 Where Flax defaults differ from PyTorch we set the PyTorch behaviour explicitly: LayerNorm and
 BatchNorm eps 1e-5, BatchNorm momentum 0.9 (Flax counts momentum the other way round: PyTorch 0.1),
@@ -103,7 +103,7 @@ class PatchEmbed(nnx.Module):
 
     The stride-p p×p 'VALID' convolution computed as one (B·gh·gw, p·p·C) × (p·p·C, D) matmul on
     the image cut into patches: the same sums (bit-identical forward on CPU), but XLA:CPU's kernel
-    gradient of the strided convolution transposed the whole input first (README "Performance").
+    gradient of the strided convolution transposed the whole input first (docs/performance.md).
     """
     x, kernel, bias = nnx_dtypes.promote_dtype(
         (x, self.proj.kernel[...], self.proj.bias[...]), dtype=self.proj.dtype)

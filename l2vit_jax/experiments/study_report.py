@@ -8,7 +8,7 @@ from typing import Iterable, Mapping, Sequence
 import matplotlib.ticker
 import numpy as np
 
-from l2vit_jax import paths as paths_lib  # `paths` names the output files here
+from l2vit_jax.runtime import paths# `paths` names the output files here
 from l2vit_jax.evaluation import plots
 
 # metric → (label, higher is better, digits)
@@ -155,14 +155,14 @@ def write_report(study: Mapping, path: str) -> str:
       "## Verdict", "",
       "A difference counts only when it exceeds the larger standard deviation over seeds.", "",
       *([f"- {line}" for line in study.get("verdicts", [])] or ["- (not enough arms to compare)"]), ""]
-  paths_lib.write_text(path, "\n".join(lines))
+  paths.write_text(path, "\n".join(lines))
   return path
 
 
 def write_outputs(workdir: str, study: Mapping) -> dict[str, str]:
   """study.json, study.png and report.md in ``workdir``."""
-  paths = {name: paths_lib.join(workdir, name) for name in ("study.json", "study.png", "report.md")}
-  paths_lib.write_text(paths["study.json"], json.dumps(study, indent=2, allow_nan=False) + "\n")
-  plot_study(study, paths["study.png"])
-  write_report(study, paths["report.md"])
-  return paths
+  outputs = {name: paths.join(workdir, name) for name in ("study.json", "study.png", "report.md")}
+  paths.write_text(outputs["study.json"], json.dumps(study, indent=2, allow_nan=False) + "\n")
+  plot_study(study, outputs["study.png"])
+  write_report(study, outputs["report.md"])
+  return outputs

@@ -1,13 +1,13 @@
-"""PyTorch L2ViT with the original's structure and ``state_dict`` names (DESIGN.md §1).
+"""PyTorch L2ViT with the original's structure and ``state_dict`` names (docs/design.md, Model).
 
 Written from the design description, not copied: it is the reference for the parity tests and the
 baseline the benchmarks time. Images are NCHW here, as in the original; callers transpose.
 
 torch is imported lazily so that this module can be imported (and the JAX package used) without it::
 
-  from l2vit_jax import reference_torch
-  model = reference_torch.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2)
-  projector = reference_torch.build_torch_projector(in_dim=32, hidden_dim=32, out_dim=16)
+  from l2vit_jax.interop import torch_reference
+  model = torch_reference.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2)
+  projector = torch_reference.build_torch_projector(in_dim=32, hidden_dim=32, out_dim=16)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ features; big_vision's ``evaluators/fewshot_lsr.py`` does it with closed-form ri
 - ``probe_metrics(fit, select, evaluate, *, mass_mean, mass_std, k=20)`` → ``linear_accuracy``,
   ``linear_auc``, ``linear_mass_mae`` (GeV), ``knn_accuracy``, ``knn_auc`` on ``evaluate``.
 - ``online_probe(config)`` → ``OnlineProbe`` or None: the per-epoch probe of SimCLR/MAE pretraining
-  (``config.online_probe``), which ``train.py`` calls at validation time; its metrics land in
+  (``config.online_probe``), which ``training.loop`` calls at validation time; its metrics land in
   ``metrics.jsonl`` as ``probe/linear_accuracy``, ``probe/linear_auc``, ``probe/linear_mass_mae`` (GeV),
   ``probe/knn_accuracy`` and ``probe/knn_auc``.
 
@@ -39,7 +39,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from l2vit_jax import checkpointing, inference, models, sharding
+from l2vit_jax import models
+from l2vit_jax.checkpoint import model_io
+from l2vit_jax.evaluation import inference
+from l2vit_jax.runtime import sharding
 from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import metrics
 
@@ -144,13 +147,13 @@ class LinearProbe:
     return (np.asarray(features, np.float64) - self.mean) / self.std
 
   def class_score(self, features: np.ndarray) -> np.ndarray:
+    """The uncalibrated linear class score (its logit before Platt scaling)."""
     return self.standardise(features) @ self.class_weights + self.class_bias
 
   def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class-1 probability in [0, 1], standardised mass) for features (N, D)."""
-    x = self.standardise(features)
-    prob = _sigmoid(self.platt_slope * (x @ self.class_weights + self.class_bias) + self.platt_offset)
-    return prob, x @ self.mass_weights + self.mass_bias
+    prob = _sigmoid(self.platt_slope * self.class_score(features) + self.platt_offset)
+    return prob, self.standardise(features) @ self.mass_weights + self.mass_bias
 
 
 def _class_selection_metric(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -260,28 +263,14 @@ def knn_class_probability(train_features: np.ndarray, train_labels: np.ndarray,
 
 # --- probing a checkpoint -----------------------------------------------------------------------------
 
-def load_backbone(directory: str) -> tuple[models.L2ViT, dict]:
-  """The L2ViT backbone of any checkpoint (SimCLR/MAE workdir, finetuned workdir, imported weights).
-
-  The model is built from the checkpoint's meta ``model_config``; its heads stay at their fresh
-  initialisation (probes use ``features`` only).
-  """
-  from l2vit_jax import tasks  # pylint: disable=import-outside-toplevel  (tasks imports this module)
-
-  _, meta = checkpointing.read_model_checkpoint(directory)
-  backbone = models.L2ViT(**checkpointing.model_kwargs(meta["model_config"]), rngs=nnx.Rngs(0))
-  tasks.load_pretrained_backbone(backbone, directory)
-  backbone.eval()
-  return backbone, meta
-
-
-def _labelled_features(backbone, path: str, indices: np.ndarray, labels: dict, *, mass_mean: float,
-                       mass_std: float, pixel_scale: float, batch_size: int, mesh) -> dict:
+def _labelled_features(backbone, labelled: sources.LabelledFile, indices: np.ndarray, *,
+                       mass_mean: float, mass_std: float, pixel_scale: float, batch_size: int,
+                       mesh) -> dict:
   """Features of the labelled jets ``indices`` with their label, mass (GeV) and standardised mass."""
-  source = sources.open_source(path, labelled=True, indices=indices, labels=labels)
-  out = extract_features(backbone, source, pixel_scale=pixel_scale, batch_size=batch_size, mesh=mesh)
-  out["label"] = labels["label"][out["index"]]
-  out["mass"] = labels["mass"][out["index"]].astype(np.float64)
+  out = extract_features(backbone, labelled.source(indices), pixel_scale=pixel_scale,
+                         batch_size=batch_size, mesh=mesh)
+  out["label"] = labelled.labels["label"][out["index"]]
+  out["mass"] = labelled.labels["mass"][out["index"]].astype(np.float64)
   out["mass_z"] = (out["mass"] - mass_mean) / mass_std
   return out
 
@@ -291,18 +280,18 @@ def _fit_and_predict(fit: Mapping, select: Mapping, query: Mapping, *, k: int,
   probe = fit_linear_probe(fit["features"], fit["label"], fit["mass_z"], select["features"],
                            select["label"], select["mass_z"])
   prob, mass_z = probe.predict(query["features"])
-  return {"index": query["index"], "prob": prob, "mass_pred": mass_z * mass_std + mass_mean,
+  return {"index": query["index"], "prob": prob, "mass_pred": split.destandardise_mass(mass_z, mass_mean, mass_std),
           "knn_prob": knn_class_probability(fit["features"], fit["label"], query["features"], k=k),
           "knn_mass_pred": knn_mean(fit["features"], fit["mass"], query["features"], k=k)}
 
 
-def probe_checkpoint(directory: str, labelled_path: str, splits: Mapping[str, np.ndarray], *,
-                     batch_size: int, mesh, k: int = 20) -> dict[str, np.ndarray]:
+def probe_checkpoint(directory: str, labelled: sources.LabelledFile, splits: Mapping[str, np.ndarray],
+                     *, batch_size: int, mesh, k: int = 20) -> dict[str, np.ndarray]:
   """Linear and kNN probes on the frozen backbone of ``directory``, evaluated on ``splits["test"]``.
 
   Args:
     directory: a training workdir (pretraining or finetuning) or imported weights.
-    labelled_path: the labelled file (HDF5 or ``.sparse``) that ``splits`` index.
+    labelled: the labelled file (HDF5 or ``.sparse``) that ``splits`` index.
     splits: ``train`` (probe fit and kNN memory), ``val`` (ridge strength and calibration), ``test``.
     batch_size: global batch of the feature pass.
     mesh: device mesh; every process must call this.
@@ -313,11 +302,10 @@ def probe_checkpoint(directory: str, labelled_path: str, splits: Mapping[str, np
     ``knn_prob`` and ``knn_mass_pred`` (GeV) of the kNN probe; masses are standardised with the
     train-split mean and standard deviation for the linear fit.
   """
-  backbone, meta = load_backbone(directory)
-  sources.validate_file(labelled_path, labelled=True, image_size=meta["model_config"]["img_size"])
-  labels = sources.read_labels(labelled_path)
-  mass_mean, mass_std = split.mass_statistics(labels["mass"], splits["train"])
-  features = {part: _labelled_features(backbone, labelled_path, np.asarray(splits[part]), labels,
+  backbone, meta = model_io.restore_backbone(directory)
+  labelled.check_image_size(meta["model_config"], directory)
+  mass_mean, mass_std = split.mass_statistics(labelled.labels["mass"], splits["train"])
+  features = {part: _labelled_features(backbone, labelled, np.asarray(splits[part]),
                                        mass_mean=mass_mean, mass_std=mass_std,
                                        pixel_scale=meta.get("pixel_scale", 1.0),
                                        batch_size=batch_size, mesh=mesh)
@@ -348,15 +336,14 @@ def probe_metrics(fit: Mapping, select: Mapping, evaluate: Mapping, *, mass_mean
 
 @dataclasses.dataclass
 class OnlineProbe:
-  """The probe ``train.py`` runs at validation time of SimCLR/MAE pretraining (``config.online_probe``).
+  """The probe ``training.loop`` runs at validation time of SimCLR/MAE pretraining (``config.online_probe``).
 
   Three fixed stratified subsets of the labelled file: ``fit`` and ``select`` from its train split
   (ridge fit and kNN memory; ridge-strength choice), ``evaluate`` from its validation split (what is
   logged). Features come from the ``encoder`` of the model being trained, in eval mode.
   """
-  path: str
+  labelled: sources.LabelledFile
   subsets: dict[str, np.ndarray]
-  labels: dict[str, np.ndarray]
   mass_mean: float
   mass_std: float
   pixel_scale: float
@@ -382,10 +369,9 @@ class OnlineProbe:
     if not self.due(epoch):
       return {}
     backbone = nnx.merge(nnx.graphdef(model), *state).encoder  # a copy: eval mode stays local
-    features = {name: _labelled_features(backbone, self.path, indices, self.labels,
-                                         mass_mean=self.mass_mean, mass_std=self.mass_std,
-                                         pixel_scale=self.pixel_scale, batch_size=self.batch_size,
-                                         mesh=mesh)
+    features = {name: _labelled_features(backbone, self.labelled, indices, mass_mean=self.mass_mean,
+                                         mass_std=self.mass_std, pixel_scale=self.pixel_scale,
+                                         batch_size=self.batch_size, mesh=mesh)
                 for name, indices in self.subsets.items()}
     scores = probe_metrics(features["fit"], features["select"], features["evaluate"],
                            mass_mean=self.mass_mean, mass_std=self.mass_std, k=self.k)
@@ -403,9 +389,9 @@ def online_probe(config) -> OnlineProbe | None:
   if settings is None or not settings.get("labelled_path"):
     return None
   path = settings.labelled_path
-  sources.validate_file(path, labelled=True, image_size=config.model.img_size)
-  labels = sources.read_labels(path)
-  parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
+  labelled = sources.open_labelled(path, split_seed=config.data.split_seed,
+                                   image_size=config.model.img_size)
+  labels, parts = labelled.labels, labelled.parts
   seed = int(settings.get("seed", 0))
   fit_pool = split.stratified_order(labels["label"], parts["train"], seed=seed)[:settings.num_train]
   num_select = max(int(round(ONLINE_SELECTION_FRACTION * len(fit_pool))), 1)
@@ -420,7 +406,7 @@ def online_probe(config) -> OnlineProbe | None:
   mass_mean, mass_std = split.mass_statistics(labels["mass"], parts["train"])
   logging.info("Online probe: %s, fit/select/evaluate on %s jets, every %d epoch(s)", path,
                "/".join(str(len(v)) for v in subsets.values()), settings.every_epochs)
-  return OnlineProbe(path=path, subsets=subsets, labels=labels, mass_mean=mass_mean,
+  return OnlineProbe(labelled=labelled, subsets=subsets, mass_mean=mass_mean,
                      mass_std=mass_std, pixel_scale=float(config.data.pixel_scale),
                      batch_size=config.eval_batch_size, every_epochs=int(settings.every_epochs),
                      num_epochs=config.num_epochs, k=int(settings.k))

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from l2vit_jax import sharding
+from l2vit_jax.runtime import sharding
 from l2vit_jax.data import pipeline
 
 

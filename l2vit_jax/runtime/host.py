@@ -1,26 +1,28 @@
-"""XLA flags and the host allocator, set in one place before JAX initialises its backends.
+"""XLA flags, the host allocator and library log levels, set in one place before JAX initialises its
+backends.
 
 Call both first thing in an entry point — before anything creates a JAX array, asks for devices or
 starts a thread, because XLA reads ``XLA_FLAGS`` once, when the backend starts, and a thread keeps
 the malloc arena it first gets::
 
-  from l2vit_jax import platform
-  platform.configure_xla_flags()
-  platform.configure_allocator()
+  from l2vit_jax.runtime import host
+  host.configure_xla_flags()
+  host.configure_allocator()
 
 Flags the user already set in ``XLA_FLAGS`` win (ours are only added when the flag is absent);
 ``L2VIT_NO_XLA_FLAGS=1`` disables ours altogether. Which flags earn a place here is decided by
-``scripts/benchmark.py`` (README "Performance").
+``scripts/benchmark.py`` (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
 # flag -> value. Only flags that leave results unchanged (no fast-math, no reduced precision) and
-# that measurably help belong here; see README "Performance" for what was tried and measured.
+# that measurably help belong here; see docs/performance.md and docs/performance_log.md for what was tried and measured.
 CPU_FLAGS: dict[str, str] = {}
 
 OPT_OUT_VARIABLE = "L2VIT_NO_XLA_FLAGS"
@@ -58,8 +60,8 @@ def configure_allocator() -> bool:
 
   XLA:CPU allocates each execution's temporaries as one block (3.7 GB for a default train step at
   batch 16). glibc serves such a block with a fresh ``mmap`` and unmaps it on free, so every step
-  page-faulted all of it in again: ≈ 980,000 minor faults, about a third of the step (README
-  "Performance"). One arena (a thread's own arena cannot hold blocks over 64 MiB and would mmap
+  page-faulted all of it in again: ≈ 980,000 minor faults, about a third of the step
+  (docs/performance.md). One arena (a thread's own arena cannot hold blocks over 64 MiB and would mmap
   them anyway), no mmap and no trimming let the next step reuse the same pages; the process keeps
   its peak memory, which the step needs anyway. Returns whether the settings took effect: only on
   Linux with glibc, and not when ``L2VIT_NO_MALLOC_TUNING=1``.
@@ -81,3 +83,19 @@ def allocator_tuned() -> bool:
   """Whether :func:`configure_allocator` took effect in this process: freed memory stays resident,
   so whatever a computation allocates ahead of running keeps its pages once it has run."""
   return _allocator_tuned
+
+
+def quiet_library_logs() -> None:
+  """Keeps Orbax's per-save INFO chatter out of the run log (its warnings and errors still show)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
+    logger.addFilter(_QuietLibraries())
+
+
+class _QuietLibraries(logging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the run log (its warnings and errors still show)."""
+
+  def filter(self, record) -> bool:
+    # The standard library's level: absl's own constants (WARNING = -1) are verbosities, not levelnos.
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname

@@ -1,6 +1,6 @@
 """The label-efficiency study: does self-supervised pretraining beat training from scratch, and where?
 
-  python -m l2vit_jax.main --config=configs/study.py --workdir=runs/study [--config.study.quick=True]
+  python -m l2vit_jax.main --config=configs/study.py[:quick] --workdir=runs/study
 
 For every seed, SimCLR and MAE pretraining run once (``WORKDIR/seed{s}/pretrain_{simclr,mae}``) and are
 shared by every label count. Then, for each label count n (a nested stratified subset of the train
@@ -28,11 +28,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from l2vit_jax import checkpointing, evaluate, quickstart, sharding, train
-from l2vit_jax import paths as paths_lib  # `paths` names the data files here
-from l2vit_jax.data import hdf5, sources, split
-from l2vit_jax.evaluation import metrics as metrics_lib
-from l2vit_jax.evaluation import study_report
+from l2vit_jax import errors
+from l2vit_jax.data import sources, split
+from l2vit_jax.evaluation import evaluate, metrics
+from l2vit_jax.experiments import stages, study_report
+from l2vit_jax.runtime import paths, sharding
 
 ARMS = ("scratch", "finetune_simclr", "finetune_mae", "probe_simclr", "probe_mae", "physics_bdt")
 # The pretraining each arm needs (None: none).
@@ -41,11 +41,7 @@ PRETRAINING = {"scratch": None, "finetune_simclr": "simclr", "finetune_mae": "ma
 # Arms built on modules with their own dependencies (scikit-learn for the trees).
 OPTIONAL_ARMS = ("probe_simclr", "probe_mae", "physics_bdt")
 RESULT_FILE = "result.json"
-COMMAND = "python -m l2vit_jax.main --config=configs/study.py --workdir={workdir}{extra}"
-
-
-class ConfigError(ValueError):
-  """A study config that cannot work (main.py reports errors of this name as one line)."""
+COMMAND = "python -m l2vit_jax.main --config=configs/study.py{variant} --workdir={workdir}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,48 +58,14 @@ class Cell:
 
 # --- configuration ----------------------------------------------------------------------------------
 
-def _merge(config, overrides) -> None:
-  """Recursively sets ``overrides`` (a ConfigDict shaped like ``config``) into ``config``."""
-  for key, value in overrides.items():
-    if hasattr(value, "items") and key in config and hasattr(config[key], "items"):
-      _merge(config[key], value)
-    else:
-      config[key] = value
-
-
-def resolve_config(config):
-  """The study config with ``config.quick_settings`` applied when ``config.study.quick`` is set."""
-  config = config.copy_and_resolve_references()
-  if config.study.quick:
-    with config.unlocked():
-      _merge(config, config.quick_settings)
-  return config
-
-
 def selected_arms(config) -> tuple[str, ...]:
   """``config.study.arms`` ('scratch,physics_bdt') as a tuple, every name checked against ARMS."""
   arms = tuple(a.strip() for a in str(config.study.arms).split(",") if a.strip())
   unknown = [a for a in arms if a not in ARMS]
   if unknown or not arms:
-    raise ConfigError(f"config.study.arms={config.study.arms!r}: expected a comma-separated subset of "
+    raise errors.ConfigError(f"config.study.arms={config.study.arms!r}: expected a comma-separated subset of "
                      f"{', '.join(ARMS)}")
   return arms
-
-
-def _training_config(config, paths: dict[str, str], task: str, recipe, **fields):
-  """A training config for one stage: the study config with ``recipe`` (top-level fields) applied."""
-  stage = config.copy_and_resolve_references()
-  with stage.unlocked():
-    stage.task = task
-    stage.data.labelled_path = paths["labelled"]
-    stage.data.unlabelled_path = paths["unlabelled"]
-    for key, value in {**recipe.to_dict(), **fields}.items():
-      *parents, leaf = key.split(".")  # 'data.train_repeats' names a nested field
-      target = stage
-      for parent in parents:
-        target = target[parent]
-      target[leaf] = value
-  return stage
 
 
 def cell_schedule(recipe, count: int, devices: int, min_steps: int) -> dict:
@@ -122,16 +84,6 @@ def cell_schedule(recipe, count: int, devices: int, min_steps: int) -> dict:
 
 # --- data -------------------------------------------------------------------------------------------
 
-def study_data(config, workdir: str) -> dict[str, str]:
-  """The labelled and unlabelled files: generated under WORKDIR/data when quick, else config.data's."""
-  if not config.study.quick:
-    return {"labelled": config.data.labelled_path, "unlabelled": config.data.unlabelled_path}
-  generator = config.copy_and_resolve_references()
-  with generator.unlocked():
-    generator.quickstart = config.study.synthetic
-  return quickstart.generate_data(generator, workdir)
-
-
 def _classes_drawn(labels: np.ndarray, train: np.ndarray, count: int, seed: int) -> int:
   """How many classes the first ``count`` jets of seed ``seed``'s labelled subset contain."""
   if count < 1:
@@ -139,39 +91,39 @@ def _classes_drawn(labels: np.ndarray, train: np.ndarray, count: int, seed: int)
   return len(np.unique(labels[split.nested_subsets(labels, train, [count], seed=seed)[count]]))
 
 
-def check_inputs(config, paths: dict[str, str], arms: tuple[str, ...]) -> dict:
+def check_inputs(config, files: dict[str, str], arms: tuple[str, ...]) -> dict:
   """Validates the files and the label counts before anything trains.
 
   Returns:
-    labels (the file's labels), the fixed split and the resolved label counts.
+    ``labelled`` (the labelled file with its labels and fixed split) and the resolved label ``counts``.
 
   Raises:
-    hdf5.DataError: one line naming the file and the label count it cannot serve.
+    errors.DataError: one line naming the file and the label count it cannot serve.
   """
-  path = paths["labelled"]
-  sources.validate_file(path, labelled=True, image_size=config.model.img_size)
+  path = files["labelled"]
+  labelled = sources.open_labelled(path, split_seed=config.data.split_seed,
+                                   image_size=config.model.img_size)
   if any(PRETRAINING[arm] for arm in arms):
-    sources.validate_file(paths["unlabelled"], labelled=False, image_size=config.model.img_size,
+    sources.validate_file(files["unlabelled"], labelled=False, image_size=config.model.img_size,
                           min_examples=max(config.pretrain_simclr.batch_size, config.pretrain_mae.batch_size))
-  labels = sources.read_labels(path)
-  parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
+  labels, parts = labelled.labels, labelled.parts
   try:
     counts = split.resolve_label_counts(config.study.label_counts, len(parts["train"]))
   except ValueError as error:
-    raise ConfigError(f"config.study.label_counts={tuple(config.study.label_counts)}: {error}") from None
+    raise errors.ConfigError(f"config.study.label_counts={tuple(config.study.label_counts)}: {error}") from None
   devices, num_classes = jax.device_count(), len(np.unique(labels["label"]))
   smallest, largest = counts[0], counts[-1]
   if largest > len(parts["train"]):
-    raise hdf5.DataError(f"{path}: label count {largest} is larger than the train split of this file "
+    raise errors.DataError(f"{path}: label count {largest} is larger than the train split of this file "
                          f"({len(parts['train'])} jets); use a larger file or smaller label counts")
   for seed in _seeds(config):
     present = _classes_drawn(labels["label"], parts["train"], smallest, seed)
     if present < num_classes or smallest < devices:
-      raise hdf5.DataError(
+      raise errors.DataError(
           f"{path}: label count {smallest} (of a {len(parts['train'])}-jet train split) is too small: it "
           f"needs at least one jet of each of the {num_classes} classes and one batch of {devices} "
           f"(seed {seed} draws {present} class(es)); use a larger file or larger label counts")
-  return {"labels": labels, "parts": parts, "counts": counts}
+  return {"labelled": labelled, "counts": counts}
 
 
 def _seeds(config) -> list[int]:
@@ -181,7 +133,7 @@ def _seeds(config) -> list[int]:
 # --- cells ------------------------------------------------------------------------------------------
 
 def pretrain_dir(workdir: str, seed: int, method: str) -> str:
-  return paths_lib.join(workdir, f"seed{seed}", f"pretrain_{method}")
+  return paths.join(workdir, f"seed{seed}", f"pretrain_{method}")
 
 
 def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -> list[Cell]:
@@ -192,43 +144,41 @@ def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -
       if any(PRETRAINING[arm] == method for arm in arms):
         cells.append(Cell(f"pretrain_{method}", seed, None, pretrain_dir(workdir, seed, method)))
     for count in counts:
-      cells.extend(Cell(arm, seed, count, paths_lib.join(workdir, f"seed{seed}", f"n{count}", arm))
+      cells.extend(Cell(arm, seed, count, paths.join(workdir, f"seed{seed}", f"n{count}", arm))
                    for arm in arms)
   return cells
 
 
 def read_result(cell: Cell) -> dict | None:
-  path = paths_lib.join(cell.directory, RESULT_FILE)
-  return json.loads(paths_lib.read_text(path)) if paths_lib.exists(path) else None
+  path = paths.join(cell.directory, RESULT_FILE)
+  return json.loads(paths.read_text(path)) if paths.exists(path) else None
 
 
 def _write_json_atomically(path: str, data: dict) -> None:
-  paths_lib.write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+  paths.write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 class _Runner:
   """Runs cells: the training configs, the fixed split and the arms' implementations."""
 
-  def __init__(self, config, workdir: str, paths: dict[str, str], inputs: dict, mesh):
-    self.config, self.workdir, self.paths, self.mesh = config, workdir, paths, mesh
-    self.labels, self.parts = inputs["labels"], inputs["parts"]
+  def __init__(self, config, workdir: str, files: dict[str, str], labelled: sources.LabelledFile, mesh):
+    self.config, self.workdir, self.files, self.mesh = config, workdir, files, mesh
+    self.labelled = labelled
+    self.labels, self.parts = labelled.labels, labelled.parts
     self.bootstrap = int(config.study.bootstrap_samples)
 
   def pretrain_config(self, method: str, seed: int):
     recipe = self.config.pretrain_simclr if method == "simclr" else self.config.pretrain_mae
-    return _training_config(self.config, self.paths, method, recipe, seed=seed, init_from="")
+    return stages.stage_config(self.config, method, self.files, recipe, seed=seed, init_from="")
 
   def finetune_config(self, cell: Cell):
     pretraining = PRETRAINING[cell.arm]
     recipe = self.config.finetune if pretraining else self.config.scratch
     schedule = cell_schedule(recipe, cell.count, jax.device_count(), self.config.study.min_steps)
     init_from = pretrain_dir(self.workdir, cell.seed, pretraining) if pretraining else ""
-    stage = _training_config(self.config, self.paths, "finetune", recipe, seed=cell.seed,
-                             init_from=init_from, **schedule)
-    with stage.unlocked():
-      stage.data.train_subset = cell.count
-      stage.data.train_subset_seed = cell.seed
-    return stage
+    return stages.stage_config(self.config, "finetune", self.files, recipe, seed=cell.seed,
+                               init_from=init_from, **schedule,
+                               **{"data.train_subset": cell.count, "data.train_subset_seed": cell.seed})
 
   def splits(self, cell: Cell) -> dict[str, np.ndarray]:
     subset = split.nested_subsets(self.labels["label"], self.parts["train"], [cell.count],
@@ -238,36 +188,29 @@ class _Runner:
   def run(self, cell: Cell) -> dict:
     if cell.arm.startswith("pretrain_"):
       method = cell.arm.removeprefix("pretrain_")
-      return {"train_summary": train.train_and_evaluate(self.pretrain_config(method, cell.seed),
-                                                        cell.directory)}
+      return {"train_summary": stages.train_stage(self.pretrain_config(method, cell.seed),
+                                                   cell.directory)}
     if cell.arm in ("scratch", "finetune_simclr", "finetune_mae"):
-      summary = train.train_and_evaluate(self.finetune_config(cell), cell.directory)
-      return {"train_summary": summary, **self.score(self.predict_finetuned(cell.directory))}
+      summary = stages.train_stage(self.finetune_config(cell), cell.directory)
+      return {"train_summary": summary, **self.score(evaluate.predict_checkpoint(
+          cell.directory, self.labelled, self.parts["test"], batch_size=self.config.eval_batch_size,
+          mesh=self.mesh))}
     if cell.arm.startswith("probe_"):
-      from l2vit_jax import probes  # pylint: disable=import-outside-toplevel
+      from l2vit_jax.evaluation import probes  # pylint: disable=import-outside-toplevel
       pretrained = pretrain_dir(self.workdir, cell.seed, PRETRAINING[cell.arm])
-      return self.score(probes.probe_checkpoint(pretrained, self.paths["labelled"], self.splits(cell),
+      return self.score(probes.probe_checkpoint(pretrained, self.labelled, self.splits(cell),
                                                 batch_size=self.config.eval_batch_size, mesh=self.mesh))
     from l2vit_jax.baselines import bdt  # pylint: disable=import-outside-toplevel
     return self.score(bdt.physics_baseline_predictions(
-        self.paths["labelled"], self.splits(cell), seed=cell.seed,
-        cache_dir=paths_lib.join(self.workdir, "cache")))
-
-  def predict_finetuned(self, directory: str) -> dict:
-    model, meta = checkpointing.restore_model_checkpoint(directory)
-    source = sources.open_source(self.paths["labelled"], labelled=True, indices=self.parts["test"],
-                                 labels=self.labels)
-    predictions = evaluate.predict(model, source, pixel_scale=meta.get("pixel_scale", 1.0),
-                                   batch_size=self.config.eval_batch_size, mesh=self.mesh)
-    return {"index": predictions["index"], "prob": predictions["prob"],
-            "mass_pred": predictions["mass_z"] * meta["mass_std"] + meta["mass_mean"]}
+        self.files["labelled"], self.splits(cell), seed=cell.seed,
+        cache_dir=paths.join(self.workdir, "cache")))
 
   def score(self, predictions: dict) -> dict:
     """Test-split metrics of ``{"index", "prob", "mass_pred"}`` (every arm reports the same ones)."""
     index = np.asarray(predictions["index"])
     if not np.array_equal(np.sort(index), self.parts["test"]):
       raise ValueError("predictions do not cover exactly the fixed test split")
-    return {"metrics": metrics_lib.classification_and_mass_metrics(
+    return {"metrics": metrics.classification_and_mass_metrics(
         self.labels["label"][index], predictions["prob"], self.labels["mass"][index],
         predictions["mass_pred"], bootstrap_samples=self.bootstrap)}
 
@@ -322,7 +265,7 @@ def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
     seconds = time.time() - start
     result = {"arm": cell.arm, "seed": cell.seed, "count": cell.count, "seconds": seconds, **result}
     if jax.process_index() == 0:
-      _write_json_atomically(paths_lib.join(cell.directory, RESULT_FILE), result)
+      _write_json_atomically(paths.join(cell.directory, RESULT_FILE), result)
     progress.record(cell.arm, seconds)
     pending.remove(cell)
     results[cell] = result
@@ -343,7 +286,8 @@ def study_command(config, workdir: str) -> str:
   """The command line that ran the study (with its overrides), or its plain form when called from code."""
   if sys.argv and sys.argv[0].endswith(os.path.join("l2vit_jax", "main.py")):
     return " ".join(["python -m l2vit_jax.main", *map(shlex.quote, sys.argv[1:])])
-  return COMMAND.format(workdir=workdir, extra=" --config.study.quick=True" if config.study.quick else "")
+  variant = config.study.variant
+  return COMMAND.format(workdir=workdir, variant="" if variant == "full" else f":{variant}")
 
 
 def _enable_compilation_cache(directory: str) -> None:
@@ -355,27 +299,27 @@ def _enable_compilation_cache(directory: str) -> None:
 
 def run_study(config, workdir: str) -> dict:
   """Runs (or resumes) the whole study in ``workdir`` and writes study.json, study.png and report.md."""
-  config = resolve_config(config)
   _enable_compilation_cache(os.path.join(workdir, "cache", "xla"))
   arms = selected_arms(config)
-  paths = study_data(config, workdir)
-  inputs = check_inputs(config, paths, arms)
+  files = stages.data_files(config, workdir)
+  inputs = check_inputs(config, files, arms)
   cells = plan_cells(config, workdir, arms, inputs["counts"])
   logging.info("Label-efficiency study: %d cells (%d seeds × counts %s × arms %s, plus pretraining) in %s",
                len(cells), len(_seeds(config)), inputs["counts"], ", ".join(arms), workdir)
-  results = run_cells(cells, _Runner(config, workdir, paths, inputs, sharding.make_mesh()))
+  results = run_cells(cells, _Runner(config, workdir, files, inputs["labelled"], sharding.make_mesh()))
   scored = [r for cell, r in results.items() if cell.count is not None]
   study = study_report.summarise(scored, arms=arms, counts=inputs["counts"])
-  study.update(command=study_command(config, workdir), data=_data_description(config, paths, inputs))
+  study.update(command=study_command(config, workdir), data=_data_description(config, files, inputs))
   if jax.process_index() == 0:
     study_report.write_outputs(workdir, study)
     print(f"\nStudy done: {os.path.join(workdir, 'report.md')}")
   return study
 
 
-def _data_description(config, paths: dict[str, str], inputs: dict) -> dict:
-  parts = inputs["parts"]
-  return {"labelled": paths["labelled"], "unlabelled": paths["unlabelled"],
-          "synthetic": bool(config.study.quick), "image_size": int(config.model.img_size),
+def _data_description(config, files: dict[str, str], inputs: dict) -> dict:
+  parts = inputs["labelled"].parts
+  generated = not (config.data.labelled_path and config.data.unlabelled_path)
+  return {"labelled": files["labelled"], "unlabelled": files["unlabelled"],
+          "synthetic": generated, "image_size": int(config.model.img_size),
           "train": len(parts["train"]), "val": len(parts["val"]), "test": len(parts["test"]),
           "seeds": _seeds(config), "counts": inputs["counts"]}

@@ -1,7 +1,8 @@
-"""What differs between training recipes: model, objective, data and which parameters are "heads".
+"""What differs between training recipes (SimCLR and masked-image pretraining, finetuning, scratch):
+model, objective, data, augmentation and what goes into the checkpoint meta.
 
-``build_task(config)`` returns everything the shared loop in ``train.py`` needs; the loop itself knows
-nothing about SimCLR or mass regression.
+``build_task(config)`` returns everything the shared loop (``training.loop``) needs; the loop itself
+knows nothing about SimCLR, MAE or mass regression. Scratch is finetuning without ``init_from``.
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from l2vit_jax import checkpointing, models, objectives, probes
-from l2vit_jax.data import hdf5, sources, split
-
-HEAD_NAMES = ("cls_head", "reg_head", "projector", "decoder", "mask_token")
+from l2vit_jax import errors, models
+from l2vit_jax.checkpoint import model_io
+from l2vit_jax.data import sources, split
+from l2vit_jax.evaluation import probes
+from l2vit_jax.models import build, l2vit
+from l2vit_jax.training import objectives
 
 
 @dataclasses.dataclass
@@ -34,12 +37,8 @@ class Task:
   online_probe: Callable | None = None
 
 
-def model_rngs(seed: int) -> nnx.Rngs:
-  return nnx.Rngs(params=seed, dropout=seed + 1)
-
-
 def build_backbone(config) -> models.L2ViT:
-  return models.L2ViT(**checkpointing.model_kwargs(config.model.to_dict()), rngs=model_rngs(config.seed))
+  return build.build_l2vit(config.model, seed=config.seed)
 
 
 def _labelled_subset(config, labels: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -48,7 +47,7 @@ def _labelled_subset(config, labels: np.ndarray, train: np.ndarray) -> np.ndarra
   if not count:
     return train
   if count > len(train):
-    raise hdf5.DataError(
+    raise errors.DataError(
         f"{config.data.labelled_path}: data.train_subset={count} is larger than the train split "
         f"({len(train)} jets); use a larger file or a smaller subset")
   return split.nested_subsets(labels, train, [count], seed=config.data.get("train_subset_seed", 0))[count]
@@ -56,18 +55,15 @@ def _labelled_subset(config, labels: np.ndarray, train: np.ndarray) -> np.ndarra
 
 def labelled_splits(config, *, min_train_examples: int = 1) -> dict:
   """Validated labelled file → sources for train/val/test and the train-split mass statistics."""
-  path = config.data.labelled_path
-  sources.validate_file(path, labelled=True, image_size=config.model.img_size,
-                        min_examples=min_train_examples)
-  labels = sources.read_labels(path)
-  parts = split.stratified_split(labels["label"], seed=config.data.split_seed)
-  parts["train"] = _labelled_subset(config, labels["label"], parts["train"])
+  labelled = sources.open_labelled(config.data.labelled_path, split_seed=config.data.split_seed,
+                                   image_size=config.model.img_size, min_examples=min_train_examples)
+  parts = dict(labelled.parts, train=_labelled_subset(config, labelled.labels["label"],
+                                                      labelled.parts["train"]))
   # Standardised on the jets actually trained on: a user with n labels has only those n masses.
-  mass_mean, mass_std = split.mass_statistics(labels["mass"], parts["train"])
+  mass_mean, mass_std = split.mass_statistics(labelled.labels["mass"], parts["train"])
   parts["train"] = np.tile(parts["train"], max(int(config.data.get("train_repeats", 1)), 1))
-  split_sources = {name: sources.open_source(path, labelled=True, indices=idx, labels=labels)
-                   for name, idx in parts.items()}
-  return {**split_sources, "mass_mean": mass_mean, "mass_std": mass_std}
+  return {**{name: labelled.source(idx) for name, idx in parts.items()},
+          "mass_mean": mass_mean, "mass_std": mass_std}
 
 
 def _base_meta(config, **extra) -> dict:
@@ -102,11 +98,11 @@ def build_model_and_loss(config, *, mass_mean: float = 0.0, mass_std: float = 1.
   if config.task == "simclr":
     projector = models.SimCLRProjector(in_dim=config.model.embed_dim, hidden_dim=config.model.embed_dim,
                                        out_dim=config.loss.projection_dim,
-                                       rngs=model_rngs(config.seed + 7))
-    return (objectives.ContrastiveModel(build_backbone(config), projector),
+                                       rngs=build.model_rngs(config.seed + 7))
+    return (models.ContrastiveModel(build_backbone(config), projector),
             objectives.SimCLRLoss(temperature=config.loss.temperature))
   if config.task == "mae":
-    return (models.MaskedImageModel(build_backbone(config), rngs=model_rngs(config.seed + 11)),
+    return (models.MaskedImageModel(build_backbone(config), rngs=build.model_rngs(config.seed + 11)),
             objectives.MaskedReconstructionLoss(**config.mae.to_dict()))
   return (build_backbone(config),
           objectives.DualHeadLoss(mass_mean=mass_mean, mass_std=mass_std,
@@ -136,26 +132,11 @@ def _mae_task(config) -> Task:
       online_probe=probes.online_probe(config))
 
 
-def load_pretrained_backbone(model: models.L2ViT, workdir: str) -> None:
-  """The pretrain→finetune bridge: backbone weights from a SimCLR, MAE or imported checkpoint; fresh heads."""
-  arrays, meta = checkpointing.read_model_checkpoint(workdir)
-  prefix = "encoder/"
-  if any(name.startswith(prefix) for name in arrays["params"]):
-    arrays = {group: {name[len(prefix):]: value for name, value in named.items() if name.startswith(prefix)}
-              for group, named in arrays.items()}
-  is_backbone = lambda name: name.split("/")[0] not in HEAD_NAMES
-  checkpointing.load_model_arrays(
-      model, arrays, select=is_backbone,
-      context=f"{workdir}: pretrained backbone (model_config {meta.get('model_config')}) does not fit "
-      "the model being finetuned")
-  logging.info("Initialised the backbone from %s (heads left fresh).", workdir)
-
-
 def _finetune_task(config) -> Task:
   data = labelled_splits(config, min_train_examples=config.batch_size)
   model, loss = build_model_and_loss(config, mass_mean=data["mass_mean"], mass_std=data["mass_std"])
   if config.init_from:
-    load_pretrained_backbone(model, config.init_from)
+    model_io.load_backbone_weights(model, config.init_from)
   return Task(
       name="finetune", model=model, loss=loss,
       train_source=data["train"], val_source=data["val"], augmentation=AUGMENTATIONS["finetune"],
@@ -171,9 +152,58 @@ TASKS = {"simclr": _simclr_task, "mae": _mae_task, "finetune": _finetune_task}
 
 def check_task_name(config) -> None:
   if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is not a training task; use one of {sorted(TASKS)}")
+    raise errors.ConfigError(f"config.task={config.task!r} is not a training task; use one of {sorted(TASKS)}")
 
 
 def build_task(config) -> Task:
   check_task_name(config)
   return TASKS[config.task](config)
+
+
+# The file each training task reads, so an empty path is reported by its config key.
+_TASK_INPUT_KEYS = {"simclr": "data.unlabelled_path", "mae": "data.unlabelled_path",
+                   "finetune": "data.labelled_path"}
+
+
+
+def check_training_config(config) -> None:
+  """Semantic checks that flag parsing cannot do, before any data is read or the workdir is touched.
+
+  Raises:
+    errors.ConfigError: naming every offending field, its value and what was expected.
+  """
+  check_task_name(config)
+  problems = []
+
+  def expect(ok: bool, field: str, expected: str) -> None:
+    if not ok:
+      value = config
+      for key in field.split("."):
+        value = value.get(key) if value is not None else None
+      problems.append(f"{field}={value!r}: expected {expected}")
+
+  devices, processes = jax.device_count(), jax.process_count()
+  expect(config.batch_size > 0 and config.batch_size % devices == 0, "batch_size",
+         f"a positive multiple of the {devices} device(s)")
+  expect(config.eval_batch_size > 0 and config.eval_batch_size % processes == 0, "eval_batch_size",
+         f"a positive multiple of the {processes} process(es)")
+  expect(config.num_epochs > 0, "num_epochs", "> 0")
+  expect(config.log_every_steps > 0, "log_every_steps", "> 0")
+  expect(config.checkpoint_every_steps >= 0, "checkpoint_every_steps", ">= 0 (0: every epoch)")
+  expect(config.keep_checkpoints > 0, "keep_checkpoints", "> 0")
+  expect(config.stop_after_steps >= 0, "stop_after_steps", ">= 0 (0: never)")
+  expect(config.early_stopping_patience > 0, "early_stopping_patience", "> 0")
+  expect(config.learning_rate > 0, "learning_rate", "> 0")
+  expect(config.data.pixel_scale > 0, "data.pixel_scale", "> 0")
+  expect(0 < config.data.unlabelled_val_fraction < 1, "data.unlabelled_val_fraction", "in (0, 1)")
+  expect(config.model.attention in l2vit.ATTENTION_FNS, "model.attention",
+         f"one of {sorted(l2vit.ATTENTION_FNS)}")
+  expect(config.model.embed_dim % config.model.num_heads == 0, "model.embed_dim",
+         f"a multiple of model.num_heads={config.model.num_heads}")
+  expect(config.model.dtype in ("float32", "bfloat16", "float16", None, ""), "model.dtype",
+         "'float32', 'bfloat16' or 'float16'")
+  input_key = _TASK_INPUT_KEYS.get(config.task)
+  if input_key:
+    expect(bool(config.data.get(input_key.split(".")[1])), input_key, "the path of a jet file (.h5 or .sparse)")
+  if problems:
+    raise errors.ConfigError("invalid config: " + "; ".join(problems))

@@ -14,7 +14,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from l2vit_jax import checkpointing, inference, paths, probes, sharding
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import model_io
+from l2vit_jax.evaluation import inference, probes
+from l2vit_jax.runtime import paths, sharding
 from l2vit_jax.baselines import bdt
 from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import report
@@ -34,8 +37,12 @@ def parse_checkpoints(spec: str) -> dict[str, str]:
   return named
 
 
-def predict(model: nnx.Module, source, *, pixel_scale: float, batch_size: int, mesh) -> dict:
-  """Class-1 probabilities and standardised mass predictions for every record of ``source``."""
+def predict(model: nnx.Module, source, meta: dict, *, batch_size: int, mesh) -> dict:
+  """Class-1 probabilities and masses (GeV) of a finetuned ``model`` for every record of ``source``.
+
+  ``meta`` is the checkpoint's: its pixel scale is applied as in training, and its train-split mass
+  standardisation is undone.
+  """
   model.eval()
   graphdef, state = nnx.split(model)
   state = sharding.replicate(state, mesh)
@@ -46,67 +53,75 @@ def predict(model: nnx.Module, source, *, pixel_scale: float, batch_size: int, m
     return {"prob": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1],
             "mass_z": mass_z[:, 0].astype(jnp.float32)}
 
-  return inference.map_source(lambda images: forward(state, images), source, pixel_scale=pixel_scale,
-                              batch_size=batch_size, mesh=mesh)
+  out = inference.map_source(lambda images: forward(state, images), source,
+                             pixel_scale=meta.get("pixel_scale", 1.0), batch_size=batch_size, mesh=mesh)
+  return {"index": out["index"], "prob": out["prob"],
+          "mass_pred": split.destandardise_mass(out.pop("mass_z"), meta["mass_mean"], meta["mass_std"])}
 
 
-def evaluated_indices(config, labels: dict) -> np.ndarray:
+def predict_checkpoint(directory: str, labelled: sources.LabelledFile, indices: np.ndarray, *,
+                       batch_size: int, mesh) -> dict:
+  """``predict`` of the finetuned checkpoint in ``directory`` on the labelled jets ``indices``."""
+  model, meta = model_io.restore_model_checkpoint(directory)
+  labelled.check_image_size(meta["model_config"], directory)
+  return predict(model, labelled.source(indices), meta, batch_size=batch_size, mesh=mesh)
+
+
+def evaluated_indices(config, labelled: sources.LabelledFile) -> np.ndarray:
   """Indices into the labelled file of ``config.split`` ('all': every jet)."""
   if config.split == "all":
-    return np.arange(len(labels["label"]))
-  return split.stratified_split(labels["label"], seed=config.data.split_seed)[config.split]
+    return np.arange(len(labelled.labels["label"]))
+  return labelled.parts[config.split]
+
+
+def _labelled_file(config) -> sources.LabelledFile:
+  return sources.open_labelled(config.data.labelled_path, split_seed=config.data.split_seed)
+
+
+def _training_log(directory: str) -> str | None:
+  jsonl = paths.join(directory, "metrics.jsonl")
+  return jsonl if paths.exists(jsonl) else None
 
 
 def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -> tuple[dict, dict]:
-  model, meta = checkpointing.restore_model_checkpoint(directory)
-  path = config.data.labelled_path
-  sources.validate_file(path, labelled=True, image_size=meta["model_config"]["img_size"])
-  labels = sources.read_labels(path)
-  indices = evaluated_indices(config, labels)
-  source = sources.open_source(path, labelled=True, indices=indices, labels=labels)
-  predictions = predict(model, source, pixel_scale=meta.get("pixel_scale", 1.0),
-                        batch_size=config.eval_batch_size, mesh=mesh)
-  mass_pred = predictions["mass_z"] * meta["mass_std"] + meta["mass_mean"]
+  labelled = _labelled_file(config)
+  predictions = predict_checkpoint(directory, labelled, evaluated_indices(config, labelled),
+                                   batch_size=config.eval_batch_size, mesh=mesh)
   index = predictions["index"]
-  label, mass_true = labels["label"][index], labels["mass"][index]
-  jsonl = paths.join(directory, "metrics.jsonl")
-  has_log = paths.exists(jsonl)
+  label, mass_true = labelled.labels["label"][index], labelled.labels["mass"][index]
+  jsonl = _training_log(directory)
   metrics = {}
   if jax.process_index() == 0:
     metrics = report.write_model_outputs(
         out_dir, name, index=index, labels=label, probs=predictions["prob"], mass_true=mass_true,
-        mass_pred=mass_pred, metrics_jsonl=jsonl if has_log else None,
+        mass_pred=predictions["mass_pred"], metrics_jsonl=jsonl,
         bootstrap_samples=config.bootstrap_samples)
     logging.info("%s (%s): accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV", name, directory,
                  metrics["accuracy"], metrics["roc_auc"], metrics["mass_mae"])
-  return metrics, {"labels": label, "probs": predictions["prob"], "jsonl": jsonl if has_log else None}
+  return metrics, {"labels": label, "probs": predictions["prob"], "jsonl": jsonl}
 
 
-def _fitting_splits(config) -> tuple[dict, dict[str, np.ndarray]]:
-  """Labels of the labelled file, and its 'train'/'val' splits with 'test' = ``config.split``.
+def _fitting_splits(config) -> tuple[sources.LabelledFile, dict[str, np.ndarray]]:
+  """The labelled file, and its 'train'/'val' splits with 'test' = ``config.split``.
 
   For the models fitted here (probes, the physics baseline) rather than restored from a checkpoint.
   """
-  sources.validate_file(config.data.labelled_path, labelled=True)
-  labels = sources.read_labels(config.data.labelled_path)
-  return labels, dict(split.stratified_split(labels["label"], seed=config.data.split_seed),
-                      test=evaluated_indices(config, labels))
+  labelled = _labelled_file(config)
+  return labelled, dict(labelled.parts, test=evaluated_indices(config, labelled))
 
 
 def evaluate_probes(name: str, directory: str, config, out_dir: str, mesh) -> tuple[dict, dict]:
-  """Rows ``<name>_linear_probe`` and ``<name>_knn``: probes on the frozen backbone (``probes.py``).
+  """Rows ``<name>_linear_probe`` and ``<name>_knn``: probes on the frozen backbone (``evaluation.probes``).
 
   Both are fitted on the train split (the linear probe's ridge strength chosen on the validation split)
   and scored on ``config.split``; the kNN row's mass is the neighbours' weighted mean mass.
   """
-  path = config.data.labelled_path
-  labels, splits = _fitting_splits(config)
-  outputs = probes.probe_checkpoint(directory, path, splits, batch_size=config.eval_batch_size,
+  labelled, splits = _fitting_splits(config)
+  outputs = probes.probe_checkpoint(directory, labelled, splits, batch_size=config.eval_batch_size,
                                     mesh=mesh, k=config.get("probe_k", 20))
   index = outputs["index"]
-  label, mass_true = labels["label"][index], labels["mass"][index]
-  jsonl = paths.join(directory, "metrics.jsonl")
-  jsonl = jsonl if paths.exists(jsonl) else None
+  label, mass_true = labelled.labels["label"][index], labelled.labels["mass"][index]
+  jsonl = _training_log(directory)
   rows = {f"{name}_linear_probe": (outputs["prob"], outputs["mass_pred"], jsonl),
           f"{name}_knn": (outputs["knn_prob"], outputs["knn_mass_pred"], None)}
   results = {}
@@ -125,9 +140,9 @@ def evaluate_physics_baseline(config, out_dir: str) -> tuple[dict, tuple]:
   numpy and scikit-learn only, so process 0 alone runs it. The observables are cached in
   ``out_dir/physics_bdt/``, so evaluating again does not re-read the images.
   """
-  path = config.data.labelled_path
-  labels, splits = _fitting_splits(config)
-  predictions = bdt.physics_baseline_predictions(path, splits, seed=config.seed,
+  labelled, splits = _fitting_splits(config)
+  labels = labelled.labels
+  predictions = bdt.physics_baseline_predictions(labelled.path, splits, seed=config.seed,
                                                  cache_dir=paths.join(out_dir, bdt.BASELINE_NAME))
   index = predictions["index"]
   label = labels["label"][index]
@@ -142,7 +157,7 @@ def evaluate_physics_baseline(config, out_dir: str) -> tuple[dict, tuple]:
 
 def _is_pretraining_checkpoint(directory: str) -> bool:
   """No mass standardisation in its meta: a SimCLR/MAE backbone, which only probes can evaluate."""
-  return checkpointing.read_model_meta(directory).get("mass_mean") is None
+  return model_io.read_model_meta(directory).get("mass_mean") is None
 
 
 def evaluate_checkpoints(config, workdir: str) -> dict:
@@ -158,7 +173,7 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
   pretraining = {name: _is_pretraining_checkpoint(directory) for name, directory in checkpoints.items()}
   for name, directory in checkpoints.items():  # refused before any evaluation runs
     if pretraining[name] and not probe:
-      raise checkpointing.CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
           f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; probe its "
           "frozen features with --config.probe=True, or evaluate a finetuned workdir")
   paths.makedirs(workdir)

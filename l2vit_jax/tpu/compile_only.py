@@ -4,9 +4,9 @@ work the same way through the CUDA plugin (``jax[cuda12]``), also without a GPU.
 
 libtpu (``pip install "jax[tpu]"``) serves as a compile-only backend: ``jax.experimental.topologies``
 describes a slice's devices, ``sharding.make_mesh`` lays the usual (data, model) mesh over them, and
-``train.build_steps`` builds the same jitted steps the loop runs. They are lowered on abstract
+``steps.build_steps`` builds the same jitted steps the loop runs. They are lowered on abstract
 arguments (``ShapeDtypeStruct`` with the loop's shardings) and compiled; nothing is allocated or run.
-Memory and cost figures are per chip (DESIGN.md §6: ``temp_size_in_bytes`` reads 0 and
+Memory and cost figures are per chip (docs/design.md, Checked API facts: ``temp_size_in_bytes`` reads 0 and
 ``optimal_seconds`` is unreliable there, so neither is used).
 """
 
@@ -21,7 +21,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from l2vit_jax import sharding, tasks, tpu_specs, train
+from l2vit_jax.runtime import sharding
+from l2vit_jax.tpu import chips
+from l2vit_jax.training import recipes, steps
 from l2vit_jax.data import pipeline
 
 # libtpu looks for a TPU VM's metadata and warns without these; the values only silence it.
@@ -63,13 +65,13 @@ def compile_only_mesh(topology: str):
   """The training mesh over the devices of a compile-only TPU slice (Cloud names are mapped) or,
   for ``h100:N``, of N H100s on one host (needs ``jax[cuda12]``, no GPU)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  topology = tpu_specs.topology_for_accelerator_type(topology)
+  topology = chips.topology_for_accelerator_type(topology)
   generation, shape = topology.split(":", 1)
   if generation in GPU_TARGET_CONFIGS:
     description = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{int(shape)}",
                                                target_config=GPU_TARGET_CONFIGS[generation])
   else:
-    spec = tpu_specs.chip_spec(topology)
+    spec = chips.chip_spec(topology)
     extra = {"chip_config_name": spec.chip_config_name} if spec.chip_config_name else {}
     description = topologies.get_topology_desc(topology_name=topology, platform="tpu", **extra)
   return sharding.make_mesh(description.devices)
@@ -84,7 +86,7 @@ def abstract_batch(config, keys: tuple[str, ...], global_batch: int, mesh) -> di
   size, channels = config.model.img_size, config.model.in_channels
   record = {"image": np.zeros((size, size, channels), np.float32), "index": np.int64(0),
             "label": np.int32(0), "mass": np.float32(0.0), "pt": np.float32(0.0)}
-  augmentation = tasks.AUGMENTATIONS[config.task]
+  augmentation = recipes.AUGMENTATIONS[config.task]
   if "mask" in keys:  # evaluation batches: padded and flagged
     dataset = pipeline.make_eval_dataset([record], batch_size=1, pixel_scale=config.data.pixel_scale)
   else:
@@ -192,16 +194,16 @@ class CompiledSteps:
 
   def __init__(self, config, mesh, global_batch: int):
     sharding.check_batch_size(global_batch, mesh)
-    model, loss = tasks.build_model_and_loss(config)
+    model, loss = recipes.build_model_and_loss(config)
     total_steps = int(config.num_epochs * NOMINAL_STEPS_PER_EPOCH)
-    self.steps, (params, batch_stats, other) = train.build_steps(
+    self.steps, (params, batch_stats, other) = steps.build_steps(
         config, model, loss, mesh, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, total_steps=total_steps)
     state = abstract_replicated((params, batch_stats, other), mesh)
     opt_state = abstract_replicated(jax.eval_shape(self.steps.tx.init, params), mesh)
     step = jax.ShapeDtypeStruct((), np.int32, sharding=sharding.replicated(mesh))
-    batch_keys = tasks.BATCH_KEYS[config.task]
+    batch_keys = recipes.BATCH_KEYS[config.task]
     train_batch = abstract_batch(config, batch_keys, global_batch, mesh)
-    eval_keys = train.eval_batch_keys(tasks.AUGMENTATIONS[config.task], batch_keys)
+    eval_keys = steps.eval_batch_keys(recipes.AUGMENTATIONS[config.task], batch_keys)
     eval_batch = abstract_batch(config, eval_keys, config.eval_batch_size, mesh)
     self.global_batch = global_batch
     self.parameter_bytes = sum(_nbytes(x) for x in jax.tree.leaves(params))
@@ -273,7 +275,7 @@ def largest_fitting_batch(peak_memory_at: Callable[[int], int | None], *, known:
 
 
 def roofline(flops_per_chip: float, bytes_per_chip: float, global_batch: int,
-             spec: tpu_specs.ChipSpec) -> dict:
+             spec: chips.ChipSpec) -> dict:
   """Lower bound on step time: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth)."""
   compute_seconds = flops_per_chip / spec.peak_bf16_flops
   memory_seconds = bytes_per_chip / spec.hbm_bytes_per_second

@@ -32,7 +32,8 @@ from flax import nnx
 
 from l2vit_jax.models import L2ViT
 from l2vit_jax.models import SimCLRProjector
-from l2vit_jax.reference_torch import require_torch
+from l2vit_jax.errors import CheckpointImportError
+from l2vit_jax.interop.torch_reference import require_torch
 
 StateDict = Mapping[str, Any]
 
@@ -42,10 +43,6 @@ _HEAD_PREFIXES = ('cls_head.', 'reg_head.')
 _PROJECTOR_RENAMES = {'fc1': 'net.0', 'bn': 'net.1', 'fc2': 'net.3'}
 _LEAF_RENAMES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
                  'var': 'running_var'}
-
-
-class CheckpointImportError(ValueError):
-  """A checkpoint that cannot be imported; the message lists every offending tensor."""
 
 
 # --- reading .pt files -----------------------------------------------------------------------------

@@ -60,15 +60,6 @@ def chip_spec(topology: str) -> ChipSpec:
   return CHIPS.get(generation) or GPUS[generation]
 
 
-def num_chips(topology: str) -> int:
-  """Chips in a ``generation:AxB[xC]`` topology name."""
-  shape = topology.split(":", 1)[1] if ":" in topology else ""
-  try:
-    return math.prod(int(n) for n in shape.split("x"))
-  except ValueError:
-    raise ValueError(f"{topology!r} is not a generation:AxB[xC] topology name") from None
-
-
 def _default_shape(chips: int, rank: int) -> tuple[int, ...]:
   """Cloud's default slice shape for a power-of-two chip count: start from 1x1 (2-D) or 2x2x1 (3-D)
   and double the last of the smallest dimensions (v5e: 2x2, 2x4, 4x4, 4x8...; v4/v5p: 2x2x1, 2x2x2,

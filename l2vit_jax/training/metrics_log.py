@@ -22,7 +22,7 @@ import time
 import jax
 from absl import logging
 
-from l2vit_jax import paths
+from l2vit_jax.runtime import paths
 
 REMOTE_REWRITE_SECONDS = 10.0
 

@@ -1,4 +1,5 @@
-"""Training objectives: SimCLR's NT-Xent and the dual-head (class + mass) supervised loss.
+"""Training objectives: SimCLR's NT-Xent, masked-image reconstruction and the dual-head (class + mass)
+supervised loss.
 
 Each objective is a plain function ``loss(model, batch) -> (scalar, metrics)`` over a global batch;
 under ``jax.jit`` with sharded inputs the similarity matrix and BatchNorm statistics span the whole
@@ -12,7 +13,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from l2vit_jax import models
 
@@ -30,22 +30,11 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, partners).mean()
 
 
-class ContrastiveModel(nnx.Module):
-  """The L2ViT backbone with a SimCLR projector; its ``encoder`` is what finetuning inherits."""
-
-  def __init__(self, encoder: models.L2ViT, projector: models.SimCLRProjector):
-    self.encoder = encoder
-    self.projector = projector
-
-  def __call__(self, images: jax.Array) -> jax.Array:
-    return self.projector(self.encoder.features(images))
-
-
 @dataclasses.dataclass(frozen=True)
 class SimCLRLoss:
   temperature: float
 
-  def __call__(self, model: ContrastiveModel, batch: dict) -> tuple[jax.Array, dict]:
+  def __call__(self, model: models.ContrastiveModel, batch: dict) -> tuple[jax.Array, dict]:
     # One forward over both views: BatchNorm sees all 2B images, as one would with a single GPU batch.
     n = batch["view1"].shape[0]
     z = model(jnp.concatenate([batch["view1"], batch["view2"]], axis=0))

@@ -1,0 +1,123 @@
+"""Checkpoint integrity: SHA-256 digests of every saved array, verified on every restore.
+
+The meta of every checkpoint holds ``digests``, the SHA-256 of each array's bytes as saved
+(``{"model/params/blocks/0/attn/qkv/kernel": "sha256:..."}``), and every restore recomputes them. A
+damaged checkpoint (a bad disk block, a torn copy) is refused with ``CheckpointDamagedError`` naming the
+arrays; a resuming run sets the step aside as ``<step>.damaged`` and falls back to an older one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from l2vit_jax.checkpoint.naming import shown_names
+from l2vit_jax.errors import CheckpointDamagedError
+from l2vit_jax.runtime import paths
+
+DIGESTS = "digests"  # the meta key holding {"item/path/of/array": "sha256:<hex>"}
+DAMAGED_SUFFIX = ".damaged"  # a damaged step set aside: not an integer, so Orbax ignores it
+
+
+def _key_name(entry) -> str:
+  for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+    if hasattr(entry, attribute):
+      return str(getattr(entry, attribute))
+  return str(entry)
+
+
+def _host_copy(value) -> np.ndarray | None:
+  """The bytes Orbax writes for ``value`` as one host array; None for Python scalars and for arrays
+  split across processes (no process holds them whole; ours are replicated, so none are today)."""
+  if not hasattr(value, "dtype"):
+    return None
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    if not value.is_fully_replicated:
+      return None
+    value = value.addressable_data(0)
+  return np.ascontiguousarray(np.asarray(value))
+
+
+def array_digests(items: dict[str, Any]) -> dict[str, str]:
+  """SHA-256 of every array of ``{item: pytree}``, named ``item/key/key/...``.
+
+  The names follow the pytree paths, which a restore into the same structure, or without a target
+  (nested dicts keyed by the same names), reproduces.
+  """
+  digests = {}
+  for item, tree in items.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      host = _host_copy(leaf)
+      if host is not None:
+        name = "/".join([item] + [_key_name(entry) for entry in path])
+        digests[name] = "sha256:" + hashlib.sha256(host.view(np.uint8).data).hexdigest()  # no copy
+  return digests
+
+
+def with_digests(meta: dict, items: dict[str, Any]) -> dict:
+  return dict(meta, **{DIGESTS: array_digests(items)})
+
+
+def damaged_arrays(items: dict[str, Any], meta: dict) -> list[str] | None:
+  """Names of the restored ``items``' arrays that differ from (or lack) their saved digests; None when
+  the checkpoint predates digests."""
+  saved = meta.get(DIGESTS)
+  if saved is None:
+    return None
+  actual = array_digests(items)
+  return sorted(name for name, digest in saved.items()
+                if name.split("/")[0] in items and actual.get(name) != digest)
+
+
+def check_restored(where: str, items: dict[str, Any], meta: dict) -> None:
+  """Raises CheckpointDamagedError naming the damaged arrays; warns once for a checkpoint without
+  digests (written before they existed), which loads unverified."""
+  damaged = damaged_arrays(items, meta)
+  if damaged is None:
+    logging.warning("%s: checkpoint has no array digests (written before integrity checks); "
+                    "loading it unverified", where)
+  elif damaged:
+    raise CheckpointDamagedError(f"{where}: damaged checkpoint: {len(damaged)} array(s) differ from "
+                                 f"the digests saved with them: {shown_names(damaged)}")
+
+
+def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict:
+  """``manager.restore`` of ``items`` (``meta`` is added), each array checked against its digest.
+
+  An item may be a function of the step directory returning its restore args (read there first).
+
+  Raises:
+    CheckpointDamagedError: naming the step directory and the damaged arrays, or the read error of a
+      checkpoint that cannot be read at all (a corrupted index, unparsable JSON).
+  """
+  where = paths.join(os.fspath(manager.directory), str(step))
+  try:
+    items = {name: item(where) if callable(item) else item for name, item in items.items()}
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
+  except Exception as error:  # pylint: disable=broad-except  # tensorstore, JSON, msgpack: all unreadable
+    raise CheckpointDamagedError(f"{where}: damaged checkpoint: cannot be read "
+                                 f"({' '.join(str(error).split())[:300]})") from error
+  restored = {name: restored[name] for name in ["meta", *items]}
+  verifiable = {name: restored[name] for name in items if name != "data"}  # Grain state: JSON, no digest
+  if verifiable:
+    check_restored(where, verifiable, dict(restored["meta"]))
+  return restored
+
+
+def set_aside(directory: str, step: int) -> str:
+  """Renames ``directory/<step>`` to ``<step>.damaged`` (kept for inspection, ignored by Orbax).
+
+  On ``gs://`` a rename is a copy and a delete of every object (etils.epath), slower but equivalent.
+  """
+  source = paths.join(directory, str(step))
+  target, n = source + DAMAGED_SUFFIX, 1
+  while paths.exists(target):  # an earlier run set this step aside too
+    target, n = f"{source}{DAMAGED_SUFFIX}-{n}", n + 1
+  paths.as_path(source).rename(paths.as_path(target))
+  return target

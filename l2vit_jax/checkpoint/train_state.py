@@ -1,0 +1,153 @@
+"""Resumable training checkpoints: latest states (asynchronous, the last ``keep``) and the best model."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from l2vit_jax.checkpoint import integrity, storage
+from l2vit_jax.checkpoint.naming import BEST_DIR, LATEST_DIR
+from l2vit_jax.errors import CheckpointDamagedError, CheckpointSaveError
+from l2vit_jax.runtime import paths
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class TrainingCheckpointer:
+  """Latest training states (asynchronous, last ``keep``) and the best model (by validation loss).
+
+  A latest checkpoint holds four items: ``model`` (named params and BatchNorm stats), ``optimizer``
+  (optax state and step), ``meta`` (JSON: model config, data normalisation, early-stopping state and
+  the arrays' digests) and ``data`` (the Grain iterator state of every process). A save that dies
+  midway leaves only an Orbax temporary directory, so the last complete step is what ``restore``
+  finds. A save that fails (disk full) raises ``CheckpointSaveError`` once, from whichever call sees
+  it first: the asynchronous write's error surfaces at the next save or wait.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
+    self.latest_dir = paths.join(workdir, LATEST_DIR)
+    self.latest = storage.open_manager(self.latest_dir, max_to_keep=keep, asynchronous=asynchronous)
+    self.best = storage.open_manager(paths.join(workdir, BEST_DIR), max_to_keep=1, asynchronous=asynchronous)
+    self.save_error: CheckpointSaveError | None = None
+
+  def _guard(self, manager: ocp.CheckpointManager):
+    return storage.reporting_storage_faults(os.fspath(manager.directory), on_error=self._failed)
+
+  def _failed(self, error: CheckpointSaveError) -> None:
+    self.save_error = self.save_error or error
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, step: int, *, model: dict, optimizer: dict, meta: dict, data_iterator) -> None:
+    import grain  # pylint: disable=import-outside-toplevel
+    meta = integrity.with_digests(meta, {"model": model, "optimizer": optimizer})
+    with self._guard(self.latest):
+      self.latest.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
+          meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator)),
+          force=True)
+
+  def save_best(self, step: int, *, model: dict, meta: dict) -> None:
+    # A run killed after saving ``best/<step>`` but before the latest checkpoint of that step resumes
+    # earlier and reaches ``step`` again with the same state: replace what it left rather than fail
+    # (Orbax refuses an existing step) or keep it (with max_to_keep=1 Orbax would then delete the new,
+    # lower step instead).
+    with self._guard(self.best):
+      for stale in [s for s in self.best.all_steps() if s >= step]:
+        self.best.delete(stale)
+      self.best.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(model),
+          meta=ocp.args.JsonSave(integrity.with_digests(meta, {"model": model}))), force=True)
+
+  def restore(self, step: int, *, model: dict, optimizer: dict, data_iterator) -> tuple[dict, dict, dict]:
+    """Restores into the structures (and shardings) of ``model`` and ``optimizer``; returns them + meta.
+
+    Raises:
+      CheckpointDamagedError: an array differs from its digest, or the step cannot be read.
+    """
+    import grain  # pylint: disable=import-outside-toplevel
+    restored = integrity.restore_verified(
+        self.latest, step, model=ocp.args.StandardRestore(_abstract(model)),
+        optimizer=ocp.args.StandardRestore(_abstract(optimizer)),
+        data=grain.checkpoint.CheckpointRestore(data_iterator))
+    return dict(restored["model"]), restored["optimizer"], dict(restored["meta"])
+
+  def restore_latest(self, *, model: dict, optimizer: dict, data_iterator,
+                     check_meta: Callable[[dict], None]) -> tuple[dict, dict, dict] | None:
+    """Restores the newest checkpoint that verifies, or returns None when there is none at all.
+
+    ``check_meta(meta)`` runs before any array is read and may refuse the checkpoint (another
+    architecture); that is not damage. A damaged step is reported in one warning line naming its
+    arrays, set aside as ``<step>.damaged`` (renamed, not deleted) and the next newest tried.
+
+    Raises:
+      CheckpointDamagedError: checkpoints existed but none verifies (all of them set aside).
+    """
+    set_aside_steps = []
+    while (step := self.latest.latest_step()) is not None:
+      damage = None
+      try:
+        check_meta(self.read_meta(step))
+        restored = self.restore(step, model=model, optimizer=optimizer, data_iterator=data_iterator)
+      except CheckpointDamagedError as error:
+        damage = error
+      if not _any_process(damage is not None):
+        return restored
+      target = self._set_aside(step)
+      logging.warning("%s; set aside as %s, resuming from an older checkpoint if one verifies",
+                      damage or f"{self.latest_dir}/{step}: damaged as read by another process", target)
+      set_aside_steps.append(step)
+    if set_aside_steps:
+      raise CheckpointDamagedError(
+          f"{self.latest_dir}: no checkpoint verifies: step(s) {', '.join(map(str, set_aside_steps))} "
+          f"are damaged and were set aside as <step>{integrity.DAMAGED_SUFFIX}; rerunning starts from step 0 "
+          "(or put back a good copy)")
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Process 0 renames the step; every process then sees it gone (the managers cache step lists)."""
+    target = paths.join(self.latest_dir, f"{step}{integrity.DAMAGED_SUFFIX}")
+    if jax.process_index() == 0:
+      target = integrity.set_aside(self.latest_dir, step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self.latest.reload()
+    return target
+
+  def read_meta(self, step: int) -> dict:
+    return dict(integrity.restore_verified(self.latest, step)["meta"])
+
+  def wait_until_finished(self) -> None:
+    """Waits for saves under way; a failed one raises CheckpointSaveError (once: Orbax re-raises a
+    failed save's error at every later wait, and the run stops at the first)."""
+    for manager in (self.latest, self.best):
+      self._once(manager, manager.wait_until_finished)
+
+  def close(self) -> None:
+    for manager in (self.latest, self.best):
+      self._once(manager, manager.close)
+
+  def _once(self, manager: ocp.CheckpointManager, call: Callable[[], None]) -> None:
+    try:
+      with self._guard(manager):
+        call()
+    except CheckpointSaveError as error:
+      if error is self.save_error:  # the first report of a failure; later ones repeat it
+        raise
+
+
+def _any_process(damaged: bool) -> bool:
+  """Single process: ``damaged``. Several: whether any process found the checkpoint damaged, so all
+  set it aside and fall back together (a process that found it intact still must)."""
+  if jax.process_count() == 1:
+    return damaged
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.int32(damaged))))
