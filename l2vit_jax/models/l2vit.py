@@ -112,7 +112,8 @@ class PatchEmbed(nnx.Module):
     x = x[:, :grid_h * patch_h, :grid_w * patch_w]  # 'VALID': a partial last patch is dropped
     patches = x.reshape(batch, grid_h, patch_h, grid_w, patch_w, channels).transpose(0, 1, 3, 2, 4, 5)
     tokens = patches.reshape(batch, grid_h * grid_w, patch_h * patch_w * channels) @ kernel.reshape(-1, dim)
-    return self.norm(tokens + bias), (grid_h, grid_w)
+    with jax.named_scope('norm'):
+      return self.norm(tokens + bias), (grid_h, grid_w)
 
 
 class LinearAttention(nnx.Module):
@@ -138,8 +139,9 @@ class LinearAttention(nnx.Module):
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (batch, heads, tokens, head_dim)
     out = ATTENTION_FNS[self.attention](q, k, v, self.temperature[...])
-    out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
-    return self.proj_drop(self.proj(out))
+    out = self.proj(out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim))
+    with jax.named_scope('dropout'):
+      return self.proj_drop(out)
 
 
 class DepthwiseConv(nnx.Module):
@@ -171,8 +173,10 @@ class LocalConcentration(nnx.Module):
   def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
     batch, tokens, dim = x.shape
     y = x.reshape(batch, *grid, dim)
-    y = self.conv2(self.bn(gelu(self.conv1(y))))
-    return y.reshape(batch, tokens, dim)
+    y = gelu(self.conv1(y))
+    with jax.named_scope('norm'):
+      y = self.bn(y)
+    return self.conv2(y).reshape(batch, tokens, dim)
 
 
 class Mlp(nnx.Module):
@@ -185,7 +189,12 @@ class Mlp(nnx.Module):
     self.drop = nnx.Dropout(drop_rate, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.drop(self.fc2(self.drop(gelu(self.fc1(x)))))
+    x = gelu(self.fc1(x))
+    with jax.named_scope('dropout'):
+      x = self.drop(x)
+    x = self.fc2(x)
+    with jax.named_scope('dropout'):
+      return self.drop(x)
 
 
 class DropPath(nnx.Module):
@@ -221,9 +230,17 @@ class Block(nnx.Module):
     self.drop_path = DropPath(drop_path_rate, rngs=rngs)
 
   def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    x = x + self.drop_path(self.attn(self.norm1(x)))
-    x = x + self.drop_path(self.lcm(self.norm_lcm(x), grid))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+    # Named scopes label the compiled step's operations by part (tpu/accounting.py); no numerics.
+    for part, norm, branch in (('attention', self.norm1, self.attn),
+                               ('lcm', self.norm_lcm, lambda y: self.lcm(y, grid)),
+                               ('mlp', self.norm2, self.mlp)):
+      with jax.named_scope('norm'):
+        y = norm(x)
+      with jax.named_scope(part):
+        y = branch(y)
+      with jax.named_scope('drop_path'):
+        x = x + self.drop_path(y)
+    return x
 
 
 class L2ViT(nnx.Module):
@@ -265,14 +282,19 @@ class L2ViT(nnx.Module):
     before the position embedding: masked-image pretraining keeps the whole token grid, so the LCM
     still convolves a complete 2-D map.
     """
-    x, grid = self.patch_embed(x)
-    if token_mask is not None:
-      x = jnp.where(token_mask[..., None], mask_token.astype(x.dtype), x)
-    pos_embed = interpolate_pos_embed(self.pos_embed[...], self.grid_size, grid)
-    x = self.pos_drop(x + pos_embed.astype(x.dtype))
-    for block in self.blocks:
-      x = block(x, grid)
-    return self.norm(x)
+    with jax.named_scope('patch_embed'):
+      x, grid = self.patch_embed(x)
+      if token_mask is not None:
+        x = jnp.where(token_mask[..., None], mask_token.astype(x.dtype), x)
+      pos_embed = interpolate_pos_embed(self.pos_embed[...], self.grid_size, grid)
+      x = x + pos_embed.astype(x.dtype)
+    with jax.named_scope('dropout'):
+      x = self.pos_drop(x)
+    for index, block in enumerate(self.blocks):
+      with jax.named_scope(f'block{index}'):
+        x = block(x, grid)
+    with jax.named_scope('norm'):
+      return self.norm(x)
 
   def features(self, x: jax.Array) -> jax.Array:
     """Pooled backbone output (B, embed_dim): final LayerNorm, then mean over tokens."""
@@ -281,8 +303,9 @@ class L2ViT(nnx.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     features = self.features(x)
     # Heads may compute in bf16; losses and metrics want float32.
-    return (self.cls_head(features).astype(jnp.float32),
-            self.reg_head(features).astype(jnp.float32))
+    with jax.named_scope('head'):
+      return (self.cls_head(features).astype(jnp.float32),
+              self.reg_head(features).astype(jnp.float32))
 
 
 class SimCLRProjector(nnx.Module):

@@ -35,18 +35,21 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
 
   def train_step(params, batch_stats, other, opt_state, step, batch):
     if prepare_batch is not None:
-      batch = prepare_batch(batch)
+      with jax.named_scope("input"):
+        batch = prepare_batch(batch)
 
     def compute_loss(params):
       model = nnx.merge(graphdef, params, batch_stats, other, copy=True)
       nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
-      loss, metrics = loss_fn(model, batch)
+      with jax.named_scope("loss"):  # the model's own scopes nest inside (tpu/accounting.py)
+        loss, metrics = loss_fn(model, batch)
       return loss, (metrics, nnx.state(model, nnx.BatchStat))
 
     (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    grad_norm = optax.tree.norm(grads)
+    with jax.named_scope("optimizer"):
+      updates, new_opt_state = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = {"loss": loss, "grad_norm": grad_norm, **metrics, "finite": finite}
     if skip_nonfinite:

@@ -1,0 +1,292 @@
+"""Where a compiled step's bytes and FLOPs go: per-instruction accounting of optimized HLO, grouped by
+model part.
+
+XLA's ``cost_analysis()`` gives one total of bytes accessed and FLOPs for a whole executable. This
+module reads the optimized HLO text of the same executable (``compiled.as_text()``, for any backend:
+TPU compile-only, XLA:CPU, GPU) and attributes every executed instruction — a fusion, a dot, a
+convolution, a copy, a collective — to the part of the model its ``metadata op_name`` names. The model
+and the train step put ``jax.named_scope`` labels on their parts (``models/l2vit.py``,
+``training/steps.py``): patch_embed, attention, lcm, mlp, norm, dropout, drop_path, head, loss,
+optimizer, input. The innermost label wins (a LayerNorm inside a block is ``norm``), and operations
+under ``transpose(...)`` are the backward pass.
+
+Per instruction, bytes are those of its operands plus its result (what XLA's cost analysis counts for
+an unfused instruction; for a fusion, XLA may count a sliced or broadcast operand by what it reads, so
+the sum here can differ from XLA's). FLOPs: 2·M·N·K for dots and convolutions (from their shapes,
+contracting dimensions and windows), one per element for the arithmetic inside fusions, and
+transcendental functions counted apart, as XLA does. Instructions of a loop body are counted once,
+as XLA's cost analysis counts them; ``bytes_executed`` also multiplies by the loop's known trip count.
+The table keeps an ``unattributed`` row (XLA's total minus ours) so that its shares add up to XLA's
+own ``bytes_accessed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+# Model parts, most specific first: an operation takes the first one its op_name contains.
+SCOPES = ("dropout", "drop_path", "optimizer", "input", "norm", "attention", "lcm", "mlp",
+          "patch_embed", "head", "loss")
+# No memory traffic of their own (aliases, bookkeeping) in XLA's cost model.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "domain", "add-dependency"}
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs",
+                "remainder", "clamp", "compare", "select", "power", "sign", "floor", "ceil",
+                "round-nearest-even", "round-nearest-afz", "and", "or", "xor", "not",
+                "shift-left", "shift-right-logical", "shift-right-arithmetic", "popcnt", "convert",
+                "is-finite"}
+_TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "erf", "tanh",
+                   "logistic", "rsqrt", "sqrt", "cbrt", "sine", "cosine", "tan", "atan2"}
+
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  opcode: str
+  result: str  # the result type, e.g. 'f32[8,625,32]{2,1,0}' or a tuple
+  operands: list[str]  # names of the operand instructions
+  attributes: str
+  op_name: str
+  operand_types: list[str] = dataclasses.field(default_factory=list)  # filled by parse_module
+
+  def called(self, attribute: str) -> list[str]:
+    """Computations named by ``attribute=`` (``calls``, ``body``, ``branch_computations``, ...)."""
+    match = re.search(rf"\b{attribute}=(\{{[^}}]*\}}|%?[\w.\-]+)", self.attributes)
+    if not match:
+      return []
+    return [name.lstrip("%") for name in re.findall(r"%?([\w.\-]+)", match.group(1))]
+
+
+def _balanced(text: str, start: int) -> int:
+  """Index just past the bracket group opening at ``text[start]``."""
+  pairs, depth = {"(": ")", "{": "}", "[": "]"}, []
+  for i in range(start, len(text)):
+    char = text[i]
+    if char in pairs:
+      depth.append(pairs[char])
+    elif depth and char == depth[-1]:
+      depth.pop()
+      if not depth:
+        return i + 1
+  return len(text)
+
+
+def parse_instruction(line: str) -> Instruction | None:
+  match = _INSTRUCTION.match(line)
+  if not match or " = " not in line:
+    return None
+  rest = line[match.end():]
+  end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+  result, rest = rest[:end], rest[end:].lstrip()
+  paren = rest.find("(")
+  if paren < 0:
+    return None
+  opcode = rest[:paren].strip()
+  close = _balanced(rest, paren)
+  op_name = _OP_NAME.search(rest[close:])
+  operands = re.findall(r"%([\w.\-]+)", rest[paren + 1:close - 1])
+  return Instruction(match.group(1), opcode, result, operands, rest[close:],
+                     op_name.group(1) if op_name else "")
+
+
+def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """Computation name → its instructions, and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    if current is None:
+      header = _HEADER.match(line)
+      if header and not line.startswith((" ", "HloModule")):
+        current = header.group(2)
+        computations[current] = []
+        if header.group(1):
+          entry = current
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    instruction = parse_instruction(line)
+    if instruction is not None:
+      computations[current].append(instruction)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  for instructions in computations.values():  # operands are printed by name: look their types up
+    types = {instruction.name: instruction.result for instruction in instructions}
+    for instruction in instructions:
+      instruction.operand_types = [types.get(name, "") for name in instruction.operands]
+  return computations, entry
+
+
+def shape_bytes(type_text: str) -> int:
+  """Bytes of every array in a (possibly tuple) HLO type."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(type_text):
+    bits = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+    total += math.prod(int(d) for d in dims.split(",") if d) * max(bits, 8) // 8
+  return total
+
+
+def _dims(type_text: str) -> list[int]:
+  match = _SHAPE.search(type_text)
+  return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _elements(type_text: str) -> int:
+  return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(type_text))
+
+
+def instruction_flops(instruction: Instruction) -> tuple[float, float]:
+  """(FLOPs, transcendentals) of one instruction that is not a fusion."""
+  opcode = instruction.opcode
+  if opcode == "dot":
+    lhs = _dims(instruction.operand_types[0])
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.attributes)
+    k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
+    return 2.0 * _elements(instruction.result) * k, 0.0
+  if opcode == "convolution":
+    kernel = _dims(instruction.operand_types[1])
+    labels = re.search(r"dim_labels=\w+_(\w+)->", instruction.attributes)
+    rhs = labels.group(1) if labels else ""
+    per_output = math.prod(kernel[i] for i, label in enumerate(rhs) if label.isdigit() or label == "i")
+    return 2.0 * _elements(instruction.result) * per_output, 0.0
+  if opcode in _ELEMENTWISE:
+    return float(_elements(instruction.result)), 0.0
+  if opcode in _TRANSCENDENTAL:
+    return 0.0, float(_elements(instruction.result))
+  if opcode in ("reduce", "reduce-window"):
+    return float(sum(_elements(t) for t in instruction.operand_types[:1])), 0.0
+  return 0.0, 0.0
+
+
+def scope_of(op_name: str) -> tuple[str, str]:
+  """(model part, 'forward' or 'backward') of an operation's ``op_name``."""
+  tokens = set(re.split(r"[/()]", op_name))
+  scope = next((s for s in SCOPES if s in tokens), "other")
+  return scope, "backward" if "transpose(" in op_name else "forward"
+
+
+@dataclasses.dataclass
+class Entry:
+  """One executed instruction's share."""
+  name: str
+  opcode: str
+  scope: str
+  direction: str
+  bytes_read: int
+  bytes_written: int
+  flops: float
+  transcendentals: float
+  trips: int
+  op_name: str
+
+  @property
+  def bytes(self) -> int:
+    return self.bytes_read + self.bytes_written
+
+
+def account(hlo_text: str) -> list[Entry]:
+  """Every executed instruction of the module (loop bodies and called computations followed; fused
+  computations counted through their fusion instruction) with its bytes, FLOPs and model part."""
+  computations, entry = parse_module(hlo_text)
+  entries: list[Entry] = []
+
+  def fused_flops(computation: str) -> tuple[float, float, str]:
+    flops = transcendentals = 0.0
+    root_op_name = ""
+    for inner in computations.get(computation, []):
+      if inner.opcode == "fusion":
+        sub = [fused_flops(c) for c in inner.called("calls")]
+        flops += sum(f for f, _, _ in sub)
+        transcendentals += sum(t for _, t, _ in sub)
+      else:
+        f, t = instruction_flops(inner)
+        flops, transcendentals = flops + f, transcendentals + t
+      root_op_name = inner.op_name or root_op_name
+    return flops, transcendentals, root_op_name
+
+  def walk(computation: str, trips: int, seen: tuple[str, ...]) -> None:
+    for instruction in computations.get(computation, []):
+      if instruction.opcode == "while":
+        match = _TRIP_COUNT.search(instruction.attributes)
+        body_trips = trips * (int(match.group(1)) if match else 1)
+        for called in instruction.called("body") + instruction.called("condition"):
+          if called not in seen:
+            walk(called, body_trips, seen + (called,))
+        continue
+      if instruction.opcode in ("call", "conditional", "async-start"):
+        for attribute in ("calls", "to_apply", "branch_computations", "true_computation",
+                          "false_computation"):
+          for called in instruction.called(attribute):
+            if called not in seen:
+              walk(called, trips, seen + (called,))
+        continue
+      if instruction.opcode in _FREE:
+        continue
+      if instruction.opcode == "fusion":
+        flops, transcendentals, inner_name = 0.0, 0.0, ""
+        for called in instruction.called("calls"):
+          f, t, inner_name = fused_flops(called)
+          flops, transcendentals = flops + f, transcendentals + t
+        op_name = instruction.op_name or inner_name
+      else:
+        flops, transcendentals = instruction_flops(instruction)
+        op_name = instruction.op_name
+      scope, direction = scope_of(op_name)
+      read = sum(shape_bytes(t) for t in instruction.operand_types)
+      entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read,
+                           shape_bytes(instruction.result), flops, transcendentals, trips, op_name))
+
+  walk(entry, 1, (entry,))
+  return entries
+
+
+def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: int = 15) -> dict:
+  """Per (part, direction): bytes read/written, FLOPs, share of XLA's bytes; plus the largest
+  instructions and an ``unattributed`` remainder so that the byte shares add up to 1."""
+  groups: dict[str, dict] = {}
+  for entry in entries:
+    key = f"{entry.scope}/{entry.direction}"
+    group = groups.setdefault(key, {"bytes_read": 0, "bytes_written": 0, "bytes_executed": 0,
+                                    "flops": 0.0, "transcendentals": 0.0, "instructions": 0})
+    group["bytes_read"] += entry.bytes_read
+    group["bytes_written"] += entry.bytes_written
+    group["bytes_executed"] += entry.bytes * entry.trips
+    group["flops"] += entry.flops
+    group["transcendentals"] += entry.transcendentals
+    group["instructions"] += 1
+  ours = sum(g["bytes_read"] + g["bytes_written"] for g in groups.values())
+  groups["unattributed"] = {"bytes_read": 0, "bytes_written": max(xla_bytes - ours, 0.0),
+                            "bytes_executed": 0, "flops": max(xla_flops - sum(
+                                g["flops"] for g in groups.values()), 0.0),
+                            "transcendentals": 0.0, "instructions": 0}
+  total = max(xla_bytes, ours, 1.0)
+  for group in groups.values():
+    group["share_of_bytes"] = (group["bytes_read"] + group["bytes_written"]) / total
+  largest = sorted(entries, key=lambda e: e.bytes, reverse=True)[:top]
+  return {
+      "xla_bytes_accessed": xla_bytes, "xla_flops": xla_flops, "attributed_bytes": ours,
+      "attributed_flops": sum(e.flops for e in entries),
+      "by_part": dict(sorted(groups.items(), key=lambda kv: -kv[1]["share_of_bytes"])),
+      "largest": [{"name": e.name, "opcode": e.opcode, "part": f"{e.scope}/{e.direction}",
+                   "bytes_read": e.bytes_read, "bytes_written": e.bytes_written, "flops": e.flops,
+                   "trips": e.trips, "op_name": e.op_name[-120:]} for e in largest],
+  }
+
+
+def markdown_table(summary: dict, *, per: float = 1.0, unit: str = "MB") -> str:
+  """The ``by_part`` rows as a markdown table (bytes divided by ``per``, e.g. per image)."""
+  scale = {"MB": 1e6, "GB": 1e9}[unit]
+  lines = [f"| part | bytes read ({unit}) | bytes written ({unit}) | share of XLA's bytes | GFLOP |",
+           "|---|---|---|---|---|"]
+  for part, group in summary["by_part"].items():
+    lines.append(f"| {part} | {group['bytes_read'] / per / scale:,.2f} | "
+                 f"{group['bytes_written'] / per / scale:,.2f} | {group['share_of_bytes']:.1%} | "
+                 f"{group['flops'] / per / 1e9:,.3f} |")
+  return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Where the train step's bytes and FLOPs go, per model part, from its optimized HLO; prints JSON.
+
+  python scripts/hlo_accounting.py --topology=v5e:2x2 --config=configs/finetune.py \
+      --config.model.dtype=bfloat16 --config.batch_size=64 --table
+  python scripts/hlo_accounting.py --topology=cpu --config=configs/finetune.py --config.batch_size=16
+
+The step is the training loop's own (``tpu.compile_only.CompiledSteps``), compiled for a TPU topology
+without a TPU (libtpu as a compile-only backend), or for this machine's CPU with ``--topology=cpu``.
+``l2vit_jax.tpu.accounting`` attributes every executed instruction to a model part (named scopes)
+and direction; the rows add up to XLA's own ``bytes_accessed``. ``--table`` also prints the markdown
+table (per image) used in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from l2vit_jax.tpu import compile_only
+
+compile_only.set_compile_only_environment()  # before JAX starts any backend
+
+from l2vit_jax.runtime import sharding  # pylint: disable=wrong-import-position
+from l2vit_jax.tpu import accounting  # pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "libtpu topology, Cloud accelerator type or 'cpu'.")
+_TABLE = flags.DEFINE_bool("table", False, "Also print the per-image markdown table.")
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
+_HLO_OUT = flags.DEFINE_string("hlo_out", None, "Also write the optimized HLO text of the train step here.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _TOPOLOGY.value == "cpu":
+    mesh = sharding.make_mesh()
+  else:
+    mesh = compile_only.compile_only_mesh(compile_only.chips.topology_for_accelerator_type(_TOPOLOGY.value))
+  compiled = compile_only.CompiledSteps(config, mesh, config.batch_size)
+  summary = accounting.summarise(accounting.account(compiled.train_hlo),
+                                 xla_bytes=compiled.train["bytes_accessed"],
+                                 xla_flops=compiled.train["flops"])
+  per_chip_batch = config.batch_size // mesh.size
+  report = {"topology": _TOPOLOGY.value, "task": config.task, "dtype": config.model.dtype,
+            "global_batch": config.batch_size, "per_chip_batch": per_chip_batch,
+            "bytes_accessed_per_image": compiled.train["bytes_accessed"] / per_chip_batch,
+            "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds, **summary}
+  text = json.dumps(report, indent=2)
+  print(text)
+  if _TABLE.value:
+    print(accounting.markdown_table(summary, per=per_chip_batch))
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text + "\n")
+  if _HLO_OUT.value:
+    with open(_HLO_OUT.value, "w") as f:
+      f.write(compiled.train_hlo)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,57 @@
+"""Per-instruction accounting of optimized HLO (tpu/accounting.py) against XLA's own cost analysis."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import tiny_config
+from l2vit_jax.runtime import sharding
+from l2vit_jax.tpu import accounting, compile_only
+
+
+def _entries_and_cost(function, *args):
+  compiled = jax.jit(function).lower(*args).compile()
+  return accounting.account(compiled.as_text()), compiled.cost_analysis()
+
+
+def test_a_matmul_is_counted_exactly_as_xla_counts_it():
+  entries, cost = _entries_and_cost(lambda x, w: x @ w, jnp.zeros((64, 128)), jnp.zeros((128, 256)))
+  assert sum(e.bytes for e in entries) == cost["bytes accessed"] == 4 * (64 * 128 + 128 * 256 + 64 * 256)
+  assert sum(e.flops for e in entries) == cost["flops"] == 2 * 64 * 128 * 256
+
+
+def test_elementwise_arithmetic_and_transcendentals_are_counted_apart():
+  entries, cost = _entries_and_cost(lambda x: jnp.exp(x) * 2 + x, jnp.zeros((1000,)))
+  assert sum(e.flops for e in entries) == cost["flops"] == 2000
+  assert sum(e.transcendentals for e in entries) == cost["transcendentals"] == 1000
+
+
+def test_the_innermost_model_part_and_the_backward_pass_are_read_from_op_names():
+  assert accounting.scope_of("jit(train_step)/transpose(jvp(loss))/block0/lcm/norm/mul") == \
+      ("norm", "backward")
+  assert accounting.scope_of("jit(train_step)/jvp(loss)/block1/mlp/dropout/random_bits") == \
+      ("dropout", "forward")
+  assert accounting.scope_of("jit(train_step)/optimizer/add") == ("optimizer", "forward")
+  assert accounting.scope_of("jit(train_step)/is_finite") == ("other", "forward")
+
+
+@pytest.fixture(scope="module")
+def tiny_step():
+  config = tiny_config("finetune")
+  config.model.update(img_size=25, drop_rate=0.1)
+  compiled = compile_only.CompiledSteps(config, sharding.make_mesh(), 8)
+  return compiled
+
+
+def test_the_train_step_is_attributed_to_every_model_part_and_adds_up_to_xla(tiny_step):
+  summary = accounting.summarise(accounting.account(tiny_step.train_hlo),
+                                 xla_bytes=tiny_step.train["bytes_accessed"],
+                                 xla_flops=tiny_step.train["flops"])
+  parts = set(summary["by_part"])
+  for part in ("patch_embed", "attention", "lcm", "mlp", "norm"):
+    assert {f"{part}/forward", f"{part}/backward"} <= parts, parts
+  assert {"dropout/forward", "optimizer/forward", "loss/forward"} <= parts, parts
+  assert sum(g["share_of_bytes"] for g in summary["by_part"].values()) == pytest.approx(1.0)
+  assert summary["attributed_flops"] == pytest.approx(summary["xla_flops"], rel=0.05)
+  assert summary["largest"][0]["bytes_read"] + summary["largest"][0]["bytes_written"] > 0
+  assert "| attention/backward |" in accounting.markdown_table(summary, per=8)
