@@ -11,8 +11,27 @@ from l2vit_jax.checkpoint import model_io
 from l2vit_jax.evaluation import evaluate
 from l2vit_jax.training import loop
 from l2vit_jax.baselines import bdt
-from l2vit_jax.data import hdf5, split
-from l2vit_jax.evaluation import plots
+from l2vit_jax.data import hdf5, sources, split
+from l2vit_jax.evaluation import plots, report as report_lib
+
+# What every row of a report (checkpoint, probe, physics baseline) must carry beside the original metrics.
+PHYSICS_KEYS = ("sculpting_r50", "sculpting_r50_ci68", "sculpting_jsd50", "sculpting_inverse_jsd50",
+                "sculpting_inverse_jsd50_error", "sculpting_inverse_jsd50_null", "calibration_ece",
+                "calibration_brier", "reliability_signal_fraction", "mass_response_top_median",
+                "mass_response_qcd_resolution", "mass_response_binned_all_median",
+                "qcd_top_window_fraction_pred", "qcd_top_window_pileup")
+PHYSICS_PLOTS = ("mass_sculpting", "reliability", "mass_response")
+
+
+def _assert_has_physics_checks(out, name, report_text):
+  """``name``'s metrics.json has the physics keys, its plots exist and each physics table has its row."""
+  metrics = json.load(open(os.path.join(out, name, "metrics.json")))
+  assert set(PHYSICS_KEYS) <= set(metrics), sorted(set(PHYSICS_KEYS) - set(metrics))
+  for png in PHYSICS_PLOTS:
+    with open(os.path.join(out, name, png + ".png"), "rb") as f:
+      assert f.read(8) == PNG_SIGNATURE
+    assert f"]({name}/{png}.png)" in report_text
+  assert report_text.count(f"| **{name}** |") == 4  # results, sculpting, calibration, mass response
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,6 +84,11 @@ def test_evaluating_a_trained_checkpoint_writes_every_output(finetuned_run, tmp_
       assert f.read(8) == PNG_SIGNATURE
   report = open(os.path.join(out, "report.md")).read()
   assert "tiny" in report and "seed L2ViT, SimCLR-pretrained" in report and "roc.png" in report
+  _assert_has_physics_checks(out, "tiny", report)
+  with open(os.path.join(out, report_lib.MEAN_IMAGES_PLOT), "rb") as f:
+    assert f.read(8) == PNG_SIGNATURE
+  num_top = int(hdf5.read_labels(labelled)["label"][test_indices].sum())
+  assert f"({num_top} top, {len(test_indices) - num_top} QCD" in report
 
 
 def test_report_has_the_physics_baseline_beside_the_networks(finetuned_run, tmp_path, monkeypatch):
@@ -90,6 +114,23 @@ def test_report_has_the_physics_baseline_beside_the_networks(finetuned_run, tmp_
   report = open(os.path.join(out, "report.md")).read()
   assert f"| **{bdt.BASELINE_NAME}** |" in report and "## Physics baseline" in report
   assert "N-subjettiness" in report and "HistGradientBoostingClassifier" in report
+  for name in results:  # the physics baseline gets the same physics checks as the network
+    _assert_has_physics_checks(out, name, report)
+
+
+def test_mean_images_are_the_per_class_means_of_the_evaluated_split(finetuned_run):
+  labelled, _ = finetuned_run
+  test_indices = split.stratified_split(hdf5.read_labels(labelled)["label"])["test"]
+  shuffled = np.random.default_rng(0).permutation(test_indices)  # the pass reads in index order anyway
+  labelled_file = sources.open_labelled(labelled, split_seed=split.SPLIT_SEED)
+  means = evaluate.class_mean_images(labelled_file, shuffled, progress=False)
+  with hdf5.open_hdf5(labelled) as f:
+    images, classes = f["jet"][...][test_indices].astype(np.float64), f["Y"][...][test_indices, 0]
+  assert means.counts.tolist() == [int((classes == 0).sum()), int((classes == 1).sum())]
+  for cls in (0, 1):
+    np.testing.assert_allclose(means.means()[cls], images[classes == cls].mean(axis=0), rtol=1e-12)
+  again = evaluate.class_mean_images(labelled_file, test_indices, progress=False)
+  assert again.means().tobytes() == means.means().tobytes()  # bit-identical: the report is compared
 
 
 def test_imported_pytorch_checkpoint_predicts_like_the_original(tmp_path):

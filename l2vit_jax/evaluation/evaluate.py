@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 from flax import nnx
 
@@ -20,6 +21,7 @@ from l2vit_jax.evaluation import inference, probes
 from l2vit_jax.runtime import paths, sharding
 from l2vit_jax.baselines import bdt
 from l2vit_jax.data import sources, split
+from l2vit_jax.evaluation import metrics as metrics_lib
 from l2vit_jax.evaluation import report
 
 
@@ -155,13 +157,37 @@ def evaluate_physics_baseline(config, out_dir: str) -> tuple[dict, tuple]:
   return metrics, (label, predictions["prob"])
 
 
+def class_mean_images(labelled: sources.LabelledFile, indices: np.ndarray, *,
+                      progress: bool = True) -> metrics_lib.ClassMeanImages:
+  """Per-class sums of the raw images of the jets ``indices``, read in one streamed pass.
+
+  One record at a time, in index order, into two float64 sums: memory stays two images whatever the
+  split's size, and the same file gives bit-identical means (the report is compared byte for byte after
+  an interrupted run). Raw pixel values: no pixel scale, which is a training choice, not the data's.
+  """
+  source = labelled.source(np.sort(np.asarray(indices)))
+  accumulator = metrics_lib.ClassMeanImages()
+  for position in tqdm.tqdm(range(len(source)), desc="mean images", unit="jet", disable=not progress,
+                            dynamic_ncols=True, mininterval=1.0):
+    record = source[position]
+    accumulator.add(record["image"], record["label"])
+  logging.info("Mean images of %d evaluated jets (%d top, %d QCD)", len(source), accumulator.counts[1],
+               accumulator.counts[0])
+  return accumulator
+
+
 def _is_pretraining_checkpoint(directory: str) -> bool:
   """No mass standardisation in its meta: a SimCLR/MAE backbone, which only probes can evaluate."""
   return model_io.read_model_meta(directory).get("mass_mean") is None
 
 
 def evaluate_checkpoints(config, workdir: str) -> dict:
-  """Evaluates every checkpoint of ``config.checkpoints`` and writes ``workdir/report.md``."""
+  """Evaluates every checkpoint of ``config.checkpoints`` and writes ``workdir/report.md``.
+
+  Every row (checkpoints, probe rows, ``physics_bdt``) gets the same metrics and plots
+  (``report.write_model_outputs``, physics checks included); the mean image per class and channel of
+  the evaluated split is a property of the data, computed once on process 0 for the report.
+  """
   mesh = sharding.make_mesh()
   results, curves, logs = {}, {}, {}
   probe = config.get("probe", False)
@@ -194,7 +220,9 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
     results[bdt.BASELINE_NAME], curves[bdt.BASELINE_NAME] = evaluate_physics_baseline(config, workdir)
     notes = f"{notes}\n\n## Physics baseline\n\n{bdt.REPORT_DESCRIPTION}"
   if jax.process_index() == 0:
+    labelled = _labelled_file(config)
+    mean_images = class_mean_images(labelled, evaluated_indices(config, labelled))
     path = report.write_report(workdir, results, predictions=curves, training_logs=logs or None,
-                               title=config.report_title, notes=notes)
+                               mean_images=mean_images, title=config.report_title, notes=notes)
     logging.info("Report written to %s", path)
   return results

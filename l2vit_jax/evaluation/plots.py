@@ -190,6 +190,173 @@ def plot_mass_residual(mass_true, mass_pred, path, *, title: str = "Mass residua
     return _save(figure, path)
 
 
+# --- physics checks ---------------------------------------------------------------------------------
+
+def plot_mass_sculpting(labels, scores, mass_true, path, *, title: str = "Mass sculpting") -> str:
+  """Background (QCD) true-mass shape before the ε_S = 0.5 cut, and of the jets passing and failing it.
+
+  Each histogram is normalised to unit area on ``metrics.SCULPTING_MASS_EDGES`` (the JSD's bins, last
+  bin with the overflow), so the plot shows exactly what JSD50 compares; the title has R50 and 1/JSD50.
+  """
+  sculpting = metrics.mass_sculpting(labels, scores, mass_true)
+  edges = sculpting["edges"]
+  widths = np.diff(edges)
+  with _style():
+    figure, (ax,) = _new_figure(width=7.0, height=5.0)
+    curves = (("background_all", "all QCD (before the cut)", dict(color="black", lw=1.5)),
+              ("background_pass", f"passing ({sculpting['num_pass']} jets)", dict(color="C1", lw=1.5)),
+              ("background_fail", f"failing ({sculpting['num_fail']} jets)",
+               dict(color="C0", lw=1.2, ls="--")))
+    for key, label, style in curves:
+      fractions = sculpting[key]
+      if np.isfinite(fractions).all():
+        ax.stairs(fractions / widths, edges, label=label, **style)
+    rejection = sculpting["rejection"]
+    inverse_jsd = sculpting["inverse_jsd"]
+    r50 = "∞" if not np.isfinite(rejection) else f"{rejection:.1f}"
+    if np.isnan(inverse_jsd):
+      jsd_text = "undefined"
+    else:
+      jsd_text = "∞" if np.isinf(inverse_jsd) else f"{inverse_jsd:.2f}"
+    ax.set(xlabel="true jet mass (GeV)", ylabel="fraction of QCD jets per GeV", xlim=(edges[0], edges[-1]))
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right", fontsize="small")
+    ax.set_title(f"{title}: cut at {EPS_S} = {sculpting['signal_efficiency']:.2f}\n"
+                 f"R50 = 1/{EPS_B} = {r50}, 1/JSD50 = {jsd_text}", fontsize="medium")
+    return _save(figure, path)
+
+
+def plot_reliability(labels, probs, path, *, title: str = "Calibration") -> str:
+  """Reliability diagram (observed top fraction vs mean P(top) per bin) and the P(top) histograms.
+
+  Bins are ``metrics.reliability_bins``' (10 of width 0.1); empty bins are left out of the curve. The
+  title has the ECE and Brier score.
+  """
+  bins = metrics.reliability_bins(labels, probs)
+  labels, probs = metrics.validate_labels_and_scores(labels, probs, "probs")
+  used = bins["count"] > 0
+  with _style():
+    figure, (diagram_ax, histogram_ax) = _new_figure(ncols=2, width=5.5, height=5.0)
+    diagram_ax.plot([0, 1], [0, 1], ls=":", color="grey", label="calibrated")
+    diagram_ax.plot(bins["confidence"][used], bins["signal_fraction"][used], marker="o", label="model")
+    diagram_ax.set(xlabel="mean predicted P(top) in bin", ylabel="fraction of top jets in bin",
+                   xlim=(0, 1), ylim=(0, 1))
+    diagram_ax.set_aspect("equal")
+    diagram_ax.legend(loc="upper left", fontsize="small")
+    for cls, name in enumerate(CLASS_NAMES):
+      histogram_ax.hist(probs[labels == cls], bins=bins["edges"], histtype="step", lw=1.5, label=name)
+    histogram_ax.set(xlabel="predicted P(top)", ylabel="jets per bin", xlim=(0, 1))
+    histogram_ax.legend(loc="upper center", fontsize="small")
+    ece = metrics.expected_calibration_error(labels, probs)
+    figure.suptitle(f"{title}: ECE {ece:.4f}, Brier {metrics.brier_score(labels, probs):.4f}")
+    return _save(figure, path)
+
+
+def plot_mass_response(labels, mass_true, mass_pred, path, *, title: str = "Mass response") -> str:
+  """Scale (median of m_pred/m_true) and resolution ((q84 − q16)/2) vs true mass per class and overall,
+  and the QCD true vs predicted mass with the top window shaded.
+
+  Bins are ``metrics.binned_mass_response``' (50 GeV); bins with fewer than
+  ``metrics.RESPONSE_MIN_COUNT`` jets are not drawn.
+  """
+  labels = metrics.validate_labels_and_scores(labels, mass_true, "mass_true")[0]
+  mass_true, mass_pred = metrics.validate_masses(mass_true, mass_pred)
+  edges = metrics.mass_response_edges(mass_true)
+  centres = (edges[:-1] + edges[1:]) / 2
+  groups = (("all jets", None, dict(color="black")), ("top (1)", 1, dict(color="C1")),
+            ("QCD (0)", 0, dict(color="C0")))
+  window = metrics.TOP_MASS_WINDOW
+  with _style():
+    figure, (scale_ax, resolution_ax, qcd_ax) = _new_figure(ncols=3, width=5.0, height=4.5)
+    for name, cls, style in groups:
+      chosen = np.ones(labels.size, bool) if cls is None else labels == cls
+      if not chosen.any():
+        continue
+      binned = metrics.binned_mass_response(mass_true[chosen], mass_pred[chosen], edges=edges)
+      drawn = np.isfinite(binned["median"])
+      scale_ax.plot(centres[drawn], binned["median"][drawn], marker="o", ms=4, label=name, **style)
+      resolution_ax.plot(centres[drawn], binned["resolution"][drawn], marker="o", ms=4, label=name, **style)
+    scale_ax.axhline(1.0, color="grey", ls=":", lw=1)
+    scale_ax.set(xlabel="true mass (GeV)", ylabel="median of m_pred / m_true", xlim=(edges[0], edges[-1]))
+    resolution_ax.set(xlabel="true mass (GeV)", ylabel="resolution (q84 − q16)/2 of m_pred / m_true",
+                      xlim=(edges[0], edges[-1]))
+    resolution_ax.set_ylim(bottom=0)
+    for ax in (scale_ax, resolution_ax):
+      ax.legend(loc="best", fontsize="small")
+    background = labels == 0
+    if background.any():
+      low, high = _mass_range(mass_true[background], mass_pred[background])
+      mass_edges = np.linspace(min(low, window[0] - 20), max(high, window[1] + 20), 41)
+      # The 0.5 % tails beyond the range are not drawn (clipping them would fake a peak at the edge).
+      qcd_ax.hist(mass_true[background], bins=mass_edges, histtype="step", lw=1.5, color="black",
+                  label="true")
+      qcd_ax.hist(mass_pred[background], bins=mass_edges, histtype="step", lw=1.5, color="C0",
+                  label="predicted")
+      fraction_true, fraction_pred = metrics.top_window_fractions(labels, mass_true, mass_pred)
+      qcd_ax.set_title(f"QCD in {window[0]:g}–{window[1]:g} GeV: true {fraction_true:.1%}, "
+                       f"predicted {fraction_pred:.1%}", fontsize="small")
+      qcd_ax.legend(loc="upper right", fontsize="small")
+    else:
+      qcd_ax.text(0.5, 0.5, "no QCD jets", transform=qcd_ax.transAxes, ha="center", va="center")
+    qcd_ax.axvspan(*window, color="C1", alpha=0.15, lw=0)
+    qcd_ax.set(xlabel="QCD jet mass (GeV)", ylabel="jets per bin")
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+# Channel order of the CMS end-to-end images (docs/design.md, Physics conventions).
+CHANNEL_NAMES = ("track pT", "track d0", "track dz", "ECAL", "HCAL", "pixel layer 1", "pixel layer 2",
+                 "pixel layer 3")
+# The log colour scale of a channel spans at most this many decades below its brightest mean pixel, so
+# a handful of nearly empty pixels does not wash out the jet core.
+MEAN_IMAGE_DECADES = 6
+
+
+def plot_mean_images(means: np.ndarray, counts, path, *, title: str = "Mean jet image per class") -> str:
+  """Grid of mean images: top row top (1), bottom row QCD (0), one column per channel, log colour scale.
+
+  ``means`` is ``(2, H, W, C)`` indexed by class (``metrics.ClassMeanImages.means``), ``counts`` the
+  jets per class. Pixels are drawn as stored (row 0 at the top, like ``imshow`` of an image). A
+  channel's two panels share one colour scale, so the classes can be compared by eye; pixels whose mean
+  is 0 (no jet ever had a deposit there) are left blank.
+  """
+  means = np.asarray(means, dtype=np.float64)
+  if means.ndim != 4 or means.shape[0] != 2:
+    raise ValueError(f"means: expected (2, H, W, C), got shape {means.shape}")
+  num_channels = means.shape[-1]
+  names = CHANNEL_NAMES if num_channels == len(CHANNEL_NAMES) else tuple(
+      f"channel {c}" for c in range(num_channels))
+  with _style():
+    scale = max(1.0, float(matplotlib.rcParams["font.size"]) / 12.0)
+    figure = matplotlib.figure.Figure(figsize=(2.3 * num_channels * scale, 5.4 * scale), layout="constrained")
+    axes = figure.subplots(2, num_channels, squeeze=False)
+    for channel in range(num_channels):
+      values = means[..., channel]
+      positive = values[values > 0]
+      norm = None
+      if positive.size:
+        vmax = float(positive.max())
+        norm = matplotlib.colors.LogNorm(vmin=max(float(positive.min()), vmax * 10.0 ** -MEAN_IMAGE_DECADES),
+                                         vmax=vmax if vmax > positive.min() else vmax * 10.0)
+      for row, cls in enumerate((1, 0)):
+        ax = axes[row, channel]
+        if norm is None:
+          ax.text(0.5, 0.5, "all zero", transform=ax.transAxes, ha="center", va="center")
+        else:
+          image = ax.imshow(np.ma.masked_less_equal(values[cls], 0), norm=norm, cmap="viridis",
+                            interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if row == 0:
+          ax.set_title(f"{channel}: {names[channel]}", fontsize="small")
+        if channel == 0:
+          ax.set_ylabel(f"{CLASS_NAMES[cls]}\n{int(counts[cls])} jets", fontsize="small")
+      if norm is not None:
+        figure.colorbar(image, ax=list(axes[:, channel]), location="bottom", shrink=0.9)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
 # --- training curves --------------------------------------------------------------------------------
 
 # (y-axis label, predicate on the metric key); a panel is drawn only if some run logged a matching key.
