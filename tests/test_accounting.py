@@ -55,3 +55,30 @@ def test_the_train_step_is_attributed_to_every_model_part_and_adds_up_to_xla(tin
   assert summary["attributed_flops"] == pytest.approx(summary["xla_flops"], rel=0.05)
   assert summary["largest"][0]["bytes_read"] + summary["largest"][0]["bytes_written"] > 0
   assert "| attention/backward |" in accounting.markdown_table(summary, per=8)
+
+
+def test_an_asynchronous_copy_or_slice_moves_its_data_once_at_its_start():
+  hlo = """HloModule m
+
+ENTRY %main (p: f32[16,128]) -> f32[4,128] {
+  %p = f32[16,128]{1,0} parameter(0)
+  %copy-start.1 = (f32[16,128]{1,0:S(1)}, f32[16,128]{1,0}, u32[]) copy-start(%p)
+  %copy-done.1 = f32[16,128]{1,0:S(1)} copy-done(%copy-start.1)
+  %slice-start.1 = ((f32[16,128]{1,0}), f32[4,128]{1,0:S(1)}, s32[]) slice-start(%copy-done.1), slice={[0:4], [0:128]}
+  ROOT %slice-done.1 = f32[4,128]{1,0:S(1)} slice-done(%slice-start.1), metadata={op_name="jit(f)/block0/mlp/slice"}
+}
+"""
+  entries = {e.opcode: e for e in accounting.account(hlo)}
+  assert (entries["copy-start"].bytes_read, entries["copy-start"].bytes_written) == (8192, 8192)
+  assert (entries["slice-start"].bytes_read, entries["slice-start"].bytes_written) == (2048, 2048)
+  assert entries["copy-done"].bytes == entries["slice-done"].bytes == 0
+  # No metadata of their own: they take the part of the operation that uses their result.
+  assert entries["slice-start"].scope == entries["copy-start"].scope == "mlp"
+
+
+def test_a_batched_matmul_written_as_a_dilated_convolution_counts_one_tap_per_batch_element():
+  conv = accounting.parse_instruction(
+      "  %c = f32[16,4,625,64]{2,3,1,0} convolution(%a, %b), window={size=16x4 stride=15x3 "
+      "lhs_dilate=16x4}, dim_labels=01bf_01oi->01bf")
+  conv.operand_types = ["f32[16,4,625,65]{2,3,1,0}", "f32[16,4,64,65]{3,2,1,0}"]
+  assert accounting.instruction_flops(conv) == (2.0 * 16 * 4 * 625 * 64 * 65, 0.0)

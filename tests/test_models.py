@@ -259,3 +259,16 @@ def test_torch_is_optional(monkeypatch):
     torch_reference.build_torch_l2vit()
   with pytest.raises(ImportError, match='pip install torch'):
     torch_import.load_torch_checkpoint('model.pt')
+
+
+def test_dropout_keeps_a_multiple_of_one_256th_scaled_to_stay_unbiased_and_is_the_identity_in_eval():
+  dropout = l2vit.Dropout(0.1, rngs=nnx.Rngs(dropout=0))
+  x = jnp.ones((200, 1000))
+  y = dropout(x)
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 230 / 256) < 0.003  # round(256 · 0.9) = 230 of 256 byte values
+  np.testing.assert_allclose(np.asarray(y)[kept], 256 / 230, rtol=1e-6)
+  assert not np.array_equal(np.asarray(dropout(x)), np.asarray(y))  # a fresh mask per call
+  dropout.deterministic = True
+  assert dropout(x) is x
+  assert float(l2vit.Dropout(1.0, rngs=nnx.Rngs(dropout=0))(x).sum()) == 0.0

@@ -154,8 +154,16 @@ def instruction_flops(instruction: Instruction) -> tuple[float, float]:
     kernel = _dims(instruction.operand_types[1])
     labels = re.search(r"dim_labels=\w+_(\w+)->", instruction.attributes)
     rhs = labels.group(1) if labels else ""
-    per_output = math.prod(kernel[i] for i, label in enumerate(rhs) if label.isdigit() or label == "i")
-    return 2.0 * _elements(instruction.result) * per_output, 0.0
+    # Taps per output along each window dimension that land on real (not dilation-hole) inputs: a
+    # batched matmul written as a convolution has window = batch with lhs_dilate = batch, one tap.
+    window = re.search(r"window=\{([^}]*)\}", instruction.attributes)
+    sizes = _window_field(window.group(1) if window else "", "size")
+    dilation = _window_field(window.group(1) if window else "", "lhs_dilate")
+    spatial = [i for i, label in enumerate(rhs) if label.isdigit()]
+    taps = math.prod(-(-(sizes[n] if n < len(sizes) else kernel[i]) // (dilation[n] if n < len(dilation) else 1))
+                     for n, i in enumerate(spatial))
+    features = math.prod(kernel[i] for i, label in enumerate(rhs) if label == "i")
+    return 2.0 * _elements(instruction.result) * taps * features, 0.0
   if opcode in _ELEMENTWISE:
     return float(_elements(instruction.result)), 0.0
   if opcode in _TRANSCENDENTAL:
@@ -163,6 +171,42 @@ def instruction_flops(instruction: Instruction) -> tuple[float, float]:
   if opcode in ("reduce", "reduce-window"):
     return float(sum(_elements(t) for t in instruction.operand_types[:1])), 0.0
   return 0.0, 0.0
+
+
+def _window_field(window: str, field: str) -> list[int]:
+  match = re.search(rf"\b{field}=([\dx]+)", window)
+  return [int(n) for n in match.group(1).split("x")] if match else []
+
+
+def _tuple_elements(type_text: str) -> list[str]:
+  """Top-level elements of a tuple type ``((a), b, c)``; a non-tuple type is one element."""
+  if not type_text.startswith("("):
+    return [type_text]
+  elements, depth, current = [], 0, ""
+  for char in type_text[1:-1]:
+    depth += char in "([{"
+    depth -= char in ")]}"
+    if char == "," and depth == 0:
+      elements.append(current.strip())
+      current = ""
+    else:
+      current += char
+  return elements + [current.strip()]
+
+
+def _traffic(instruction: Instruction) -> tuple[int, int]:
+  """(bytes read, bytes written). An asynchronous pair moves its data once, at its ``-start``, whose
+  result tuple also holds the source (copy-start: (destination, source, context); slice-start:
+  ((source), slice, context)); its ``-done`` only hands the destination over."""
+  if instruction.opcode.endswith("-done"):
+    return 0, 0
+  if instruction.opcode == "copy-start":
+    moved = shape_bytes(_tuple_elements(instruction.result)[0])
+    return moved, moved
+  if instruction.opcode == "slice-start":
+    moved = shape_bytes(_tuple_elements(instruction.result)[1])
+    return moved, moved
+  return (sum(shape_bytes(t) for t in instruction.operand_types), shape_bytes(instruction.result))
 
 
 def scope_of(op_name: str) -> tuple[str, str]:
@@ -196,6 +240,21 @@ def account(hlo_text: str) -> list[Entry]:
   computations counted through their fusion instruction) with its bytes, FLOPs and model part."""
   computations, entry = parse_module(hlo_text)
   entries: list[Entry] = []
+  consumers = {name: {} for name in computations}
+  for name, instructions in computations.items():
+    for instruction in instructions:
+      for operand in instruction.operands:
+        consumers[name].setdefault(operand, []).append(instruction)
+
+  def consumer_op_name(computation: str, name: str, depth: int = 0) -> str:
+    for user in consumers[computation].get(name, []):
+      if user.op_name:
+        return user.op_name
+      if depth < 4:  # through copy-done, get-tuple-element, bitcast, ...
+        found = consumer_op_name(computation, user.name, depth + 1)
+        if found:
+          return found
+    return ""
 
   def fused_flops(computation: str) -> tuple[float, float, str]:
     flops = transcendentals = 0.0
@@ -238,10 +297,12 @@ def account(hlo_text: str) -> list[Entry]:
       else:
         flops, transcendentals = instruction_flops(instruction)
         op_name = instruction.op_name
+      if not op_name:  # XLA's own prefetches and copies: the part of the operation that uses them
+        op_name = consumer_op_name(computation, instruction.name)
       scope, direction = scope_of(op_name)
-      read = sum(shape_bytes(t) for t in instruction.operand_types)
-      entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read,
-                           shape_bytes(instruction.result), flops, transcendentals, trips, op_name))
+      read, written = _traffic(instruction)
+      entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read, written,
+                           flops, transcendentals, trips, op_name))
 
   walk(entry, 1, (entry,))
   return entries
