@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from l2vit_jax.runtime import paths
 from l2vit_jax.baselines import observables
-from l2vit_jax.data import sources
+from l2vit_jax.data import sources, substructure
 
 BASELINE_NAME = "physics_bdt"
 MAX_ITERATIONS = 300
@@ -42,7 +42,7 @@ LEARNING_RATE = 0.1
 # on each other.
 NUM_THREADS = 1
 # Bump when observables.py changes what it computes, so stale caches are not reused.
-OBSERVABLES_VERSION = 1
+OBSERVABLES_VERSION = 2
 
 REPORT_DESCRIPTION = f"""\
 **{BASELINE_NAME}** is the physics baseline: boosted decision trees (scikit-learn
@@ -56,15 +56,15 @@ channels; the summed intensity. Assumptions: every non-zero pixel is a massless 
 centre; cells of 0.0174 × 0.0174 in (η, φ) at 125 × 125 pixels (ECAL crystals; smaller images show the
 same window with coarser cells); HCAL towers of 5 × 5 crystals repeated on each crystal (so weighted
 1/25); constituents within ΔR < 0.8 of the pT-weighted jet axis; φ periodic with the image width; pixel
-values in channel units (the trees learn the calibration). N-subjettiness axes: the jet axis, then
-greedily the constituent contributing most to τ_(N−1), refined by Weiszfeld (geometric-median) steps.
+values in channel units (the trees learn the calibration). N-subjettiness: FastJet contrib's
+Nsubjettiness (normalised measure, OnePass_KT_Axes) on those constituents.
 Details: `l2vit_jax/baselines/observables.py`."""
 
 
 def _cache_path(labelled_path: str, cache_dir: str) -> str:
   stat = os.stat(labelled_path)
   identity = json.dumps([os.path.abspath(labelled_path), stat.st_size, stat.st_mtime_ns, OBSERVABLES_VERSION,
-                         observables.AXIS_ITERATIONS, observables.observable_names()])
+                         substructure.AXES, observables.observable_names()])
   return paths.join(cache_dir, f"observables-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.npz")
 
 
