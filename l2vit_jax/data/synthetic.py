@@ -37,18 +37,18 @@ import h5py
 import numpy as np
 
 from l2vit_jax.runtime import paths
-from l2vit_jax.data import hdf5
+from l2vit_jax.data import detector, hdf5
 
 NUM_CHANNELS = hdf5.NUM_CHANNELS
-REAL_IMAGE_SIZE = 125
-# ECAL barrel crystals span 0.0174 in η and φ; the real images are 125 crystals wide.
-CRYSTAL_SIZE = 0.0174
-WINDOW_HALF_WIDTH = REAL_IMAGE_SIZE * CRYSTAL_SIZE / 2
-# HCAL towers cover 5 × 5 ECAL crystals (0.087 × 0.087).
-HCAL_TOWER_SIZE = 5 * CRYSTAL_SIZE
-NUM_HCAL_TOWERS = REAL_IMAGE_SIZE // 5
-JET_RADIUS = 0.8  # CMS AK8 jets
-MAX_PIXEL_VALUE = 255.0
+# The window (125 crystals of 0.0174, HCAL towers of 5 × 5), AK8 radius and 8-bit-like saturation are
+# the detector's: one definition in detector.py, shared with the Pythia generator.
+REAL_IMAGE_SIZE = detector.REAL_IMAGE_SIZE
+CRYSTAL_SIZE = detector.CRYSTAL_SIZE
+WINDOW_HALF_WIDTH = detector.WINDOW_HALF_WIDTH
+HCAL_TOWER_SIZE = detector.HCAL_TOWER_SIZE
+NUM_HCAL_TOWERS = detector.NUM_HCAL_TOWERS
+JET_RADIUS = detector.JET_RADIUS
+MAX_PIXEL_VALUE = detector.MAX_PIXEL_VALUE
 
 # Images drawn from one random generator. The generator of block b is seeded from
 # SeedSequence(seed, spawn_key=(b,)), so the content of image i depends only on (seed, i, image_size):
@@ -80,10 +80,10 @@ CHARGED, PHOTON, NEUTRAL_HADRON = 0, 1, 2
 PILEUP_MEAN_COUNT = 80.0
 PILEUP_PT_MIN, PILEUP_PT_SCALE = 0.2, 0.5
 
-# Detector. Bending: Δφ = 0.3 B r / (2 pT) = BEND * r / pT with B = 3.8 T, r in metres.
-BEND_PER_METRE = 0.3 * 3.8 / 2
-ECAL_RADIUS, HCAL_RADIUS = 1.29, 1.8
-PIXEL_LAYER_RADII = (0.029, 0.068, 0.109)
+# Detector (geometry from detector.py). Bending: Δφ ≈ 0.3 B r / (2 pT) = BEND * r / pT, r in metres.
+BEND_PER_METRE = detector.BEND_PER_METRE
+ECAL_RADIUS, HCAL_RADIUS = detector.ECAL_RADIUS, detector.HCAL_RADIUS
+PIXEL_LAYER_RADII = detector.PIXEL_LAYER_RADII
 TRACK_PT_MIN, TRACK_EFFICIENCY = 0.5, 0.92
 CALO_PT_MIN = 0.8  # softer charged particles curl up before the calorimeters
 D0_RESOLUTION_UM, D0_RESOLUTION_PT_UM = 15.0, 60.0  # σ(d0) = 15 ⊕ 60 / pT µm
