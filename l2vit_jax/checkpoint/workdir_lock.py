@@ -1,81 +1,365 @@
-"""One run per workdir: ``WORKDIR/lock``, taken by process 0 before anything is written."""
+"""One run per workdir: ``WORKDIR/lock``, a lease taken by process 0 before anything is written.
+
+Two runs on one workdir would interleave checkpoints and metrics, so a second run is refused with the
+holder named. A run that dies without releasing the lock (SIGKILL, OOM, a preempted Spot VM recreated
+on a new host) must not keep the workdir locked, yet a run on another host cannot be asked whether it
+is alive. So the lock is a lease: the holder rewrites it every ``lease / 4`` seconds, and a lock not
+refreshed for ``lease`` seconds is stale and is taken over with one warning naming the old holder.
+
+* The lease: ``L2VIT_LOCK_LEASE_SECONDS`` (default ``DEFAULT_LEASE_SECONDS`` = 120 s). The holder
+  writes its own lease into the file, and a taker judges by that one.
+* Staleness compares the holder's wall clock (``refreshed``) with the taker's: hosts are assumed to
+  agree to well within the lease (NTP, as on every cloud VM). A clock running ahead on the holder only
+  delays a takeover; a taker's clock 120 s ahead would take over early.
+* A lock of this host whose process is gone is stale at once (no need to wait for the lease). Lock
+  files without a ``refreshed`` field (older versions) or that cannot be parsed never expire: they are
+  refused with a hint to delete the file.
+
+Race-freedom, i.e. of any number of runs that find the same stale lock, exactly one wins, and the holder
+never writes over a lock it has lost:
+
+* locally, the holder keeps its lock file open (so its inode number cannot be reused) and refreshes it
+  in place, only while ``WORKDIR/lock`` is still that inode. Takers serialise on ``flock`` of
+  ``WORKDIR/lock.takeover`` (left in the workdir; held only during a takeover, released by the kernel
+  if a taker dies), re-read the lock, rename the stale file to a unique name, check that they moved the
+  very file they judged (else put it back), and then create the lock with ``O_EXCL`` like a fresh run;
+* on ``gs://`` every write is conditional on the object's generation (``runtime.paths``): a fresh run
+  creates with ``ifGenerationMatch=0``, the holder refreshes with ``ifGenerationMatch=<its generation>``
+  (a 412 means it lost the lock), and a taker replaces the stale generation it read with
+  ``ifGenerationMatch=<that generation>``, one request that only one taker can win.
+
+A holder that finds its lock taken over (it was frozen, or cut off from the storage, for longer than
+the lease) records who has it in ``lost``; the training loop checks ``confirm_held`` before every
+checkpoint and stops without saving.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 
 import jax
 import numpy as np
 from absl import logging
 
-from l2vit_jax.errors import WorkdirLockedError
+from l2vit_jax.errors import ConfigError, WorkdirLockedError
 from l2vit_jax.runtime import paths
 
 LOCK_FILE = "lock"
+TAKEOVER_GUARD = "lock.takeover"  # local workdirs: takers serialise on flock(2) of this file
+LEASE_VARIABLE = "L2VIT_LOCK_LEASE_SECONDS"
+DEFAULT_LEASE_SECONDS = 120.0
+LOCK_BYTES = 512  # the local lock is rewritten in place with this many bytes: never a shorter tail
+GUARD_WAIT_SECONDS = 10.0
+
+
+def lease_seconds() -> float:
+  """The lease from ``L2VIT_LOCK_LEASE_SECONDS`` (default 120 s); ConfigError for a bad value."""
+  text = os.environ.get(LEASE_VARIABLE, "").strip()
+  if not text:
+    return DEFAULT_LEASE_SECONDS
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not value > 0 or value == float("inf"):
+    raise ConfigError(f"{LEASE_VARIABLE}={text!r}: expected a positive number of seconds")
+  return value
+
+
+def describe(holder: dict) -> str:
+  return (f"process {holder.get('pid')} on host {holder.get('host')} (started {holder.get('since')})"
+          if holder else "an unknown run (unreadable lock file)")
+
+
+class _LocalLockFile:
+  """``WORKDIR/lock`` on a local (or network) file system; see the module docstring."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd = None  # our lock file, open for as long as we hold it
+
+  def read(self):
+    """(bytes, version) or None; the version is (device, inode)."""
+    try:
+      fd = os.open(self.path, os.O_RDONLY)
+    except FileNotFoundError:
+      return None
+    try:
+      status = os.fstat(fd)
+      chunks = []
+      while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+      return b"".join(chunks), (status.st_dev, status.st_ino)
+    finally:
+      os.close(fd)
+
+  def create(self, data: bytes) -> bool:
+    """Creates the lock holding ``data`` if there is none: written under a unique name first, then
+    hard-linked to ``lock`` (``link`` fails if the name exists, like ``O_EXCL``), so the lock never
+    exists empty or half-written, not even when this process dies in between."""
+    draft = f"{self.path}.new-{uuid.uuid4().hex}"
+    fd = os.open(draft, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    try:
+      os.pwrite(fd, data, 0)
+      os.link(draft, self.path)
+    except FileExistsError:
+      os.close(fd)
+      return False
+    except BaseException:
+      os.close(fd)
+      raise
+    finally:
+      os.remove(draft)
+    self._fd = fd
+    return True
+
+  def _ours_at_path(self) -> bool:
+    """Whether ``lock`` names the file we hold open (whose inode number cannot be reused meanwhile)."""
+    try:
+      status = os.stat(self.path)
+    except FileNotFoundError:
+      return False
+    mine = os.fstat(self._fd)
+    return (status.st_dev, status.st_ino) == (mine.st_dev, mine.st_ino)
+
+  def refresh(self, data: bytes) -> bool:
+    """Rewrites our file in place if the path still names it. A takeover between the check and the
+    write only lets us write into our own, renamed file."""
+    if self._fd is None or not self._ours_at_path():
+      return False
+    os.pwrite(self._fd, data, 0)
+    return True
+
+  def still_ours(self) -> bool:
+    return self._fd is not None and self._ours_at_path()
+
+  def _move_aside_if(self, version) -> bool:
+    """Renames the lock away if it is the file ``version``; puts anything else back. True if moved."""
+    aside = f"{self.path}.stale-{uuid.uuid4().hex}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return False
+    status = os.stat(aside)
+    if (status.st_dev, status.st_ino) == version:
+      os.remove(aside)
+      return True
+    try:  # someone else's lock, created since we looked: back under its name unless one is there
+      os.link(aside, self.path)
+    except FileExistsError:
+      pass
+    os.remove(aside)
+    return False
+
+  def take_over(self, stale: tuple[bytes, tuple], data: bytes) -> bool:
+    """Replaces the stale lock ``stale`` = (bytes, version) by ours; False if it changed meanwhile."""
+    guard = os.open(os.path.join(os.path.dirname(self.path), TAKEOVER_GUARD), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+      deadline = time.monotonic() + GUARD_WAIT_SECONDS
+      while True:
+        try:
+          fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          if time.monotonic() > deadline:  # a taker frozen inside: refuse rather than wait forever
+            return False
+          time.sleep(0.01)
+      if self.read() != stale or not self._move_aside_if(stale[1]):
+        return False
+      return self.create(data)
+    finally:
+      os.close(guard)  # releases the flock
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    mine = os.fstat(self._fd)
+    try:
+      if self._ours_at_path():
+        self._move_aside_if((mine.st_dev, mine.st_ino))
+    finally:
+      os.close(self._fd)
+      self._fd = None
+
+
+class _RemoteLockFile:
+  """``gs://.../lock``: every write conditional on the object's generation (``runtime.paths``)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._generation = None  # of our lock object, while we hold it
+
+  def read(self):
+    return paths.read_generation(self.path)
+
+  def create(self, data: bytes) -> bool:
+    self._generation = paths.write_if_generation(self.path, data, 0)
+    return self._generation is not None
+
+  def refresh(self, data: bytes) -> bool:
+    if self._generation is None:
+      return False
+    self._generation = paths.write_if_generation(self.path, data, self._generation)
+    return self._generation is not None
+
+  def still_ours(self) -> bool:
+    current = self.read()
+    return self._generation is not None and current is not None and current[1] == self._generation
+
+  def take_over(self, stale: tuple[bytes, int], data: bytes) -> bool:
+    self._generation = paths.write_if_generation(self.path, data, stale[1])
+    return self._generation is not None
+
+  def release(self) -> None:
+    """Deletes our generation only (the precondition decides; the read first spares a request that
+    would fail, and keeps emulators that ignore preconditions on deletes from removing a taker's lock)."""
+    if self._generation is not None and self.still_ours():
+      paths.remove_if_generation(self.path, self._generation)
+    self._generation = None
 
 
 class WorkdirLock:
-  """``WORKDIR/lock``: created atomically by the one process writing a workdir (``O_CREAT | O_EXCL``
-  locally; on ``gs://`` an upload with the precondition ``ifGenerationMatch=0``, see ``paths``).
+  """``WORKDIR/lock`` held by one process, refreshed from a daemon thread while held.
 
-  It holds ``{"host", "pid", "since"}``. Two runs on one workdir would interleave checkpoints and
-  metrics, so a second run is refused with the holder named. A lock left by a killed run (SIGKILL, OOM,
-  power loss) is stale when its host is this host and its pid is gone: it is taken over with a warning.
-  A lock from another host cannot be checked from here; it is refused, and the message says to delete
-  the file if that run is known to be dead. ``release`` removes the file only if it is still ours.
+  The file holds ``{"host", "pid", "since", "refreshed", "lease_seconds", "refreshes", "token"}``;
+  ``token`` is unique to this lock object, so "ours" never rests on a host name and pid alone.
+  ``acquire`` raises WorkdirLockedError naming a live holder; ``release`` removes the file only if it
+  is still ours. ``lost``: None while held, else who took it over.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, *, lease: float | None = None):
     self.workdir = workdir
     self.path = paths.join(workdir, LOCK_FILE)
+    self.lease = lease_seconds() if lease is None else float(lease)
     self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
     self.held = False
+    self.lost: str | None = None
+    self._file = _RemoteLockFile(self.path) if paths.is_remote(self.path) else _LocalLockFile(self.path)
+    self._token = uuid.uuid4().hex
+    self._since = time.strftime("%Y-%m-%d %H:%M:%S")
+    self._refreshes = 0
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._file_lock = threading.Lock()  # the refresher against release
 
-  def _read_holder(self) -> dict | None:
-    try:
-      return json.loads(paths.read_text(self.path))
-    except FileNotFoundError:
-      return None
-    except (OSError, ValueError):
-      return {}  # being written right now, or garbage: treated as held by an unknown run
+  def _content(self) -> bytes:
+    holder = dict(self.owner, since=self._since, refreshed=round(time.time(), 3),
+                  lease_seconds=self.lease, refreshes=self._refreshes, token=self._token)
+    text = json.dumps(holder)
+    return (text + " " * max(LOCK_BYTES - 1 - len(text), 0) + "\n").encode()
 
-  def _try_create(self) -> bool:
-    holder = dict(self.owner, since=time.strftime("%Y-%m-%d %H:%M:%S"))
-    return paths.create_exclusive(self.path, json.dumps(holder).encode())
+  def _read_holder(self):
+    """(holder dict, raw state) of the current lock, or None if there is none. ``{}``: unparsable.
+    A parse failure is retried briefly: a reader may catch a local refresh mid-write."""
+    for attempt in range(3):
+      state = self._file.read()
+      if state is None:
+        return None
+      try:
+        holder = json.loads(state[0])
+        return (holder if isinstance(holder, dict) else {}), state
+      except ValueError:
+        if attempt < 2:
+          time.sleep(0.02)
+    return {}, state
+
+  def _stale_reason(self, holder: dict) -> str | None:
+    """Why ``holder``'s lock may be taken over, or None while it may be alive."""
+    same_host = holder.get("host") == self.owner["host"]
+    pid = holder.get("pid")
+    if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not paths.process_alive(pid):
+      return "which is no longer running (killed?)"
+    refreshed, lease = holder.get("refreshed"), holder.get("lease_seconds", self.lease)
+    if isinstance(refreshed, (int, float)) and isinstance(lease, (int, float)):
+      age = time.time() - refreshed
+      if age > lease:
+        return f"not refreshed for {age:.0f} s (lease {lease:g} s)"
+    return None
 
   def acquire(self) -> None:
-    """Takes the lock or raises WorkdirLockedError naming the holder."""
-    for _ in range(3):  # a takeover can race with another starting run; the exclusive create decides
-      if self._try_create():
-        self.held = True
-        return
-      holder = self._read_holder()
-      if holder is None:
+    """Takes the lock or raises WorkdirLockedError naming the holder; then starts refreshing it."""
+    for _ in range(5):  # a takeover can race with other starting runs; the storage decides who wins
+      if self._file.create(self._content()):
+        return self._start()
+      found = self._read_holder()
+      if found is None:
         continue  # released between our attempt and the read
-      same_host = holder.get("host") == self.owner["host"]
-      pid = holder.get("pid")
-      if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not paths.process_alive(pid):
-        logging.warning("%s: taking over a stale lock of process %d on %s (started %s), which is no "
-                        "longer running (killed?)", self.path, pid, holder.get("host"), holder.get("since"))
-        paths.remove(self.path)
-        continue
-      who = (f"process {pid} on host {holder.get('host')} (started {holder.get('since')})" if holder
-             else "an unknown run (unreadable lock file)")
-      hint = "" if same_host and holder else "; if that run is dead, delete the lock file"
-      raise WorkdirLockedError(f"{self.workdir}: workdir is in use by {who}; use another "
-                               f"--workdir or wait for it to finish (lock: {self.path}{hint})")
+      holder, state = found
+      reason = self._stale_reason(holder) if holder else None
+      if reason is None:
+        self._refuse(holder)
+      if self._file.take_over(state, self._content()):
+        logging.warning("%s: taking over a stale lock of %s, %s", self.path, describe(holder), reason)
+        return self._start()
     raise WorkdirLockedError(f"{self.path}: could not take the workdir lock (contended); try again")
+
+  def _refuse(self, holder: dict) -> None:
+    if holder and isinstance(holder.get("refreshed"), (int, float)):
+      lease = holder.get("lease_seconds", self.lease)
+      hint = (f"; it was refreshed {max(time.time() - holder['refreshed'], 0):.0f} s ago and is taken over "
+              f"once not refreshed for {lease:g} s")
+    else:  # an older version's lock, or garbage: it never expires
+      hint = "" if holder.get("host") == self.owner["host"] else "; if that run is dead, delete the lock file"
+    raise WorkdirLockedError(f"{self.workdir}: workdir is in use by {describe(holder)}; use another "
+                             f"--workdir or wait for it to finish (lock: {self.path}{hint})")
+
+  def _start(self) -> None:
+    self.held, self.lost = True, None
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._refresh_loop, name="workdir-lock-refresh", daemon=True)
+    self._thread.start()
+
+  def _refresh_loop(self) -> None:
+    """Every lease/4 s until released or lost. Storage errors are logged and retried: a refresh that
+    fails for a whole lease lets another run take over, which the next refresh then notices."""
+    failing = False
+    while not self._stop.wait(self.lease / 4):
+      with self._file_lock:
+        if self._stop.is_set():
+          return
+        self._refreshes += 1
+        try:
+          refreshed = self._file.refresh(self._content())
+        except OSError as error:
+          if not failing:
+            logging.warning("%s: could not refresh the workdir lock (%s); retrying", self.path, error)
+          failing = True
+          continue
+        failing = False
+        if not refreshed:
+          self._mark_lost()
+          return
+
+  def _mark_lost(self) -> None:
+    found = self._read_holder()
+    self.lost = describe(found[0]) if found else "nobody (the lock file is gone)"
+    logging.error("%s: this run's workdir lock was taken over by %s (this run had not refreshed it for "
+                  "longer than its %g s lease); it stops before its next checkpoint", self.path, self.lost,
+                  self.lease)
+
+  def confirm_held(self) -> str | None:
+    """Checks with the storage now that the lock is still ours; None if it is, else who has it."""
+    if not self.held:
+      return "nobody (not held)"
+    if self.lost is None and not self._file.still_ours():
+      self._mark_lost()
+    return self.lost
 
   def release(self) -> None:
     if not self.held:
       return
     self.held = False
-    holder = self._read_holder()
-    if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
-      paths.remove(self.path)
+    self._stop.set()
+    with self._file_lock:  # not while a refresh is being written
+      self._file.release()
+    if self._thread is not None:
+      self._thread.join(timeout=5)
 
   def __enter__(self) -> "WorkdirLock":
     self.acquire()
@@ -92,7 +376,7 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
     lock = WorkdirLock(workdir)
     try:
       lock.acquire()
-    except WorkdirLockedError as e:
+    except (WorkdirLockedError, ConfigError) as e:  # every process must learn of it, not only this one
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel

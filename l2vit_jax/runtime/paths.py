@@ -8,12 +8,16 @@ can use ``--workdir=gs://BUCKET/run``. Cloud Storage differs from a disk in thre
 * an object appears whole when its upload completes, so ``write_bytes`` needs no temporary name there
   (locally it writes one and renames it, so a reader never sees half a file);
 * there is no ``O_EXCL``: ``create_exclusive`` asks for the upload with the precondition
-  ``ifGenerationMatch=0``, which the service refuses when the object already exists.
+  ``ifGenerationMatch=0``, which the service refuses when the object already exists. More generally
+  every object has a generation (a number that changes with each write and is never reused), and
+  ``read_generation`` / ``write_if_generation`` / ``remove_if_generation`` make compare-and-swap out of
+  it: of two writers that both saw generation G, exactly one replaces it (``checkpoint.workdir_lock``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 
 from etils import epath
@@ -91,19 +95,68 @@ def create_exclusive(path: PathLike, data: bytes) -> bool:
   ``ifGenerationMatch=0`` (of two concurrent creators exactly one succeeds).
   """
   if is_remote(path):
-    import fsspec  # pylint: disable=import-outside-toplevel
-    filesystem, object_path = fsspec.core.url_to_fs(os.fspath(path))
-    try:
-      filesystem.pipe_file(object_path, data, mode="create")
-    except FileExistsError:
-      return False
-    return True
+    return write_if_generation(path, data, 0) is not None
   try:
     fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
     return False
   with os.fdopen(fd, "wb") as file:
     file.write(data)
+  return True
+
+
+def _gcs_object(path: PathLike):
+  """(gcsfs filesystem, bucket, object name) of a ``gs://`` URL; ValueError for anything else."""
+  path = os.fspath(path)
+  if not path.startswith("gs://"):
+    raise ValueError(f"{path}: object generations exist only on gs://")
+  import fsspec  # pylint: disable=import-outside-toplevel
+  filesystem, object_path = fsspec.core.url_to_fs(path)
+  bucket, _, name = object_path.partition("/")
+  return filesystem, bucket, name
+
+
+def read_generation(path: PathLike) -> tuple[bytes, int] | None:
+  """A ``gs://`` object's bytes and the generation they belong to (one request); None if missing."""
+  filesystem, bucket, name = _gcs_object(path)
+  try:
+    headers, data = filesystem.call("GET", "b/{}/o/{}", bucket, name, alt="media")
+  except FileNotFoundError:
+    return None
+  return data, int(headers["x-goog-generation"])
+
+
+def write_if_generation(path: PathLike, data: bytes, generation: int) -> int | None:
+  """Writes a ``gs://`` object only if its generation is still ``generation`` (0: only if it does not
+  exist); returns the new generation, or None when the precondition failed (someone else wrote first).
+
+  A multipart upload with ``ifGenerationMatch``, as gcsfs's own ``mode="create"`` sends it: the service
+  checks the precondition and writes in one step, so of two writers that saw the same generation
+  exactly one succeeds.
+  """
+  filesystem, bucket, name = _gcs_object(path)
+  metadata = json.dumps({"name": name})
+  body = (f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{metadata}\n--==0==\n"
+          "Content-Type: application/octet-stream\n\n").encode() + data + b"\n--==0==--"
+  upload = filesystem.base[:-len("storage/v1/")] + "upload/storage/v1/b/{}/o"
+  try:
+    reply = filesystem.call("POST", upload, bucket, uploadType="multipart", ifGenerationMatch=str(generation),
+                            headers={"Content-Type": 'multipart/related; boundary="==0=="'}, data=body,
+                            json_out=True)
+  except FileExistsError:  # HTTP 412: the precondition failed
+    return None
+  filesystem.invalidate_cache(f"{bucket}/{name}")
+  return int(reply["generation"])
+
+
+def remove_if_generation(path: PathLike, generation: int) -> bool:
+  """Deletes a ``gs://`` object only if its generation is still ``generation``; False otherwise."""
+  filesystem, bucket, name = _gcs_object(path)
+  try:
+    filesystem.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=str(generation))
+  except (FileExistsError, FileNotFoundError):
+    return False
+  filesystem.invalidate_cache(f"{bucket}/{name}")
   return True
 
 

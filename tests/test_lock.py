@@ -1,0 +1,202 @@
+"""The workdir lock is a lease: a frozen or vanished holder on another host is taken over once it stops
+refreshing, a live one never is, and of many runs racing for one stale lock exactly one wins.
+
+The holders run in subprocesses that pretend to be on another host (``socket.gethostname`` replaced),
+with a lease of a second or two (``L2VIT_LOCK_LEASE_SECONDS``). No assertion is about speed: the tests
+wait for conditions and check each outcome against the lock's own timestamps.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from l2vit_jax import errors
+from l2vit_jax.checkpoint import workdir_lock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Holds the lock as "old-spot-vm" until it finds it lost, then says to whom.
+HOLDER = """
+import socket, sys, time
+socket.gethostname = lambda: "old-spot-vm"
+from l2vit_jax.checkpoint import workdir_lock
+lock = workdir_lock.WorkdirLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+while lock.lost is None:
+  time.sleep(0.02)
+print("lost to", lock.lost, flush=True)
+"""
+
+
+def _start_holder(workdir, lease: float) -> subprocess.Popen:
+  env = dict(os.environ, PYTHONPATH=REPO, **{workdir_lock.LEASE_VARIABLE: str(lease)})
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+  assert holder.stdout.readline().strip() == "held"
+  return holder
+
+
+def _lock_content(workdir) -> dict:
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE)) as f:
+    return json.load(f)
+
+
+def test_a_frozen_holder_on_another_host_is_taken_over_once_its_lease_runs_out(tmp_path, monkeypatch,
+                                                                               caplog):
+  lease = 1.0
+  holder = _start_holder(tmp_path, lease)
+  try:
+    os.kill(holder.pid, signal.SIGSTOP)  # a Spot VM gone silent: the lock stays, nobody refreshes it
+    frozen = _lock_content(tmp_path)
+    assert frozen["host"] == "old-spot-vm" and frozen["lease_seconds"] == lease
+    monkeypatch.setenv(workdir_lock.LEASE_VARIABLE, "600")  # the taker judges by the holder's lease
+    deadline = time.monotonic() + 60
+    while True:
+      before = time.time()
+      taker = workdir_lock.WorkdirLock(str(tmp_path))
+      try:
+        taker.acquire()
+        break
+      except errors.WorkdirLockedError as refused:
+        assert before - frozen["refreshed"] <= lease, f"refused a lock past its lease: {refused}"
+        assert "old-spot-vm" in str(refused)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert time.time() - frozen["refreshed"] > lease  # taken over only after the lease
+    assert "taking over a stale lock of process" in caplog.text and "old-spot-vm" in caplog.text
+    assert f"process {holder.pid} on host old-spot-vm" in caplog.text
+    mine = _lock_content(tmp_path)
+    assert mine["pid"] == os.getpid()
+
+    os.kill(holder.pid, signal.SIGCONT)  # the old holder wakes up: it finds its lock gone, writes nothing
+    assert holder.stdout.readline().startswith(f"lost to process {os.getpid()} on host")
+    assert holder.wait(timeout=30) == 0
+    assert _lock_content(tmp_path)["token"] == mine["token"]
+    assert taker.confirm_held() is None
+    taker.release()
+    assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_live_holder_on_another_host_is_never_taken_over(tmp_path):
+  lease = 2.0
+  holder = _start_holder(tmp_path, lease)
+  try:
+    first = _lock_content(tmp_path)
+    deadline = time.monotonic() + 2.5 * lease  # attempts over more than two leases
+    attempts = 0
+    while time.monotonic() < deadline:
+      with pytest.raises(errors.WorkdirLockedError, match="in use by process .* on host old-spot-vm"):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+      attempts += 1
+      time.sleep(0.1)
+    last = _lock_content(tmp_path)
+    assert last["token"] == first["token"] and last["refreshes"] > first["refreshes"]  # kept refreshing
+    assert holder.poll() is None and attempts > 1
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def _write_stale_lock(path, host="gone-host"):
+  with open(path, "w") as f:
+    json.dump({"host": host, "pid": 4242, "since": "2026-01-01 00:00:00", "refreshed": time.time() - 1000,
+               "lease_seconds": 1.0, "refreshes": 7, "token": "stale"}, f)
+
+
+def race_for_the_lock(workdir: str, write_stale, *, takers: int = 8) -> list:
+  """``takers`` threads call ``acquire`` on one stale lock at once; returns the locks that got it."""
+  write_stale()
+  barrier = threading.Barrier(takers)
+  winners, outcomes = [], []
+
+  def take():
+    lock = workdir_lock.WorkdirLock(workdir, lease=60)
+    barrier.wait()
+    try:
+      lock.acquire()
+      winners.append(lock)
+      outcomes.append("won")
+    except errors.WorkdirLockedError as refused:
+      outcomes.append(str(refused))
+
+  threads = [threading.Thread(target=take) for _ in range(takers)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=60)
+  assert len(outcomes) == takers, outcomes
+  return winners
+
+
+def test_of_many_runs_taking_over_one_stale_lock_exactly_one_wins(tmp_path):
+  path = tmp_path / workdir_lock.LOCK_FILE
+  for _ in range(10):
+    winners = race_for_the_lock(str(tmp_path), lambda: _write_stale_lock(path))
+    assert len(winners) == 1
+    assert _lock_content(tmp_path)["token"] == winners[0]._token  # pylint: disable=protected-access
+    winners[0].release()
+    assert not path.exists()
+  leftovers = sorted(name for name in os.listdir(tmp_path) if name != workdir_lock.TAKEOVER_GUARD)
+  assert leftovers == []  # no stale-renamed or draft files left behind
+
+
+def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+  sleeper = subprocess.Popen([sys.executable, "-c", "pass"])
+  sleeper.wait()
+  with open(tmp_path / workdir_lock.LOCK_FILE, "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x", "refreshed": time.time(),
+               "lease_seconds": 600}, f)
+  with workdir_lock.WorkdirLock(str(tmp_path)):  # refreshed just now, but its process is gone
+    assert _lock_content(tmp_path)["pid"] == os.getpid()
+  assert "no longer running" in caplog.text
+
+
+def test_the_lease_comes_from_the_environment(monkeypatch):
+  monkeypatch.delenv(workdir_lock.LEASE_VARIABLE, raising=False)
+  assert workdir_lock.lease_seconds() == workdir_lock.DEFAULT_LEASE_SECONDS == 120
+  monkeypatch.setenv(workdir_lock.LEASE_VARIABLE, "7.5")
+  assert workdir_lock.lease_seconds() == 7.5
+  for bad in ("0", "-3", "soon", "inf"):
+    monkeypatch.setenv(workdir_lock.LEASE_VARIABLE, bad)
+    with pytest.raises(errors.ConfigError, match=f"{workdir_lock.LEASE_VARIABLE}='{bad}'"):
+      workdir_lock.lease_seconds()
+
+
+def test_a_holder_refreshes_its_lock_in_place_while_it_holds_it(tmp_path):
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=0.2)
+  with lock:
+    first = _lock_content(tmp_path)
+    deadline = time.monotonic() + 30
+    while _lock_content(tmp_path)["refreshes"] < first["refreshes"] + 2:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    later = _lock_content(tmp_path)
+    assert later["token"] == first["token"] and later["refreshed"] > first["refreshed"]
+    assert os.path.getsize(tmp_path / workdir_lock.LOCK_FILE) == workdir_lock.LOCK_BYTES
+  assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
+
+
+def test_training_stops_before_a_save_once_its_lock_was_taken_over(tmp_path):
+  from l2vit_jax.training import loop  # pylint: disable=import-outside-toplevel
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=60)
+  lock.acquire()
+  try:
+    loop._check_lock_held(lock, str(tmp_path))  # pylint: disable=protected-access  # ours: no error
+    os.remove(tmp_path / workdir_lock.LOCK_FILE)
+    _write_stale_lock(tmp_path / workdir_lock.LOCK_FILE, host="new-spot-vm")  # someone else's now
+    with pytest.raises(errors.WorkdirLockedError, match="process 4242 on host new-spot-vm .*took over"):
+      loop._check_lock_held(lock, str(tmp_path))  # pylint: disable=protected-access
+  finally:
+    lock.release()
+  assert _lock_content(tmp_path)["host"] == "new-spot-vm"  # not ours: release left it alone
