@@ -134,5 +134,14 @@ def base_config() -> ml_collections.ConfigDict:
   # True: a step with a non-finite loss or gradient is discarded (counted and logged) instead of stopping
   # the run with DivergenceError.
   config.skip_nonfinite_steps = False
+  # TensorBoard events in WORKDIR/tensorboard/ (every metrics.jsonl scalar and the config as text), and
+  # a report's figures as images in REPORT_DIR/tensorboard/.
   config.tensorboard = True
+  # 'START,END': a jax.profiler trace of those steps (1-based, both included) in WORKDIR/profile/;
+  # '' (default): none.
+  config.profile_steps = ""
+  # XLA's persistent compilation cache (runtime.host.resolve_compilation_cache): 'auto' is
+  # $JAX_COMPILATION_CACHE_DIR, else $L2VIT_COMPILATION_CACHE, else ~/.cache/l2vit_jax/xla (the study:
+  # WORKDIR/cache/xla when run from code); a folder (local or gs://) uses that one; '' turns it off.
+  config.compilation_cache = "auto"
   return config

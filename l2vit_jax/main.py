@@ -5,6 +5,11 @@
 Bad flags, configs, input files and workdirs fail before any work with one line on stderr
 (``error: ...``, no traceback) and a non-zero exit status; nothing is written into the workdir.
 A preempted run (SIGTERM, or Ctrl-C) saves a checkpoint and exits with 128 + the signal number.
+
+Around every run: JAX is kept off libtpu where there is no TPU (``host.configure_platforms``), XLA's
+persistent compilation cache is on (``config.compilation_cache``; the log's last lines say how many
+compilations it served), training writes TensorBoard events to ``WORKDIR/tensorboard/`` and tasks that
+write a ``report.md`` get its figures as TensorBoard images beside it (``config.tensorboard``).
 """
 
 import importlib
@@ -15,6 +20,7 @@ from l2vit_jax.runtime import host
 
 host.configure_xla_flags()  # before JAX starts a backend: XLA reads XLA_FLAGS only once
 host.configure_allocator()  # before any thread starts: a thread keeps its first malloc arena
+host.configure_platforms()  # before `import jax`: it reads JAX_PLATFORMS into its config
 
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
@@ -33,6 +39,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 OTHER_TASKS = {"evaluate": ("l2vit_jax.evaluation.evaluate", "evaluate_checkpoints"),
                "quickstart": ("l2vit_jax.experiments.quickstart", "run_quickstart"),
                "study": ("l2vit_jax.experiments.study", "run_study")}
+# Where each of those tasks leaves its report.md, relative to the workdir.
+REPORT_DIRS = {"evaluate": "", "quickstart": "report", "study": ""}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -57,9 +65,10 @@ def check_config(config) -> None:
   Raises:
     errors.ConfigError: naming every offending field, its value and what was expected.
   """
-  from l2vit_jax.training import recipes  # pylint: disable=import-outside-toplevel  (imports the models)
+  from l2vit_jax.training import loop, recipes  # pylint: disable=import-outside-toplevel  (imports the models)
   if config.task in recipes.TASKS:
     recipes.check_training_config(config)
+    loop.parse_profile_steps(config.get("profile_steps", ""))
   elif config.task not in OTHER_TASKS:
     raise errors.ConfigError(f"config.task={config.task!r}: expected one of "
                              f"{sorted(recipes.TASKS) + sorted(OTHER_TASKS)}")
@@ -74,7 +83,20 @@ def dispatch(config, workdir: str):
   module, function = OTHER_TASKS[config.task]
   logging.info("JAX %s on %s: %d process(es), %d local / %d global devices", jax.__version__,
                jax.default_backend(), jax.process_count(), jax.local_device_count(), jax.device_count())
-  return getattr(importlib.import_module(module), function)(config, workdir)
+  result = getattr(importlib.import_module(module), function)(config, workdir)
+  if config.get("tensorboard", True):
+    from l2vit_jax.runtime import paths  # pylint: disable=import-outside-toplevel
+    from l2vit_jax.training import metrics_log  # pylint: disable=import-outside-toplevel
+    report_dir = REPORT_DIRS[config.task]
+    metrics_log.write_report_images(paths.join(workdir, report_dir) if report_dir else workdir)
+  return result
+
+
+def _log_compilations() -> None:
+  """The run's last log line: compilations, and how many the persistent cache served."""
+  summary = host.compile_stats.summary()
+  if summary and jax.process_index() == 0:
+    logging.info("%s", summary)
 
 
 def _fail(message: str, status: int = 1):
@@ -91,13 +113,16 @@ def main(argv):
     _fail(f"unexpected command-line arguments {argv[1:]}; options are --config, --workdir and "
           "--config.FIELD=value", status=2)
   host.quiet_library_logs()
+  host.enable_compilation_cache(FLAGS.config.get("compilation_cache", "auto"))
   distributed.initialize()
   try:
     dispatch(FLAGS.config, FLAGS.workdir)
+    _log_compilations()
   except errors.Preempted as preempted:
+    _log_compilations()
     logging.flush()
     sys.exit(preempted.exit_status)
-  except errors.UserError as error:
+  except errors.UserError as error:  # the error line alone: it may come before any work
     _fail(str(error))
   finally:  # before JAX's final barrier: peers waiting there must not take this process for lost
     peers.mark_exiting()

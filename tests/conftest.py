@@ -1,12 +1,20 @@
 """Shared test fixtures: small hand-made jet files that follow (or deliberately break) the schema."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # The test requirements install libtpu (for the compile-only TPU test), and with it every JAX process
 # would try to start a TPU backend, take libtpu's lock file and print warnings before falling back to
 # the CPU. Tests and the subprocesses they start run on the CPU; scripts/compile_tpu.py still loads
 # libtpu as a compile-only backend under this setting.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every l2vit_jax.main run turns XLA's persistent compilation cache on, by default in ~/.cache: tests and
+# the runs they start use one folder of their own instead, removed when the session ends.
+if "L2VIT_COMPILATION_CACHE" not in os.environ:
+  os.environ["L2VIT_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="l2vit-test-xla-")
+  atexit.register(shutil.rmtree, os.environ["L2VIT_COMPILATION_CACHE"], ignore_errors=True)
 
 import h5py  # pylint: disable=wrong-import-position
 import numpy as np
@@ -53,7 +61,6 @@ def tiny_config(task, labelled_path="", unlabelled_path="", **overrides):
   config.warmup_epochs = 1
   config.learning_rate = 1e-3
   config.log_every_steps = 1
-  config.tensorboard = False
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")

@@ -25,7 +25,9 @@ from l2vit_jax import errors
 from l2vit_jax.checkpoint import naming, workdir_lock
 from l2vit_jax.runtime import paths
 from l2vit_jax.training import metrics_log
+from test_lock import race_for_the_lock
 from test_reliability import ENV, _assert_one_line_error, _write_config
+from test_run_services import event_scalars
 
 BUCKET = "l2vit-test"
 
@@ -147,6 +149,10 @@ def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
   assert "simclr/lock" not in objects  # released
   assert any(name.startswith(f"simclr/{naming.BEST_DIR}/") for name in objects)
   assert json.loads(_read(gcs, "simclr/config.json"))["task"] == "simclr"
+  events = sorted(name for name in objects if name.startswith("simclr/tensorboard/") and ".tfevents." in name)
+  assert len(events) == 2  # the killed run's (uploaded at its checkpoint) and the resumed run's
+  assert [step for step, _ in event_scalars([_read(gcs, name) for name in events])["train/loss"]] == \
+      list(range(1, 13))  # the killed run's rows past its checkpoint are hidden, as in metrics.jsonl
 
   # 3. Finetunes from the gs:// backbone into another gs:// workdir.
   finetune = _write_config(tmp_path / "finetune.py", "finetune", labelled, num_epochs=1,
@@ -169,6 +175,7 @@ def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
   assert _read(gcs, "report/ft/confusion_matrix.png").startswith(b"\x89PNG\r\n\x1a\n")
   assert "ft" in _read(gcs, "report/report.md").decode()
   assert 0 <= json.loads(_read(gcs, "report/ft/metrics.json"))["accuracy"] <= 1
+  assert any(name.startswith("report/tensorboard/") and ".tfevents." in name for name in report)  # figures
   assert not os.path.exists(tmp_path / "gs:")  # nothing went to a local folder named after the URL
 
 
@@ -210,7 +217,50 @@ def test_metrics_on_gcs_are_rewritten_whole_and_truncated_on_resume(gcs):
   resumed.flush()
   assert _logged_steps(gcs, "metrics") == [1, 2, 3, 4, 5]
   resumed.close()
-  assert not any("tensorboard" in name for name in _objects(gcs, "metrics/"))
+  events = [name for name in _objects(gcs, "metrics/tensorboard/") if ".tfevents." in name]
+  assert len(events) == 2  # one event file per run, uploaded whole
+  scalars = event_scalars([_read(gcs, name) for name in sorted(events)])
+  assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5]  # step 6 hidden by the resume
+  assert [value for _, value in scalars["train/loss"]] == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
+
+
+def test_a_stale_lock_on_gcs_is_taken_over_by_exactly_one_of_many_runs(gcs, caplog):
+  workdir = f"gs://{BUCKET}/contended"
+  stale = {"host": "gone-host", "pid": 4242, "since": "2026-01-01 00:00:00",
+           "refreshed": time.time() - 1000, "lease_seconds": 1.0}
+  for _ in range(5):
+    winners = race_for_the_lock(workdir, lambda: paths.write_text(f"{workdir}/lock", json.dumps(stale)))
+    assert len(winners) == 1  # the generation precondition let exactly one replace the stale lock
+    assert json.loads(_read(gcs, "contended/lock"))["token"] == winners[0]._token  # pylint: disable=protected-access
+    winners[0].release()
+    assert _objects(gcs, "contended/") == []
+  assert "taking over a stale lock of process 4242 on host gone-host" in caplog.text
+
+
+def test_a_lock_on_gcs_is_refreshed_while_held_and_its_holder_notices_a_takeover(gcs):
+  workdir = f"gs://{BUCKET}/live"
+  holder = workdir_lock.WorkdirLock(workdir, lease=0.4)
+  holder.acquire()
+  try:
+    first = json.loads(_read(gcs, "live/lock"))
+    deadline = time.monotonic() + 30
+    while json.loads(_read(gcs, "live/lock"))["refreshes"] < first["refreshes"] + 2:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    with pytest.raises(errors.WorkdirLockedError, match="in use by process"):
+      workdir_lock.WorkdirLock(workdir, lease=60).acquire()
+    assert holder.confirm_held() is None
+    taker = {"host": "new-spot-vm", "pid": 7, "since": "2026-01-01 00:00:00", "refreshed": time.time(),
+             "lease_seconds": 60}
+    paths.write_text(f"{workdir}/lock", json.dumps(taker))  # what a takeover does, as far as the holder sees
+    while holder.lost is None:  # its next refresh fails its generation precondition
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    assert "process 7 on host new-spot-vm" in holder.lost
+    assert "new-spot-vm" in holder.confirm_held()
+  finally:
+    holder.release()
+  assert json.loads(_read(gcs, "live/lock")) == taker  # never written over, nor removed by the release
 
 
 def test_local_paths_behave_as_before_and_urls_stay_urls(tmp_path):

@@ -51,12 +51,14 @@ An empty image, or one without a constituent in the cone, gets zeros (never NaN)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
 from l2vit_jax.data import hdf5, substructure, synthetic
+from l2vit_jax.runtime import host
 
 CHANNEL_NAMES = ("track_pt", "track_d0", "track_dz", "ecal", "hcal", "pixel_layer_1", "pixel_layer_2",
                  "pixel_layer_3")
@@ -231,15 +233,22 @@ def source_observables(source: Sequence[dict], *, chunk_size: int = 128, cell_si
   """``compute_observables`` of every record's ``image`` in a source, ``chunk_size`` images at a time.
 
   ``source`` is any random-access sequence of records (``data.sources.open_source``); memory stays near
-  ``chunk_size`` dense images. ``progress`` is called with the number of images done after each chunk.
+  ``chunk_size`` dense images. ``progress`` is called with the number of images done after each chunk;
+  without one, a progress bar with rate and ETA shows on a terminal and one line logs the rate at the
+  end (``runtime.host.ProgressBar``).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   chunks = []
-  for start in range(0, len(source), chunk_size):
-    stop = min(start + chunk_size, len(source))
-    images = np.stack([source[i]["image"] for i in range(start, stop)])
-    chunks.append(compute_observables(images, cell_size=cell_size, jet_radius=jet_radius))
-    if progress is not None:
-      progress(stop)
+  with contextlib.ExitStack() as stack:
+    bar = None if progress is not None else stack.enter_context(
+        host.ProgressBar(len(source), "jet observables", "jet"))
+    for start in range(0, len(source), chunk_size):
+      stop = min(start + chunk_size, len(source))
+      images = np.stack([source[i]["image"] for i in range(start, stop)])
+      chunks.append(compute_observables(images, cell_size=cell_size, jet_radius=jet_radius))
+      if progress is not None:
+        progress(stop)
+      else:
+        bar.update(stop - start)
   return np.concatenate(chunks) if chunks else np.zeros((0, len(observable_names())))

@@ -11,12 +11,13 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from l2vit_jax.runtime import sharding
+from l2vit_jax.runtime import host, sharding
 from l2vit_jax.data import pipeline
 
 
 def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Sequence[dict], *,
-               pixel_scale: float, batch_size: int, mesh) -> dict[str, np.ndarray]:
+               pixel_scale: float, batch_size: int, mesh, description: str = "inference"
+               ) -> dict[str, np.ndarray]:
   """Applies ``forward`` to the images of ``source`` and returns its outputs per record.
 
   Args:
@@ -26,6 +27,8 @@ def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Seq
     pixel_scale: images are divided by this, as in training.
     batch_size: global batch; the pass is padded to whole global batches (padding is dropped here).
     mesh: the device mesh; every process must call this together (the forward is collective).
+    description: names the pass in its progress bar (a terminal on process 0) and in the line that
+      logs its rate at the end (``runtime.host.ProgressBar``).
 
   Returns:
     ``{"index": (N,) int64, **forward outputs (N, ...)}`` for every record of ``source`` exactly
@@ -36,11 +39,13 @@ def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Seq
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
   gathered: dict[str, list[np.ndarray]] = {}
-  for batch in dataset:
-    device = sharding.global_batch({k: batch[k] for k in ("image", "index", "mask")}, mesh)
-    outputs = {"index": device["index"], "mask": device["mask"], **forward(device["image"])}
-    for key, value in outputs.items():
-      gathered.setdefault(key, []).append(sharding.to_host(value))
+  with host.ProgressBar(len(source), description, "jet") as bar:
+    for batch in dataset:
+      device = sharding.global_batch({k: batch[k] for k in ("image", "index", "mask")}, mesh)
+      outputs = {"index": device["index"], "mask": device["mask"], **forward(device["image"])}
+      for key, value in outputs.items():
+        gathered.setdefault(key, []).append(sharding.to_host(value))
+      bar.update(min(batch_size, len(source) - bar.done))  # every process walks the same global batches
   out = {k: np.concatenate(v) for k, v in gathered.items()}
   keep = out.pop("mask") == 1
   order = np.argsort(out["index"][keep], kind="stable")

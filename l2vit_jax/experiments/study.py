@@ -291,10 +291,14 @@ def study_command(config, workdir: str) -> str:
 
 
 def _enable_compilation_cache(directory: str) -> None:
-  """Cells of one shape compile the same steps: XLA's persistent cache makes all but the first cheap."""
-  if not jax.config.jax_compilation_cache_dir:  # a cache the user chose wins
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  """Cells of one shape compile the same steps: XLA's persistent cache makes all but the first cheap.
+
+  ``host.enable_compilation_cache`` decides once per process: from the command line ``main`` already
+  chose (``config.compilation_cache``) and this keeps that choice; called from code, ``directory`` is
+  the default of ``'auto'``.
+  """
+  from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel
+  host.enable_compilation_cache("auto", default=directory)
 
 
 def run_study(config, workdir: str) -> dict:

@@ -8,6 +8,8 @@ makes; it knows nothing about SimCLR, MAE or mass regression.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,9 @@ from flax import nnx
 from l2vit_jax.checkpoint import workdir_lock
 from l2vit_jax.checkpoint import naming, train_state
 from l2vit_jax.data import device_augment, hdf5, pipeline
-from l2vit_jax.errors import CheckpointMismatchError, DataError, DivergenceError, Preempted
-from l2vit_jax.runtime import paths, sharding
+from l2vit_jax.errors import (CheckpointMismatchError, ConfigError, DataError, DivergenceError, Preempted,
+                              WorkdirLockedError)
+from l2vit_jax.runtime import host, paths, sharding
 from l2vit_jax.training import metrics_log, preemption, recipes, steps
 
 SIMCLR_VALIDATION_SEED = 12345  # fixed views, so validation losses are comparable across epochs
@@ -90,9 +93,89 @@ def _check_enough_examples(task: recipes.Task, per_process_batch: int) -> None:
         f"{path}: key '{hdf5.IMAGE_KEY}': the validation split has {len(task.val_source)} examples, "
         f"need at least {jax.process_count()} (one per process); use a larger file")
 
-def write_config(config, workdir: str) -> None:
+def write_config(config, workdir: str) -> str:
+  """Writes ``WORKDIR/config.json`` (process 0) and returns its text, which TensorBoard shows too."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
   if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text(paths.join(workdir, "config.json"), text)
+  return text
+
+
+PROFILE_DIR = "profile"
+
+
+def parse_profile_steps(value) -> tuple[int, int] | None:
+  """``config.profile_steps`` as (first, last) step to trace, both included; None when empty (off).
+
+  Steps count from 1, as in ``metrics.jsonl``: ``"10,12"`` traces the 10th to the 12th step; ``"10"``
+  is ``"10,10"``. Leave the first few steps out to see the steady state (step 1 includes compilation).
+
+  Raises:
+    ConfigError: anything else, naming the value.
+  """
+  text = str(value if value is not None else "").strip()
+  if not text:
+    return None
+  try:
+    steps = [int(part) for part in text.split(",")]
+  except ValueError:
+    steps = []
+  if len(steps) not in (1, 2) or steps[0] < 1 or steps[-1] < steps[0]:
+    raise ConfigError(f"profile_steps={value!r}: expected 'START,END' (steps to trace, "
+                      "1 <= START <= END) or '' for none")
+  return steps[0], steps[-1]
+
+
+class StepProfiler:
+  """A ``jax.profiler`` trace of steps ``first..last`` in ``WORKDIR/profile/`` (every process traces its
+  own host; TensorBoard's profile plugin or XProf opens the folder: ``tensorboard --logdir
+  WORKDIR/profile``).
+
+  The trace starts before the first step's batch is fetched, once the step before it has finished, and
+  stops once the last step's results are ready, so it holds exactly those steps (input pipeline
+  included). A run resumed inside the range traces what is left of it; one stopped inside it (an
+  error, a preemption) keeps what was traced (``close``). On ``gs://`` the trace is written locally
+  and uploaded when it stops.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, workdir: str):
+    self.steps = steps
+    self.directory = paths.join(workdir, PROFILE_DIR)
+    self._remote = paths.is_remote(workdir)
+    self._local = None
+    self._first_traced = None
+
+  def before_step(self, step: int, previous_metrics) -> None:
+    """Called before step ``step`` (1-based) fetches its batch."""
+    if self.steps is None or self._first_traced is not None or not self.steps[0] <= step <= self.steps[1]:
+      return
+    jax.block_until_ready(previous_metrics)
+    self._local = tempfile.mkdtemp(prefix="l2vit-profile-") if self._remote else self.directory
+    paths.makedirs(self._local)
+    jax.profiler.start_trace(self._local)
+    self._first_traced = step
+
+  def after_step(self, step: int, metrics) -> None:
+    """Called after step ``step`` was dispatched; stops the trace after the last one."""
+    if self._local is not None and step >= self.steps[1]:
+      jax.block_until_ready(metrics)
+      self._stop(step)
+
+  def close(self, step: int) -> None:
+    if self._local is not None:
+      self._stop(step)
+
+  def _stop(self, last_step: int) -> None:
+    jax.profiler.stop_trace()
+    local, self._local = self._local, None
+    if self._remote:
+      for root, _, names in os.walk(local):
+        for name in names:
+          relative = os.path.relpath(os.path.join(root, name), local).split(os.sep)
+          with open(os.path.join(root, name), "rb") as file:
+            paths.write_bytes(paths.join(self.directory, *relative), file.read())
+    logging.info("Profile of steps %d-%d in %s (open it with: tensorboard --logdir %s)",
+                 self._first_traced, last_step, self.directory, self.directory)
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -117,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     checkpointer = train_state.TrainingCheckpointer(workdir, keep=config.keep_checkpoints)
     stop_requests = preemption.StopRequests()
-    summary = _train(config, workdir, task, mesh, per_process_batch, checkpointer, stop_requests)
+    summary = _train(config, workdir, task, mesh, per_process_batch, checkpointer, stop_requests, lock)
   finally:
     if stop_requests is not None:
       stop_requests.restore()
@@ -137,8 +220,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return summary
 
 
+def _check_lock_held(lock: workdir_lock.WorkdirLock | None, workdir: str) -> None:
+  """Before every save: a run whose lock another run took over (this one stopped refreshing it for
+  longer than the lease: frozen, or cut off from storage) stops without saving, so two runs never
+  interleave checkpoints. Every process learns it together (saves are collective anyway)."""
+  holder = lock.confirm_held() if lock is not None else None
+  lost = holder is not None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+  if lost:
+    raise WorkdirLockedError(
+        f"{workdir}: {holder or 'another run'} took over this workdir's lock after this run had not "
+        "refreshed it for longer than its lease (frozen, or cut off from the storage); stopped without "
+        "saving, so the two runs do not interleave checkpoints")
+
+
 def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: int,
-           checkpointer: train_state.TrainingCheckpointer, stop_requests: preemption.StopRequests) -> dict:
+           checkpointer: train_state.TrainingCheckpointer, stop_requests: preemption.StopRequests,
+           lock: workdir_lock.WorkdirLock | None = None) -> dict:
   """The loop proper, in a locked workdir; see ``train_and_evaluate``."""
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = pipeline.steps_per_epoch(len(task.train_source) // jax.process_count(),
@@ -181,13 +281,15 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
     early = saved_meta["early_stopping"]
     logging.info("Resumed %s from step %d (epoch %.2f) in %s", task.name, step,
                  step / steps_per_epoch, workdir)
-  write_config(config, workdir)
+  config_json = write_config(config, workdir)
 
   skip_nonfinite = bool(config.get("skip_nonfinite_steps", False))
   train_step, eval_step = jitted.train, jitted.eval
   # Rows logged after the step we start from (by a run killed after its last checkpoint, or before
   # its first) are redone: the writer drops them, so every step is logged once.
-  writer = metrics_log.MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=step)
+  writer = metrics_log.MetricWriter(workdir, tensorboard=config.get("tensorboard", True), resume_step=step,
+                                    config_json=config_json)
+  profiler = StepProfiler(parse_profile_steps(config.get("profile_steps", "")), workdir)
   try:
     progress = metrics_log.Progress(total_steps, step, config.batch_size)
     logging.info("%s: %d steps (%d epochs × %d), global batch %d on %d %s devices / %d processes "
@@ -196,6 +298,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
                  jax.__version__)
 
     def save_latest():
+      _check_lock_held(lock, workdir)
       writer.flush()  # on gs:// the log is rewritten in batches: make it cover this checkpoint
       checkpointer.save(step, model=naming.named_arrays(params, batch_stats),
                         optimizer={"opt_state": opt_state, "step": step},
@@ -231,8 +334,10 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
     preempted = False
     one_step_in_flight = steps.keeps_one_step_in_flight()
     metrics = None
+    first_row = True
     with jax.set_mesh(mesh):
       while step < total_steps and not early["stopped_early"]:
+        profiler.before_step(step + 1, metrics)
         batch = _device_batch(next(train_iterator), train_keys, mesh)
         if one_step_in_flight:
           jax.block_until_ready(metrics)
@@ -240,6 +345,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
             params, batch_stats, other, opt_state, jnp.int32(step), batch)
         history.append(metrics)
         step += 1
+        profiler.after_step(step, metrics)
         end_of_epoch = step % steps_per_epoch == 0
         stop_here = bool(config.stop_after_steps) and step >= config.stop_after_steps
         preempted = stop_requests.requested(step) and step < total_steps
@@ -272,6 +378,9 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
           metrics_log.log_status(step, total_steps, record)
           writer.write(step, record)
           history = []
+          if first_row and jax.process_index() == 0 and host.compile_stats.summary():
+            logging.info("%s (so far)", host.compile_stats.summary())  # the train step's compile
+          first_row = False
         if saving:
           save_latest()
         if preempted:
@@ -282,7 +391,10 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
           logging.info("Stopping after step %d as configured (stop_after_steps); rerun to resume.", step)
           break
   finally:
-    writer.close()
+    try:
+      profiler.close(step)
+    finally:
+      writer.close()
   if early["stopped_early"]:
     logging.info("Early stopping: no validation improvement for %d epochs (best epoch %s).",
                  config.early_stopping_patience, early["best_epoch"])
