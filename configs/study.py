@@ -4,6 +4,12 @@
   # the quick variant: tiny model, 25×25 images, 3 seeds × 2 label counts, on files generated under
   # WORKDIR/data unless --config.data.labelled_path/unlabelled_path name your own
   python -m l2vit_jax.main --config=configs/study.py:quick --workdir=runs/study_quick
+  # full scale on generated Pythia 8 jets (125×125, default model, 10,000 labelled + 60,000 unlabelled):
+  # generation ≈ 35 min on 2 CPU cores here (≈ 33 jets/s); training needs an accelerator: ≈ 3–4 h of
+  # v5e-4 at the HBM roofline bound of docs/performance.md (0.68 GB per image and step), a few hours
+  # on one H100 — estimates, not measured runs
+  python -m l2vit_jax.main --config=configs/study.py:pythia --workdir=runs/study_pythia \
+      --config.model.dtype=bfloat16
 
 For each seed, SimCLR and MAE pretrain once; for each label count (nested stratified subsets of the
 train split; validation and test fixed) each arm trains in WORKDIR/seed{s}/n{count}/{arm}/. Rerunning
@@ -16,9 +22,9 @@ from l2vit_jax import config_lib
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "quick"):
-    raise ValueError(f"configs/study.py:{variant}: unknown variant; use configs/study.py or "
-                     "configs/study.py:quick")
+  if variant not in ("", "quick", "pythia"):
+    raise ValueError(f"configs/study.py:{variant}: unknown variant; use configs/study.py, "
+                     "configs/study.py:quick or configs/study.py:pythia")
   config = config_lib.base_config()
   config.task = "study"
   config.eval_batch_size = 128
@@ -43,6 +49,9 @@ def get_config(variant: str = ""):
   config.finetune = config_lib.recipe("finetune")
   config.scratch = config_lib.recipe("scratch")
 
+  if variant == "pythia":  # the real files' sizes and image format, generated with Pythia 8
+    config.data.labelled_path = config.data.unlabelled_path = ""
+    config.generate.update(num_labelled=10000, num_unlabelled=60000)
   if variant == "quick":
     # Tuned for the pretrained arms (docs/study.md): 32 pretraining epochs, NT-Xent temperature 0.2 and
     # the backbone finetuned at the heads' rate; with fewer epochs or a lower backbone rate they

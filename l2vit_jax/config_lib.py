@@ -60,12 +60,24 @@ def apply_recipe(config: ml_collections.ConfigDict, fields) -> ml_collections.Co
   return config
 
 
-def generated_data_config(*, num_labelled: int, num_unlabelled: int, data_seed: int = 0
-                          ) -> ml_collections.ConfigDict:
+# Jet generators the multi-stage runs can write their data with (experiments/stages.py).
+GENERATORS = ("pythia", "synthetic")
+
+
+def generated_data_config(*, num_labelled: int, num_unlabelled: int, data_seed: int = 0,
+                          generator: str = "pythia") -> ml_collections.ConfigDict:
   """What the multi-stage runs generate under WORKDIR/data when no data files are given: a labelled
-  and an unlabelled file of this many jets (the unlabelled one from seed ``data_seed + 1``)."""
+  and an unlabelled file of this many jets (the unlabelled one from seed ``data_seed + 1``).
+
+  ``generator`` 'pythia' (default): Pythia 8 showers and FastJet jets in a CMS-like detector model
+  (``data/pythia.py``, ``data/jet_files.py``); 'synthetic': the fast toy generator
+  (``data/synthetic.py``), for tests that need speed. ``workers``: generation processes (0: one per
+  core); ``signal_fraction``: top jets in the unlabelled file; ``pt_min``/``pt_max``: the jet pT
+  window (GeV).
+  """
   return ml_collections.ConfigDict(dict(num_labelled=num_labelled, num_unlabelled=num_unlabelled,
-                                        data_seed=data_seed))
+                                        data_seed=data_seed, generator=generator, workers=0,
+                                        signal_fraction=0.5, pt_min=400.0, pt_max=600.0))
 
 
 def base_config() -> ml_collections.ConfigDict:

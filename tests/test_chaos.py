@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
 ENV.pop("XLA_FLAGS", None)
 # 25 × 25 images, one block: SimCLR 5 steps (1 epoch), finetune and scratch 10 steps (2 epochs).
-TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.generate.num_labelled=120",
+TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.generate.generator=synthetic",
+        "--config.generate.num_labelled=120",
         "--config.generate.num_unlabelled=96", "--config.pretrain_simclr.num_epochs=1",
         "--config.finetune.num_epochs=2", "--config.scratch.num_epochs=2",
         "--config.pretrain_simclr.batch_size=16", "--config.finetune.batch_size=16",

@@ -35,16 +35,31 @@ def data_files(config, workdir: str) -> dict[str, str]:
                              "files must be on local disk; use a local --workdir or give "
                              "--config.data.labelled_path and --config.data.unlabelled_path")
   spec = config.generate
-  files = {kind: paths.join(workdir, DATA_DIR, f"synthetic_{kind}.h5") for kind in given}
+  if spec.generator not in config_lib.GENERATORS:
+    raise errors.ConfigError(f"config.generate.generator={spec.generator!r}: expected one of "
+                             f"{list(config_lib.GENERATORS)}")
+  files = {kind: paths.join(workdir, DATA_DIR, f"{spec.generator}_{kind}.h5") for kind in given}
   if jax.process_index() == 0:
     paths.makedirs(paths.join(workdir, DATA_DIR))
     for kind, num, seed in (("labelled", spec.num_labelled, spec.data_seed),
                             ("unlabelled", spec.num_unlabelled, spec.data_seed + 1)):
       if not paths.exists(files[kind]):
-        logging.info("Generating %d synthetic %s jets → %s", num, kind, files[kind])
-        synthetic.write_synthetic_hdf5(files[kind], num, labelled=kind == "labelled", seed=seed,
-                                       image_size=config.model.img_size)
+        logging.info("Generating %d %s %s jets → %s", num, spec.generator, kind, files[kind])
+        _generate(spec, files[kind], num, labelled=kind == "labelled", seed=seed,
+                  image_size=config.model.img_size)
   return files
+
+
+def _generate(spec, path: str, num: int, *, labelled: bool, seed: int, image_size: int) -> None:
+  if spec.generator == "synthetic":
+    synthetic.write_synthetic_hdf5(path, num, labelled=labelled, seed=seed, image_size=image_size)
+    return
+  from l2vit_jax.data import jet_files  # pylint: disable=import-outside-toplevel  (Pythia, FastJet)
+  # A labelled file has balanced classes; the unlabelled one is the stated mixture.
+  jet_files.write_pythia_hdf5(path, num, labelled=labelled, seed=seed, image_size=image_size,
+                              workers=int(spec.workers) or None,
+                              pt_range=(float(spec.pt_min), float(spec.pt_max)),
+                              signal_fraction=0.5 if labelled else float(spec.signal_fraction))
 
 
 def stage_config(config, task: str, files: dict[str, str], recipe=None, **fields):

@@ -324,6 +324,8 @@ def _data_description(config, files: dict[str, str], inputs: dict) -> dict:
   parts = inputs["labelled"].parts
   generated = not (config.data.labelled_path and config.data.unlabelled_path)
   return {"labelled": files["labelled"], "unlabelled": files["unlabelled"],
-          "synthetic": generated, "image_size": int(config.model.img_size),
+          "generator": str(config.generate.generator) if generated else None,
+          "synthetic": generated and config.generate.generator == "synthetic",
+          "image_size": int(config.model.img_size),
           "train": len(parts["train"]), "val": len(parts["val"]), "test": len(parts["test"]),
           "seeds": _seeds(config), "counts": inputs["counts"]}

@@ -117,9 +117,18 @@ def plot_study(study: Mapping, path: str) -> str:
       axis.set_ylabel(label)
       axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    title = "Label efficiency" + (" (synthetic data)" if study.get("data", {}).get("synthetic") else "")
+    title = "Label efficiency" + _data_label(study.get("data", {}), " ({})")
     figure.suptitle(f"{title}: mean ± std over {len(study.get('data', {}).get('seeds', [])) or '?'} seeds")
     return plots._save(figure, path)  # pylint: disable=protected-access
+
+
+def _data_label(data: Mapping, template: str) -> str:
+  """What the jets were, for titles: generated with Pythia 8, the toy generator, or "" (a user's file)."""
+  if data.get("synthetic"):
+    return template.format("synthetic toy jets, not a physics result")
+  if data.get("generator") == "pythia":
+    return template.format("jets generated with Pythia 8 and FastJet in a CMS-like detector model")
+  return ""
 
 
 def markdown_tables(study: Mapping) -> str:
@@ -141,7 +150,7 @@ def markdown_tables(study: Mapping) -> str:
 
 def write_report(study: Mapping, path: str) -> str:
   data = study.get("data", {})
-  kind = "synthetic jets (generated; not a physics result)" if data.get("synthetic") else "the labelled file"
+  kind = _data_label(data, "{}") or "the labelled file"
   lines = [
       "# Label-efficiency study", "",
       f"Command: `{study.get('command', '')}`", "",
