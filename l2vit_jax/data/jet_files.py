@@ -37,7 +37,6 @@ import os
 import secrets
 import shutil
 import socket
-import sys
 import time
 
 import h5py
@@ -45,6 +44,7 @@ import numpy as np
 
 from l2vit_jax import errors
 from l2vit_jax.data import detector, hdf5, pythia, substructure, synthetic
+from l2vit_jax.runtime import host
 
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_PT_RANGE = (400.0, 600.0)
@@ -220,18 +220,11 @@ class _NoBar:
   def update(self, _: int) -> None:
     pass
 
-  def close(self) -> None:
+  def __enter__(self) -> "_NoBar":
+    return self
+
+  def __exit__(self, *_) -> None:
     pass
-
-
-def _progress_bar(enabled: bool, total: int, done: int, name: str):
-  if not enabled:
-    return _NoBar()
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  # tqdm shows jets/s and the ETA; `initial` counts resumed chunks as done without counting their
-  # jets into the rate.
-  return tqdm(total=total, initial=done, unit="jet", desc=name, dynamic_ncols=True, smoothing=0.1,
-              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,12 +328,12 @@ def write_pythia_hdf5(path: str, num: int, *, labelled: bool, seed: int,
   tasks = [(directory, seed, k, size, tops, image_size, pt_range)
            for k, (_, size, tops) in enumerate(plan) if k not in done]
   resumed = sum(plan[k][1] for k in done)
-  bar = _progress_bar(progress, num, resumed, os.path.basename(path))
+  # A bar with jets/s and the ETA on a terminal, and one line with the rate at the end
+  # (runtime.host.ProgressBar); jets of resumed chunks are not counted into the rate.
+  bar = host.ProgressBar(num - resumed, os.path.basename(path), "jet") if progress else _NoBar()
   start = time.perf_counter()
-  try:
+  with bar:
     _generate(tasks, workers, bar)
-  finally:
-    bar.close()
   seconds = time.perf_counter() - start
   outputs = [path, sidecar_path(path)]
   for output in outputs:
