@@ -77,7 +77,12 @@ def damaged_arrays(items: dict[str, Any], meta: dict) -> list[str] | None:
 
 def check_restored(where: str, items: dict[str, Any], meta: dict) -> None:
   """Raises CheckpointDamagedError naming the damaged arrays; warns once for a checkpoint without
-  digests (written before they existed), which loads unverified."""
+  digests (written before they existed), which loads unverified. Digests that are not a
+  ``{name: "sha256:..."}`` object (a damaged or edited meta) verify nothing: refused too."""
+  saved = meta.get(DIGESTS)
+  if saved is not None and not (isinstance(saved, dict) and all(isinstance(d, str) for d in saved.values())):
+    raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta's '{DIGESTS}' is not a "
+                                 "{name: digest} object")
   damaged = damaged_arrays(items, meta)
   if damaged is None:
     logging.warning("%s: checkpoint has no array digests (written before integrity checks); "
@@ -104,6 +109,9 @@ def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict
     raise CheckpointDamagedError(f"{where}: damaged checkpoint: cannot be read "
                                  f"({' '.join(str(error).split())[:300]})") from error
   restored = {name: restored[name] for name in ["meta", *items]}
+  if not isinstance(restored["meta"], dict):  # valid JSON, but not the object every checkpoint saves
+    raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta is a JSON "
+                                 f"{type(restored['meta']).__name__}, expected an object")
   verifiable = {name: restored[name] for name in items if name != "data"}  # Grain state: JSON, no digest
   if verifiable:
     check_restored(where, verifiable, dict(restored["meta"]))

@@ -3,6 +3,8 @@ checkpoint: whole (evaluation) or only its backbone (the pretrain→finetune bri
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -11,8 +13,9 @@ from flax import nnx
 
 from l2vit_jax import models
 from l2vit_jax.checkpoint import integrity, storage
-from l2vit_jax.checkpoint.naming import BEST_DIR, LATEST_DIR, load_model_arrays, model_arrays
-from l2vit_jax.errors import MissingCheckpointError
+from l2vit_jax.checkpoint.naming import (BEST_DIR, LATEST_DIR, describe_mismatch, load_model_arrays,
+                                         model_arrays)
+from l2vit_jax.errors import CheckpointDamagedError, CheckpointMismatchError, MissingCheckpointError
 from l2vit_jax.models import build
 from l2vit_jax.runtime import paths
 
@@ -59,7 +62,79 @@ def read_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, L
   path, step = find_model_checkpoint(directory, prefer)
   with storage.open_manager(path, max_to_keep=None, read_only=True) as manager:
     restored = integrity.restore_verified(manager, step, model=_restore_as_numpy)
-  return dict(restored["model"]), dict(restored["meta"])
+  return dict(restored["model"]), _checked_meta(paths.join(path, str(step)), restored["meta"])
+
+
+# Meta numbers that evaluation and export compute with: finite where present, and positive where they
+# divide. The mass statistics may be None (a pretraining checkpoint has none); the pixel scale may not.
+META_NUMBERS = {"pixel_scale": "positive", "mass_mean": "finite", "mass_std": "positive"}
+MAY_BE_NONE = ("mass_mean", "mass_std")
+
+
+def _checked_meta(where: str, meta: dict) -> dict:
+  """``meta`` (a dict: ``integrity.restore_verified`` checks that), its META_NUMBERS checked.
+
+  Raises:
+    CheckpointDamagedError: naming the field and the value found.
+  """
+  for key, kind in META_NUMBERS.items():
+    if key not in meta or (meta[key] is None and key in MAY_BE_NONE):
+      continue
+    value = meta[key]
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (kind == "finite" or value > 0)):
+      raise CheckpointDamagedError(f"{where}: damaged checkpoint: meta '{key}' is {str(value)[:60]!r}, "
+                                   f"expected a {kind} number")
+  return dict(meta)
+
+
+def _element_count(arrays: dict[str, dict]) -> int:
+  return sum(math.prod(value.shape) for named in arrays.values() for value in named.values())
+
+
+def build_from_meta(directory: str, meta: dict, arrays: dict[str, dict], *,
+                    select=lambda name: True) -> models.L2ViT:
+  """The L2ViT of ``meta["model_config"]``, built only once it is known to fit ``arrays``.
+
+  A meta is JSON that a damaged or edited checkpoint can make anything, and a constructor run on
+  such values fails in any way (KeyError, TypeError, ValueError) or allocates whatever sizes they
+  name. So, before any array is allocated: ``model_config`` must be an object whose ``depth`` (the
+  constructor's one loop) is an integer no larger than the checkpoint's number of arrays (each block
+  holds a dozen); the model is then built abstractly (``nnx.eval_shape``: shapes, no arrays), where
+  a refusing constructor means a damaged meta; the ``select``ed names must have the checkpoint's
+  shapes; and the whole model may hold at most twice the checkpoint's elements (the heads a backbone
+  restore leaves fresh are a small part of any model). Only then is it built for real, at about the
+  size of the checkpoint.
+
+  Raises:
+    CheckpointDamagedError: the meta describes no model.
+    CheckpointMismatchError: the model it describes does not fit the checkpoint's arrays.
+  """
+  where = f"{directory}: damaged checkpoint: meta 'model_config'"
+  config = meta.get("model_config")
+  if not isinstance(config, dict):
+    raise CheckpointDamagedError(f"{where} is {str(config)[:60]!r}, expected an object of L2ViT arguments")
+  depth, num_arrays = config.get("depth", 0), sum(len(named) for named in arrays.values())
+  if not (isinstance(depth, int) and not isinstance(depth, bool) and 0 <= depth <= num_arrays):
+    raise CheckpointDamagedError(f"{where} has depth {str(depth)[:40]!r}, expected an integer from 0 "
+                                 f"to {num_arrays} (the checkpoint's number of arrays)")
+  try:
+    abstract = nnx.eval_shape(lambda: build.build_l2vit(config))
+  except (TypeError, ValueError, KeyError, ZeroDivisionError) as error:
+    raise CheckpointDamagedError(f"{where} describes no model: {type(error).__name__}: "
+                                 f"{' '.join(str(error).split())[:200]}") from None
+  shapes = model_arrays(abstract)
+  for group in shapes:
+    problem = describe_mismatch(
+        {k: v for k, v in shapes[group].items() if select(k)},
+        {k: v for k, v in arrays.get(group, {}).items() if select(k)},
+        context=f"{directory}: checkpoint does not fit the model in its meta ({group})")
+    if problem:
+      raise CheckpointMismatchError(problem)
+  if _element_count(shapes) > 2 * _element_count(arrays):
+    raise CheckpointDamagedError(f"{where} describes a model of {_element_count(shapes)} elements, more "
+                                 f"than twice the checkpoint's {_element_count(arrays)}")
+  return build.build_l2vit(config)
 
 
 def _restore_as_numpy(step_directory: str) -> ocp.args.PyTreeRestore:
@@ -78,16 +153,38 @@ def read_model_meta(directory: str, prefer: tuple[str, ...] = (BEST_DIR, LATEST_
   """Only the meta of the checkpoint ``find_model_checkpoint`` picks (no arrays are read)."""
   path, step = find_model_checkpoint(directory, prefer)
   with storage.open_manager(path, max_to_keep=None, read_only=True) as manager:
-    return dict(integrity.restore_verified(manager, step)["meta"])
+    return _checked_meta(paths.join(path, str(step)), integrity.restore_verified(manager, step)["meta"])
 
 
 def restore_model_checkpoint(directory: str) -> tuple[nnx.Module, dict]:
   """Rebuilds the L2ViT described by the checkpoint's meta and loads its weights, in eval mode."""
   arrays, meta = read_model_checkpoint(directory)
-  model = build.build_l2vit(meta["model_config"])
+  model = build_from_meta(directory, meta, arrays)
   load_model_arrays(model, arrays, context=f"{directory}: checkpoint does not fit the model in its meta")
   model.eval()
   return model, meta
+
+
+def _backbone_arrays(arrays: dict[str, dict]) -> dict[str, dict]:
+  """A checkpoint's arrays named as an L2ViT names them: a SimCLR checkpoint's backbone is the
+  ContrastiveModel's encoder."""
+  prefix = "encoder/"
+  if any(name.startswith(prefix) for name in arrays["params"]):
+    arrays = {group: {name[len(prefix):]: value for name, value in named.items() if name.startswith(prefix)}
+              for group, named in arrays.items()}
+  return arrays
+
+
+def _is_backbone(name: str) -> bool:
+  return name.split("/")[0] not in build.HEAD_NAMES
+
+
+def _load_backbone(model: models.L2ViT, directory: str, arrays: dict[str, dict], meta: dict) -> None:
+  load_model_arrays(
+      model, arrays, select=_is_backbone,
+      context=f"{directory}: pretrained backbone (model_config {meta.get('model_config')}) does not fit "
+      "the model being finetuned")
+  logging.info("Initialised the backbone from %s (heads left fresh).", directory)
 
 
 def load_backbone_weights(model: models.L2ViT, directory: str) -> dict:
@@ -95,24 +192,16 @@ def load_backbone_weights(model: models.L2ViT, directory: str) -> dict:
   checkpoint into ``model`` in place; its heads (``build.HEAD_NAMES``) stay as they are. Returns the
   checkpoint's meta."""
   arrays, meta = read_model_checkpoint(directory)
-  prefix = "encoder/"  # a SimCLR checkpoint: the backbone is the ContrastiveModel's encoder
-  if any(name.startswith(prefix) for name in arrays["params"]):
-    arrays = {group: {name[len(prefix):]: value for name, value in named.items() if name.startswith(prefix)}
-              for group, named in arrays.items()}
-  is_backbone = lambda name: name.split("/")[0] not in build.HEAD_NAMES
-  load_model_arrays(
-      model, arrays, select=is_backbone,
-      context=f"{directory}: pretrained backbone (model_config {meta.get('model_config')}) does not fit "
-      "the model being finetuned")
-  logging.info("Initialised the backbone from %s (heads left fresh).", directory)
+  _load_backbone(model, directory, _backbone_arrays(arrays), meta)
   return meta
 
 
 def restore_backbone(directory: str) -> tuple[models.L2ViT, dict]:
-  """The L2ViT backbone of any checkpoint, built from its meta's ``model_config``, in eval mode; its
-  heads stay at their fresh initialisation (probes use ``features`` only)."""
-  meta = read_model_meta(directory)
-  backbone = build.build_l2vit(meta["model_config"])
-  load_backbone_weights(backbone, directory)
+  """The L2ViT backbone of any checkpoint, built from its meta's ``model_config`` (``build_from_meta``),
+  in eval mode; its heads stay at their fresh initialisation (probes use ``features`` only)."""
+  arrays, meta = read_model_checkpoint(directory)
+  arrays = _backbone_arrays(arrays)
+  backbone = build_from_meta(directory, meta, arrays, select=_is_backbone)
+  _load_backbone(backbone, directory, arrays, meta)
   backbone.eval()
   return backbone, meta

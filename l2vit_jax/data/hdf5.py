@@ -6,6 +6,7 @@ and for labelled files ``Y`` (N, 1) in {0, 1}, ``m`` (N, 1) mass in GeV, ``pT`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Sequence
@@ -20,6 +21,10 @@ IMAGE_KEY = "jet"
 LABEL_KEYS = ("Y", "m", "pT")
 # Images checked for finite, non-negative values; shapes and labels are always checked in full.
 DEFAULT_VALUE_SAMPLE = 64
+# The largest image side accepted (the CMS images are 125): validation and reading allocate whole
+# dense images, so a side read from a damaged or forged file must not size an allocation beyond this
+# (a 1024 side is 32 MiB per image).
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +69,33 @@ def open_hdf5(path: str) -> h5py.File:
     raise _fail(path, None, f"cannot be read as HDF5 (truncated or corrupt?): {_one_line(e)}") from None
 
 
+@contextlib.contextmanager
+def _reporting_damage(path: str):
+  """Turns h5py's errors for damaged metadata into one DataError naming the file; ours pass through.
+
+  HDF5 reads an object's header only when it is used, so a damaged file that opens can still fail on
+  any later access (a key, a shape, a dtype, the values), and h5py maps HDF5's error classes onto
+  KeyError, ValueError, TypeError, RuntimeError or OSError ('gap found in early version of file
+  format', 'No NumPy equivalent for TypeBitfieldID', ...). The message keeps the exception's type.
+  """
+  try:
+    yield
+  except DataError:
+    raise
+  except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+    raise _fail(path, None, f"cannot be read as HDF5 (damaged file?): {type(e).__name__}: "
+                f"{_one_line(e)}") from None
+
+
+def _key_names(f: h5py.File) -> list:
+  """The file's keys, sorted; a damaged link name comes back as bytes, which str keys cannot sort with."""
+  return sorted(f.keys(), key=str)
+
+
 def _check_image_dataset(path: str, f: h5py.File, image_size: int | None) -> tuple[int, int]:
   if IMAGE_KEY not in f:
     raise _fail(path, IMAGE_KEY, f"missing; expected dataset of shape (N, H, W, {NUM_CHANNELS}) "
-                f"float32, found keys {sorted(f.keys())}")
+                f"float32, found keys {_key_names(f)}")
   jet = f[IMAGE_KEY]
   expect = f"(N, {image_size or 'S'}, {image_size or 'S'}, {NUM_CHANNELS}) float32"
   if not isinstance(jet, h5py.Dataset) or jet.ndim != 4 or jet.shape[-1] != NUM_CHANNELS \
@@ -81,7 +109,7 @@ def _check_image_dataset(path: str, f: h5py.File, image_size: int | None) -> tup
 
 def _read_label(path: str, f: h5py.File, key: str, n: int) -> np.ndarray:
   if key not in f:
-    raise _fail(path, key, f"missing; expected dataset of shape ({n}, 1), found keys {sorted(f.keys())}")
+    raise _fail(path, key, f"missing; expected dataset of shape ({n}, 1), found keys {_key_names(f)}")
   ds = f[key]
   if not isinstance(ds, h5py.Dataset) or ds.shape not in ((n, 1), (n,)):
     raise _fail(path, key, f"expected shape ({n}, 1) to match '{IMAGE_KEY}', found "
@@ -142,12 +170,14 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
   Raises:
     DataError: with a one-line message naming the file, the key and what was expected.
   """
-  with open_hdf5(path) as f:
+  with open_hdf5(path) as f, _reporting_damage(path):
     n, size = _check_image_dataset(path, f, image_size)
     if n < min_examples:
       raise _fail(path, IMAGE_KEY, f"has {n} examples, need at least {min_examples} (one batch)")
     if labelled:
-      check_label_values(path, {key: _read_label(path, f, key, n) for key in LABEL_KEYS})
+      # Checked in float32, the precision read_labels hands on: a float64 mass of 1e-75 is positive,
+      # and 0 once read.
+      check_label_values(path, {key: _read_label(path, f, key, n).astype(np.float32) for key in LABEL_KEYS})
     indices = value_sample_indices(n, value_sample)
     jet = f[IMAGE_KEY]
     nbytes = 0
@@ -165,7 +195,7 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
 
 def read_labels(path: str) -> dict[str, np.ndarray]:
   """Reads the small per-image arrays of a labelled file: ``label`` int32, ``mass`` and ``pt`` float32."""
-  with open_hdf5(path) as f:
+  with open_hdf5(path) as f, _reporting_damage(path):
     n = f[IMAGE_KEY].shape[0]
     return {
         "label": _read_label(path, f, "Y", n).astype(np.int32),
@@ -223,7 +253,7 @@ class HDF5Source(LazyJetSource):
 
   def __init__(self, path: str, *, labelled: bool, indices: Sequence[int] | None = None,
                labels: dict[str, np.ndarray] | None = None):
-    with open_hdf5(path) as f:
+    with open_hdf5(path) as f, _reporting_damage(path):
       num_examples = f[IMAGE_KEY].shape[0]
     if labelled and labels is None:
       labels = read_labels(path)

@@ -142,8 +142,58 @@ def convert_hdf5(input_path: str, output_path: str, *, labelled: bool | None = N
 
 # --- reading ----------------------------------------------------------------------------------------
 
+# The dtype the writer records for each array ('positions': ``position_dtype`` of the image shape).
+ARRAY_DTYPES = {"offsets": "<i8", "values": "<f4", "label": "<i4", "mass": "<f4", "pt": "<f4"}
+
+
+def _is_count(value) -> bool:
+  """A non-negative JSON integer (JSON true/false decode to bool, a subclass of int: not counts)."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shown(value, limit: int = 120) -> str:
+  """A header value for an error message: JSON, so on one line whatever strings it holds."""
+  return json.dumps(value)[:limit]
+
+
+def _check_header_fields(path: str, header: dict, size: int) -> None:
+  """Every header field a reader uses has its type, and every array lies inside the file.
+
+  Checked before anything is allocated or memory-mapped, so a damaged or forged header (a bit flip, a
+  hand edit) is one DataError rather than a KeyError, a numpy TypeError or an allocation sized by a
+  forged count: ``image_shape`` is three integers in 1..``hdf5.MAX_IMAGE_SIZE`` (a dense image is
+  allocated from it), ``num_examples`` a count, ``labelled`` a bool, and ``arrays`` holds exactly the
+  arrays of the format, each 1-D with the dtype the writer records and a byte range (computed in
+  Python integers, so a forged shape cannot overflow it) that ends inside the file.
+  """
+  shape = header.get("image_shape")
+  if not (isinstance(shape, list) and len(shape) == 3
+          and all(_is_count(side) and 0 < side <= hdf5.MAX_IMAGE_SIZE for side in shape)):
+    raise _fail(path, hdf5.IMAGE_KEY, f"expected image_shape [S, S, {hdf5.NUM_CHANNELS}] with "
+                f"0 < S <= {hdf5.MAX_IMAGE_SIZE}, found {_shown(shape)}")
+  if not _is_count(header.get("num_examples")) or not isinstance(header.get("labelled"), bool):
+    raise _fail(path, None, "expected a count num_examples and a bool labelled in the header, found "
+                f"{_shown(header.get('num_examples'), 40)} and {_shown(header.get('labelled'), 40)}")
+  arrays = header.get("arrays")
+  names = {"offsets", "positions", "values", *(LABEL_ARRAYS if header["labelled"] else ())}
+  if not isinstance(arrays, dict) or set(arrays) != names:
+    found = sorted(arrays) if isinstance(arrays, dict) else arrays
+    raise _fail(path, None, f"expected arrays {sorted(names)} in the header, found {_shown(found)}")
+  dtypes = dict(ARRAY_DTYPES, positions=position_dtype(shape).newbyteorder("<").str)
+  for name, spec in arrays.items():
+    if not (isinstance(spec, dict) and _is_count(spec.get("offset")) and spec.get("dtype") == dtypes[name]
+            and isinstance(spec.get("shape"), list) and len(spec["shape"]) == 1
+            and _is_count(spec["shape"][0])):
+      raise _fail(path, name, f"expected {{\"dtype\": \"{dtypes[name]}\", \"shape\": [count], "
+                  f"\"offset\": byte}}, found {_shown(spec)}")
+    end = spec["offset"] + spec["shape"][0] * np.dtype(dtypes[name]).itemsize
+    if end > size:
+      raise _fail(path, name, f"extends to byte {end} but the file has {size} bytes (truncated?)")
+
+
 def read_header(path: str) -> dict:
-  """The JSON header, after checking the magic and that every array lies inside the file."""
+  """The JSON header, after checking the magic, the header's fields and that every array lies inside
+  the file (``_check_header_fields``): what the readers below rely on without checking again."""
   if not os.path.exists(path):
     raise _fail(path, None, "file not found (make it with scripts/prepare_data.py --input FILE.h5 "
                 f"--output FILE{SUFFIX})")
@@ -153,17 +203,14 @@ def read_header(path: str) -> dict:
     if magic != MAGIC:
       raise _fail(path, None, f"not an l2vit_jax sparse jet file (expected magic {MAGIC!r})")
     length = int(np.frombuffer(f.read(8), "<u8")[0]) if size >= len(MAGIC) + 8 else -1
-    try:
+    try:  # the length is checked against the file's size before that many bytes are read
       header = json.loads(f.read(length)) if 0 < length <= size else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than Python recurses
       header = None
   if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
     raise _fail(path, None, f"unreadable header or unsupported version (expected {FORMAT_VERSION}); "
                 "re-create it with scripts/prepare_data.py")
-  for name, spec in header["arrays"].items():
-    end = spec["offset"] + int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
-    if end > size:
-      raise _fail(path, name, f"extends to byte {end} but the file has {size} bytes (truncated?)")
+  _check_header_fields(path, header, size)
   return header
 
 
