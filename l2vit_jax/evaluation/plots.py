@@ -3,7 +3,9 @@
 Figures are built with ``matplotlib.figure.Figure`` rather than pyplot: they never enter pyplot's
 global figure registry, so nothing leaks across many calls in a long training process, no GUI backend
 is ever selected (PNG output always goes through Agg) and plotting from a background thread is safe.
-The CMS style from ``mplhep`` is used when it is installed, plain matplotlib otherwise.
+The look is chosen here, never by what happens to be installed: matplotlib's defaults unless the CMS
+style of ``mplhep`` (the ``hep`` extra) is asked for, with ``set_style("cms")`` or the environment
+variable ``L2VIT_PLOT_STYLE=cms``. The same code therefore writes the same PNGs with or without mplhep.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import matplotlib.figure
 import matplotlib.style
 import numpy as np
 
+from l2vit_jax.errors import ConfigError
 from l2vit_jax.runtime import paths
 from l2vit_jax.evaluation import metrics
 
-try:  # Optional: only the look of the plots depends on it.
-  import mplhep
-except ImportError:  # pragma: no cover - depends on the environment
-  mplhep = None
+# 'matplotlib': matplotlib's default rcParams (a matplotlibrc or a style someone set globally changes
+# nothing either); 'cms': mplhep's CMS style on top of them, only when asked for.
+STYLES = ("matplotlib", "cms")
+STYLE_VARIABLE = "L2VIT_PLOT_STYLE"
+_chosen_style = os.environ.get(STYLE_VARIABLE, "matplotlib")
 
 CLASS_NAMES = ("QCD (0)", "top (1)")
 DPI = 120
@@ -40,14 +44,37 @@ EPS_B = r"$\varepsilon_\mathrm{B}$"
 
 # --- shared helpers ---------------------------------------------------------------------------------
 
+def set_style(name: str) -> None:
+  """Chooses the look of every figure made from now on: one of STYLES (checked here)."""
+  global _chosen_style  # pylint: disable=global-statement
+  _style_sheets(name)
+  _chosen_style = name
+
+
+def _style_sheets(name: str) -> list:
+  """The matplotlib style sheets of style ``name``.
+
+  Raises:
+    ConfigError: an unknown name, or 'cms' without mplhep installed.
+  """
+  if name == "matplotlib":
+    return ["default"]
+  if name == "cms":
+    try:
+      import mplhep  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError("plot style 'cms' needs mplhep: pip install -e \".[hep]\" (or use the default "
+                        f"style: unset {STYLE_VARIABLE})") from None
+    return ["default", mplhep.style.CMS]
+  raise ConfigError(f"unknown plot style {name!r} ({STYLE_VARIABLE} or plots.set_style); use one of "
+                    f"{list(STYLES)}")
+
+
 @contextlib.contextmanager
 def _style() -> Iterator[None]:
-  """CMS style while a figure is built and saved (rcParams are read at both times)."""
-  if mplhep is None:
+  """The chosen style while a figure is built and saved (rcParams are read at both times)."""
+  with matplotlib.style.context(_style_sheets(_chosen_style)):
     yield
-  else:
-    with matplotlib.style.context(mplhep.style.CMS):
-      yield
 
 
 def _new_figure(ncols: int = 1, width: float = 6.0, height: float = 5.0):
