@@ -243,8 +243,17 @@ def test_pyproject_declares_the_extras_from_the_requirements_files():
   assert setuptools["packages"]["find"]["include"] == ["l2vit_jax*"]
   dynamic = setuptools["dynamic"]
   extras = dynamic["optional-dependencies"]
-  assert set(extras) == {"tpu", "cuda12", "test"}
+  assert set(extras) == {"tpu", "cuda12", "torch", "export", "hep", "tensorboard", "test"}
   files = {"": dynamic["dependencies"]["file"], **{name: extra["file"] for name, extra in extras.items()}}
+  # Each extra reads its own file; the test extra adds the extras whose code the suite tests.
+  assert files[""] == ["requirements.txt"]
+  for name in set(extras) - {"test"}:
+    assert files[name] == [f"requirements-{name}.txt"], name
+  assert files["test"] == ["requirements-test.txt", "requirements-torch.txt", "requirements-export.txt",
+                           "requirements-hep.txt"]
+  with open(os.path.join(REPO_ROOT, "constraints.txt")) as f:
+    pinned = dict(line.strip().split("==", 1) for line in f if line.strip() and not line.startswith("#"))
+  pinned = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pinned.items()}
   for name, paths in files.items():
     requirements = []
     for path in paths:
@@ -253,3 +262,7 @@ def test_pyproject_declares_the_extras_from_the_requirements_files():
     assert requirements, f"extra {name!r}: {paths} list no requirements"
     if name in ("tpu", "cuda12"):
       assert requirements == [f"jax[{name}]>=0.10.2"]
+    # README's commands install with -c constraints.txt: every named package has its tested version.
+    for requirement in requirements:
+      package = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+      assert package in pinned, f"{requirement} (extra {name!r}) is not pinned in constraints.txt"
