@@ -19,9 +19,9 @@ Race-freedom, i.e. of any number of runs that find the same stale lock, exactly 
 never writes over a lock it has lost:
 
 * locally, the holder keeps its lock file open (so its inode number cannot be reused) and refreshes it
-  in place, only while ``WORKDIR/lock`` is still that inode. Takers serialise on ``flock`` of
-  ``WORKDIR/lock.takeover`` (left in the workdir; held only during a takeover, released by the kernel
-  if a taker dies), re-read the lock, rename the stale file to a unique name, check that they moved the
+  in place, only while ``WORKDIR/lock`` is still that inode. Takers serialise on ``flock`` of the
+  workdir directory itself (nothing is left behind in it; held only during a takeover, released by the
+  kernel if a taker dies), re-read the lock, rename the stale file to a unique name, check that they moved the
   very file they judged (else put it back), and then create the lock with ``O_EXCL`` like a fresh run;
 * on ``gs://`` every write is conditional on the object's generation (``runtime.paths``): a fresh run
   creates with ``ifGenerationMatch=0``, the holder refreshes with ``ifGenerationMatch=<its generation>``
@@ -51,7 +51,6 @@ from l2vit_jax.errors import ConfigError, WorkdirLockedError
 from l2vit_jax.runtime import paths
 
 LOCK_FILE = "lock"
-TAKEOVER_GUARD = "lock.takeover"  # local workdirs: takers serialise on flock(2) of this file
 LEASE_VARIABLE = "L2VIT_LOCK_LEASE_SECONDS"
 DEFAULT_LEASE_SECONDS = 120.0
 LOCK_BYTES = 512  # the local lock is rewritten in place with this many bytes: never a shorter tail
@@ -159,7 +158,8 @@ class _LocalLockFile:
 
   def take_over(self, stale: tuple[bytes, tuple], data: bytes) -> bool:
     """Replaces the stale lock ``stale`` = (bytes, version) by ours; False if it changed meanwhile."""
-    guard = os.open(os.path.join(os.path.dirname(self.path), TAKEOVER_GUARD), os.O_CREAT | os.O_RDWR, 0o644)
+    # flock(2) of the workdir directory: a guard file would stay behind in the workdir.
+    guard = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
     try:
       deadline = time.monotonic() + GUARD_WAIT_SECONDS
       while True:
