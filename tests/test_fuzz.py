@@ -197,10 +197,13 @@ def _forge(header: dict, where: tuple, value) -> dict:
   return header
 
 
+# Up to four (relative position, bit, inside the metadata/header?) flips of a file's bytes.
+BIT_FLIPS = st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7), st.booleans()),
+                     min_size=1, max_size=4)
+
+
 @fuzz_settings(300)
-@given(labelled=st.booleans(), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
-                                                        st.integers(0, 7), st.booleans()),
-                                              min_size=1, max_size=4))
+@given(labelled=st.booleans(), flips=BIT_FLIPS)
 def test_sparse_files_with_flipped_bits_load_or_fail_in_one_line(labelled, flips):
   data = bytearray(sparse_bytes(labelled))
   header_end = _header_end(bytes(data))
@@ -339,9 +342,7 @@ def _hdf5_flip(byte: int, bit: int) -> list:
 @example(labelled=True, flips=_hdf5_flip(142, 3))  # RuntimeError 'Unable to get group info'
 @example(labelled=True, flips=_hdf5_flip(1761, 0))  # loaded masses of 0: 'm' read as float64 (1e-75)
 @fuzz_settings(300)
-@given(labelled=st.booleans(), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
-                                                        st.integers(0, 7), st.booleans()),
-                                              min_size=1, max_size=4))
+@given(labelled=st.booleans(), flips=BIT_FLIPS)
 def test_hdf5_files_with_flipped_bits_load_or_fail_in_one_line(labelled, flips):
   data = bytearray(hdf5_bytes(labelled))
   metadata_end = _hdf5_metadata_end(bytes(data))
