@@ -14,8 +14,9 @@
    aims at a segment (every segment at least once when there are enough kills, the rest drawn with
    ``--seed``): it waits for the segment's marker (or a later one: a resumed run skips what is done) and
    kills after a seeded random delay shorter than the segment lasted. A kill that overshoots its segment
-   (resumed work goes faster) is followed by another aimed earlier. After each kill the same command runs
-   again; after the last one it runs to the end.
+   (resumed work goes faster) is followed by another aimed earlier; one aimed at data generation after
+   an earlier run got past it starts from an empty workdir (complete files are never generated again).
+   After each kill the same command runs again; after the last one it runs to the end.
 3. Comparison with the reference, file by file: checkpoints by the steps kept and the latest one's
    restored arrays and meta (Orbax files hold timestamps), ``metrics.jsonl`` row by row without its
    wall-clock fields, ``config.json`` with the workdir path replaced, the physics baseline's observables
@@ -198,6 +199,22 @@ def _retry(attempt: dict, order: list[str], target: int) -> bool:
   return overshot and attempt["aimed_segment_ran"]
 
 
+def _restart_data_generation(workdir: str, order: list[str], target: int, attempts: list[dict]) -> bool:
+  """Empties ``workdir`` before a kill aimed at data generation that an earlier attempt got past.
+
+  Generating the quickstart's tiny files takes tens of milliseconds, so a kill aimed there can land
+  after them, and no rerun generates complete files again: without a fresh start the data segments
+  would never be hit. Data generation comes first, so the attempts so far made nothing else that an
+  empty workdir loses except what a first run makes again.
+  """
+  got_past = any(attempt["landed"] in order and order.index(attempt["landed"]) > target
+                 or attempt["status"] == 0 for attempt in attempts)
+  if not order[target].startswith("generate ") or not got_past:
+    return False
+  shutil.rmtree(workdir, ignore_errors=True)
+  return True
+
+
 def run_chaos(args, workdir: str, order: list[str], durations: list[float]) -> list[dict]:
   """Kills the pipeline at seeded moments, at least ``args.kills`` times, rerunning it after each kill."""
   rng = random.Random(args.seed)
@@ -206,7 +223,8 @@ def run_chaos(args, workdir: str, order: list[str], durations: list[float]) -> l
     delay = rng.uniform(0, durations[target])
     for _ in range(1 + RETRIES):
       log_path = os.path.join(args.workdir, "logs", f"attempt-{len(attempts):02d}.log")
-      attempts.append(_attempt(args, workdir, log_path, order, target, delay))
+      fresh = _restart_data_generation(workdir, order, target, attempts)
+      attempts.append(dict(_attempt(args, workdir, log_path, order, target, delay), fresh_workdir=fresh))
       if not attempts[-1]["killed"] and attempts[-1]["status"] != 0:  # died by itself: a bug
         return attempts
       if not _retry(attempts[-1], order, target):

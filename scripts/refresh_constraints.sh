@@ -16,7 +16,7 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 python3 -m venv "$scratch/venv"
 "$scratch/venv/bin/pip" install -e ".[test,tensorboard]" "$@"
-"$scratch/venv/bin/python" -m pytest -q tests
+"$scratch/venv/bin/python" -m pytest -q -n 2 --dist loadfile tests
 {
   echo "# The exact versions the test suite last passed with: pip install -c constraints.txt -e \".[test]\""
   echo "# (README set-up commands, .ci/run). Written by scripts/refresh_constraints.sh; do not edit by hand."

@@ -3,11 +3,17 @@
 Timings are never asserted (they depend on the machine); the statistics and the report's fields are.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+from l2vit_jax.models import depthwise
 from scripts import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_summarize_reports_median_and_range():
@@ -40,14 +46,36 @@ def test_load_monitor_marks_a_loaded_machine(monkeypatch):
   assert not benchmark.LoadMonitor().finish()["loaded"]
 
 
-def test_tiny_run_reports_paired_ratios_load_and_profile(capsys):
-  report = benchmark.main(["--tiny", "--only=model,profile", "--pairs=3"])
+def test_tiny_run_writes_every_section_with_paired_ratios_load_and_profile(tmp_path):
+  # One run of the command line for every section: the model sections compile a train step, the
+  # costly part (≈ 20 s on 2 busy cores).
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--tiny", "--pairs=3", "--out", str(out),
+       "--only=matmul,model,depthwise,attention,pipeline,profile"],
+      capture_output=True, text=True, check=False, cwd=REPO, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(result.stdout) == report
+  assert {"date", "hardware", "matmul", "model", "depthwise", "attention", "pipeline", "profile"} <= report.keys()
   assert isinstance(report["loaded"], bool)
   for section in ("model", "profile"):
     assert isinstance(report[section]["loaded"], bool)
     assert report[section]["load"]["loaded_fraction_threshold"] == benchmark.LOADED_FRACTION
+  assert ("LOADED MACHINE" in result.stderr) == report["loaded"]
   model = report["model"]
+  for key in ("train_img_per_s", "inference_img_per_s", "train_compile_seconds",
+              "train_fraction_of_matmul_peak", "analytic_train_gflop_per_image", "peak_rss_mib"):
+    assert model[key] > 0, key
   assert model["pairs"] == 3 and len(model["train_img_per_s_rounds"]["rounds"]) == 3
+  assert set(report["depthwise"]["implementations"]) == set(depthwise.IMPLEMENTATIONS[1:])
+  assert all(r["linear_ms"] > 0 and r["softmax_ms"] > 0 for r in report["attention"]["forward"])
+  pipe = report["pipeline"]
+  assert set(pipe["formats"]) == {"hdf5", "sparse"} and pipe["size_ratio_hdf5_over_sparse"] > 1
+  profile = report["profile"]
+  # The scopes that attribute our operations are found in the trace, forward and backward.
+  assert {"linear_matmuls/fwd", "linear_matmuls/bwd", "gelu/fwd", "layernorm/fwd"} <= set(
+      profile["ours"]["train"]["ms_per_step"])
   try:
     import torch  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
@@ -55,16 +83,10 @@ def test_tiny_run_reports_paired_ratios_load_and_profile(capsys):
   for kind in ("train", "inference"):
     ratio = model[f"ratio_{kind}_ours_over_torch_rounds"]
     assert len(ratio["rounds"]) == 3 and ratio["min"] <= ratio["median"] <= ratio["max"]
-    assert model[f"ratio_{kind}_ours_over_torch"] == ratio["median"]
-  printed = capsys.readouterr().err
-  assert "ratio_train_ours_over_torch: median" in printed
-  assert ("LOADED MACHINE" in printed) == report["loaded"]
-  profile = report["profile"]
+    assert model[f"ratio_{kind}_ours_over_torch"] == ratio["median"] > 0
+  assert "ratio_train_ours_over_torch: median" in result.stderr
   for who in ("ours", "torch"):
     for kind in ("train", "inference"):
       times = profile[who][kind]["ms_per_step"]
       assert {key.split("/")[0] for key in times} <= set(benchmark.PROFILE_CATEGORIES), (who, kind)
       assert sum(times.values()) > 0
-  # The scopes that attribute our operations are found in the trace, forward and backward.
-  assert {"linear_matmuls/fwd", "linear_matmuls/bwd", "gelu/fwd", "layernorm/fwd"} <= set(
-      profile["ours"]["train"]["ms_per_step"])
