@@ -7,8 +7,10 @@
 The step is the training loop's own (``tpu.compile_only.CompiledSteps``), compiled for a TPU topology
 without a TPU (libtpu as a compile-only backend), or for this machine's CPU with ``--topology=cpu``.
 ``l2vit_jax.tpu.accounting`` attributes every executed instruction to a model part (named scopes)
-and direction; the rows add up to XLA's own ``bytes_accessed``. ``--table`` also prints the markdown
-table (per image) used in docs/performance.md.
+and direction; the rows add up to XLA's own ``bytes_accessed``, and each also says how much of it is
+HBM traffic (the rest is in on-chip memory, where XLA's memory-space assignment put it). On a TPU
+topology the report has the roofline bound from both. ``--table`` also prints the markdown table (per
+image) used in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -47,7 +49,16 @@ def main(argv):
   report = {"topology": _TOPOLOGY.value, "task": config.task, "dtype": config.model.dtype,
             "global_batch": config.batch_size, "per_chip_batch": per_chip_batch,
             "bytes_accessed_per_image": compiled.train["bytes_accessed"] / per_chip_batch,
+            "hbm_bytes_per_image": summary["hbm_bytes"] / per_chip_batch,
             "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds, **summary}
+  if _TOPOLOGY.value != "cpu":
+    # The roofline bound twice: with XLA's bytes accessed (on-chip traffic included, as
+    # compile_tpu.py reports it) and with the HBM traffic alone, which is what bounds a TPU step.
+    spec = compile_only.chips.chip_spec(_TOPOLOGY.value)
+    report["roofline_xla_bytes"] = compile_only.roofline(compiled.train["flops"], compiled.train["bytes_accessed"],
+                                                         config.batch_size, spec)
+    report["roofline_hbm_bytes"] = compile_only.roofline(compiled.train["flops"], summary["hbm_bytes"],
+                                                         config.batch_size, spec)
   text = json.dumps(report, indent=2)
   print(text)
   if _TABLE.value:

@@ -18,6 +18,13 @@ transcendental functions counted apart, as XLA does. Instructions of a loop body
 as XLA's cost analysis counts them; ``bytes_executed`` also multiplies by the loop's known trip count.
 The table keeps an ``unattributed`` row (XLA's total minus ours) so that its shares add up to XLA's
 own ``bytes_accessed``.
+
+XLA's ``bytes_accessed`` counts every operand and result wherever it lives. On a TPU, memory-space
+assignment places many of them in on-chip memory (VMEM), marked ``S(1)`` in their layout, and
+prefetches them there with asynchronous copies and slices. Each entry therefore also counts
+``on_chip_bytes``, the part of its traffic in a memory space other than 0; the rest (``hbm_bytes``) is
+what the HBM roofline sees: a prefetch reads HBM once, the fusion that then reads the prefetched
+operand does not.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ _TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one"
                    "logistic", "rsqrt", "sqrt", "cbrt", "sine", "cosine", "tan", "atan2"}
 
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+# One array with its optional layout, e.g. bf16[16,625,1024]{2,1,0:T(8,128)(2,1)S(1)}; S(n): memory space n.
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
@@ -124,12 +134,23 @@ def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
   return computations, entry
 
 
+def _array_bytes(dtype: str, dims: str) -> int:
+  bits = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+  return math.prod(int(d) for d in dims.split(",") if d) * max(bits, 8) // 8
+
+
 def shape_bytes(type_text: str) -> int:
   """Bytes of every array in a (possibly tuple) HLO type."""
+  return sum(_array_bytes(dtype, dims) for dtype, dims in _SHAPE.findall(type_text))
+
+
+def on_chip_bytes(type_text: str) -> int:
+  """Bytes of the arrays of an HLO type whose layout puts them outside memory space 0 (HBM)."""
   total = 0
-  for dtype, dims in _SHAPE.findall(type_text):
-    bits = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
-    total += math.prod(int(d) for d in dims.split(",") if d) * max(bits, 8) // 8
+  for dtype, dims, layout in _ARRAY.findall(type_text):
+    space = _MEMORY_SPACE.search(layout)
+    if space and space.group(1) != "0":
+      total += _array_bytes(dtype, dims)
   return total
 
 
@@ -194,19 +215,21 @@ def _tuple_elements(type_text: str) -> list[str]:
   return elements + [current.strip()]
 
 
-def _traffic(instruction: Instruction) -> tuple[int, int]:
-  """(bytes read, bytes written). An asynchronous pair moves its data once, at its ``-start``, whose
-  result tuple also holds the source (copy-start: (destination, source, context); slice-start:
-  ((source), slice, context)); its ``-done`` only hands the destination over."""
+def _traffic(instruction: Instruction) -> tuple[int, int, int]:
+  """(bytes read, bytes written, of them on chip). An asynchronous pair moves its data once, at its
+  ``-start``, whose result tuple also holds the source (copy-start: (destination, source, context);
+  slice-start: ((source), slice, context)); its ``-done`` only hands the destination over."""
   if instruction.opcode.endswith("-done"):
-    return 0, 0
-  if instruction.opcode == "copy-start":
-    moved = shape_bytes(_tuple_elements(instruction.result)[0])
-    return moved, moved
-  if instruction.opcode == "slice-start":
-    moved = shape_bytes(_tuple_elements(instruction.result)[1])
-    return moved, moved
-  return (sum(shape_bytes(t) for t in instruction.operand_types), shape_bytes(instruction.result))
+    return 0, 0, 0
+  if instruction.opcode in ("copy-start", "slice-start"):
+    elements = _tuple_elements(instruction.result)
+    source, destination = elements[:2] if instruction.opcode == "slice-start" else elements[1::-1]
+    moved = shape_bytes(destination)
+    # The source's layout says where it is read from; a slice reads as much as it writes.
+    return moved, moved, on_chip_bytes(destination) + (moved if on_chip_bytes(source) else 0)
+  types = [*instruction.operand_types, instruction.result]
+  return (sum(shape_bytes(t) for t in instruction.operand_types), shape_bytes(instruction.result),
+          sum(on_chip_bytes(t) for t in types))
 
 
 def scope_of(op_name: str) -> tuple[str, str]:
@@ -225,6 +248,7 @@ class Entry:
   direction: str
   bytes_read: int
   bytes_written: int
+  on_chip_bytes: int  # of bytes_read + bytes_written, those in on-chip memory (not HBM)
   flops: float
   transcendentals: float
   trips: int
@@ -300,9 +324,9 @@ def account(hlo_text: str) -> list[Entry]:
       if not op_name:  # XLA's own prefetches and copies: the part of the operation that uses them
         op_name = consumer_op_name(computation, instruction.name)
       scope, direction = scope_of(op_name)
-      read, written = _traffic(instruction)
+      read, written, on_chip = _traffic(instruction)
       entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read, written,
-                           flops, transcendentals, trips, op_name))
+                           on_chip, flops, transcendentals, trips, op_name))
 
   walk(entry, 1, (entry,))
   return entries
@@ -314,17 +338,19 @@ def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: 
   groups: dict[str, dict] = {}
   for entry in entries:
     key = f"{entry.scope}/{entry.direction}"
-    group = groups.setdefault(key, {"bytes_read": 0, "bytes_written": 0, "bytes_executed": 0,
-                                    "flops": 0.0, "transcendentals": 0.0, "instructions": 0})
+    group = groups.setdefault(key, {"bytes_read": 0, "bytes_written": 0, "hbm_bytes": 0,
+                                    "bytes_executed": 0, "flops": 0.0, "transcendentals": 0.0,
+                                    "instructions": 0})
     group["bytes_read"] += entry.bytes_read
     group["bytes_written"] += entry.bytes_written
+    group["hbm_bytes"] += entry.bytes - entry.on_chip_bytes
     group["bytes_executed"] += entry.bytes * entry.trips
     group["flops"] += entry.flops
     group["transcendentals"] += entry.transcendentals
     group["instructions"] += 1
   ours = sum(g["bytes_read"] + g["bytes_written"] for g in groups.values())
   groups["unattributed"] = {"bytes_read": 0, "bytes_written": max(xla_bytes - ours, 0.0),
-                            "bytes_executed": 0, "flops": max(xla_flops - sum(
+                            "hbm_bytes": 0, "bytes_executed": 0, "flops": max(xla_flops - sum(
                                 g["flops"] for g in groups.values()), 0.0),
                             "transcendentals": 0.0, "instructions": 0}
   total = max(xla_bytes, ours, 1.0)
@@ -333,6 +359,7 @@ def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: 
   largest = sorted(entries, key=lambda e: e.bytes, reverse=True)[:top]
   return {
       "xla_bytes_accessed": xla_bytes, "xla_flops": xla_flops, "attributed_bytes": ours,
+      "hbm_bytes": sum(g["hbm_bytes"] for g in groups.values()),
       "attributed_flops": sum(e.flops for e in entries),
       "by_part": dict(sorted(groups.items(), key=lambda kv: -kv[1]["share_of_bytes"])),
       "largest": [{"name": e.name, "opcode": e.opcode, "part": f"{e.scope}/{e.direction}",
@@ -344,10 +371,10 @@ def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: 
 def markdown_table(summary: dict, *, per: float = 1.0, unit: str = "MB") -> str:
   """The ``by_part`` rows as a markdown table (bytes divided by ``per``, e.g. per image)."""
   scale = {"MB": 1e6, "GB": 1e9}[unit]
-  lines = [f"| part | bytes read ({unit}) | bytes written ({unit}) | share of XLA's bytes | GFLOP |",
-           "|---|---|---|---|---|"]
+  lines = [f"| part | bytes read ({unit}) | bytes written ({unit}) | share of XLA's bytes | "
+           f"of them in HBM ({unit}) | GFLOP |", "|---|---|---|---|---|---|"]
   for part, group in summary["by_part"].items():
     lines.append(f"| {part} | {group['bytes_read'] / per / scale:,.2f} | "
                  f"{group['bytes_written'] / per / scale:,.2f} | {group['share_of_bytes']:.1%} | "
-                 f"{group['flops'] / per / 1e9:,.3f} |")
+                 f"{group['hbm_bytes'] / per / scale:,.2f} | {group['flops'] / per / 1e9:,.3f} |")
   return "\n".join(lines)
