@@ -838,6 +838,7 @@ def _print_ratios(section: str, result: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel
+  host.configure_platforms()  # no libtpu start-up noise off a TPU VM, as in main.py
   applied_flags = host.configure_xla_flags()
   allocator_tuned = host.configure_allocator()
   import jax  # pylint: disable=import-outside-toplevel

@@ -16,11 +16,14 @@ import sys
 from absl import app
 from absl import flags
 
+from l2vit_jax.runtime import host
 
-from l2vit_jax import errors
-from l2vit_jax.checkpoint import model_io, naming
-from l2vit_jax import models
-from l2vit_jax.interop import torch_import
+host.configure_platforms()  # before JAX starts a backend: no libtpu start-up noise off a TPU VM
+
+from l2vit_jax import errors  # pylint: disable=wrong-import-position
+from l2vit_jax.checkpoint import model_io, naming  # pylint: disable=wrong-import-position
+from l2vit_jax import models  # pylint: disable=wrong-import-position
+from l2vit_jax.interop import torch_import  # pylint: disable=wrong-import-position
 
 _INPUT = flags.DEFINE_string('input', None, 'PyTorch checkpoint (.pt) written by the original.',
                              required=True)
