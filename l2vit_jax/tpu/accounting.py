@@ -47,8 +47,8 @@ _ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "
 _TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "erf", "tanh",
                    "logistic", "rsqrt", "sqrt", "cbrt", "sine", "cosine", "tan", "atan2"}
 
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
-# One array with its optional layout, e.g. bf16[16,625,1024]{2,1,0:T(8,128)(2,1)S(1)}; S(n): memory space n.
+# One array: dtype, dimensions and optional layout, e.g. bf16[16,625,1024]{2,1,0:T(8,128)(2,1)S(1)};
+# S(n) in a layout: memory space n.
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\](\{[^}]*\})?")
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -139,9 +139,14 @@ def _array_bytes(dtype: str, dims: str) -> int:
   return math.prod(int(d) for d in dims.split(",") if d) * max(bits, 8) // 8
 
 
+def array_sizes(type_text: str) -> list[int]:
+  """Bytes of each array in a (possibly tuple) HLO type, in order."""
+  return [_array_bytes(dtype, dims) for dtype, dims, _ in _ARRAY.findall(type_text)]
+
+
 def shape_bytes(type_text: str) -> int:
   """Bytes of every array in a (possibly tuple) HLO type."""
-  return sum(_array_bytes(dtype, dims) for dtype, dims in _SHAPE.findall(type_text))
+  return sum(array_sizes(type_text))
 
 
 def on_chip_bytes(type_text: str) -> int:
@@ -155,12 +160,12 @@ def on_chip_bytes(type_text: str) -> int:
 
 
 def _dims(type_text: str) -> list[int]:
-  match = _SHAPE.search(type_text)
+  match = _ARRAY.search(type_text)
   return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
 def _elements(type_text: str) -> int:
-  return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(type_text))
+  return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims, _ in _ARRAY.findall(type_text))
 
 
 def instruction_flops(instruction: Instruction) -> tuple[float, float]:

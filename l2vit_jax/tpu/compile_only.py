@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from l2vit_jax.runtime import host, sharding
-from l2vit_jax.tpu import chips
+from l2vit_jax.tpu import accounting, chips
 from l2vit_jax.training import recipes, steps
 from l2vit_jax.data import pipeline
 
@@ -126,13 +126,7 @@ def per_chip_bytes(structs, shardings) -> int:
   return sum(jax.tree.leaves(jax.tree.map(on_one_chip, structs, shardings)))
 
 
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
 _COLLECTIVE = re.compile(r"=\s+(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
-def _shape_bytes(dtype: str, dims: str) -> int:
-  bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))
-  return math.prod(int(d) for d in dims.split(",") if d) * bits // 8
 
 
 def collectives(hlo_text: str) -> dict[str, dict]:
@@ -147,7 +141,7 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     if not match:
       continue
     result, kind, start = match.groups()
-    shapes = [_shape_bytes(*m.groups()) for m in _SHAPE.finditer(result)]
+    shapes = accounting.array_sizes(result)
     if start and kind != "all-reduce":
       shapes = [b for b in shapes if b > 4] or shapes  # drop u32[] sync contexts
       shapes = shapes[len(shapes) // 2:]
