@@ -88,6 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Key implementation for dropout, drop-path and MAE masks: 'auto' is XLA's RBG generator ('rbg') on
   # TPU and JAX's default (threefry) elsewhere (training.steps.PRNG_IMPL_BY_PLATFORM); or any jax.random impl.
   config.prng_impl = "auto"
+  # How the model's blocks compile: 'auto' scans them (one lax.scan, XLA compiles one block) on TPU and
+  # unrolls them elsewhere (training.steps.SCAN_BLOCKS_PLATFORMS), or 'on' / 'off'. A scanned step
+  # keeps for its backward pass what this jax.checkpoint policy saves (models.l2vit.REMAT_POLICIES):
+  # 'nothing_saveable' recomputes each block's forward (+30 % FLOPs, a quarter of the memory, the least
+  # HBM traffic); '' saves everything and compiles fastest (docs/performance.md, "Compile time").
+  config.scan_blocks = "auto"
+  config.remat_policy = "nothing_saveable"
 
   config.data = ml_collections.ConfigDict()
   config.data.labelled_path = LABELLED_FILE

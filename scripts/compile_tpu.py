@@ -58,6 +58,7 @@ def report(config, topology: str, *, max_batch: bool, max_batch_compiles: int) -
       "eval_global_batch": config.eval_batch_size, "platform": compiled.steps.platform,
       "depthwise_implementation": compiled.steps.depthwise_implementation,
       "prng_impl": compiled.steps.prng_impl,
+      "scan_blocks": compiled.steps.scan_blocks, "remat_policy": compiled.steps.remat_policy,
       "jax": jax.__version__,
       "train_compile_seconds": round(compiled.train_compile_seconds, 1),
       "train_compile_cpu_seconds": round(compiled.train_compile_cpu_seconds, 1),
@@ -75,6 +76,8 @@ def report(config, topology: str, *, max_batch: bool, max_batch_compiles: int) -
                                              config.batch_size, spec),
                        flops="train_step.flops, per chip (forward, backward, optimizer as XLA "
                              "counts them, whatever the precision; see train_step.cost_analysis_of)"),
+      # The same bound from the HBM traffic alone: what bounds a TPU step, if XLA's placement holds.
+      "roofline_hbm": compile_only.roofline(train["flops"], train["hbm_bytes"], config.batch_size, spec),
   }
   if max_batch:
     def peak_memory_at(batch):

@@ -43,14 +43,16 @@ def main(argv):
     mesh = compile_only.compile_only_mesh(compile_only.chips.topology_for_accelerator_type(_TOPOLOGY.value))
   compiled = compile_only.CompiledSteps(config, mesh, config.batch_size)
   summary = accounting.summarise(accounting.account(compiled.train_hlo),
-                                 xla_bytes=compiled.train["bytes_accessed"],
-                                 xla_flops=compiled.train["flops"])
+                                 xla_bytes=compiled.train["xla_bytes_accessed"],
+                                 xla_flops=compiled.train["xla_flops"])
   per_chip_batch = config.batch_size // mesh.size
   report = {"topology": _TOPOLOGY.value, "task": config.task, "dtype": config.model.dtype,
             "global_batch": config.batch_size, "per_chip_batch": per_chip_batch,
             "bytes_accessed_per_image": compiled.train["bytes_accessed"] / per_chip_batch,
             "hbm_bytes_per_image": summary["hbm_bytes"] / per_chip_batch,
-            "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds, **summary}
+            "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds,
+            "scan_blocks": compiled.steps.scan_blocks, "remat_policy": compiled.steps.remat_policy,
+            **summary}
   if _TOPOLOGY.value != "cpu":
     # The roofline bound twice: with XLA's bytes accessed (on-chip traffic included, as
     # compile_tpu.py reports it) and with the HBM traffic alone, which is what bounds a TPU step.

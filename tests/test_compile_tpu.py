@@ -22,7 +22,7 @@ from l2vit_jax.training import recipes, steps
 from l2vit_jax.models import depthwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL_FLAGS = ["--config.model.embed_dim=32", "--config.model.depth=1", "--config.model.num_heads=2",
+TINY_MODEL_FLAGS = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
                     "--config.model.mlp_ratio=2.0", "--config.model.img_size=25",
                     "--config.model.dtype=bfloat16"]
 
@@ -74,6 +74,19 @@ def test_depthwise_and_prng_follow_the_target_not_the_host(target, request):
   assert report["depthwise_implementation"] == "lax"
   assert report["train_step"]["grouped_convolutions"] > 0
   assert report["prng_impl"] == {"v5e_report": "rbg", "h100_report": "threefry2x32"}[target]
+
+
+@pytest.mark.parametrize("target", ["v5e_report", "h100_report"])
+def test_tpu_steps_scan_their_blocks_and_count_every_trip_of_the_loop(target, request):
+  report = request.getfixturevalue(target)
+  if target == "h100_report":  # 'auto' scans on TPU only
+    assert (report["scan_blocks"], report["remat_policy"]) == (False, "")
+    return
+  assert (report["scan_blocks"], report["remat_policy"]) == (True, "nothing_saveable")
+  # XLA's cost analysis counts the scanned body once; the report counts it per block (2 here).
+  train_step = report["train_step"]
+  assert train_step["flops"] > 1.5 * train_step["xla_flops"]
+  assert train_step["bytes_accessed"] > train_step["xla_bytes_accessed"]
 
 
 def test_build_steps_with_rbg_keys_keeps_one_compilation_and_draws_by_step():
@@ -155,5 +168,8 @@ def test_compile_table_row_reads_the_report(v5e_report, tmp_path):
   assert cells[:4] == ["finetune", "v5e:2x2", "8", "bfloat16"]
   step = v5e_report["train_step"]
   assert float(cells[4]) == pytest.approx(step["peak_memory_bytes"] / 2**30, abs=0.005)
-  assert f"all-reduce {step['collectives']['all-reduce']['count']}×" in cells[8]
-  assert cells[12] == "not searched"
+  assert float(cells[8]) == pytest.approx(step["hbm_bytes"] / 1e9, abs=0.005)
+  assert 0 < step["hbm_bytes"] <= step["bytes_accessed"]
+  assert f"all-reduce {step['collectives']['all-reduce']['count']}×" in cells[9]
+  assert cells[13].endswith(f"{v5e_report['roofline_hbm']['mfu_at_bound']:.2f}")
+  assert cells[14] == "not searched"

@@ -98,6 +98,22 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(files, tmp_path):
   assert second["best_val_loss"] == straight["best_val_loss"]
 
 
+def test_a_run_with_scanned_blocks_trains_as_the_unrolled_run_and_writes_the_same_checkpoints(files, tmp_path):
+  runs = {}
+  for scan in ("off", "on"):
+    config = _config("finetune", files, scan_blocks=scan)
+    config.model.update(depth=2, drop_rate=0.1, drop_path_rate=0.1)
+    summary = loop.train_and_evaluate(config, str(tmp_path / scan))
+    runs[scan] = summary, _latest_arrays(str(tmp_path / scan))[0]
+  (unrolled, want), (scanned, got) = runs["off"], runs["on"]
+  assert scanned["step"] == unrolled["step"] == unrolled["total_steps"]
+  assert scanned["best_val_loss"] == pytest.approx(unrolled["best_val_loss"], rel=1e-3)
+  for group in want:  # per-block names, shapes and (to float rounding) values: either model loads them
+    assert set(got[group]) == set(want[group])
+    for name in want[group]:
+      np.testing.assert_allclose(got[group][name], want[group][name], rtol=1e-3, atol=1e-5, err_msg=name)
+
+
 def test_bridge_loads_backbone_and_leaves_heads_fresh(files, tmp_path):
   simclr_dir = str(tmp_path / "simclr")
   loop.train_and_evaluate(_config("simclr", files, num_epochs=1), simclr_dir)

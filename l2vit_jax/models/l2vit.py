@@ -232,10 +232,13 @@ class DropPath(nnx.Module):
     self.deterministic = deterministic
     self.rngs = rngs['dropout'].fork()
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
+  def __call__(self, x: jax.Array, rate: float | jax.Array | None = None) -> jax.Array:
+    """``rate`` (default ``self.rate``) may be traced (blocks under ``lax.scan``): then the mask is
+    always drawn, and a rate of 0 keeps every sample, scaled by 1."""
+    rate = self.rate if rate is None else rate
+    if self.deterministic or (isinstance(rate, float) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
@@ -255,7 +258,9 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio), drop_rate=drop_rate, dtype=dtype, rngs=rngs)
     self.drop_path = DropPath(drop_path_rate, rngs=rngs)
 
-  def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  def __call__(self, x: jax.Array, grid: tuple[int, int],
+               drop_path_rate: float | jax.Array | None = None) -> jax.Array:
+    """``drop_path_rate`` overrides this block's own rate (``scan_blocks`` passes each block's)."""
     # Named scopes label the compiled step's operations by part (tpu/accounting.py); no numerics.
     for part, norm, branch in (('attention', self.norm1, self.attn),
                                ('lcm', self.norm_lcm, lambda y: self.lcm(y, grid)),
@@ -265,8 +270,51 @@ class Block(nnx.Module):
       with jax.named_scope(part):
         y = branch(y)
       with jax.named_scope('drop_path'):
-        x = x + self.drop_path(y)
+        x = x + self.drop_path(y, drop_path_rate)
     return x
+
+
+# Rematerialisation policies a scanned block may use (names of jax.checkpoint_policies); '' saves
+# every intermediate the backward pass needs.
+REMAT_POLICIES = ('', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable')
+
+
+def scan_blocks(blocks: list[Block], x: jax.Array, grid: tuple[int, int], *,
+                remat_policy: str = '') -> jax.Array:
+  """Runs ``blocks`` in order as one ``lax.scan`` over their stacked state, so XLA compiles one block.
+
+  The same function as calling the blocks one after another (tests/test_models.py): each block's own
+  parameters, BatchNorm statistics and dropout streams go through the loop as a slice of the stacked
+  state and come back updated; its drop-path rate, the one static attribute in which the blocks
+  differ, travels as data. The parameters stay stored per block (``blocks/{i}/...``), so checkpoints
+  and PyTorch imports are untouched; stacking copies them once per step (5 M numbers, nothing next
+  to the activations). ``remat_policy`` (``REMAT_POLICIES``) wraps the body in ``jax.checkpoint``:
+  a scan keeps every residual of every iteration that the backward pass reads, where an unrolled
+  graph lets XLA recompute cheap ones; 'dots_saveable' keeps the matmul outputs and recomputes the
+  element-wise rest, 'nothing_saveable' recomputes the whole block (docs/performance.md: compile time,
+  memory traffic and peak memory of each choice).
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat_policy {remat_policy!r}; use one of {REMAT_POLICIES}')
+  graphdef = nnx.graphdef(blocks[0])
+  states = [nnx.state(block) for block in blocks]
+  if any(jax.tree.structure(state) != jax.tree.structure(states[0]) for state in states[1:]):
+    raise ValueError('scan_blocks needs blocks of one structure; these differ')
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  rates = jnp.asarray([block.drop_path.rate for block in blocks], jnp.float32)
+
+  def body(x, state_and_rate):
+    state, rate = state_and_rate
+    block = nnx.merge(graphdef, state)
+    x = block(x, grid, drop_path_rate=rate)
+    return x, nnx.state(block)
+
+  if remat_policy:
+    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
+  x, new_states = jax.lax.scan(body, x, (stacked, rates))
+  for index, block in enumerate(blocks):
+    nnx.update(block, jax.tree.map(lambda leaf: leaf[index], new_states))
+  return x
 
 
 class L2ViT(nnx.Module):
@@ -275,6 +323,11 @@ class L2ViT(nnx.Module):
   ``model(x)`` maps images (B, H, W, in_channels) to ``(class_logits (B, num_classes), mass (B, 1))``,
   both float32. ``dtype`` (e.g. jnp.bfloat16) sets the compute dtype; parameters stay float32 and the
   linear attention always runs in float32 at HIGHEST precision.
+
+  How the blocks are compiled is not part of the model's function and not stored with checkpoints:
+  ``scan_blocks`` (default False: one block after another) and ``remat_policy`` are attributes, set
+  with ``model.set_attributes(scan_blocks=True, remat_policy='nothing_saveable')`` before the graph
+  is split (``training.steps.configure_block_loop`` does it per platform).
   """
 
   def __init__(self, in_channels: int = 8, img_size: int = 125, patch_size: int = 5,
@@ -299,6 +352,8 @@ class L2ViT(nnx.Module):
     self.norm = _layer_norm(embed_dim, dtype=dtype, rngs=rngs)
     self.cls_head = _linear(embed_dim, num_classes, dtype=dtype, rngs=rngs)
     self.reg_head = _linear(embed_dim, 1, dtype=dtype, rngs=rngs)
+    self.scan_blocks = False
+    self.remat_policy = ''
 
   def tokens(self, x: jax.Array, *, token_mask: jax.Array | None = None,
              mask_token: jax.Array | None = None) -> jax.Array:
@@ -316,9 +371,13 @@ class L2ViT(nnx.Module):
       x = x + pos_embed.astype(x.dtype)
     with jax.named_scope('dropout'):
       x = self.pos_drop(x)
-    for index, block in enumerate(self.blocks):
-      with jax.named_scope(f'block{index}'):
-        x = block(x, grid)
+    if self.scan_blocks and len(self.blocks) > 1:
+      with jax.named_scope('blocks'):
+        x = scan_blocks(list(self.blocks), x, grid, remat_policy=self.remat_policy)
+    else:
+      for index, block in enumerate(self.blocks):
+        with jax.named_scope(f'block{index}'):
+          x = block(x, grid)
     with jax.named_scope('norm'):
       return self.norm(x)
 

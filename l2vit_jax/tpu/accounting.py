@@ -14,10 +14,12 @@ Per instruction, bytes are those of its operands plus its result (what XLA's cos
 an unfused instruction; for a fusion, XLA may count a sliced or broadcast operand by what it reads, so
 the sum here can differ from XLA's). FLOPs: 2·M·N·K for dots and convolutions (from their shapes,
 contracting dimensions and windows), one per element for the arithmetic inside fusions, and
-transcendental functions counted apart, as XLA does. Instructions of a loop body are counted once,
-as XLA's cost analysis counts them; ``bytes_executed`` also multiplies by the loop's known trip count.
-The table keeps an ``unattributed`` row (XLA's total minus ours) so that its shares add up to XLA's
-own ``bytes_accessed``.
+transcendental functions counted apart, as XLA does. XLA's cost analysis counts the body of a loop
+once, whatever its trip count; a step whose blocks run under ``lax.scan`` (``models.l2vit.scan_blocks``)
+would look six times cheaper than the same step unrolled. Here every instruction counts as often as it
+runs (``Entry.trips``, from the loop's ``known_trip_count``), and ``executed_cost`` corrects XLA's totals
+the same way. The table keeps an ``unattributed`` row (XLA's total minus ours) so that its shares add
+up to XLA's own ``bytes_accessed``, loop-corrected.
 
 XLA's ``bytes_accessed`` counts every operand and result wherever it lives. On a TPU, memory-space
 assignment places many of them in on-chip memory (VMEM), marked ``S(1)`` in their layout, and
@@ -33,9 +35,11 @@ import dataclasses
 import math
 import re
 
-# Model parts, most specific first: an operation takes the first one its op_name contains.
+# Model parts, most specific first: an operation takes the first one its op_name contains. 'blocks'
+# is what is left of the scanned blocks (models.l2vit.scan_blocks) outside any part: the loop's own
+# slicing of the stacked state and stacking of what the backward pass keeps.
 SCOPES = ("dropout", "drop_path", "optimizer", "input", "norm", "attention", "lcm", "mlp",
-          "patch_embed", "head", "loss")
+          "patch_embed", "head", "blocks", "loss")
 # No memory traffic of their own (aliases, bookkeeping) in XLA's cost model.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
          "replica-id", "opt-barrier", "domain", "add-dependency"}
@@ -66,6 +70,7 @@ class Instruction:
   attributes: str
   op_name: str
   operand_types: list[str] = dataclasses.field(default_factory=list)  # filled by parse_module
+  literal: str = ""  # a constant's value or a parameter's number as printed, e.g. '6'
 
   def called(self, attribute: str) -> list[str]:
     """Computations named by ``attribute=`` (``calls``, ``body``, ``branch_computations``, ...)."""
@@ -102,9 +107,11 @@ def parse_instruction(line: str) -> Instruction | None:
   opcode = rest[:paren].strip()
   close = _balanced(rest, paren)
   op_name = _OP_NAME.search(rest[close:])
-  operands = re.findall(r"%([\w.\-]+)", rest[paren + 1:close - 1])
+  inside = rest[paren + 1:close - 1]
+  operands = re.findall(r"%([\w.\-]+)", inside)
   return Instruction(match.group(1), opcode, result, operands, rest[close:],
-                     op_name.group(1) if op_name else "")
+                     op_name.group(1) if op_name else "",
+                     literal=inside.strip() if opcode in ("constant", "parameter") else "")
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -220,10 +227,53 @@ def _tuple_elements(type_text: str) -> list[str]:
   return elements + [current.strip()]
 
 
-def _traffic(instruction: Instruction) -> tuple[int, int, int]:
+def _sliced_traffic(instruction: Instruction, computations: dict[str, list[Instruction]]
+                    ) -> tuple[dict[int, int], int | None]:
+  """What a slice or an in-place dynamic update moves, where it moves less than its arrays.
+
+  Returns bytes actually read per operand position (for fused operands only sliced, or the
+  buffer a dynamic-update-slice writes into in place: none of it is read) and the bytes actually
+  written (the update) when the result is such a buffer, else None. A scan's loop reads one
+  iteration's slice of its stacked inputs and writes one slice of its stacked outputs per trip; counted
+  whole, they would count the whole stack every trip.
+  """
+  if instruction.opcode == "dynamic-slice":
+    return {0: shape_bytes(instruction.result)}, None
+  if instruction.opcode == "dynamic-update-slice":
+    update = shape_bytes(instruction.operand_types[1]) if len(instruction.operand_types) > 1 else 0
+    return {0: 0}, update
+  if instruction.opcode != "fusion":
+    return {}, None
+  inner = [i for called in instruction.called("calls") for i in computations.get(called, [])]
+  if not inner:
+    return {}, None
+  by_name = {i.name: i for i in inner}
+  users: dict[str, list[tuple[Instruction, int]]] = {}
+  for user in inner:
+    for position, operand in enumerate(user.operands):
+      users.setdefault(operand, []).append((user, position))
+  read: dict[int, int] = {}
+  for parameter in (i for i in inner if i.opcode == "parameter" and i.literal.isdigit()):
+    uses = users.get(parameter.name, [])
+    if uses and all(user.opcode in ("slice", "dynamic-slice") and position == 0 for user, position in uses):
+      read[int(parameter.literal)] = sum(shape_bytes(user.result) for user, _ in uses)
+    elif uses and all(user.opcode == "dynamic-update-slice" and position == 0 for user, position in uses):
+      read[int(parameter.literal)] = 0
+  root = inner[-1]
+  outputs = [by_name.get(name) for name in root.operands] if root.opcode == "tuple" else [root]
+  if not any(o is not None and o.opcode == "dynamic-update-slice" for o in outputs):
+    return read, None
+  written = sum(shape_bytes(by_name[o.operands[1]].result) if o.opcode == "dynamic-update-slice"
+                and o.operands[1] in by_name else shape_bytes(o.result) for o in outputs if o is not None)
+  return read, written
+
+
+def _traffic(instruction: Instruction, computations: dict[str, list[Instruction]]
+             ) -> tuple[int, int, int]:
   """(bytes read, bytes written, of them on chip). An asynchronous pair moves its data once, at its
   ``-start``, whose result tuple also holds the source (copy-start: (destination, source, context);
-  slice-start: ((source), slice, context)); its ``-done`` only hands the destination over."""
+  slice-start: ((source), slice, context)); its ``-done`` only hands the destination over. Dynamic
+  slices and in-place dynamic updates move their slice, not their whole arrays (``_sliced_traffic``)."""
   if instruction.opcode.endswith("-done"):
     return 0, 0, 0
   if instruction.opcode in ("copy-start", "slice-start"):
@@ -232,9 +282,19 @@ def _traffic(instruction: Instruction) -> tuple[int, int, int]:
     moved = shape_bytes(destination)
     # The source's layout says where it is read from; a slice reads as much as it writes.
     return moved, moved, on_chip_bytes(destination) + (moved if on_chip_bytes(source) else 0)
-  types = [*instruction.operand_types, instruction.result]
-  return (sum(shape_bytes(t) for t in instruction.operand_types), shape_bytes(instruction.result),
-          sum(on_chip_bytes(t) for t in types))
+  sliced_reads, sliced_write = _sliced_traffic(instruction, computations)
+  read = on_chip = 0
+  def moved_on_chip(type_text: str, moved: int) -> int:  # the on-chip share of what moved
+    whole = shape_bytes(type_text)
+    return on_chip_bytes(type_text) * moved // whole if whole else 0
+
+  for position, operand in enumerate(instruction.operand_types):
+    moved = sliced_reads.get(position, shape_bytes(operand))
+    read += moved
+    on_chip += moved_on_chip(operand, moved)
+  written = shape_bytes(instruction.result) if sliced_write is None else sliced_write
+  on_chip += moved_on_chip(instruction.result, written)
+  return read, written, on_chip
 
 
 def scope_of(op_name: str) -> tuple[str, str]:
@@ -262,6 +322,22 @@ class Entry:
   @property
   def bytes(self) -> int:
     return self.bytes_read + self.bytes_written
+
+
+def trip_count(loop: Instruction, computations: dict[str, list[Instruction]]) -> int:
+  """How often a ``while`` runs its body: XLA's ``known_trip_count`` where it annotated one (XLA:CPU
+  does), else read off a condition of the form ``counter < N`` with one integer constant N, the
+  loop ``lax.scan`` and ``fori_loop`` lower to (counter from 0 in steps of 1; libtpu leaves its
+  loops unannotated); 1 when neither applies."""
+  known = _TRIP_COUNT.search(loop.attributes)
+  if known:
+    return int(known.group(1))
+  condition = computations.get(next(iter(loop.called("condition")), ""), [])
+  compares = [i for i in condition if i.opcode == "compare"]
+  limits = [i.literal for i in condition if i.opcode == "constant" and i.literal.isdigit()]
+  if len(compares) == 1 and "direction=LT" in compares[0].attributes and len(limits) == 1:
+    return int(limits[0])
+  return 1
 
 
 def account(hlo_text: str) -> list[Entry]:
@@ -302,8 +378,7 @@ def account(hlo_text: str) -> list[Entry]:
   def walk(computation: str, trips: int, seen: tuple[str, ...]) -> None:
     for instruction in computations.get(computation, []):
       if instruction.opcode == "while":
-        match = _TRIP_COUNT.search(instruction.attributes)
-        body_trips = trips * (int(match.group(1)) if match else 1)
+        body_trips = trips * trip_count(instruction, computations)
         for called in instruction.called("body") + instruction.called("condition"):
           if called not in seen:
             walk(called, body_trips, seen + (called,))
@@ -329,7 +404,7 @@ def account(hlo_text: str) -> list[Entry]:
       if not op_name:  # XLA's own prefetches and copies: the part of the operation that uses them
         op_name = consumer_op_name(computation, instruction.name)
       scope, direction = scope_of(op_name)
-      read, written, on_chip = _traffic(instruction)
+      read, written, on_chip = _traffic(instruction, computations)
       entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read, written,
                            on_chip, flops, transcendentals, trips, op_name))
 
@@ -337,35 +412,46 @@ def account(hlo_text: str) -> list[Entry]:
   return entries
 
 
+def executed_cost(entries: list[Entry], *, xla_flops: float, xla_bytes: float) -> dict:
+  """XLA's FLOPs and bytes accessed with every loop body counted as often as it runs: XLA's own
+  figures (one pass over each body) plus each body instruction's further trips. Equal to XLA's for a
+  module without loops."""
+  return {"flops": xla_flops + sum(e.flops * (e.trips - 1) for e in entries),
+          "bytes_accessed": xla_bytes + sum(e.bytes * (e.trips - 1) for e in entries)}
+
+
 def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: int = 15) -> dict:
   """Per (part, direction): bytes read/written, FLOPs, share of XLA's bytes; plus the largest
-  instructions and an ``unattributed`` remainder so that the byte shares add up to 1."""
+  instructions and an ``unattributed`` remainder so that the byte shares add up to 1.
+
+  Every figure counts an instruction as often as it runs (loop trips); ``xla_bytes`` and
+  ``xla_flops`` are XLA's cost analysis as reported, corrected here with ``executed_cost``."""
+  executed = executed_cost(entries, xla_flops=xla_flops, xla_bytes=xla_bytes)
+  xla_bytes, xla_flops = executed["bytes_accessed"], executed["flops"]
   groups: dict[str, dict] = {}
   for entry in entries:
     key = f"{entry.scope}/{entry.direction}"
     group = groups.setdefault(key, {"bytes_read": 0, "bytes_written": 0, "hbm_bytes": 0,
-                                    "bytes_executed": 0, "flops": 0.0, "transcendentals": 0.0,
-                                    "instructions": 0})
-    group["bytes_read"] += entry.bytes_read
-    group["bytes_written"] += entry.bytes_written
-    group["hbm_bytes"] += entry.bytes - entry.on_chip_bytes
-    group["bytes_executed"] += entry.bytes * entry.trips
-    group["flops"] += entry.flops
-    group["transcendentals"] += entry.transcendentals
+                                    "flops": 0.0, "transcendentals": 0.0, "instructions": 0})
+    group["bytes_read"] += entry.bytes_read * entry.trips
+    group["bytes_written"] += entry.bytes_written * entry.trips
+    group["hbm_bytes"] += (entry.bytes - entry.on_chip_bytes) * entry.trips
+    group["flops"] += entry.flops * entry.trips
+    group["transcendentals"] += entry.transcendentals * entry.trips
     group["instructions"] += 1
   ours = sum(g["bytes_read"] + g["bytes_written"] for g in groups.values())
   groups["unattributed"] = {"bytes_read": 0, "bytes_written": max(xla_bytes - ours, 0.0),
-                            "hbm_bytes": 0, "bytes_executed": 0, "flops": max(xla_flops - sum(
+                            "hbm_bytes": 0, "flops": max(xla_flops - sum(
                                 g["flops"] for g in groups.values()), 0.0),
                             "transcendentals": 0.0, "instructions": 0}
   total = max(xla_bytes, ours, 1.0)
   for group in groups.values():
     group["share_of_bytes"] = (group["bytes_read"] + group["bytes_written"]) / total
-  largest = sorted(entries, key=lambda e: e.bytes, reverse=True)[:top]
+  largest = sorted(entries, key=lambda e: e.bytes * e.trips, reverse=True)[:top]
   return {
       "xla_bytes_accessed": xla_bytes, "xla_flops": xla_flops, "attributed_bytes": ours,
       "hbm_bytes": sum(g["hbm_bytes"] for g in groups.values()),
-      "attributed_flops": sum(e.flops for e in entries),
+      "attributed_flops": sum(e.flops * e.trips for e in entries),
       "by_part": dict(sorted(groups.items(), key=lambda kv: -kv[1]["share_of_bytes"])),
       "largest": [{"name": e.name, "opcode": e.opcode, "part": f"{e.scope}/{e.direction}",
                    "bytes_read": e.bytes_read, "bytes_written": e.bytes_written, "flops": e.flops,
