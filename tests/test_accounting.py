@@ -144,6 +144,16 @@ def test_a_batched_matmul_written_as_a_dilated_convolution_counts_one_tap_per_ba
   assert accounting.instruction_flops(conv) == (2.0 * 16 * 4 * 625 * 64 * 65, 0.0)
 
 
+def test_a_matmul_written_as_a_convolution_padded_over_an_input_of_extent_one_counts_one_tap():
+  """libtpu wrote the qkv matmul of a large SimCLR batch this way; counting the 625-wide window as
+  taps made the step 70 times its FLOPs."""
+  conv = accounting.parse_instruction(
+      "  %c = bf16[1024,625,768]{0,2,1} convolution(%a, %b), window={size=625 pad=624_624 "
+      "rhs_reversal=1}, dim_labels=fb0_o0i->f0b")
+  conv.operand_types = ["bf16[256,768,1]{0,1,2}", "bf16[1024,625,256]{0,2,1}"]
+  assert accounting.instruction_flops(conv) == (2.0 * 1024 * 625 * 768 * 256, 0.0)
+
+
 def test_the_script_reports_a_tpu_steps_hbm_traffic_and_both_roofline_bounds():
   tiny = ["--config.model.img_size=25", "--config.model.depth=1", "--config.model.embed_dim=32",
           "--config.model.num_heads=2", "--config.batch_size=8", "--config.model.dtype=bfloat16"]

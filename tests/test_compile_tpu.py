@@ -144,16 +144,43 @@ def test_largest_fitting_batch_search_is_bounded_and_exact_for_linear_memory():
   assert bounded["largest_fitting"] == 16 and not bounded["exact"]
 
 
-def test_collectives_are_read_from_optimized_hlo():
-  hlo = "\n".join([
-      "  %all-reduce.1 = f32[32]{0:T(128)} all-reduce(%x), channel_id=1",
-      "  %all-reduce.2 = (bf16[3,2,16]{2,1,0}, f32[]{:T(128)}) all-reduce(%a, %b), channel_id=2",
-      "  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}",
-      "  %agd = f32[32]{0} all-gather-done(%ags)",
-      "  %fusion = f32[32]{0} fusion(%all-reduce.1), kind=kLoop",
-  ])
-  assert compile_only.collectives(hlo) == {"all-reduce": {"count": 2, "bytes": 128 + 192 + 4},
+def test_collectives_are_read_from_optimized_hlo_once_per_run():
+  hlo = """HloModule m
+
+%body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %v = f32[16]{0} get-tuple-element(%p), index=1
+  %all-reduce.3 = f32[16]{0} all-reduce(%v), channel_id=3
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[16]{0}) tuple(%next, %all-reduce.3)
+}
+
+%cond (p: (s32[], f32[16])) -> pred[] {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[32], a: bf16[3,2,16], b: f32[], y: f32[8], z: f32[16]) -> f32[32] {
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[16]{0}) tuple(%zero, %z)
+  %all-reduce.1 = f32[32]{0:T(128)} all-reduce(%x), channel_id=1
+  %all-reduce.2 = (bf16[3,2,16]{2,1,0}, f32[]{:T(128)}) all-reduce(%a, %b), channel_id=2
+  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}
+  %agd = f32[32]{0} all-gather-done(%ags)
+  %w = (s32[], f32[16]{0}) while(%init), condition=%cond, body=%body
+  ROOT %fusion = f32[32]{0} fusion(%all-reduce.1), kind=kLoop
+}
+"""
+  # The loop's all-reduce runs 6 times: its counter goes from 0 in steps of 1 while < 6 (libtpu
+  # leaves no known_trip_count on its loops).
+  assert compile_only.collectives(hlo) == {"all-reduce": {"count": 2 + 6, "bytes": 128 + 192 + 4 + 6 * 64},
                                            "all-gather": {"count": 1, "bytes": 128}}
+  # A loop of another shape (here: counting from 2) cannot be read, and counts once.
+  assert compile_only.collectives(hlo.replace("constant(0)", "constant(2)"))["all-reduce"]["count"] == 2 + 1
 
 
 def test_compile_table_row_reads_the_report(v5e_report, tmp_path):

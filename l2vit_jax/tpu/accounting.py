@@ -184,17 +184,24 @@ def instruction_flops(instruction: Instruction) -> tuple[float, float]:
     k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
     return 2.0 * _elements(instruction.result) * k, 0.0
   if opcode == "convolution":
-    kernel = _dims(instruction.operand_types[1])
-    labels = re.search(r"dim_labels=\w+_(\w+)->", instruction.attributes)
-    rhs = labels.group(1) if labels else ""
-    # Taps per output along each window dimension that land on real (not dilation-hole) inputs: a
-    # batched matmul written as a convolution has window = batch with lhs_dilate = batch, one tap.
+    inputs, kernel = _dims(instruction.operand_types[0]), _dims(instruction.operand_types[1])
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->", instruction.attributes)
+    lhs, rhs = labels.groups() if labels else ("", "")
+    # Taps per output along each window dimension that land on real (not padding or dilation-hole)
+    # inputs: at most the window over the dilation, and at most the input's own extent. A batched
+    # matmul written as a convolution has window = batch with lhs_dilate = batch (one tap), or a
+    # window as wide as its padding over an input of extent 1 (one tap).
     window = re.search(r"window=\{([^}]*)\}", instruction.attributes)
     sizes = _window_field(window.group(1) if window else "", "size")
     dilation = _window_field(window.group(1) if window else "", "lhs_dilate")
-    spatial = [i for i, label in enumerate(rhs) if label.isdigit()]
-    taps = math.prod(-(-(sizes[n] if n < len(sizes) else kernel[i]) // (dilation[n] if n < len(dilation) else 1))
-                     for n, i in enumerate(spatial))
+    taps = 1
+    for i, label in enumerate(rhs):
+      if not label.isdigit():
+        continue
+      n = int(label)
+      size = sizes[n] if n < len(sizes) else kernel[i]
+      extent = inputs[lhs.index(label)] if label in lhs and lhs.index(label) < len(inputs) else size
+      taps *= min(-(-size // (dilation[n] if n < len(dilation) else 1)), extent)
     features = math.prod(kernel[i] for i, label in enumerate(rhs) if label == "i")
     return 2.0 * _elements(instruction.result) * taps * features, 0.0
   if opcode in _ELEMENTWISE:
@@ -324,20 +331,74 @@ class Entry:
     return self.bytes_read + self.bytes_written
 
 
-def trip_count(loop: Instruction, computations: dict[str, list[Instruction]]) -> int:
-  """How often a ``while`` runs its body: XLA's ``known_trip_count`` where it annotated one (XLA:CPU
-  does), else read off a condition of the form ``counter < N`` with one integer constant N, the
-  loop ``lax.scan`` and ``fori_loop`` lower to (counter from 0 in steps of 1; libtpu leaves its
-  loops unannotated); 1 when neither applies."""
+def _through_copies(name: str, by_name: dict[str, Instruction]) -> Instruction | None:
+  instruction = by_name.get(name)
+  while instruction is not None and instruction.opcode in ("copy", "bitcast") and instruction.operands:
+    instruction = by_name.get(instruction.operands[0])
+  return instruction
+
+
+def _is_constant(instruction: Instruction | None, value: int | None = None) -> bool:
+  return (instruction is not None and instruction.opcode == "constant" and instruction.literal.isdigit()
+          and (value is None or int(instruction.literal) == value))
+
+
+def trip_count(loop: Instruction, computations: dict[str, list[Instruction]],
+               caller: list[Instruction]) -> int:
+  """How often a ``while`` (an instruction of ``caller``) runs its body: XLA's ``known_trip_count``
+  where it annotated one (XLA:CPU does); else, since libtpu leaves its loops unannotated, N for the
+  loop ``lax.scan`` and ``fori_loop`` lower to — a tuple element k that starts at constant 0, grows by
+  constant 1 in the body and is compared ``< N`` (a constant) in the condition; 1 otherwise."""
   known = _TRIP_COUNT.search(loop.attributes)
   if known:
     return int(known.group(1))
   condition = computations.get(next(iter(loop.called("condition")), ""), [])
+  body = computations.get(next(iter(loop.called("body")), ""), [])
   compares = [i for i in condition if i.opcode == "compare"]
-  limits = [i.literal for i in condition if i.opcode == "constant" and i.literal.isdigit()]
-  if len(compares) == 1 and "direction=LT" in compares[0].attributes and len(limits) == 1:
-    return int(limits[0])
-  return 1
+  if len(compares) != 1 or "direction=LT" not in compares[0].attributes or not body or not loop.operands:
+    return 1
+  in_condition = {i.name: i for i in condition}
+  counter, limit = (_through_copies(name, in_condition) for name in compares[0].operands[:2])
+  index = re.search(r"\bindex=(\d+)", counter.attributes) if counter is not None else None
+  if counter is None or counter.opcode != "get-tuple-element" or not index or not _is_constant(limit):
+    return 1
+  k = int(index.group(1))
+  in_body, in_caller = {i.name: i for i in body}, {i.name: i for i in caller}
+  root, start = body[-1], _through_copies(loop.operands[0], in_caller)  # HLO prints ROOT last
+  if root.opcode != "tuple" or start is None or start.opcode != "tuple" or k >= min(
+      len(root.operands), len(start.operands)):
+    return 1
+  step = _through_copies(root.operands[k], in_body)
+  if (step is None or step.opcode != "add" or not any(
+      _is_constant(_through_copies(name, in_body), 1) for name in step.operands)
+      or not _is_constant(_through_copies(start.operands[k], in_caller), 0)):
+    return 1
+  return int(limit.literal)
+
+
+def executed_instructions(computations: dict[str, list[Instruction]], entry: str):
+  """Yields (computation, instruction, trips) for every instruction the module executes: the entry
+  computation's, and those of the loops, calls, conditionals and async wrappers it runs, each with how
+  often it runs (loop trip counts multiply). Loops, calls and fused computations themselves are not
+  yielded; a fusion is one instruction."""
+  def walk(computation: str, trips: int, seen: tuple[str, ...]):
+    instructions = computations.get(computation, [])
+    for instruction in instructions:
+      if instruction.opcode == "while":
+        body_trips = trips * trip_count(instruction, computations, instructions)
+        for called in instruction.called("body") + instruction.called("condition"):
+          if called not in seen:
+            yield from walk(called, body_trips, seen + (called,))
+        continue
+      if instruction.opcode in ("call", "conditional", "async-start"):
+        for attribute in ("calls", "to_apply", "branch_computations", "true_computation",
+                          "false_computation"):
+          for called in instruction.called(attribute):
+            if called not in seen:
+              yield from walk(called, trips, seen + (called,))
+        continue
+      yield computation, instruction, trips
+  yield from walk(entry, 1, (entry,))
 
 
 def account(hlo_text: str) -> list[Entry]:
@@ -375,40 +436,25 @@ def account(hlo_text: str) -> list[Entry]:
       root_op_name = inner.op_name or root_op_name
     return flops, transcendentals, root_op_name
 
-  def walk(computation: str, trips: int, seen: tuple[str, ...]) -> None:
-    for instruction in computations.get(computation, []):
-      if instruction.opcode == "while":
-        body_trips = trips * trip_count(instruction, computations)
-        for called in instruction.called("body") + instruction.called("condition"):
-          if called not in seen:
-            walk(called, body_trips, seen + (called,))
-        continue
-      if instruction.opcode in ("call", "conditional", "async-start"):
-        for attribute in ("calls", "to_apply", "branch_computations", "true_computation",
-                          "false_computation"):
-          for called in instruction.called(attribute):
-            if called not in seen:
-              walk(called, trips, seen + (called,))
-        continue
-      if instruction.opcode in _FREE:
-        continue
-      if instruction.opcode == "fusion":
-        flops, transcendentals, inner_name = 0.0, 0.0, ""
-        for called in instruction.called("calls"):
-          f, t, inner_name = fused_flops(called)
-          flops, transcendentals = flops + f, transcendentals + t
-        op_name = instruction.op_name or inner_name
-      else:
-        flops, transcendentals = instruction_flops(instruction)
-        op_name = instruction.op_name
-      if not op_name:  # XLA's own prefetches and copies: the part of the operation that uses them
-        op_name = consumer_op_name(computation, instruction.name)
-      scope, direction = scope_of(op_name)
-      read, written, on_chip = _traffic(instruction, computations)
-      entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read, written,
-                           on_chip, flops, transcendentals, trips, op_name))
+  for computation, instruction, trips in executed_instructions(computations, entry):
+    if instruction.opcode in _FREE:
+      continue
+    if instruction.opcode == "fusion":
+      flops, transcendentals, inner_name = 0.0, 0.0, ""
+      for called in instruction.called("calls"):
+        f, t, inner_name = fused_flops(called)
+        flops, transcendentals = flops + f, transcendentals + t
+      op_name = instruction.op_name or inner_name
+    else:
+      flops, transcendentals = instruction_flops(instruction)
+      op_name = instruction.op_name
+    if not op_name:  # XLA's own prefetches and copies: the part of the operation that uses them
+      op_name = consumer_op_name(computation, instruction.name)
+    scope, direction = scope_of(op_name)
+    read, written, on_chip = _traffic(instruction, computations)
+    entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read, written,
+                         on_chip, flops, transcendentals, trips, op_name))
 
-  walk(entry, 1, (entry,))
   return entries
 
 

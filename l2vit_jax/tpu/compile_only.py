@@ -126,28 +126,26 @@ def per_chip_bytes(structs, shardings) -> int:
   return sum(jax.tree.leaves(jax.tree.map(on_one_chip, structs, shardings)))
 
 
-_COLLECTIVE = re.compile(r"=\s+(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
 def collectives(hlo_text: str) -> dict[str, dict]:
-  """Collective ops in optimized HLO: kind → {count, bytes} (result bytes per chip, per occurrence).
+  """Collective ops in optimized HLO: kind → {count, bytes} (result bytes per chip), each counted as
+  often as it runs (a collective in the scanned blocks' loop once per block).
 
   Asynchronous pairs are counted once, at their ``-start``; for all-gather and collective-permute
   starts, whose results hold the operands as well, only the outputs (the second half) count.
   """
+  computations, entry = accounting.parse_module(hlo_text)
   found: dict[str, dict] = {}
-  for line in hlo_text.splitlines():
-    match = _COLLECTIVE.search(line)
-    if not match:
+  for _, instruction, trips in accounting.executed_instructions(computations, entry):
+    kind = instruction.opcode.removesuffix("-start")
+    if kind not in COLLECTIVES:
       continue
-    result, kind, start = match.groups()
-    shapes = accounting.array_sizes(result)
-    if start and kind != "all-reduce":
+    shapes = accounting.array_sizes(instruction.result)
+    if instruction.opcode.endswith("-start") and kind != "all-reduce":
       shapes = [b for b in shapes if b > 4] or shapes  # drop u32[] sync contexts
       shapes = shapes[len(shapes) // 2:]
-    entry = found.setdefault(kind, {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    entry["bytes"] += sum(shapes)
+    counted = found.setdefault(kind, {"count": 0, "bytes": 0})
+    counted["count"] += trips
+    counted["bytes"] += sum(shapes) * trips
   return found
 
 

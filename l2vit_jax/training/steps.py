@@ -103,7 +103,7 @@ def fix_depthwise_implementations(model: nnx.Module, platform: str) -> str:
 
 
 # Where config.scan_blocks 'auto' compiles the blocks as one lax.scan (models.l2vit.scan_blocks). For
-# v5e:2x2 the default model's bf16 finetune step then compiles in 124 instead of 297 CPU-seconds, with a
+# v5e:2x2 the default model's bf16 finetune step then compiles in 124-132 instead of 297 CPU-seconds, with a
 # quarter of the peak memory and less HBM traffic, for 30 % more FLOPs (the default remat policy
 # recomputes each block's forward; docs/performance.md, "Compile time"). On the CPU the unrolled step
 # was as fast or faster and compiles in seconds; on a GPU, not measured yet, the extra FLOPs would
