@@ -42,7 +42,7 @@ def main(argv):
   else:
     mesh = compile_only.compile_only_mesh(compile_only.chips.topology_for_accelerator_type(_TOPOLOGY.value))
   compiled = compile_only.CompiledSteps(config, mesh, config.batch_size)
-  summary = accounting.summarise(accounting.account(compiled.train_hlo),
+  summary = accounting.summarise(compiled.train_entries,
                                  xla_bytes=compiled.train["xla_bytes_accessed"],
                                  xla_flops=compiled.train["xla_flops"])
   per_chip_batch = config.batch_size // mesh.size

@@ -17,8 +17,8 @@ contracting dimensions and windows), one per element for the arithmetic inside f
 transcendental functions counted apart, as XLA does. XLA's cost analysis counts the body of a loop
 once, whatever its trip count; a step whose blocks run under ``lax.scan`` (``models.l2vit.scan_blocks``)
 would look six times cheaper than the same step unrolled. Here every instruction counts as often as it
-runs (``Entry.trips``, from the loop's ``known_trip_count``), and ``executed_cost`` corrects XLA's totals
-the same way. The table keeps an ``unattributed`` row (XLA's total minus ours) so that its shares add
+runs (``Entry.trips``, from the loop's ``known_trip_count`` or its counter: ``trip_count``), and
+``executed_cost`` corrects XLA's totals the same way. The table keeps an ``unattributed`` row (XLA's total minus ours) so that its shares add
 up to XLA's own ``bytes_accessed``, loop-corrected.
 
 XLA's ``bytes_accessed`` counts every operand and result wherever it lives. On a TPU, memory-space
@@ -289,12 +289,12 @@ def _traffic(instruction: Instruction, computations: dict[str, list[Instruction]
     moved = shape_bytes(destination)
     # The source's layout says where it is read from; a slice reads as much as it writes.
     return moved, moved, on_chip_bytes(destination) + (moved if on_chip_bytes(source) else 0)
-  sliced_reads, sliced_write = _sliced_traffic(instruction, computations)
-  read = on_chip = 0
   def moved_on_chip(type_text: str, moved: int) -> int:  # the on-chip share of what moved
     whole = shape_bytes(type_text)
     return on_chip_bytes(type_text) * moved // whole if whole else 0
 
+  sliced_reads, sliced_write = _sliced_traffic(instruction, computations)
+  read = on_chip = 0
   for position, operand in enumerate(instruction.operand_types):
     moved = sliced_reads.get(position, shape_bytes(operand))
     read += moved
@@ -460,10 +460,11 @@ def account(hlo_text: str) -> list[Entry]:
 
 def executed_cost(entries: list[Entry], *, xla_flops: float, xla_bytes: float) -> dict:
   """XLA's FLOPs and bytes accessed with every loop body counted as often as it runs: XLA's own
-  figures (one pass over each body) plus each body instruction's further trips. Equal to XLA's for a
-  module without loops."""
+  figures (one pass over each body) plus each body instruction's further trips; equal to XLA's for a
+  module without loops. ``hbm_bytes``: of those bytes, the ones in HBM (ours, every trip)."""
   return {"flops": xla_flops + sum(e.flops * (e.trips - 1) for e in entries),
-          "bytes_accessed": xla_bytes + sum(e.bytes * (e.trips - 1) for e in entries)}
+          "bytes_accessed": xla_bytes + sum(e.bytes * (e.trips - 1) for e in entries),
+          "hbm_bytes": sum((e.bytes - e.on_chip_bytes) * e.trips for e in entries)}
 
 
 def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: int = 15) -> dict:
@@ -496,7 +497,7 @@ def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: 
   largest = sorted(entries, key=lambda e: e.bytes * e.trips, reverse=True)[:top]
   return {
       "xla_bytes_accessed": xla_bytes, "xla_flops": xla_flops, "attributed_bytes": ours,
-      "hbm_bytes": sum(g["hbm_bytes"] for g in groups.values()),
+      "hbm_bytes": executed["hbm_bytes"],
       "attributed_flops": sum(e.flops * e.trips for e in entries),
       "by_part": dict(sorted(groups.items(), key=lambda kv: -kv[1]["share_of_bytes"])),
       "largest": [{"name": e.name, "opcode": e.opcode, "part": f"{e.scope}/{e.direction}",

@@ -162,7 +162,9 @@ def _unoptimized_cost_per_device(lowered, num_devices: int) -> dict:
   return {key: cost.get(key, 0.0) / num_devices for key in ("flops", "bytes accessed")}
 
 
-def _compiled_summary(lowered, compiled, args, batch, num_devices: int) -> dict:
+def _compiled_summary(lowered, compiled, entries: list[accounting.Entry], args, batch,
+                      num_devices: int) -> dict:
+  """The report's figures for one compiled step; ``entries`` is ``accounting.account`` of its HLO."""
   memory = compiled.memory_analysis()
   cost, cost_source = compiled.cost_analysis(), "optimized HLO, per device"
   if not cost:
@@ -172,7 +174,6 @@ def _compiled_summary(lowered, compiled, args, batch, num_devices: int) -> dict:
   input_shardings = compiled.input_shardings[0]
   xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   # XLA counts a loop body once: the scanned blocks' would count for one block, not six.
-  entries = accounting.account(hlo)
   executed = accounting.executed_cost(entries, xla_flops=xla_flops, xla_bytes=xla_bytes)
   return {
       "peak_memory_bytes": int(memory.peak_memory_in_bytes),
@@ -182,7 +183,7 @@ def _compiled_summary(lowered, compiled, args, batch, num_devices: int) -> dict:
       "xla_flops": xla_flops,  # as XLA's cost analysis reports them, loop bodies once
       "xla_bytes_accessed": xla_bytes,
       # Of the bytes, those in HBM (the rest is in on-chip memory where XLA placed it; tpu/accounting.py).
-      "hbm_bytes": float(sum((e.bytes - e.on_chip_bytes) * e.trips for e in entries)),
+      "hbm_bytes": float(executed["hbm_bytes"]),
       "cost_analysis_of": cost_source + "; loop bodies counted once per trip (tpu/accounting.py)",
       "per_chip_parameter_bytes": per_chip_bytes(args[0], input_shardings[0]),
       "per_chip_batch_bytes": per_chip_bytes(batch, input_shardings[-1]),
@@ -218,14 +219,17 @@ class CompiledSteps:
       self.train_compile_seconds = time.perf_counter() - start
       # CPU seconds (all threads): comparable across runs on a loaded machine, unlike wall time.
       self.train_compile_cpu_seconds = time.process_time() - start_cpu
-      self.train = _compiled_summary(lowered, compiled, train_args, train_batch, mesh.size)
       self.train_hlo = compiled.as_text()
+      self.train_entries = accounting.account(self.train_hlo)  # per instruction (hlo_accounting.py)
+      self.train = _compiled_summary(lowered, compiled, self.train_entries, train_args, train_batch,
+                                     mesh.size)
       start = time.perf_counter()
       eval_args = (*state, eval_batch)
       lowered = self.steps.eval.lower(*eval_args)
       compiled = lowered.compile()
       self.eval_compile_seconds = time.perf_counter() - start
-      self.eval = _compiled_summary(lowered, compiled, eval_args, eval_batch, mesh.size)
+      self.eval = _compiled_summary(lowered, compiled, accounting.account(compiled.as_text()), eval_args,
+                                    eval_batch, mesh.size)
 
 
 def is_out_of_memory(error: Exception) -> bool:
