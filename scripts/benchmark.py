@@ -449,7 +449,7 @@ def _jax_scope_targets():
   return [(l2vit.PatchEmbed, "__call__", "patch_embed"), (nnx.Linear, "__call__", "linear_matmuls"),
           (nnx.LayerNorm, "__call__", "layernorm"), (nnx.BatchNorm, "__call__", "batchnorm"),
           (l2vit, "gelu", "gelu"), (l2vit.DepthwiseConv, "__call__", "depthwise_lcm"),
-          (nnx.Dropout, "__call__", "dropout_droppath"), (l2vit.DropPath, "__call__", "dropout_droppath"),
+          (l2vit.Dropout, "__call__", "dropout_droppath"), (l2vit.DropPath, "__call__", "dropout_droppath"),
           (l2vit.ATTENTION_FNS, "linear", "attention_kernel")]
 
 

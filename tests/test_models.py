@@ -274,6 +274,27 @@ def test_dropout_keeps_a_multiple_of_one_256th_scaled_to_stay_unbiased_and_is_th
   assert float(l2vit.Dropout(1.0, rngs=nnx.Rngs(dropout=0))(x).sum()) == 0.0
 
 
+@pytest.mark.parametrize('shape', [(64, 1001), (3, 5, 7), (1,)])
+def test_random_bytes_are_uniform_and_independent_across_the_four_bytes_of_a_word(shape):
+  key = jax.random.key(7)
+  got = np.asarray(jax.jit(l2vit.random_bytes, static_argnums=1)(key, shape))
+  assert got.shape == shape and got.dtype == np.uint8
+  np.testing.assert_array_equal(got, np.asarray(l2vit.random_bytes(key, shape)))  # deterministic
+  if got.size < 1000:
+    return
+  flat = got.reshape(-1)[: got.size // 4 * 4].reshape(-1, 4).astype(np.int64)
+  counts = np.bincount(got.reshape(-1), minlength=256)
+  expected = got.size / 256
+  assert ((counts - expected) ** 2 / expected).sum() < 256 + 5 * np.sqrt(2 * 256)  # chi-square, 255 dof
+  for lane in range(1, 4):  # bytes of one word: uncorrelated, not shifted copies of each other
+    assert abs(np.corrcoef(flat[:, 0], flat[:, lane])[0, 1]) < 0.02
+    assert (flat[:, 0] != flat[:, lane]).mean() > 0.99
+  # Another key draws other bytes; 'rbg' keys keep jax.random.bits.
+  assert (np.asarray(l2vit.random_bytes(jax.random.key(8), shape)) != got).mean() > 0.99
+  rbg = jax.random.key(7, impl='rbg')
+  np.testing.assert_array_equal(l2vit.random_bytes(rbg, shape), jax.random.bits(rbg, shape, jnp.uint8))
+
+
 # --- blocks compiled as one lax.scan -----------------------------------------------------------------
 
 def _train_step_results(scan: bool, remat_policy: str = ''):

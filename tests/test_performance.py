@@ -6,6 +6,7 @@ Figures are never asserted (timings depend on the machine); only correctness and
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -47,6 +48,24 @@ def test_depthwise_formulations_agree_forward_and_gradients(shape, kernel_size):
     for name, got, want in zip(('output', 'd_x', 'd_kernel', 'd_bias'), outputs, reference):
       assert got.shape == want.shape and got.dtype == want.dtype, (implementation, name)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f'{implementation} {name}')
+
+
+def test_lcm_forward_on_cpu_computes_each_depthwise_convolution_once():
+  # Unrolled over its 49 taps, XLA:CPU fused a copy of the sum into GELU, BatchNorm and the pad (four
+  # or five convolutions for the LCM's two, each showing as the first tap's window sliced out of
+  # the padded input); the loop over taps leaves one loop per convolution and no such copy.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.models import l2vit  # pylint: disable=import-outside-toplevel
+  lcm = l2vit.LocalConcentration(16, 7, rngs=nnx.Rngs(0))
+  lcm.eval()
+  graphdef, state = nnx.split(lcm)
+  x = jax.random.normal(jax.random.key(0), (4, 36, 16))
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, (6, 6)))
+  hlo = forward.lower(state, x).compile().as_text()
+  assert not re.findall(r'slice\([^)]*\), slice=\{\[0:4\], \[0:6\], \[0:6\], \[0:16\]\}', hlo)
+  assert len(re.findall(r'= \([^=]*\) while\(', hlo)) == 2
+  reference = lcm.conv2(lcm.bn(l2vit.gelu(lcm.conv1(x.reshape(4, 6, 6, 16))))).reshape(4, 36, 16)
+  np.testing.assert_allclose(forward(state, x), reference, rtol=1e-6, atol=1e-6)
 
 
 def test_depthwise_custom_vjp_in_bfloat16_accumulates_in_float32():

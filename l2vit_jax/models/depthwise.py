@@ -61,7 +61,7 @@ def depthwise_conv2d(
       'lax': ``lax.conv_general_dilated`` with ``feature_group_count`` (native on GPU/TPU);
       'shifted_adds': a loop over the kh·kw taps adding shifted x times the tap's per-channel
         weights, differentiated by JAX;
-      'shifted_adds_vjp': the same sum unrolled into one fused pass, with a hand-written VJP whose
+      'shifted_adds_vjp': the same looped sum forward, with a hand-written VJP whose
         input gradient is again shifted adds (correlation with the flipped kernel) and whose kernel
         gradient accumulates per-tap products row by row in cache-sized pieces;
       'row_scan': ``lax.scan`` over kernel rows, each row's kw taps unrolled;
@@ -84,7 +84,7 @@ def depthwise_conv2d(
   if implementation == 'lax':
     y = _lax_depthwise(x, kernel, precision)
   elif implementation == 'shifted_adds':
-    y = _shifted_adds_depthwise(x, kernel)
+    y = _shifted_adds_depthwise(x, kernel[:, :, 0, :])
   elif implementation == 'shifted_adds_vjp':
     y = _shifted_adds_vjp(x, kernel[:, :, 0, :])
   elif implementation == 'row_scan':
@@ -124,20 +124,23 @@ def _lax_depthwise(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision
 
 # --- 'shifted_adds' ---------------------------------------------------------------------------------
 
-def _shifted_adds_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  kh, kw = kernel.shape[:2]
+def _shifted_adds_depthwise(x: jax.Array, taps: jax.Array) -> jax.Array:
+  """Depthwise 'same' correlation of x (B, H, W, C) with taps (kh, kw, C), one tap per loop trip."""
+  kh, kw = taps.shape[:2]
   accumulator_dtype = _accumulator_dtype(x.dtype)
   padded = _pad_same(x, kh, kw)
-  taps = kernel[:, :, 0, :].reshape(kh * kw, -1).astype(accumulator_dtype)
+  taps = taps.reshape(kh * kw, -1).astype(accumulator_dtype)
 
   def add_tap(tap, y):
     window = jax.lax.dynamic_slice(padded, (0, tap // kw, tap % kw, 0), x.shape)
     return y + window.astype(accumulator_dtype) * taps[tap]
 
-  # A loop rather than 49 unrolled multiply-adds: unrolled and differentiated by JAX, XLA:CPU fuses
-  # them with the neighbouring ops and compiling the gradient of even a 2-block model took ~50 s (vs
-  # ~1 s looped). Its gradient is slow, though: the transpose of each dynamic_slice scatters into a
-  # zero array of the padded shape ('shifted_adds_vjp' avoids that).
+  # A loop rather than 49 unrolled multiply-adds: unrolled, XLA:CPU fuses a copy of the whole sum into
+  # each consumer (the LCM computed its first convolution three times; an optimization_barrier does
+  # not help, XLA:CPU drops barriers before fusing), and differentiated by JAX it took ~50 s to
+  # compile the gradient of even a 2-block model (vs ~1 s looped). Its JAX gradient is slow, though:
+  # the transpose of each dynamic_slice scatters into a zero array of the padded shape
+  # ('shifted_adds_vjp' keeps this forward and writes its own backward).
   y = jax.lax.fori_loop(0, kh * kw, add_tap, jnp.zeros(x.shape, accumulator_dtype))
   return y.astype(x.dtype)
 
@@ -156,7 +159,8 @@ def _unrolled_shifted_adds(x: jax.Array, taps: jax.Array) -> jax.Array:
     for j in range(kw):
       term = padded[:, i:i + height, j:j + width] * taps[i, j]
       y = term if y is None else y + term
-  return jax.lax.optimization_barrier(y.astype(x.dtype))
+  return y.astype(x.dtype)
+
 
 
 def _kernel_gradient(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> jax.Array:
@@ -189,11 +193,11 @@ def _kernel_gradient(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> jax.Array
 @jax.custom_vjp
 def _shifted_adds_vjp(x: jax.Array, taps: jax.Array) -> jax.Array:
   """Depthwise 'same' correlation of x (B, H, W, C) with taps (kh, kw, C)."""
-  return _unrolled_shifted_adds(x, taps)
+  return _shifted_adds_depthwise(x, taps)
 
 
 def _shifted_adds_vjp_forward(x, taps):
-  return _unrolled_shifted_adds(x, taps), (x, taps)
+  return _shifted_adds_depthwise(x, taps), (x, taps)
 
 
 def _shifted_adds_vjp_backward(residuals, dy):
