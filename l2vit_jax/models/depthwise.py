@@ -162,7 +162,6 @@ def _unrolled_shifted_adds(x: jax.Array, taps: jax.Array) -> jax.Array:
   return y.astype(x.dtype)
 
 
-
 def _kernel_gradient(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> jax.Array:
   """dL/dtaps[i, j, c] = Σ_{b,h,w} pad(x)[b, h+i, w+j, c] · dy[b, h, w, c].
 

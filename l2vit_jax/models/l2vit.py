@@ -204,8 +204,8 @@ class Dropout(nnx.Module):
   ``rate`` rounded to a multiple of 1/256 (0.1 → 0.1016), and kept elements are scaled by 256 /
   threshold, unbiased for that probability. A quarter of the random bits of ``nnx.Dropout``: on TPU
   the mask draws were a fifth of the train step's memory traffic (docs/performance.md), and on the
-  CPU and GPU a threefry hash gives four masks (``random_bytes``). Eval mode (``deterministic``) and rate 0 are the identity,
-  as in PyTorch: inference and the parity tests do not see the difference.
+  CPU and GPU one threefry hash gives four masks (``random_bytes``). Eval mode (``deterministic``)
+  and rate 0 are the identity, as in PyTorch: inference and the parity tests do not see the difference.
   """
 
   def __init__(self, rate: float, *, deterministic: bool = False, rngs: nnx.Rngs):
@@ -228,8 +228,8 @@ def random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
   ``jax.random.bits(key, shape, jnp.uint8)`` with threefry keys (JAX's default, with
   ``jax_threefry_partitionable``) hashes a counter per element, however narrow the dtype, so a byte
-  costs as much as a word: on XLA:CPU one (16, 625, 1024) dropout mask took 98 ms that way against
-  24 ms from a quarter as many words (docs/performance.md). Keys of the 'rbg' family (the TPU's)
+  costs as much as a word: on XLA:CPU one (16, 625, 1024) dropout, mask and apply, took 98 ms that
+  way against 24 ms from a quarter as many words (docs/performance.md). Keys of the 'rbg' family (the TPU's)
   draw bytes natively, so they keep ``jax.random.bits``. Byte k of word w is element 4·w + k, in
   row-major order.
   """
