@@ -5,12 +5,15 @@ Timings are never asserted (they depend on the machine); the statistics and the 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import nnx
 
-from l2vit_jax.models import depthwise
+from l2vit_jax.models import depthwise, l2vit
 from scripts import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,10 +52,6 @@ def test_load_monitor_marks_a_loaded_machine(monkeypatch):
 def test_profile_scopes_every_dropout_mask_draw_as_dropout():
   # The model's own Dropout (8-bit masks) once escaped the profile, which wrapped nnx.Dropout: its
   # mask draws counted as 'other'. Every op under the model's 'dropout' scope must carry the profile's.
-  import jax  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from l2vit_jax.models import l2vit  # pylint: disable=import-outside-toplevel
   with benchmark._Wrapped(benchmark._jax_scope_targets(), benchmark._jax_scoped):  # pylint: disable=protected-access
     model = l2vit.L2ViT(img_size=10, patch_size=5, embed_dim=8, depth=1, num_heads=2,
                         drop_path_rate=0.0, rngs=nnx.Rngs(0))

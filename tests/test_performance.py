@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import write_jet_file
 from l2vit_jax.data import hdf5, pipeline, sources, sparse, synthetic
 from l2vit_jax import errors
-from l2vit_jax.models import depthwise
+from l2vit_jax.models import depthwise, l2vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMULATIONS = depthwise.IMPLEMENTATIONS[1:]
@@ -54,8 +55,6 @@ def test_lcm_forward_on_cpu_computes_each_depthwise_convolution_once():
   # Unrolled over its 49 taps, XLA:CPU fused a copy of the sum into GELU, BatchNorm and the pad (four
   # or five convolutions for the LCM's two, each showing as the first tap's window sliced out of
   # the padded input); the loop over taps leaves one loop per convolution and no such copy.
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from l2vit_jax.models import l2vit  # pylint: disable=import-outside-toplevel
   lcm = l2vit.LocalConcentration(16, 7, rngs=nnx.Rngs(0))
   lcm.eval()
   graphdef, state = nnx.split(lcm)

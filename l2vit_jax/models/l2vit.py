@@ -295,6 +295,8 @@ class Block(nnx.Module):
 # Rematerialisation policies a scanned block may use (names of jax.checkpoint_policies); '' saves
 # every intermediate the backward pass needs.
 REMAT_POLICIES = ('', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable')
+# config.remat_policy's default (config_lib): the least HBM traffic per step (docs/performance.md).
+DEFAULT_REMAT_POLICY = 'nothing_saveable'
 
 
 def scan_blocks(blocks: list[Block], x: jax.Array, grid: tuple[int, int], *,

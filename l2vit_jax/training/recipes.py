@@ -203,7 +203,7 @@ def check_training_config(config) -> None:
   expect(config.model.dtype in ("float32", "bfloat16", "float16", None, ""), "model.dtype",
          "'float32', 'bfloat16' or 'float16'")
   expect(config.get("scan_blocks", "auto") in ("auto", "on", "off"), "scan_blocks", "'auto', 'on' or 'off'")
-  expect(config.get("remat_policy", "nothing_saveable") in l2vit.REMAT_POLICIES, "remat_policy",
+  expect(config.get("remat_policy", l2vit.DEFAULT_REMAT_POLICY) in l2vit.REMAT_POLICIES, "remat_policy",
          f"one of {l2vit.REMAT_POLICIES}")
   input_key = _TASK_INPUT_KEYS.get(config.task)
   if input_key:

@@ -103,8 +103,8 @@ def fix_depthwise_implementations(model: nnx.Module, platform: str) -> str:
 
 
 # Where config.scan_blocks 'auto' compiles the blocks as one lax.scan (models.l2vit.scan_blocks). For
-# v5e:2x2 the default model's bf16 finetune step then compiles in 124-132 instead of 297 CPU-seconds, with a
-# quarter of the peak memory and less HBM traffic, for 30 % more FLOPs (the default remat policy
+# v5e:2x2 the default model's bf16 finetune step then compiles in 88-132 (hosts vary) instead of 297
+# CPU-seconds, with a quarter of the peak memory and less HBM traffic, for 30 % more FLOPs (the default remat policy
 # recomputes each block's forward; docs/performance.md, "Compile time"). On the CPU the unrolled step
 # was as fast or faster and compiles in seconds; on a GPU, not measured yet, the extra FLOPs would
 # cost a compute-bound step: both stay unrolled unless config.scan_blocks is 'on'.
@@ -117,10 +117,8 @@ def configure_block_loop(model: nnx.Module, config, platform: str) -> tuple[bool
   split. Returns (scan_blocks, remat_policy) as set."""
   choice = config.get("scan_blocks", "auto")  # checked by recipes.check_training_config
   scan = platform in SCAN_BLOCKS_PLATFORMS if choice == "auto" else choice == "on"
-  policy = config.get("remat_policy", "nothing_saveable") if scan else ""
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, l2vit.L2ViT):
-      node.scan_blocks, node.remat_policy = scan, policy
+  policy = config.get("remat_policy", l2vit.DEFAULT_REMAT_POLICY) if scan else ""
+  model.set_attributes(scan_blocks=scan, remat_policy=policy, raise_if_not_found=False)
   return scan, policy
 
 
