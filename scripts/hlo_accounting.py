@@ -10,12 +10,15 @@ without a TPU (libtpu as a compile-only backend), or for this machine's CPU with
 and direction; the rows add up to XLA's own ``bytes_accessed``, and each also says how much of it is
 HBM traffic (the rest is in on-chip memory, where XLA's memory-space assignment put it). On a TPU
 topology the report has the roofline bound from both. ``--table`` also prints the markdown table (per
-image) used in docs/performance.md.
+image) used in docs/performance.md. ``--compile_profile=N`` profiles the train step's compile and
+adds the N instructions whose code generation took longest (``l2vit_jax.tpu.compile_profile``; the
+compile is slower under the profiler, so its seconds are not the step's compile time).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,12 +28,14 @@ from l2vit_jax.tpu import compile_only
 compile_only.set_compile_only_environment()  # before JAX starts any backend
 
 from l2vit_jax.runtime import sharding  # pylint: disable=wrong-import-position
-from l2vit_jax.tpu import accounting  # pylint: disable=wrong-import-position
+from l2vit_jax.tpu import accounting, compile_profile  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "libtpu topology, Cloud accelerator type or 'cpu'.")
 _TABLE = flags.DEFINE_bool("table", False, "Also print the per-image markdown table.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
+_COMPILE_PROFILE = flags.DEFINE_integer(
+    "compile_profile", 0, "Profile the train step's compile; report this many slowest instructions.")
 _HLO_OUT = flags.DEFINE_string("hlo_out", None, "Also write the optimized HLO text of the train step here.")
 
 
@@ -41,7 +46,11 @@ def main(argv):
     mesh = sharding.make_mesh()
   else:
     mesh = compile_only.compile_only_mesh(compile_only.chips.topology_for_accelerator_type(_TOPOLOGY.value))
-  compiled = compile_only.CompiledSteps(config, mesh, config.batch_size)
+  with tempfile.TemporaryDirectory() as profile_dir:
+    compiled = compile_only.CompiledSteps(config, mesh, config.batch_size,
+                                          profile_dir=profile_dir if _COMPILE_PROFILE.value else None)
+    profile = (compile_profile.slowest(compile_profile.emission_seconds(profile_dir), compiled.train_hlo,
+                                       top=_COMPILE_PROFILE.value) if _COMPILE_PROFILE.value else None)
   summary = accounting.summarise(compiled.train_entries,
                                  xla_bytes=compiled.train["xla_bytes_accessed"],
                                  xla_flops=compiled.train["xla_flops"])
@@ -53,6 +62,8 @@ def main(argv):
             "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds,
             "scan_blocks": compiled.steps.scan_blocks, "remat_policy": compiled.steps.remat_policy,
             **summary}
+  if profile:
+    report["compile_profile"] = profile
   if _TOPOLOGY.value != "cpu":
     # The roofline bound twice: with XLA's bytes accessed (on-chip traffic included, as
     # compile_tpu.py reports it) and with the HBM traffic alone, which is what bounds a TPU step.

@@ -154,12 +154,14 @@ def test_a_matmul_written_as_a_convolution_padded_over_an_input_of_extent_one_co
   assert accounting.instruction_flops(conv) == (2.0 * 1024 * 625 * 768 * 256, 0.0)
 
 
-def test_the_script_reports_a_tpu_steps_hbm_traffic_and_both_roofline_bounds():
+def test_the_script_reports_a_tpu_steps_hbm_traffic_both_roofline_bounds_and_where_its_compile_went(
+    tmp_path):
   tiny = ["--config.model.img_size=25", "--config.model.depth=1", "--config.model.embed_dim=32",
           "--config.model.num_heads=2", "--config.batch_size=8", "--config.model.dtype=bfloat16"]
+  hlo_out = tmp_path / "train.hlo"
   result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "hlo_accounting.py"), "--topology=v5e:2x2",
-                           "--config=configs/finetune.py", *tiny], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
+                           "--config=configs/finetune.py", *tiny, "--compile_profile=3", f"--hlo_out={hlo_out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert report["per_chip_batch"] == 2
@@ -167,3 +169,14 @@ def test_the_script_reports_a_tpu_steps_hbm_traffic_and_both_roofline_bounds():
   assert 0 < report["hbm_bytes_per_image"] < report["bytes_accessed_per_image"]
   by_xla, by_hbm = report["roofline_xla_bytes"], report["roofline_hbm_bytes"]
   assert by_hbm["memory_seconds"] < by_xla["memory_seconds"] and by_hbm["mfu_at_bound"] > by_xla["mfu_at_bound"]
+  # The compile's code generation, per instruction of the train step's own optimized HLO, slowest first.
+  profile = report["compile_profile"]
+  slowest = profile["slowest"]
+  assert len(slowest) == 3 and profile["instructions"] >= 3
+  assert slowest[0]["seconds"] >= slowest[1]["seconds"] >= slowest[2]["seconds"] > 0
+  assert 0 < sum(row["share"] for row in slowest) <= 1
+  assert profile["emission_seconds"] <= report["train_compile_cpu_seconds"]
+  hlo = hlo_out.read_text()
+  for row in slowest:
+    assert f"%{row['instruction']} = " in hlo
+  assert any(row["op_name"].startswith("jit(train_step)") for row in slowest)

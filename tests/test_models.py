@@ -325,7 +325,7 @@ def test_scanned_blocks_compute_what_the_blocks_compute_one_after_another():
   statistics written back: loss, statistics and gradients agree with the unrolled blocks (to float
   rounding; XLA fuses the two programs differently)."""
   unrolled = _train_step_results(scan=False)
-  for remat_policy in ('', 'nothing_saveable'):
+  for remat_policy in ('', 'nothing_saveable', 'lcm_norm_saveable'):
     scanned = _train_step_results(scan=True, remat_policy=remat_policy)
     np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-5)
     for ours, theirs in zip(jax.tree.leaves(scanned[1:3]), jax.tree.leaves(unrolled[1:3])):
@@ -356,6 +356,27 @@ def test_a_scanned_drop_path_rate_of_zero_keeps_every_sample_unscaled():
   np.testing.assert_array_equal(drop_path(jnp.ones((64, 5)), jnp.float32(0.0)), 1.0)
   kept = np.unique(np.asarray(drop_path(jnp.ones((256, 5)), jnp.float32(0.5))))
   np.testing.assert_allclose(kept, [0.0, 2.0])
+
+
+def test_the_lcm_norm_policy_keeps_only_the_lcm_batchnorm_output_for_the_backward_pass(capsys):
+  block = _tiny_model(depth=1).blocks[0]
+  graphdef, state = nnx.split(block)
+  tokens = jnp.asarray(_normal(2, 25, TINY['embed_dim']))
+
+  def block_sum(state, tokens):
+    return nnx.merge(graphdef, state)(tokens, (5, 5)).sum()
+
+  saved = {}
+  for policy in ('nothing_saveable', 'lcm_norm_saveable'):
+    remat = jax.checkpoint(block_sum, policy=l2vit.REMAT_POLICIES[policy])
+    jax.ad_checkpoint.print_saved_residuals(remat, state, tokens)
+    saved[policy] = capsys.readouterr().out
+  # Besides the block's arguments, the one activation kept is the LCM's BatchNorm output.
+  activations = {policy: [line for line in printed.splitlines() if 'from the argument' not in line]
+                 for policy, printed in saved.items()}
+  assert activations['nothing_saveable'] == []
+  assert [line.split(' from ')[0] for line in activations['lcm_norm_saveable']] == [
+      f"f32[2,5,5,{TINY['embed_dim']}] named 'lcm_norm'"]
 
 
 def test_an_unknown_remat_policy_is_refused():

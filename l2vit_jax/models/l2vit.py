@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
@@ -175,7 +176,7 @@ class LocalConcentration(nnx.Module):
     y = x.reshape(batch, *grid, dim)
     y = gelu(self.conv1(y))
     with jax.named_scope('norm'):
-      y = self.bn(y)
+      y = checkpoint_name(self.bn(y), 'lcm_norm')
     return self.conv2(y).reshape(batch, tokens, dim)
 
 
@@ -292,9 +293,18 @@ class Block(nnx.Module):
     return x
 
 
-# Rematerialisation policies a scanned block may use (names of jax.checkpoint_policies); '' saves
-# every intermediate the backward pass needs.
-REMAT_POLICIES = ('', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable')
+# Rematerialisation policies a scanned block may use, by name: '' saves every intermediate the
+# backward pass needs; the others are jax.checkpoint policies. 'lcm_norm_saveable' recomputes the
+# block except the LCM's BatchNorm output (``checkpoint_name`` 'lcm_norm'): the backward pass then
+# reads it where the recomputed copy was fused into the depthwise kernel gradient, a fusion the TPU
+# compiler generated three times; a fifth less compile time, more HBM traffic (docs/performance.md).
+REMAT_POLICIES = {
+    '': None,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'lcm_norm_saveable': jax.checkpoint_policies.save_only_these_names('lcm_norm'),
+}
 # config.remat_policy's default (config_lib): the least HBM traffic per step (docs/performance.md).
 DEFAULT_REMAT_POLICY = 'nothing_saveable'
 
@@ -315,7 +325,7 @@ def scan_blocks(blocks: list[Block], x: jax.Array, grid: tuple[int, int], *,
   memory traffic and peak memory of each choice).
   """
   if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f'unknown remat_policy {remat_policy!r}; use one of {REMAT_POLICIES}')
+    raise ValueError(f'unknown remat_policy {remat_policy!r}; use one of {list(REMAT_POLICIES)}')
   graphdef = nnx.graphdef(blocks[0])
   states = [nnx.state(block) for block in blocks]
   if any(jax.tree.structure(state) != jax.tree.structure(states[0]) for state in states[1:]):
@@ -330,7 +340,7 @@ def scan_blocks(blocks: list[Block], x: jax.Array, grid: tuple[int, int], *,
     return x, nnx.state(block)
 
   if remat_policy:
-    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   x, new_states = jax.lax.scan(body, x, (stacked, rates))
   for index, block in enumerate(blocks):
     nnx.update(block, jax.tree.map(lambda leaf: leaf[index], new_states))

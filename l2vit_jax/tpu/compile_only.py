@@ -12,6 +12,7 @@ Memory and cost figures are per chip (docs/design.md, Checked API facts: ``temp_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -193,9 +194,12 @@ def _compiled_summary(lowered, compiled, entries: list[accounting.Entry], args, 
 
 
 class CompiledSteps:
-  """The train and eval steps of ``config``'s task compiled for ``mesh`` at one global batch."""
+  """The train and eval steps of ``config``'s task compiled for ``mesh`` at one global batch.
 
-  def __init__(self, config, mesh, global_batch: int):
+  With ``profile_dir``, the train step's compile runs inside a ``jax.profiler`` trace written there
+  (``compile_profile``: where the compiler spent it; the compile is slower for it)."""
+
+  def __init__(self, config, mesh, global_batch: int, *, profile_dir: str | None = None):
     sharding.check_batch_size(global_batch, mesh)
     model, loss = recipes.build_model_and_loss(config)
     total_steps = int(config.num_epochs * NOMINAL_STEPS_PER_EPOCH)
@@ -215,7 +219,8 @@ class CompiledSteps:
       start, start_cpu = time.perf_counter(), time.process_time()
       train_args = (*state, opt_state, step, train_batch)
       lowered = self.steps.train.lower(*train_args)
-      compiled = lowered.compile()
+      with jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext():
+        compiled = lowered.compile()
       self.train_compile_seconds = time.perf_counter() - start
       # CPU seconds (all threads): comparable across runs on a loaded machine, unlike wall time.
       self.train_compile_cpu_seconds = time.process_time() - start_cpu

@@ -204,7 +204,7 @@ def check_training_config(config) -> None:
          "'float32', 'bfloat16' or 'float16'")
   expect(config.get("scan_blocks", "auto") in ("auto", "on", "off"), "scan_blocks", "'auto', 'on' or 'off'")
   expect(config.get("remat_policy", l2vit.DEFAULT_REMAT_POLICY) in l2vit.REMAT_POLICIES, "remat_policy",
-         f"one of {l2vit.REMAT_POLICIES}")
+         f"one of {list(l2vit.REMAT_POLICIES)}")
   input_key = _TASK_INPUT_KEYS.get(config.task)
   if input_key:
     expect(bool(config.data.get(input_key.split(".")[1])), input_key, "the path of a jet file (.h5 or .sparse)")
