@@ -4,8 +4,8 @@ libtpu marks its work with profiler events; generating the code of one fusion (i
 scheduling and register allocation) is an event named ``XLA::TPU emitting for <instruction>``, and
 those events hold nearly all of a large train step's compile. ``jax.profiler`` collects them on the
 host when the compile runs inside a trace (``CompiledSteps(..., profile_dir=...)``). A few fusions can
-dominate: in the default finetune step one fusion's code generation took over half the compile
-(docs/performance.md, "Compile time"). Profiling itself slows the compile (about 1.7× on a 2-core
+dominate: in the default finetune step one fusion's code generation took a third of the compile and
+three took over half (docs/performance.md, "Compile time"). Profiling itself slows the compile (about 1.7× on a 2-core
 host), so read the shares, not the seconds.
 """
 
