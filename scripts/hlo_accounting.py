@@ -17,6 +17,7 @@ compile is slower under the profiler, so its seconds are not the step's compile 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 
@@ -46,11 +47,10 @@ def main(argv):
     mesh = sharding.make_mesh()
   else:
     mesh = compile_only.compile_only_mesh(compile_only.chips.topology_for_accelerator_type(_TOPOLOGY.value))
-  with tempfile.TemporaryDirectory() as profile_dir:
-    compiled = compile_only.CompiledSteps(config, mesh, config.batch_size,
-                                          profile_dir=profile_dir if _COMPILE_PROFILE.value else None)
-    profile = (compile_profile.slowest(compile_profile.emission_seconds(profile_dir), compiled.train_hlo,
-                                       top=_COMPILE_PROFILE.value) if _COMPILE_PROFILE.value else None)
+  with tempfile.TemporaryDirectory() if _COMPILE_PROFILE.value else contextlib.nullcontext() as profile_dir:
+    compiled = compile_only.CompiledSteps(config, mesh, config.batch_size, profile_dir=profile_dir)
+    profile = (compile_profile.slowest(compile_profile.emission_seconds(profile_dir), compiled.train_entries,
+                                       top=_COMPILE_PROFILE.value) if profile_dir else None)
   summary = accounting.summarise(compiled.train_entries,
                                  xla_bytes=compiled.train["xla_bytes_accessed"],
                                  xla_flops=compiled.train["xla_flops"])

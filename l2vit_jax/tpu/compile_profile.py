@@ -5,8 +5,8 @@ scheduling and register allocation) is an event named ``XLA::TPU emitting for <i
 those events hold nearly all of a large train step's compile. ``jax.profiler`` collects them on the
 host when the compile runs inside a trace (``CompiledSteps(..., profile_dir=...)``). A few fusions can
 dominate: in the default finetune step one fusion's code generation took a third of the compile and
-three took over half (docs/performance.md, "Compile time"). Profiling itself slows the compile (about 1.7× on a 2-core
-host), so read the shares, not the seconds.
+three took over half (docs/performance.md, "Compile time"). Profiling itself slows the compile (about
+1.7× on a 2-core host), so read the shares, not the seconds.
 """
 
 from __future__ import annotations
@@ -37,19 +37,19 @@ def emission_seconds(profile_dir: str) -> dict[str, float]:
   return dict(seconds)
 
 
-def slowest(seconds: dict[str, float], hlo_text: str, top: int = 10) -> dict:
-  """The ``top`` instructions by code-generation time, each with its share of the total, the model
-  part and pass its ``op_name`` names (``accounting.scope_of``), and whether it belongs to a block's
-  forward pass recomputed in the backward pass (``jax.checkpoint``: 'rematted_computation')."""
-  computations, _ = accounting.parse_module(hlo_text)
-  op_names = {instruction.name: instruction.op_name
-              for instructions in computations.values() for instruction in instructions}
+def slowest(seconds: dict[str, float], entries: list[accounting.Entry], top: int = 10) -> dict:
+  """The ``top`` instructions by code-generation time, each with its share of the total, its model
+  part and pass from the step's accounting (``accounting.account``: ``entries``), and whether it
+  belongs to a block's forward pass recomputed in the backward pass (``jax.checkpoint``:
+  'rematted_computation')."""
+  by_name = {entry.name: entry for entry in entries}
   total = sum(seconds.values())
   rows = []
   for name, spent in sorted(seconds.items(), key=lambda item: -item[1])[:top]:
-    op_name = op_names.get(name, "")
-    scope, direction = accounting.scope_of(op_name)
+    entry = by_name.get(name)
+    op_name = entry.op_name if entry else ""
     rows.append({"instruction": name, "seconds": round(spent, 2), "share": round(spent / total, 4),
-                 "scope": scope, "direction": direction,
+                 "scope": entry.scope if entry else "other",
+                 "direction": entry.direction if entry else "forward",
                  "rematerialised": "rematted_computation" in op_name, "op_name": op_name})
   return {"emission_seconds": round(total, 2), "instructions": len(seconds), "slowest": rows}
