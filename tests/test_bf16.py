@@ -115,7 +115,7 @@ def test_bf16_model_keeps_float32_parameters_state_and_attention():
   graphdef, state = nnx.split(model)
   jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images).jaxpr
   dots = _dot_dtypes(jaxpr)
-  # kᵀ[v, 1] and q·(kᵀ[v, 1]) per block in float32 at HIGHEST; every other matmul in bf16.
+  # kᵀv, q·(kᵀv) and q·Σk per block in float32 at HIGHEST; every other matmul in bf16.
   attention = [d for d in dots if d[0] == "float32"]
-  assert len(attention) == 2 * TINY["depth"] and all("HIGHEST" in p for _, p in attention), dots
+  assert len(attention) == 3 * TINY["depth"] and all("HIGHEST" in p for _, p in attention), dots
   assert len(dots) > len(attention) and all(d == "bfloat16" for d, _ in dots if (d, _) not in attention)

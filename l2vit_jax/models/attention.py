@@ -41,19 +41,13 @@ def linear_attention(
   q = jax.nn.relu(q.astype(jnp.float32))
   k = jax.nn.relu(k.astype(jnp.float32))
   v = v.astype(jnp.float32)
-  head_dim = v.shape[-1]
-  # A ones column on v makes the last column of kᵀ[v, 1] equal to Σ_n k_n, so the same two matmuls
-  # that give the numerator also give the denominator q · Σk.
-  v_and_ones = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
-  kv = jnp.einsum('bhnd,bhne->bhde', k, v_and_ones, precision=_HIGHEST)
-  # Temperature scales the kᵀv columns only, never the Σk column.
-  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (kv.shape[1], 1, 1))
-  column_scale = jnp.concatenate(
-      [jnp.broadcast_to(temperature, (kv.shape[1], 1, head_dim)), jnp.ones((kv.shape[1], 1, 1))],
-      axis=-1)
-  kv = kv * column_scale
-  out = jnp.einsum('bhnd,bhde->bhne', q, kv, precision=_HIGHEST)
-  numerator, denominator = out[..., :head_dim], out[..., head_dim:]
+  # Temperature scales kᵀv only; the denominator q · Σk is a separate matrix-vector product. (Until
+  # Dec 2026 a ones column on v gave Σk as a 65th column of the same two matmuls; on TPU its
+  # (…, tokens, 65) float32 intermediates cost 13 % of the finetune step's bytes accessed, for the
+  # same FLOPs: docs/performance.md, "Where the bytes go".)
+  kv = jnp.einsum('bhnd,bhne->bhde', k, v, precision=_HIGHEST) * jnp.asarray(temperature, jnp.float32)
+  numerator = jnp.einsum('bhnd,bhde->bhne', q, kv, precision=_HIGHEST)
+  denominator = jnp.einsum('bhnd,bhd->bhn', q, k.sum(axis=2), precision=_HIGHEST)[..., None]
   return (numerator / jnp.maximum(denominator, denominator_floor)).astype(out_dtype)
 
 
