@@ -44,7 +44,7 @@ def linear_attention(
   # Temperature scales kᵀv only; the denominator q · Σk is a separate matrix-vector product. (Until
   # Dec 2026 a ones column on v gave Σk as a 65th column of the same two matmuls; on TPU its
   # (…, tokens, 65) float32 intermediates cost 13 % of the finetune step's bytes accessed, for the
-  # same FLOPs: docs/performance.md, "Where the bytes go".)
+  # same FLOPs: docs/performance.md, "The attention's denominator as its own product".)
   kv = jnp.einsum('bhnd,bhne->bhde', k, v, precision=_HIGHEST) * jnp.asarray(temperature, jnp.float32)
   numerator = jnp.einsum('bhnd,bhde->bhne', q, kv, precision=_HIGHEST)
   denominator = jnp.einsum('bhnd,bhd->bhn', q, k.sum(axis=2), precision=_HIGHEST)[..., None]
