@@ -15,8 +15,13 @@ Prints one JSON object (and writes it to ``--out``). Sections (``--only`` picks 
   in ``--pairs`` rounds (each round runs ours and theirs once, the order reversed every other round so
   that a drift in machine speed hits both alike); every ours/PyTorch ratio is reported per round and
   as the median and min–max over rounds.
-* ``precision``: float32 vs bfloat16 train-step img/s (paired the same way). On an accelerator
-  ``--only=model,precision --dtype=bfloat16`` is the command to run.
+* ``precision``: float32 vs bfloat16 train-step img/s (paired the same way).
+
+On a GPU (or TPU), ``python scripts/benchmark.py --accelerator`` is the command to run: the ``model``
+section in bfloat16 at the largest power-of-two batch whose train step fits ``--fill-fraction`` of the
+device's memory (``--batch=fill``, found from one compile at a small batch), its MFU against the chip's
+published dense bf16 peak (``tpu.chips.spec_for_device_kind``), and the PyTorch reference on the same
+device in bf16 autocast, interleaved as on the CPU. Its budget is 5 minutes of device time.
 * ``profile`` (only when named in ``--only``): per-operation-category milliseconds of our train step
   and inference (a JAX profiler trace; each XLA thunk attributed through the named scope its HLO
   metadata carries) beside PyTorch's (torch.profiler self CPU time, attributed the same way):
@@ -40,7 +45,9 @@ from a loaded run are not figures to quote.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import os
 import platform as python_platform
@@ -58,17 +65,42 @@ SECTIONS = ("matmul", "model", "precision", "profile", "depthwise", "attention",
 # ratio read 1.7×, quiet 0.6–1.0×), while a quiet desktop stays well below it.
 LOADED_FRACTION = 0.25
 TINY_MODEL = dict(img_size=25, patch_size=5, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
+PLAIN_DEFAULTS = dict(only=",".join(s for s in SECTIONS if s != "profile"), batch=16, dtype="float32",
+                      steps=3)
+# A GPU step of the default model at a filling batch takes tens of milliseconds: ten of them per round
+# keep the Python dispatch and the synchronisation at each round's end out of the figures, and the
+# three compiles (the fill probe, train, inference) plus 5 pairs inside 5 minutes of device time.
+ACCELERATOR_DEFAULTS = dict(only="model", batch="fill", dtype="bfloat16", steps=10)
+
+
+def _batch_size(text: str) -> int | str:
+  if text == "fill":
+    return text
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"--batch must be a positive integer or 'fill', got {text}")
+  return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", help="also write the JSON here")
-  parser.add_argument("--only", default=",".join(s for s in SECTIONS if s != "profile"),
+  parser.add_argument("--only", default=None,
                       help=f"comma-separated subset of {SECTIONS} (default: all but 'profile')")
   parser.add_argument("--tiny", action="store_true", help="tiny shapes everywhere (tests, smoke runs)")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="compute dtype of the 'model' section")
+  parser.add_argument("--accelerator", action="store_true",
+                      help="the GPU/TPU benchmark: --only=model --dtype=bfloat16 --batch=fill --steps=10 "
+                           "(options given explicitly win)")
+  parser.add_argument("--batch", type=_batch_size, default=None,
+                      help="images per step, or 'fill': the largest power of two whose train step fits "
+                           "--fill-fraction of the device's memory (default 16)")
+  parser.add_argument("--fill-fraction", type=float, default=0.4,
+                      help="share of the device's memory our train step may plan for with --batch=fill; "
+                           "the rest is the PyTorch reference's, which shares the device")
+  parser.add_argument("--max-batch", type=int, default=1024, help="upper bound of --batch=fill")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="compute dtype of the 'model' section (default float32; the PyTorch "
+                           "reference runs bfloat16 under autocast)")
   parser.add_argument("--attention", choices=("linear", "softmax"), default="linear")
   parser.add_argument("--img-size", type=int, default=125)
   parser.add_argument("--patch-size", type=int, default=5)
@@ -79,7 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--depthwise-implementation", default="auto")
   parser.add_argument("--max-patch-mib", type=int, default=128,
                       help="skip the 'patches' depthwise formulation when its patch tensor is larger")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per runner and round")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="timed steps per runner and round (default 3, 10 with --accelerator)")
   parser.add_argument("--pairs", "--repeats", dest="pairs", type=int, default=None,
                       help="paired rounds (ours then theirs, alternating order) behind each ratio; "
                            "default 5 (2 with --tiny)")
@@ -88,16 +121,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--pipeline-batches", type=int, default=30)
   parser.add_argument("--attention-tokens", default="64,256,625,2500,10000")
   args = parser.parse_args(argv)
+  defaults = dict(ACCELERATOR_DEFAULTS if args.accelerator else PLAIN_DEFAULTS)
+  if args.tiny:
+    for key, value in TINY_MODEL.items():
+      setattr(args, key, value)
+    defaults.update(steps=1, batch=defaults["batch"] if args.accelerator else 4)
+    args.pipeline_images, args.pipeline_batches = 32, 4
+    args.attention_tokens = "16,64"
+  for key, value in defaults.items():
+    if getattr(args, key) is None:  # options given explicitly win
+      setattr(args, key, value)
   args.sections = [s for s in args.only.split(",") if s]
   unknown = set(args.sections) - set(SECTIONS)
   if unknown:
     parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-  if args.tiny:
-    for key, value in TINY_MODEL.items():
-      setattr(args, key, value)
-    args.batch, args.steps = 4, 1
-    args.pipeline_images, args.pipeline_batches = 32, 4
-    args.attention_tokens = "16,64"
   if args.pairs is None:
     args.pairs = 2 if args.tiny else 5
   return args
@@ -126,6 +163,18 @@ def _device_memory(jax) -> dict | None:
   return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
+def _device_bytes_limit() -> int | None:
+  import jax  # pylint: disable=import-outside-toplevel
+  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def _chip():
+  """The published figures of the chip we run on (``tpu.chips``); None on a CPU."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.tpu import chips  # pylint: disable=import-outside-toplevel
+  return chips.spec_for_device_kind(jax.devices()[0].device_kind)
+
+
 def _xla_flops(compiled) -> float | None:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -141,7 +190,7 @@ def analytic_forward_flops(args) -> float:
   hidden = int(dim * args.mlp_ratio)
   patch = 2 * tokens * (8 * args.patch_size**2) * dim
   qkv_proj_mlp = 2 * tokens * (dim * 3 * dim + dim * dim + 2 * dim * hidden)
-  if args.attention == "linear":  # kᵀ[v, 1] and q·(kᵀ[v, 1]) per head
+  if args.attention == "linear":  # kᵀv and q·(kᵀv) per head, the denominator q·Σk as one more column
     attention = 2 * 2 * args.num_heads * tokens * head_dim * (head_dim + 1)
   else:
     attention = 2 * 2 * args.num_heads * tokens * tokens * head_dim
@@ -169,6 +218,71 @@ def bench_matmul(args) -> dict:
   return {"shape": [m, k, n], "seconds": seconds, "flop_per_s": 2 * m * k * n / seconds}
 
 
+def _jax_model_and_train_step(args, dtype: str):
+  """Our model as the finetune recipe trains it: the jitted train step (``DualHeadLoss``, the recipe's
+  optimizer), its state [params, batch_stats, other, opt_state], and the eval-mode model split."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from l2vit_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.training import objectives, optimizer, steps  # pylint: disable=import-outside-toplevel
+  model = models.L2ViT(**_model_kwargs(args), attention=args.attention,
+                       dtype=None if dtype == "float32" else jnp.dtype(dtype),
+                       rngs=nnx.Rngs(params=0, dropout=1))
+  model.set_attributes(depthwise_implementation=args.depthwise_implementation,
+                       raise_if_not_found=False)
+  config = config_lib.base_config()
+  config.learning_rate, config.backbone_learning_rate = 1e-4, 5e-5  # the finetune recipe
+  tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 100, 10_000))
+  loss = objectives.DualHeadLoss(mass_mean=142.46, mass_std=50.58)
+  model.eval()
+  eval_graphdef, eval_state = nnx.split(model)
+  # Copies: the train step donates (deletes) the parameter buffers it is given.
+  eval_state = jax.tree.map(lambda a: a.copy(), eval_state)
+  model.train()
+  graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  state = [params, batch_stats, other, tx.init(params)]
+  return steps.make_train_step(graphdef, loss, tx, jax.random.key(0)), state, (eval_graphdef, eval_state)
+
+
+def choose_fill_batch(fixed_bytes: float, bytes_per_image: float, budget_bytes: float,
+                      max_batch: int) -> int:
+  """The largest power of two b ≤ ``max_batch`` with fixed + b · per-image bytes ≤ budget (at least 1).
+
+  Powers of two: every common GPU and TPU tile divides them, so the figures are not a ragged batch's.
+  (``tpu.compile_only.largest_fitting_batch`` instead compiles at each guess to pin down a slice's
+  exact largest batch; a benchmark wants a round one from a single compile.)
+  """
+  batch = 1
+  while batch * 2 <= max_batch and fixed_bytes + batch * 2 * bytes_per_image <= budget_bytes:
+    batch *= 2
+  return batch
+
+
+def fill_batch(args, probe_batch: int = 8) -> dict:
+  """``--batch=fill``: the batch whose train step fits ``--fill-fraction`` of the device's memory.
+
+  One compile at ``probe_batch``: XLA's memory plan splits into arguments and outputs (parameters,
+  optimizer state, the batch: nearly all fixed) and temporaries (activations and their gradients,
+  per image). Scaling the temporaries from the probe slightly overstates what a larger batch needs,
+  which errs on the side of fitting. On a CPU, which reports no memory limit, the batch is 16.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  limit = _device_bytes_limit()
+  if not limit:
+    return {"batch": PLAIN_DEFAULTS["batch"], "reason": "the device reports no memory limit"}
+  step_fn, state, _ = _jax_model_and_train_step(args, args.dtype)
+  _, probe = _fake_batch(args, probe_batch)
+  memory = step_fn.lower(*state, jnp.int32(0), probe).compile().memory_analysis()
+  fixed = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+  per_image = memory.temp_size_in_bytes / probe_batch
+  budget = args.fill_fraction * limit
+  return {"batch": choose_fill_batch(fixed, per_image, budget, args.max_batch),
+          "device_bytes_limit": limit, "fill_fraction": args.fill_fraction,
+          "probe_batch": probe_batch, "fixed_bytes": fixed, "temp_bytes_per_image": per_image,
+          "max_batch": args.max_batch}
+
+
 class _JaxTrainer:
   """Our real train step and inference forward for one model configuration."""
 
@@ -176,28 +290,11 @@ class _JaxTrainer:
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    from l2vit_jax import config_lib, models  # pylint: disable=import-outside-toplevel
-    from l2vit_jax.training import objectives, optimizer, steps
+    from l2vit_jax.training import steps  # pylint: disable=import-outside-toplevel
     self.jax = jax
-    model = models.L2ViT(**_model_kwargs(args), attention=args.attention,
-                         dtype=None if dtype == "float32" else jnp.dtype(dtype),
-                         rngs=nnx.Rngs(params=0, dropout=1))
-    model.set_attributes(depthwise_implementation=args.depthwise_implementation,
-                         raise_if_not_found=False)
-    config = config_lib.base_config()
-    config.learning_rate, config.backbone_learning_rate = 1e-4, 5e-5  # the finetune recipe
-    tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedules(config, 100, 10_000))
-    loss = objectives.DualHeadLoss(mass_mean=142.46, mass_std=50.58)
-    model.eval()
-    eval_graphdef, eval_state = nnx.split(model)
-    # Copies: the train step donates (deletes) the parameter buffers it is given.
-    eval_state = jax.tree.map(lambda a: a.copy(), eval_state)
-    model.train()
-    graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    self.state = [params, batch_stats, other, tx.init(params)]
+    step_fn, self.state, (eval_graphdef, eval_state) = _jax_model_and_train_step(args, dtype)
     self.batch = batch
     self.step_count = 0
-    step_fn = steps.make_train_step(graphdef, loss, tx, jax.random.key(0))
     self.one_step_in_flight = steps.keeps_one_step_in_flight()  # as the train loop dispatches
     start = time.perf_counter()
     self.train_step = step_fn.lower(*self.state, jnp.int32(0), batch).compile()
@@ -232,48 +329,88 @@ class _JaxTrainer:
 
 
 class _TorchTrainer:
-  """The PyTorch reference: forward + backward + grad-norm clip + AdamW, and no_grad inference."""
+  """The PyTorch reference: forward + backward + grad-norm clip + AdamW, and no_grad inference.
 
-  def __init__(self, args, images_nhwc):
+  On the device our JAX runs on (CUDA when JAX runs on a GPU, else the CPU); in bfloat16 under
+  ``torch.autocast`` when ``dtype`` is bfloat16, the way a PyTorch user runs mixed precision (float32
+  parameters and optimizer, as ours).
+  """
+
+  def __init__(self, args, images_nhwc, dtype: str = "float32", device: str = "cpu"):
     import torch  # pylint: disable=import-outside-toplevel
     from l2vit_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
     self.torch = torch
-    self.model = torch_reference.build_torch_l2vit(**_model_kwargs(args))
+    self.device = torch.device(device)
+    self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    self.model = torch_reference.build_torch_l2vit(**_model_kwargs(args)).to(self.device)
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
-    self.images = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())
-    batch = len(images_nhwc)
-    self.labels = torch.arange(batch) % 2
-    self.mass = torch.linspace(-1.0, 1.0, batch)
+    self.images = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy()).to(self.device)
+    self.batch = len(images_nhwc)
+    self.labels = (torch.arange(self.batch) % 2).to(self.device)
+    self.mass = torch.linspace(-1.0, 1.0, self.batch).to(self.device)
     self.run_train(1)
     self.run_inference(1)
+
+  def _precision(self):
+    if self.autocast_dtype is None:
+      return contextlib.nullcontext()
+    return self.torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+  def _finish(self) -> None:
+    if self.device.type == "cuda":  # kernels run asynchronously: the round's time needs them done
+      self.torch.cuda.synchronize(self.device)
 
   def run_train(self, steps: int) -> None:
     functional = self.torch.nn.functional
     self.model.train()
     for _ in range(steps):
-      logits, mass = self.model(self.images)
-      loss = functional.cross_entropy(logits, self.labels) + functional.smooth_l1_loss(mass[:, 0], self.mass)
+      with self._precision():
+        logits, mass = self.model(self.images)
+        loss = (functional.cross_entropy(logits.float(), self.labels)
+                + functional.smooth_l1_loss(mass[:, 0].float(), self.mass))
       self.optimizer.zero_grad(set_to_none=True)
       loss.backward()
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
       self.optimizer.step()
+    self._finish()
 
   def run_inference(self, steps: int) -> None:
     self.model.eval()
-    with self.torch.no_grad():
+    with self.torch.no_grad(), self._precision():
       for _ in range(steps):
         self.model(self.images)
+    self._finish()
 
 
-def _fake_batch(args):
+def _fitting_torch_trainer(args, images_nhwc, dtype: str, device: str) -> _TorchTrainer:
+  """The PyTorch reference at our batch, or at half of it (and half again) where that runs out of the
+  device's memory: eager PyTorch keeps more activations than XLA's plan for the same batch."""
+  import torch  # pylint: disable=import-outside-toplevel
+  out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+  batch = len(images_nhwc)
+  while True:
+    try:
+      return _TorchTrainer(args, images_nhwc[:batch], dtype, device)
+    except out_of_memory:
+      if batch == 1:
+        raise
+      gc.collect()
+      torch.cuda.empty_cache()
+      batch //= 2
+      print(f"[benchmark] PyTorch ran out of device memory; retrying at batch {batch}",
+            file=sys.stderr, flush=True)
+
+
+def _fake_batch(args, size: int | None = None):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  size = size or args.batch
   rng = np.random.default_rng(0)
-  images = np.zeros((args.batch, args.img_size, args.img_size, 8), np.float32)
+  images = np.zeros((size, args.img_size, args.img_size, 8), np.float32)
   hits = rng.random(images.shape) < 0.01  # about as sparse as the real jets
   images[hits] = rng.exponential(5.0, int(hits.sum()))
-  batch = {"image": jnp.asarray(images), "label": jnp.asarray(np.arange(args.batch) % 2, jnp.int32),
-           "mass": jnp.asarray(rng.uniform(50, 300, args.batch).astype(np.float32))}
+  batch = {"image": jnp.asarray(images), "label": jnp.asarray(np.arange(size) % 2, jnp.int32),
+           "mass": jnp.asarray(rng.uniform(50, 300, size).astype(np.float32))}
   return images, batch
 
 
@@ -354,6 +491,12 @@ def _own_cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _torch_device(jax) -> str:
+  """Where the PyTorch reference runs: on the GPU when ours does (and PyTorch sees one), else the CPU."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def bench_model(args, matmul: dict | None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   images, batch = _fake_batch(args)
@@ -364,7 +507,7 @@ def bench_model(args, matmul: dict | None) -> dict:
   use_torch = not args.no_torch and args.attention == "linear"
   if use_torch:
     try:
-      theirs = _TorchTrainer(args, images)
+      theirs = _fitting_torch_trainer(args, images, args.dtype, _torch_device(jax))
       runners.update(torch_train=theirs.run_train, torch_inference=theirs.run_inference)
     except ImportError as error:
       torch_error = str(error)
@@ -406,15 +549,29 @@ def bench_model(args, matmul: dict | None) -> dict:
     result["train_fraction_of_matmul_peak"] = train_flop_rate / matmul["flop_per_s"]
     result["inference_fraction_of_matmul_peak"] = (
         result["inference_gflop_per_s"] * 1e9 / matmul["flop_per_s"])
+  chip = _chip()
+  if chip:  # MFU: the analytic FLOPs' rate over the chip's published dense bf16 peak
+    result["published_peak_bf16_flops"] = chip.peak_bf16_flops
+    result["published_peak_source"] = chip.source
+    result["train_mfu"] = train_flop_rate / chip.peak_bf16_flops
+    result["inference_mfu"] = result["inference_gflop_per_s"] * 1e9 / chip.peak_bf16_flops
   if "torch_train" in seconds:
     import torch  # pylint: disable=import-outside-toplevel
+    torch_batch = theirs.batch  # ours unless PyTorch ran out of memory at it
     result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
-                       "train_img_per_s": args.batch / seconds["torch_train"],
-                       "inference_img_per_s": args.batch / seconds["torch_inference"],
-                       "train_img_per_s_rounds": _rates(args.batch, rounds["torch_train"]),
-                       "inference_img_per_s_rounds": _rates(args.batch, rounds["torch_inference"])}
+                       "device": str(theirs.device), "batch": torch_batch,
+                       "autocast_dtype": str(theirs.autocast_dtype) if theirs.autocast_dtype else None,
+                       "train_img_per_s": torch_batch / seconds["torch_train"],
+                       "inference_img_per_s": torch_batch / seconds["torch_inference"],
+                       "train_img_per_s_rounds": _rates(torch_batch, rounds["torch_train"]),
+                       "inference_img_per_s_rounds": _rates(torch_batch, rounds["torch_inference"])}
+    if chip:
+      result["torch"]["train_mfu"] = (
+          3 * forward_flops * result["torch"]["train_img_per_s"] / chip.peak_bf16_flops)
     for kind in ("train", "inference"):
-      ratio = _ratio_summary(rounds[f"torch_{kind}"], rounds[f"jax_{kind}"])
+      # Per image, so that the ratio stays a throughput ratio where PyTorch ran at a smaller batch.
+      ratio = _ratio_summary([t / torch_batch for t in rounds[f"torch_{kind}"]],
+                             [t / args.batch for t in rounds[f"jax_{kind}"]])
       result[f"ratio_{kind}_ours_over_torch"] = ratio["median"]
       result[f"ratio_{kind}_ours_over_torch_rounds"] = ratio
   elif use_torch:
@@ -657,7 +814,7 @@ def bench_profile(args) -> dict:
         "inference": _jax_profile(ours, ours.run_inference, ours.forward, args.steps,
                                   os.path.join(directory, "inference"))}
   if not args.no_torch:
-    theirs = _TorchTrainer(args, images)
+    theirs = _TorchTrainer(args, images, args.dtype)
     result["torch"] = {"train": _torch_profile(theirs, theirs.run_train, args.steps),
                        "inference": _torch_profile(theirs, theirs.run_inference, args.steps)}
   return result
@@ -839,6 +996,8 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel
   host.configure_platforms()  # no libtpu start-up noise off a TPU VM, as in main.py
+  # JAX takes 75 % of a GPU's memory at start-up by default; the PyTorch reference shares the device.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   applied_flags = host.configure_xla_flags()
   allocator_tuned = host.configure_allocator()
   import jax  # pylint: disable=import-outside-toplevel
@@ -854,6 +1013,10 @@ def main(argv: list[str] | None = None) -> dict:
       # glibc keeps freed memory for reuse (l2vit_jax/runtime/host.py); L2VIT_NO_MALLOC_TUNING=1 is off.
       "allocator_tuned": allocator_tuned,
   }
+  if args.batch == "fill":
+    report["batch_fill"] = fill_batch(args)
+    args.batch = report["batch_fill"]["batch"]
+    print(f"[benchmark] --batch=fill: {args.batch} images per step", file=sys.stderr, flush=True)
   timings = {}
   for section in SECTIONS:
     if section not in args.sections:

@@ -107,3 +107,33 @@ def test_tiny_run_writes_every_section_with_paired_ratios_load_and_profile(tmp_p
       times = profile[who][kind]["ms_per_step"]
       assert {key.split("/")[0] for key in times} <= set(benchmark.PROFILE_CATEGORIES), (who, kind)
       assert sum(times.values()) > 0
+
+
+def test_fill_batch_is_the_largest_power_of_two_whose_plan_fits():
+  # 100 fixed bytes + 10 per image: 64 images need 740 bytes, 128 need 1380.
+  assert benchmark.choose_fill_batch(100, 10, 740, max_batch=1024) == 64
+  assert benchmark.choose_fill_batch(100, 10, 739, max_batch=1024) == 32
+  assert benchmark.choose_fill_batch(100, 10, 10**9, max_batch=16) == 16
+  assert benchmark.choose_fill_batch(100, 10, 50, max_batch=1024) == 1  # never below one image
+
+
+def test_accelerator_run_fills_the_batch_reports_mfu_and_times_pytorch_under_bf16_autocast(
+    monkeypatch, tmp_path):
+  # The GPU command on the CPU: a device memory limit and an H100's name stand in for the GPU's.
+  from l2vit_jax.tpu import chips  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(benchmark, "_device_bytes_limit", lambda: 4 * 2**30)
+  monkeypatch.setattr(benchmark, "_chip", lambda: chips.spec_for_device_kind("NVIDIA H100 80GB HBM3"))
+  report = benchmark.main(["--accelerator", "--tiny", "--max-batch=8", "--pairs=1",
+                           "--out", str(tmp_path / "gpu.json")])
+  fill, model = report["batch_fill"], report["model"]
+  assert fill["batch"] == 8 and fill["temp_bytes_per_image"] > 0 and fill["fixed_bytes"] > 0
+  assert model["config"]["batch"] == 8 and model["config"]["dtype"] == "bfloat16"
+  assert model["published_peak_bf16_flops"] == 989e12
+  assert model["train_mfu"] == pytest.approx(
+      model["analytic_train_gflop_per_image"] * 1e9 * model["train_img_per_s"] / 989e12)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pytest.skip("no torch: no PyTorch reference")
+  assert model["torch"]["autocast_dtype"] == "torch.bfloat16" and model["torch"]["device"] == "cpu"
+  assert model["torch"]["batch"] == 8 and model["torch"]["train_mfu"] > 0

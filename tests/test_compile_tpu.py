@@ -127,6 +127,14 @@ def test_cloud_accelerator_types_map_to_topologies():
     chips.chip_spec("v9:2x2")
 
 
+def test_device_kinds_as_jax_names_them_map_to_their_published_bf16_peaks():
+  peaks = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+           "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "TPU v5 lite": 197e12,
+           "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v4": 275e12}
+  assert {kind: chips.spec_for_device_kind(kind).peak_bf16_flops for kind in peaks} == peaks
+  assert chips.spec_for_device_kind("cpu") is None
+
+
 def test_largest_fitting_batch_search_is_bounded_and_exact_for_linear_memory():
   hbm, compiles = 1000, []
 

@@ -1,7 +1,8 @@
-"""Published per-chip TPU figures and Cloud accelerator-type names → libtpu topology names.
+"""Published per-chip TPU and GPU figures, and Cloud accelerator-type names → libtpu topology names.
 
-The figures are Google Cloud's own (the "key specifications" table of each generation's page, cited in
-``ChipSpec.source``); ``scripts/compile_tpu.py`` uses them for its HBM fit check and roofline bound.
+The TPU figures are Google Cloud's own (the "key specifications" table of each generation's page), the
+GPU figures NVIDIA's datasheets, each cited in ``ChipSpec.source``; ``scripts/compile_tpu.py`` uses them
+for its HBM fit check and roofline bound, ``scripts/benchmark.py`` for MFU on the chip it runs on.
 Capacities are taken as printed: "16 GB" as 16·10⁹ bytes (conservative), "32 GiB" as 32·2³⁰.
 
 Cloud names count chips (``v5litepod-8``, ``v6e-16``) or, for v4 and v5p, TensorCores (two per chip:
@@ -49,6 +50,37 @@ GPUS = {
     "h100": ChipSpec("h100", 80 * GB, 989e12, 3350 * GB,
                      "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM datasheet)"),
 }
+
+
+# Chips met only at run time, for a benchmark's MFU (``scripts/benchmark.py``), not compile targets.
+# Dense (not 2:4-sparse) bf16 peaks from NVIDIA's datasheets.
+OTHER_GPUS = {
+    "h100-pcie": ChipSpec("h100-pcie", 80 * GB, 756e12, 2000 * GB,
+                          "https://www.nvidia.com/en-us/data-center/h100/ (H100 PCIe datasheet)"),
+    "h100-nvl": ChipSpec("h100-nvl", 94 * GB, 835e12, 3900 * GB,
+                         "https://www.nvidia.com/en-us/data-center/h100/ (H100 NVL datasheet)"),
+    "h200": ChipSpec("h200", 141 * GB, 989e12, 4800 * GB,
+                     "https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM datasheet)"),
+    "a100": ChipSpec("a100", 80 * GB, 312e12, 2039 * GB,
+                     "https://www.nvidia.com/en-us/data-center/a100/ (A100 80GB SXM datasheet)"),
+}
+
+# What JAX calls each chip at run time (``jax.devices()[0].device_kind``, e.g. "NVIDIA H100 80GB
+# HBM3", "TPU v5 lite"), as substrings, most specific first: "TPU v5" alone is the v5p.
+_DEVICE_KINDS = (
+    ("H100 PCIe", OTHER_GPUS["h100-pcie"]), ("H100 NVL", OTHER_GPUS["h100-nvl"]), ("H100", GPUS["h100"]),
+    ("H200", OTHER_GPUS["h200"]), ("A100", OTHER_GPUS["a100"]),
+    ("TPU v5 lite", CHIPS["v5e"]), ("TPU v5e", CHIPS["v5e"]), ("TPU v5", CHIPS["v5p"]),
+    ("TPU v6", CHIPS["v6e"]), ("TPU v4", CHIPS["v4"]),
+)
+
+
+def spec_for_device_kind(device_kind: str) -> ChipSpec | None:
+  """The published figures of the chip JAX names ``device_kind``; None for CPUs and unknown chips."""
+  for substring, spec in _DEVICE_KINDS:
+    if substring.lower() in device_kind.lower():
+      return spec
+  return None
 
 
 def chip_spec(topology: str) -> ChipSpec:
