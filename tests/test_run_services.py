@@ -180,6 +180,26 @@ def test_a_resumed_writer_hides_the_rows_it_redoes_in_tensorboard_as_in_metrics_
   assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5]
 
 
+def test_tensorboard_events_are_written_without_importing_torch_which_still_imports_after(tmp_path):
+  # tensorboardX imports torch whenever it is installed: 2.4 s of every run's start-up here.
+  code = ("import importlib.util, sys\n"
+          "from l2vit_jax.training import metrics_log\n"
+          "writer = metrics_log.EventWriter(sys.argv[1])\n"
+          "writer.scalars(1, {'train/loss': 0.5})\n"
+          "writer.close()\n"
+          "print('torch' in sys.modules)\n"
+          "if importlib.util.find_spec('torch'):\n"
+          "  import torch\n"
+          "  print(torch.ones(2).sum().item())\n")
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=ENV, capture_output=True,
+                          text=True, check=False, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.split()
+  assert lines[0] == "False"
+  assert lines[1:] == (["2.0"] if importlib.util.find_spec("torch") else [])
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+
 def test_tensorboard_false_writes_no_events(tmp_path):
   writer = metrics_log.MetricWriter(str(tmp_path), tensorboard=False)
   writer.write(1, {"train/loss": 1.0})
