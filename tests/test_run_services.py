@@ -12,6 +12,7 @@ hides the values earlier files logged at steps >= s.
 import glob
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
@@ -198,6 +199,16 @@ def test_tensorboard_events_are_written_without_importing_torch_which_still_impo
   assert lines[0] == "False"
   assert lines[1:] == (["2.0"] if importlib.util.find_spec("torch") else [])
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+
+def test_event_files_of_one_process_sort_in_the_order_they_were_opened(tmp_path, monkeypatch):
+  # TensorBoard reads event files in name order; the 10th and 11th writer of a process once sorted
+  # backwards (".9" after ".10") when opened within the same second, undoing a resume's purge.
+  monkeypatch.setattr(metrics_log, "_event_files", itertools.count(9))
+  writers = [metrics_log.EventWriter(str(tmp_path)) for _ in range(2)]
+  for writer in writers:
+    writer.close()
+  assert sorted(glob.glob(str(tmp_path / "*tfevents*"))) == [writer.path for writer in writers]
 
 
 def test_tensorboard_false_writes_no_events(tmp_path):

@@ -47,7 +47,11 @@ TENSORBOARD_DIR = "tensorboard"
 # A local event file is flushed (and fsynced) at most this often between checkpoints, so TensorBoard
 # shows a live run without a disk sync per log row.
 LOCAL_EVENT_FLUSH_SECONDS = 10.0
-_event_files = itertools.count()  # part of each event file's name: unique within a process too
+# Part of each event file's name: unique within a process too, and zero-padded, because TensorBoard
+# reads a directory's event files in name order (time in seconds, host, then this suffix): two writers
+# of one process opened within a second must sort in the order they were opened (a resume's purge
+# step applies only to the files before it).
+_event_files = itertools.count()
 
 
 def _jsonable(value):
@@ -108,7 +112,8 @@ class EventWriter:
     self._remote = paths.is_remote(directory)
     self._local = tempfile.mkdtemp(prefix="l2vit-tensorboard-") if self._remote else directory
     paths.makedirs(self._local)
-    self._events = EventsWriter(os.path.join(self._local, "events"), filename_suffix=f".{os.getpid()}.{next(_event_files)}")
+    self._events = EventsWriter(os.path.join(self._local, "events"),
+                                filename_suffix=f".{os.getpid()}.{next(_event_files):06d}")
     self.path = paths.join(directory, os.path.basename(self._events._file_name))  # pylint: disable=protected-access
     self._last_flush = time.monotonic()
     self._closed = False
