@@ -10,6 +10,13 @@ import tempfile
 # the CPU. Tests and the subprocesses they start run on the CPU; scripts/compile_tpu.py still loads
 # libtpu as a compile-only backend under this setting.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU's LLVM at -O0 in every JAX process of the suite, this one and the runs it starts (their
+# environments add TEST_XLA_FLAGS where they replace XLA_FLAGS): compiling is most of the suite's time on
+# 2 cores, and -O0 compiles a third faster, while the programs are too small for slower code to matter.
+# Results differ from -O3's in the last bits (FMA contraction); every bit-exact comparison in the suite is
+# between runs with the same flags, and the others have tolerances.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # Every l2vit_jax.main run turns XLA's persistent compilation cache on, by default in ~/.cache: tests and
 # the runs they start use one folder of their own instead, removed when the session ends.
 if "L2VIT_COMPILATION_CACHE" not in os.environ:

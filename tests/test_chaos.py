@@ -21,11 +21,12 @@ import sys
 
 import pytest
 
+from conftest import TEST_XLA_FLAGS
 from l2vit_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-ENV.pop("XLA_FLAGS", None)
+ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 # 25 × 25 images, one block: SimCLR 5 steps (1 epoch), finetune and scratch 10 steps (2 epochs).
 TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.generate.generator=synthetic",
         "--config.generate.num_labelled=120",

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import write_jet_file
+from conftest import TEST_XLA_FLAGS, write_jet_file
 from l2vit_jax import models
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import integrity, model_io, naming, workdir_lock
@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-ENV.pop("XLA_FLAGS", None)
+ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 RUN = ("--config.checkpoint_every_steps=5",)  # 5 steps an epoch, 20 in all (num_epochs=4)
 # The CLI under a file-size limit; SIGXFSZ ignored so an oversized write fails with EFBIG instead of
 # killing the process (set in the child itself: no preexec_fn in a process with threads).

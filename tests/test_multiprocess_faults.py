@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_jet_file
+from conftest import TEST_XLA_FLAGS, write_jet_file
 from l2vit_jax.checkpoint import model_io, naming, workdir_lock
 from l2vit_jax.runtime import peers
 from l2vit_jax.training import metrics_log
@@ -29,7 +29,7 @@ PEER_TIMEOUT = 10  # seconds; L2VIT_PEER_TIMEOUT_SECONDS of every run here (smal
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
            **{peers.TIMEOUT_VARIABLE: str(PEER_TIMEOUT)})
-ENV.pop("XLA_FLAGS", None)  # one CPU device per process
+ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 # 46 training jets, 2 per process and step: 11 steps an epoch, 44 in all. A step takes ~30 ms, and a
 # preemption notice needs a moment to reach every process: leave room for the sync point.
 CONFIG = dict(batch_size=4, num_epochs=4)

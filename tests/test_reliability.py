@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config, write_jet_file
+from conftest import TEST_XLA_FLAGS, tiny_config, write_jet_file
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io, naming, storage, workdir_lock
 from l2vit_jax.data import download, hdf5
@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-ENV.pop("XLA_FLAGS", None)
+ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 # Every run of one config compiles the same train step: subprocesses share a compilation cache, so only
 # the first pays (a cached executable is the same code, so results stay bit-identical).
 CONFIG = dict(num_epochs=4)  # 20 steps of 5 per epoch: room for four interruptions
@@ -469,7 +469,7 @@ def test_workdir_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, ca
     (["--config.model.attention=quadratic", "--config.log_every_steps=0"],
      ["model.attention='quadratic': expected one of ['linear', 'softmax']", "log_every_steps=0"], {}),
     (["--config.batch_size=12"], ["batch_size=12: expected a positive multiple of the 8 device(s)"],
-     {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+     {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"}),
 ])
 def test_config_errors_fail_before_any_work(files, tmp_path, flags, fragments, env_extra):
   config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"])

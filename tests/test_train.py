@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import flat_params, tiny_config, write_jet_file
+from conftest import TEST_XLA_FLAGS, flat_params, tiny_config, write_jet_file
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io, naming
 from l2vit_jax.runtime import host, sharding
@@ -163,8 +163,8 @@ def test_eight_devices_give_the_same_losses_as_one(files, tmp_path):
       print(json.dumps([r["train/loss"] for r in rows] + [rows[-1]["val/loss"]]))
   """
   one = json.loads(_run_script(code, {}).splitlines()[-1])
-  eight = json.loads(_run_script(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-                                 ).splitlines()[-1])
+  eight_devices = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"}
+  eight = json.loads(_run_script(code, eight_devices).splitlines()[-1])
   assert len(one) == len(eight) > 2
   np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
 
