@@ -10,18 +10,12 @@ Prints one JSON object (and writes it to ``--out``). Sections (``--only`` picks 
 * ``model``: the real jitted train step (``optimizer.make_optimizer`` + ``steps.make_train_step`` with the
   finetune ``DualHeadLoss``) and the jitted eval-mode forward, after compilation: img/s, compile time,
   FLOPs (XLA's cost analysis and an analytic count) and their rate as a fraction of the matmul peak,
-  peak memory. With ``torch`` importable, the PyTorch reference model (same configuration, fp32,
-  forward + backward + clipping + AdamW; inference under ``no_grad``) is timed interleaved with ours
-  in ``--pairs`` rounds (each round runs ours and theirs once, the order reversed every other round so
-  that a drift in machine speed hits both alike); every ours/PyTorch ratio is reported per round and
-  as the median and min–max over rounds.
+  peak memory. With ``torch`` importable, the PyTorch reference model (same configuration and
+  device, bf16 under autocast where ours is bf16; forward + backward + clipping + AdamW; inference
+  under ``no_grad``) is timed interleaved with ours in ``--pairs`` rounds (each round runs ours and
+  theirs once, the order reversed every other round so that a drift in machine speed hits both
+  alike); every ours/PyTorch ratio is reported per round and as the median and min–max over rounds.
 * ``precision``: float32 vs bfloat16 train-step img/s (paired the same way).
-
-On a GPU (or TPU), ``python scripts/benchmark.py --accelerator`` is the command to run: the ``model``
-section in bfloat16 at the largest power-of-two batch whose train step fits ``--fill-fraction`` of the
-device's memory (``--batch=fill``, found from one compile at a small batch), its MFU against the chip's
-published dense bf16 peak (``tpu.chips.spec_for_device_kind``), and the PyTorch reference on the same
-device in bf16 autocast, interleaved as on the CPU. Its budget is 5 minutes of device time.
 * ``profile`` (only when named in ``--only``): per-operation-category milliseconds of our train step
   and inference (a JAX profiler trace; each XLA thunk attributed through the named scope its HLO
   metadata carries) beside PyTorch's (torch.profiler self CPU time, attributed the same way):
@@ -32,6 +26,12 @@ device in bf16 autocast, interleaved as on the CPU. Its budget is 5 minutes of d
   token counts, and where softmax starts to cost more.
 * ``pipeline``: the augmented training pipeline (``pipeline.make_train_dataset``, physics
   augmentation) from an HDF5 file and from its ``.sparse`` conversion, on synthetic jets; file sizes.
+
+On a GPU (or TPU), ``python scripts/benchmark.py --accelerator`` is the command to run: the ``model``
+section in bfloat16 at the largest power-of-two batch whose train step fits ``--fill-fraction`` of the
+device's memory (``--batch=fill``, found from one compile at a small batch), its MFU against the chip's
+published dense bf16 peak (``tpu.chips.spec_for_device_kind``), and the PyTorch reference on the same
+device in bf16 autocast, interleaved as on the CPU. Its budget is 5 minutes of device time.
 
 Single-implementation timings (matmul, depthwise, attention) are the minimum over repeats. Every
 section records the machine's load around it (``load``): the 1-minute load average before and after,
