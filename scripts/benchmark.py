@@ -566,8 +566,9 @@ def bench_model(args, matmul: dict | None) -> dict:
                        "train_img_per_s_rounds": _rates(torch_batch, rounds["torch_train"]),
                        "inference_img_per_s_rounds": _rates(torch_batch, rounds["torch_inference"])}
     if chip:
-      result["torch"]["train_mfu"] = (
-          3 * forward_flops * result["torch"]["train_img_per_s"] / chip.peak_bf16_flops)
+      for kind, passes in (("train", 3), ("inference", 1)):
+        result["torch"][f"{kind}_mfu"] = (
+            passes * forward_flops * result["torch"][f"{kind}_img_per_s"] / chip.peak_bf16_flops)
     for kind in ("train", "inference"):
       # Per image, so that the ratio stays a throughput ratio where PyTorch ran at a smaller batch.
       ratio = _ratio_summary([t / torch_batch for t in rounds[f"torch_{kind}"]],

@@ -136,4 +136,7 @@ def test_accelerator_run_fills_the_batch_reports_mfu_and_times_pytorch_under_bf1
   except ImportError:
     pytest.skip("no torch: no PyTorch reference")
   assert model["torch"]["autocast_dtype"] == "torch.bfloat16" and model["torch"]["device"] == "cpu"
-  assert model["torch"]["batch"] == 8 and model["torch"]["train_mfu"] > 0
+  assert model["torch"]["batch"] == 8
+  assert model["torch"]["inference_mfu"] == pytest.approx(
+      model["analytic_inference_gflop_per_image"] * 1e9 * model["torch"]["inference_img_per_s"] / 989e12)
+  assert model["torch"]["train_mfu"] > 0
