@@ -165,7 +165,7 @@ def _device_memory(jax) -> dict | None:
 
 def _device_bytes_limit() -> int | None:
   import jax  # pylint: disable=import-outside-toplevel
-  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  return (_device_memory(jax) or {}).get("bytes_limit")
 
 
 def _chip():
