@@ -32,6 +32,11 @@ class CheckpointDamagedError(UserError, RuntimeError):
   """A checkpoint whose arrays differ from the digests saved with them, or that cannot be read."""
 
 
+class StorageError(UserError, OSError):
+  """The storage did not answer a read (a network or permission error, retried first): nothing was
+  changed or set aside, and the same command can simply be run again."""
+
+
 class CheckpointSaveError(UserError, RuntimeError):
   """Writing a checkpoint failed (disk full, write error); nothing of it is taken for a checkpoint."""
 

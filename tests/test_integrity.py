@@ -305,3 +305,88 @@ def test_the_error_line_stays_last_when_an_aborted_save_left_coroutines_unawaite
                           timeout=120)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == "error: checkpoint save failed", result.stderr
+
+
+# --- only damage is damage: the storage, changed settings (issue 31) -----------------------------------
+
+# The CLI with Orbax's reads failing in the storage the first ``sys.argv[1]`` times (-1: always), as a
+# GCS outage would: ConnectionError, gcsfs's HttpError after its own retries, tensorstore's UNAVAILABLE.
+FLAKY_STORAGE_CLI = (
+    "import runpy, sys, orbax.checkpoint as ocp; from l2vit_jax.checkpoint import integrity; "
+    "failures = int(sys.argv.pop(1)); integrity.RETRY_SECONDS = 0.0; real = ocp.CheckpointManager.restore; "
+    "calls = [0]\n"
+    "def restore(self, *args, **kwargs):\n"
+    "  calls[0] += 1\n"
+    "  if failures < 0 or calls[0] <= failures:\n"
+    "    raise ValueError('UNAVAILABLE: Error reading gs://bucket/run: HTTP 503') from ConnectionError()\n"
+    "  return real(self, *args, **kwargs)\n"
+    "ocp.CheckpointManager.restore = restore; sys.argv[0] = 'l2vit_jax.main'; "
+    "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)")
+
+
+def test_a_storage_error_while_resuming_is_retried_and_sets_nothing_aside(trained, workdir):
+  result = _cli(trained["config"], workdir, *RUN, "--config.stop_after_steps=16",
+                prefix=("-c", FLAKY_STORAGE_CLI, "1"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "reading failed in the storage" in result.stderr and "retrying" in result.stderr
+  assert _resumed_from(result) == 15  # the old code set step 15 aside as damaged, resumed from 10
+  assert not [entry for entry in _entries(workdir) if "damaged" in entry]
+
+
+def test_a_storage_that_keeps_failing_stops_the_resume_in_one_line_and_keeps_every_checkpoint(
+    trained, workdir):
+  before = _snapshot(workdir)
+  result = _cli(trained["config"], workdir, *RUN, prefix=("-c", FLAKY_STORAGE_CLI, "-1"))
+  _error_line(result, "checkpoints/15: the storage failed 3 reads", "UNAVAILABLE",
+              "nothing was changed or set aside")
+  assert _snapshot(workdir) == before  # the old code set all three steps aside
+
+
+def _snapshot(directory) -> dict:
+  """Every file under ``directory`` with its bytes."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as file:
+        found[os.path.relpath(os.path.join(root, name), directory)] = file.read()
+  return found
+
+
+def test_resuming_with_another_worker_count_is_refused_naming_the_field(trained, workdir):
+  before = _snapshot(workdir)
+  result = _cli(trained["config"], workdir, *RUN, "--config.data.worker_count=1")
+  _error_line(result, "config.data.worker_count is 1, but this run was started with 0",
+              "resume with 0, or use a new --workdir")
+  assert _snapshot(workdir) == before
+
+
+def test_a_checkpoint_without_its_input_layout_is_still_refused_not_set_aside_for_another_worker_count(
+    trained, workdir):
+  """Checkpoints from before the layout was recorded: Grain's state of another worker count does not
+  restore (KeyError 'next_index'), which the old code took for damage and set every step aside."""
+  for step in _entries(workdir):
+    meta_file = os.path.join(workdir, naming.LATEST_DIR, step, "meta", "metadata")
+    meta = json.load(open(meta_file))
+    del meta["input_layout"]
+    json.dump(meta, open(meta_file, "w"))
+  before = _snapshot(workdir)
+  result = _cli(trained["config"], workdir, *RUN, "--config.data.worker_count=1")
+  _error_line(result, "checkpoints/15/data: the saved input position does not fit this run's input pipeline",
+              "config.data.worker_count")
+  assert _snapshot(workdir) == before
+
+
+def test_digests_must_cover_exactly_the_arrays_read():
+  """An empty or partial digest set (an edited or truncated meta) verified nothing, or only part."""
+  items = {"model": {"a": np.arange(3.0), "b": np.ones(2)}}
+  digests = integrity.array_digests(items)
+  assert integrity.damaged_arrays(items, {integrity.DIGESTS: digests}) == []
+  assert integrity.damaged_arrays(items, {integrity.DIGESTS: {}}) == ["model/a", "model/b"]
+  partial = {"model/a": digests["model/a"]}
+  assert integrity.damaged_arrays(items, {integrity.DIGESTS: partial}) == ["model/b"]
+  extra = dict(digests, **{"model/c": digests["model/a"]})  # a digest whose array is missing
+  assert integrity.damaged_arrays(items, {integrity.DIGESTS: extra}) == ["model/c"]
+  other_item = dict(digests, **{"optimizer/x": "sha256:0"})  # an item not read: not judged here
+  assert integrity.damaged_arrays(items, {integrity.DIGESTS: other_item}) == []
+  with pytest.raises(errors.CheckpointDamagedError, match="2 array"):
+    integrity.check_restored("here", items, {integrity.DIGESTS: {}})

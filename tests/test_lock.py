@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from l2vit_jax import errors
@@ -155,8 +156,8 @@ def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
   sleeper = subprocess.Popen([sys.executable, "-c", "pass"])
   sleeper.wait()
   with open(tmp_path / workdir_lock.LOCK_FILE, "w") as f:
-    json.dump({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x", "refreshed": time.time(),
-               "lease_seconds": 600}, f)
+    json.dump(dict(workdir_lock.machine_identity(), pid=sleeper.pid, since="x", refreshed=time.time(),
+                   lease_seconds=600), f)
   with workdir_lock.WorkdirLock(str(tmp_path)):  # refreshed just now, but its process is gone
     assert _lock_content(tmp_path)["pid"] == os.getpid()
   assert "no longer running" in caplog.text
@@ -200,3 +201,145 @@ def test_training_stops_before_a_save_once_its_lock_was_taken_over(tmp_path):
   finally:
     lock.release()
   assert _lock_content(tmp_path)["host"] == "new-spot-vm"  # not ours: release left it alone
+
+
+@pytest.mark.parametrize("other", ["boot_id", "pid_namespace", None])
+def test_a_dead_pid_of_another_container_or_boot_with_our_host_name_is_judged_by_its_lease_alone(
+    tmp_path, other):
+  """Two containers with one host name (or one host after a reboot) cannot see each other's PIDs: a
+  PID gone here says nothing there, so the lock stays until its lease runs out. ``None``: a lock of an
+  older version, without those fields."""
+  sleeper = subprocess.Popen([sys.executable, "-c", "pass"])
+  sleeper.wait()
+  identity = workdir_lock.machine_identity()
+  if other is None:
+    identity = {"host": identity["host"]}
+  else:
+    identity[other] = "somewhere-else"
+  with open(tmp_path / workdir_lock.LOCK_FILE, "w") as f:
+    json.dump(dict(identity, pid=sleeper.pid, since="x", refreshed=time.time(), lease_seconds=600), f)
+  with pytest.raises(errors.WorkdirLockedError, match=f"in use by process {sleeper.pid}"):
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert _lock_content(tmp_path)["pid"] == sleeper.pid  # left alone
+
+
+class _FailingRefreshes:
+  """Stands in for a lock file whose refreshes raise ``error`` (``failures`` times, or for ever)."""
+
+  def __init__(self, real, error: BaseException, failures: float):
+    self.real, self.error, self.failures, self.calls = real, error, failures, 0
+
+  def refresh(self, data):
+    self.calls += 1
+    if self.calls <= self.failures:
+      raise self.error
+    return self.real.refresh(data)
+
+  def __getattr__(self, name):
+    return getattr(self.real, name)
+
+
+class HttpError(Exception):
+  """What gcsfs raises once its own retries are spent (not an OSError)."""
+
+
+def _wait_for(condition, seconds=30.0):
+  deadline = time.monotonic() + seconds
+  while not condition():
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+
+
+def test_the_refresher_survives_any_storage_error_and_goes_on_refreshing(tmp_path):
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=0.4)
+  with lock:
+    failing = lock._file = _FailingRefreshes(lock._file, HttpError("503 Service Unavailable"), 2)  # pylint: disable=protected-access
+    _wait_for(lambda: failing.calls >= 4)  # two failed, then two that went through
+    assert lock._thread.is_alive()  # pylint: disable=protected-access
+    assert lock.check() is None and lock.confirm_held() is None
+    assert _lock_content(tmp_path)["refreshes"] >= 3
+
+
+def test_a_lock_not_refreshed_for_a_lease_counts_as_lost_even_before_anyone_takes_it(tmp_path):
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=0.3)
+  with lock:
+    lock._file = _FailingRefreshes(lock._file, HttpError("503"), float("inf"))  # pylint: disable=protected-access
+    assert lock.check() is None
+    _wait_for(lambda: lock.check() is not None)
+    assert "last refreshed its lock" in lock.check() and "lease" in lock.check()
+    assert lock.confirm_held() == lock.check()  # the storage still names us, yet we stop writing
+    assert lock._thread.is_alive()  # pylint: disable=protected-access
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end
+def test_a_dead_refresher_is_a_lost_lock(tmp_path):
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=0.2)
+  with lock:
+    lock._file = _FailingRefreshes(lock._file, SystemExit(), float("inf"))  # ends the thread  # pylint: disable=protected-access
+    _wait_for(lambda: not lock._thread.is_alive())  # pylint: disable=protected-access
+    assert "refresher stopped" in lock.confirm_held()
+
+
+def test_an_unexpected_error_while_locking_reaches_every_process(tmp_path, monkeypatch):
+  """Process 0's lock fails with an error of no lock's kind (a bug, a storage library): it tells the
+  other processes before it raises, so they stop too instead of waiting in the broadcast for ever."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(workdir_lock.WorkdirLock, "acquire",
+                      lambda self: (_ for _ in ()).throw(HttpError("500 from the storage")))
+  monkeypatch.setattr(workdir_lock.jax, "process_count", lambda: 2)
+  sent = []
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda value: sent.append(int(value)) or value)
+  with pytest.raises(HttpError, match="500"):
+    workdir_lock.lock_workdir(str(tmp_path))
+  assert sent == [0]  # "not locked", told to every process
+  monkeypatch.setattr(workdir_lock.jax, "process_index", lambda: 1)  # another process gets that 0
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda value: np.int32(sent[0]))
+  with pytest.raises(errors.WorkdirLockedError, match="process 0 could not lock this workdir"):
+    workdir_lock.lock_workdir(str(tmp_path))
+
+
+def _files(directory, leave_out=("lock", "tensorboard")) -> dict:
+  """Every file under ``directory`` (but ``leave_out``) with its bytes."""
+  found = {}
+  for root, dirs, names in os.walk(directory):
+    dirs[:] = [d for d in dirs if d not in leave_out]
+    for name in names:
+      if name not in leave_out:
+        with open(os.path.join(root, name), "rb") as file:
+          found[os.path.relpath(os.path.join(root, name), directory)] = file.read()
+  return found
+
+
+def test_a_run_whose_lock_was_taken_over_writes_no_best_model_metrics_row_or_checkpoint(tmp_path,
+                                                                                         monkeypatch):
+  """The lock is taken over while the run validates its last epoch, with a validation loss that
+  would be its best: the run stops with every file as the new owner found it (no ``best/`` step, no
+  metrics row, no checkpoint)."""
+  from conftest import tiny_config, write_jet_file  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.training import loop  # pylint: disable=import-outside-toplevel
+  config = tiny_config("finetune", write_jet_file(tmp_path / "labelled.h5", num=65), num_epochs=2)
+  workdir, lock_path = str(tmp_path / "run"), tmp_path / "run" / workdir_lock.LOCK_FILE
+  real_validate, seen = loop.validate, {}
+
+  def validate_then_lose_the_lock(*args, **kwargs):
+    metrics = real_validate(*args, **kwargs)
+    seen["calls"] = seen.get("calls", 0) + 1
+    if seen["calls"] == 2:  # the last epoch: the first one's best/, checkpoint and rows are on disk
+      seen["files"] = _files(workdir)
+      os.remove(lock_path)
+      with open(lock_path, "w") as f:  # a live run on another host took over
+        json.dump({"host": "new-spot-vm", "pid": 4242, "since": "now", "refreshed": time.time(),
+                   "lease_seconds": 600, "token": "new"}, f)
+      metrics["val/loss"] = -1.0  # better than any before: the old code saved it as best/
+    return metrics
+
+  monkeypatch.setattr(loop, "validate", validate_then_lose_the_lock)
+  with pytest.raises(errors.WorkdirLockedError, match="process 4242 on host new-spot-vm .*took over"):
+    loop.train_and_evaluate(config, workdir)
+  after = _files(workdir)
+  best = lambda files: {name: data for name, data in files.items() if name.startswith("best")}
+  assert seen["calls"] == 2 and best(seen["files"])
+  assert best(after) == best(seen["files"])  # the old code replaced best/5 with best/10 here
+  assert after["metrics.jsonl"] == seen["files"]["metrics.jsonl"]  # no row for step 10
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["5"]  # step 5's save was under way
+  assert _lock_content(workdir)["token"] == "new"

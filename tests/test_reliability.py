@@ -440,7 +440,7 @@ def test_workdir_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, ca
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     with open(tmp_path / "lock", "w") as f:
-      json.dump({"host": socket.gethostname(), "pid": sleeper.pid}, f)
+      json.dump(dict(workdir_lock.machine_identity(), pid=sleeper.pid), f)
     with pytest.raises(errors.WorkdirLockedError, match=f"process {sleeper.pid} on host"):
       workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   finally:

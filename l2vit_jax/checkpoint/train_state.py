@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -12,8 +13,11 @@ from absl import logging
 
 from l2vit_jax.checkpoint import integrity, storage
 from l2vit_jax.checkpoint.naming import BEST_DIR, LATEST_DIR
-from l2vit_jax.errors import CheckpointDamagedError, CheckpointSaveError
+from l2vit_jax.errors import (CheckpointDamagedError, CheckpointMismatchError, CheckpointSaveError,
+                              StorageError)
 from l2vit_jax.runtime import paths
+
+DATA_ITEM = "data"  # Grain's iterator state, one JSON file per process
 
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -71,13 +75,39 @@ class TrainingCheckpointer:
 
     Raises:
       CheckpointDamagedError: an array differs from its digest, or the step cannot be read.
+      CheckpointMismatchError: the saved input position does not fit ``data_iterator`` (another
+        pipeline layout); nothing is damaged.
+      StorageError: the storage kept failing; nothing is damaged.
     """
-    import grain  # pylint: disable=import-outside-toplevel
     restored = integrity.restore_verified(
         self.latest, step, model=ocp.args.StandardRestore(_abstract(model)),
-        optimizer=ocp.args.StandardRestore(_abstract(optimizer)),
-        data=grain.checkpoint.CheckpointRestore(data_iterator))
+        optimizer=ocp.args.StandardRestore(_abstract(optimizer)))
+    self._restore_data(step, data_iterator)
     return dict(restored["model"]), restored["optimizer"], dict(restored["meta"])
+
+  def _restore_data(self, step: int, data_iterator) -> None:
+    """Sets ``data_iterator`` to the saved input position (Grain's state, JSON with no digest).
+
+    A state that reads as JSON yet does not fit the iterator comes from another pipeline layout (Grain
+    raises KeyError for another worker count): a changed setting, refused as a mismatch so that the
+    checkpoint is kept. Only a state that cannot be read or decoded is damage.
+    """
+    import grain  # pylint: disable=import-outside-toplevel
+    where = paths.join(self.latest_dir, str(step), DATA_ITEM)
+    try:
+      integrity.read_retrying(where, lambda: self.latest.restore(step, args=ocp.args.Composite(
+          **{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)})))
+    except StorageError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      if not _json_files_decode(where):
+        raise CheckpointDamagedError(f"{where}: damaged checkpoint: the input position cannot be read "
+                                     f"({integrity.one_line(error)})") from error
+      raise CheckpointMismatchError(
+          f"{where}: the saved input position does not fit this run's input pipeline "
+          f"({integrity.one_line(error, 120)}); resume with the settings the run was started with "
+          "(config.data.worker_count, config.batch_size, the number of processes) or use a new --workdir"
+      ) from error
 
   def restore_latest(self, *, model: dict, optimizer: dict, data_iterator,
                      check_meta: Callable[[dict], None]) -> tuple[dict, dict, dict] | None:
@@ -87,18 +117,31 @@ class TrainingCheckpointer:
     architecture); that is not damage. A damaged step is reported in one warning line naming its
     arrays, set aside as ``<step>.damaged`` (renamed, not deleted) and the next newest tried.
 
+    Only damage sets a step aside. A step refused for another reason on any process (``check_meta``,
+    an input position of another layout, a storage that keeps failing) stops every process with that
+    error and leaves every checkpoint as it is.
+
     Raises:
       CheckpointDamagedError: checkpoints existed but none verifies (all of them set aside).
+      CheckpointMismatchError, StorageError: as above.
     """
     set_aside_steps = []
     while (step := self.latest.latest_step()) is not None:
-      damage = None
+      damage = refusal = None
       try:
         check_meta(self.read_meta(step))
         restored = self.restore(step, model=model, optimizer=optimizer, data_iterator=data_iterator)
       except CheckpointDamagedError as error:
         damage = error
-      if not _any_process(damage is not None):
+      except Exception as error:  # pylint: disable=broad-except  # a mismatch, the storage: not damage
+        refusal = error
+      outcome = _worst_outcome(_DAMAGED if damage else _REFUSED if refusal else _RESTORED)
+      if outcome == _REFUSED:  # every process stops, with the checkpoints left as they are
+        if refusal is not None:
+          raise refusal
+        raise StorageError(f"{self.latest_dir}/{step}: another process could not restore this "
+                           "checkpoint (its error is in that process's log); nothing was changed")
+      if outcome == _RESTORED:
         return restored
       target = self._set_aside(step)
       logging.warning("%s; set aside as %s, resuming from an older checkpoint if one verifies",
@@ -144,10 +187,25 @@ class TrainingCheckpointer:
         raise
 
 
-def _any_process(damaged: bool) -> bool:
-  """Single process: ``damaged``. Several: whether any process found the checkpoint damaged, so all
-  set it aside and fall back together (a process that found it intact still must)."""
+_RESTORED, _DAMAGED, _REFUSED = 0, 1, 2  # outcomes of one restore, in order of precedence
+
+
+def _worst_outcome(outcome: int) -> int:
+  """Single process: ``outcome``. Several: the worst of every process's, so all act together: all set
+  a damaged step aside and fall back (a process that found it intact still must), and all stop when
+  any refused it (a mismatch, the storage) rather than one process falling back alone."""
   if jax.process_count() == 1:
-    return damaged
+    return outcome
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return bool(np.any(multihost_utils.process_allgather(np.int32(damaged))))
+  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def _json_files_decode(directory: str) -> bool:
+  """Whether ``directory`` holds JSON files and every one of them decodes."""
+  try:
+    files = [f for f in paths.as_path(directory).iterdir() if f.name.endswith(".json")]
+    for file in files:
+      json.loads(file.read_text())
+  except (OSError, ValueError):
+    return False
+  return bool(files)

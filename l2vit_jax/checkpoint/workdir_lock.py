@@ -11,9 +11,12 @@ refreshed for ``lease`` seconds is stale and is taken over with one warning nami
 * Staleness compares the holder's wall clock (``refreshed``) with the taker's: hosts are assumed to
   agree to well within the lease (NTP, as on every cloud VM). A clock running ahead on the holder only
   delays a takeover; a taker's clock 120 s ahead would take over early.
-* A lock of this host whose process is gone is stale at once (no need to wait for the lease). Lock
-  files without a ``refreshed`` field (older versions) or that cannot be parsed never expire: they are
-  refused with a hint to delete the file.
+* A lock of this very machine and PID namespace whose process is gone is stale at once (no need to
+  wait for the lease). "This machine" is the host name *and* the kernel's boot id *and* the PID
+  namespace: two containers with one host name (or one host before and after a reboot) cannot see
+  each other's processes, so there a holder is only judged by its lease. Lock files without a
+  ``refreshed`` field (older versions) or that cannot be parsed never expire: they are refused with a
+  hint to delete the file.
 
 Race-freedom, i.e. of any number of runs that find the same stale lock, exactly one wins, and the holder
 never writes over a lock it has lost:
@@ -29,8 +32,11 @@ never writes over a lock it has lost:
   ``ifGenerationMatch=<that generation>``, one request that only one taker can win.
 
 A holder that finds its lock taken over (it was frozen, or cut off from the storage, for longer than
-the lease) records who has it in ``lost``; the training loop checks ``confirm_held`` before every
-checkpoint and stops without saving.
+the lease) records who has it in ``lost``. The refresher survives any error; a holder whose last
+successful refresh is older than the lease, or whose refresher died, counts as having lost the lock
+too (another run may take it over at any moment). The training loop asks ``check`` (in memory) before
+every metrics row and ``confirm_held`` (asking the storage too) before every checkpoint, and stops
+without writing anything once either fails.
 """
 
 from __future__ import annotations
@@ -69,6 +75,25 @@ def lease_seconds() -> float:
   if not value > 0 or value == float("inf"):
     raise ConfigError(f"{LEASE_VARIABLE}={text!r}: expected a positive number of seconds")
   return value
+
+
+def _read_first_line(path: str) -> str | None:
+  try:
+    with open(path) as file:
+      return file.readline().strip() or None
+  except OSError:
+    return None
+
+
+def machine_identity() -> dict:
+  """This process's host name, the kernel's boot id and its PID namespace: two lock holders can judge
+  each other's PIDs only when all three agree (same kernel, same boot, same namespace)."""
+  try:
+    namespace = os.readlink("/proc/self/ns/pid")
+  except OSError:
+    namespace = None
+  return {"host": socket.gethostname(), "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
+          "pid_namespace": namespace}
 
 
 def describe(holder: dict) -> str:
@@ -237,7 +262,7 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = paths.join(workdir, LOCK_FILE)
     self.lease = lease_seconds() if lease is None else float(lease)
-    self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.owner = dict(machine_identity(), pid=os.getpid())
     self.held = False
     self.lost: str | None = None
     self._file = _RemoteLockFile(self.path) if paths.is_remote(self.path) else _LocalLockFile(self.path)
@@ -247,6 +272,7 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._file_lock = threading.Lock()  # the refresher against release
+    self._last_refresh = 0.0  # time.monotonic() of the last write that proved the lock ours
 
   def _content(self) -> bytes:
     holder = dict(self.owner, since=self._since, refreshed=round(time.time(), 3),
@@ -269,11 +295,16 @@ class WorkdirLock:
           time.sleep(0.02)
     return {}, state
 
+  def _same_machine(self, holder: dict) -> bool:
+    """Whether ``holder`` ran on this kernel, this boot, in this PID namespace, so that its PID means
+    here what it meant there (a lock of an older version, without those fields, never does)."""
+    return all(self.owner[key] is not None and holder.get(key) == self.owner[key]
+               for key in ("host", "boot_id", "pid_namespace"))
+
   def _stale_reason(self, holder: dict) -> str | None:
     """Why ``holder``'s lock may be taken over, or None while it may be alive."""
-    same_host = holder.get("host") == self.owner["host"]
     pid = holder.get("pid")
-    if same_host and isinstance(pid, int) and pid != self.owner["pid"] and not paths.process_alive(pid):
+    if self._same_machine(holder) and isinstance(pid, int) and pid != self.owner["pid"] and not paths.process_alive(pid):
       return "which is no longer running (killed?)"
     refreshed, lease = holder.get("refreshed"), holder.get("lease_seconds", self.lease)
     if isinstance(refreshed, (int, float)) and isinstance(lease, (int, float)):
@@ -305,19 +336,22 @@ class WorkdirLock:
       hint = (f"; it was refreshed {max(time.time() - holder['refreshed'], 0):.0f} s ago and is taken over "
               f"once not refreshed for {lease:g} s")
     else:  # an older version's lock, or garbage: it never expires
-      hint = "" if holder.get("host") == self.owner["host"] else "; if that run is dead, delete the lock file"
+      hint = "" if self._same_machine(holder) else "; if that run is dead, delete the lock file"
     raise WorkdirLockedError(f"{self.workdir}: workdir is in use by {describe(holder)}; use another "
                              f"--workdir or wait for it to finish (lock: {self.path}{hint})")
 
   def _start(self) -> None:
     self.held, self.lost = True, None
+    self._last_refresh = time.monotonic()
     self._stop.clear()
     self._thread = threading.Thread(target=self._refresh_loop, name="workdir-lock-refresh", daemon=True)
     self._thread.start()
 
   def _refresh_loop(self) -> None:
-    """Every lease/4 s until released or lost. Storage errors are logged and retried: a refresh that
-    fails for a whole lease lets another run take over, which the next refresh then notices."""
+    """Every lease/4 s until released or lost. Any error (an OSError, gcsfs's HttpError once its own
+    retries are spent, anything) is logged and retried: the thread must outlive the storage's bad
+    minutes. A refresh that fails for a whole lease lets another run take over; ``check`` then fails
+    already (the last refresh is too old), and the next refresh that gets through names the taker."""
     failing = False
     while not self._stop.wait(self.lease / 4):
       with self._file_lock:
@@ -326,15 +360,17 @@ class WorkdirLock:
         self._refreshes += 1
         try:
           refreshed = self._file.refresh(self._content())
-        except OSError as error:
+        except Exception as error:  # pylint: disable=broad-except
           if not failing:
-            logging.warning("%s: could not refresh the workdir lock (%s); retrying", self.path, error)
+            logging.warning("%s: could not refresh the workdir lock (%s: %s); retrying", self.path,
+                            type(error).__name__, error)
           failing = True
           continue
         failing = False
         if not refreshed:
           self._mark_lost()
           return
+        self._last_refresh = time.monotonic()
 
   def _mark_lost(self) -> None:
     found = self._read_holder()
@@ -343,11 +379,27 @@ class WorkdirLock:
                   "longer than its %g s lease); it stops before its next checkpoint", self.path, self.lost,
                   self.lease)
 
-  def confirm_held(self) -> str | None:
-    """Checks with the storage now that the lock is still ours; None if it is, else who has it."""
+  def check(self) -> str | None:
+    """None while this run may go on writing, judged in memory (cheap enough for every metrics row):
+    held, not found lost, the refresher alive and its last successful refresh younger than the lease.
+    Else who may have the lock now; ``lost`` keeps it, so the answer never turns back to None."""
     if not self.held:
       return "nobody (not held)"
-    if self.lost is None and not self._file.still_ours():
+    if self.lost is None:
+      age = time.monotonic() - self._last_refresh
+      if self._thread is None or not self._thread.is_alive():
+        self.lost = "another run, possibly (this run's lock refresher stopped)"
+      elif age > self.lease:
+        self.lost = (f"another run, possibly (this run last refreshed its lock {age:.0f} s ago, longer "
+                     f"than its {self.lease:g} s lease)")
+      if self.lost is not None:
+        logging.error("%s: %s; this run stops before writing anything more", self.path, self.lost)
+    return self.lost
+
+  def confirm_held(self) -> str | None:
+    """``check``, then with the storage now that the lock is still ours; None if it is, else who may
+    have it."""
+    if self.check() is None and not self._file.still_ours():
       self._mark_lost()
     return self.lost
 
@@ -376,14 +428,15 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
     lock = WorkdirLock(workdir)
     try:
       lock.acquire()
-    except (WorkdirLockedError, ConfigError) as e:  # every process must learn of it, not only this one
-      error = e
+    except Exception as e:  # pylint: disable=broad-except  # any error: every process must learn of it
+      lock, error = None, e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not locked and error is None:
       error = WorkdirLockedError(
-          f"{workdir}: process 0 could not lock this workdir (another run is using it)")
+          f"{workdir}: process 0 could not lock this workdir (its error is in its log: another run "
+          "using it, or the storage)")
   if error is not None:
     raise error
   return lock

@@ -79,6 +79,32 @@ def _check_same_architecture(saved_meta: dict, meta: dict, workdir: str) -> None
         f"(task {meta['task']!r}){'; ' + details if details else ''}. Use a new --workdir.")
 
 
+# What a checkpoint's input position (Grain's iterator state of every process) depends on, by the
+# setting that chooses it: resumed with another value, the saved position cannot be restored.
+INPUT_LAYOUT = {"worker_count": "config.data.worker_count", "process_count": "the number of processes",
+                "global_batch_size": "config.batch_size"}
+
+
+def input_layout(config) -> dict:
+  return {"worker_count": int(config.data.worker_count), "process_count": jax.process_count(),
+          "global_batch_size": int(config.batch_size)}
+
+
+def _check_same_input_layout(saved_meta: dict, meta: dict, workdir: str) -> None:
+  """Refuses, naming the setting, a resume whose input pipeline cannot take the saved position.
+  Checkpoints from before the layout was recorded hold the batch size only; their worker count is
+  checked when their position is restored (``TrainingCheckpointer.restore``)."""
+  saved = saved_meta.get("input_layout")
+  if not isinstance(saved, dict):
+    saved = {key: saved_meta[key] for key in ("global_batch_size",) if key in saved_meta}
+  for key, setting in INPUT_LAYOUT.items():
+    if key in saved and saved[key] != meta["input_layout"][key]:
+      raise CheckpointMismatchError(
+          f"{workdir}: {setting} is {meta['input_layout'][key]}, but this run was started with "
+          f"{saved[key]}, and its saved input position (Grain's iterator state) only restores into "
+          f"that layout; resume with {saved[key]}, or use a new --workdir. No checkpoint was changed.")
+
+
 def _check_enough_examples(task: recipes.Task, per_process_batch: int) -> None:
   """The training split must fill one batch per process, and validation must see one example each."""
   path = getattr(task.train_source, "path", "training data")
@@ -161,14 +187,14 @@ class StepProfiler:
       jax.block_until_ready(metrics)
       self._stop(step)
 
-  def close(self, step: int) -> None:
+  def close(self, step: int, *, upload: bool = True) -> None:
     if self._local is not None:
-      self._stop(step)
+      self._stop(step, upload=upload)
 
-  def _stop(self, last_step: int) -> None:
+  def _stop(self, last_step: int, *, upload: bool = True) -> None:
     jax.profiler.stop_trace()
     local, self._local = self._local, None
-    if self._remote:
+    if self._remote and upload:
       for root, _, names in os.walk(local):
         for name in names:
           relative = os.path.relpath(os.path.join(root, name), local).split(os.sep)
@@ -220,20 +246,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return summary
 
 
-def _check_lock_held(lock: workdir_lock.WorkdirLock | None, workdir: str) -> None:
-  """Before every save: a run whose lock another run took over (this one stopped refreshing it for
-  longer than the lease: frozen, or cut off from storage) stops without saving, so two runs never
-  interleave checkpoints. Every process learns it together (saves are collective anyway)."""
-  holder = lock.confirm_held() if lock is not None else None
+def _check_lock_held(lock: workdir_lock.WorkdirLock | None, workdir: str, *, confirm: bool = True) -> None:
+  """Before every write of the run (metrics rows, the best model, checkpoints): a run that may have
+  lost its lock (another run took it over, or may at any moment: this one has not refreshed it for
+  longer than the lease, frozen or cut off from the storage) stops without writing anything more, so
+  two runs never interleave their writes. ``confirm`` asks the storage too (before checkpoints); else
+  the lock's in-memory state decides (every row). Every process learns it together (the writes that
+  follow are collective, or process 0's)."""
+  holder = (lock.confirm_held() if confirm else lock.check()) if lock is not None else None
   lost = holder is not None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
   if lost:
     raise WorkdirLockedError(
-        f"{workdir}: {holder or 'another run'} took over this workdir's lock after this run had not "
-        "refreshed it for longer than its lease (frozen, or cut off from the storage); stopped without "
-        "saving, so the two runs do not interleave checkpoints")
+        f"{workdir}: {holder or 'another run'} took over this workdir's lock, or may at any moment (this "
+        "run had not refreshed it for longer than its lease: frozen, or cut off from the storage); "
+        "stopped without writing anything more, so the two runs do not interleave their writes")
 
 
 def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: int,
@@ -263,7 +292,8 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
   params, batch_stats, other = sharding.replicate((params, batch_stats, other), mesh)
   opt_state = sharding.replicate(tx.init(params), mesh)
 
-  meta = dict(task.meta, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size)
+  meta = dict(task.meta, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size,
+              input_layout=input_layout(config))
   early = {"best_val_loss": math.inf, "best_epoch": -1, "epochs_without_improvement": 0,
            "stopped_early": False}
   step = 0
@@ -271,7 +301,8 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
   resumed = checkpointer.restore_latest(
       model=naming.named_arrays(params, batch_stats),
       optimizer={"opt_state": opt_state, "step": 0}, data_iterator=train_iterator,
-      check_meta=lambda saved_meta: _check_same_architecture(saved_meta, meta, workdir))
+      check_meta=lambda saved_meta: (_check_same_architecture(saved_meta, meta, workdir),
+                                     _check_same_input_layout(saved_meta, meta, workdir)))
   if resumed is not None:
     arrays, optimizer, saved_meta = resumed
     naming.load_model_arrays(model, arrays, context=f"{workdir}: resuming")
@@ -297,8 +328,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
                  config.batch_size, jax.device_count(), jax.default_backend(), jax.process_count(),
                  jax.__version__)
 
-    def save_latest():
-      _check_lock_held(lock, workdir)
+    def save_latest():  # the lock was confirmed before this row's writes
       writer.flush()  # on gs:// the log is rewritten in batches: make it cover this checkpoint
       checkpointer.save(step, model=naming.named_arrays(params, batch_stats),
                         optimizer={"opt_state": opt_state, "step": step},
@@ -354,6 +384,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
         # A row at every save: the running means since the last row live only in memory, and a run
         # resumed from this checkpoint must not log a row that averages fewer steps than it claims.
         if step % config.log_every_steps == 0 or saving:
+          improved = False
           skipped_steps += check_finite(history)  # also before every save: never save a non-finite state
           record = {"epoch": step / steps_per_epoch, **_mean_metrics(history, "train/"),
                     "learning_rate": float(schedules["head"](step - 1)), **progress.update(step)}
@@ -367,14 +398,19 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
             if task.online_probe is not None:  # frozen-feature probes of a pretraining backbone
               record.update(task.online_probe(model, (params, batch_stats, other), mesh,
                                               epoch=record["epoch"]))
-            if record["val/loss"] < early["best_val_loss"]:
+            improved = record["val/loss"] < early["best_val_loss"]
+            if improved:
               early.update(best_val_loss=record["val/loss"], best_epoch=record["epoch"],
                            epochs_without_improvement=0)
-              checkpointer.save_best(step, model=naming.named_arrays(params, batch_stats),
-                                     meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
             else:
               early["epochs_without_improvement"] += 1
             early["stopped_early"] = early["epochs_without_improvement"] >= config.early_stopping_patience
+          # Nothing is written unless this run still holds the lock: asked of the storage before a
+          # checkpoint (best or latest), of the lock's own state before a plain row.
+          _check_lock_held(lock, workdir, confirm=saving or improved)
+          if improved:
+            checkpointer.save_best(step, model=naming.named_arrays(params, batch_stats),
+                                   meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
           metrics_log.log_status(step, total_steps, record)
           writer.write(step, record)
           history = []
@@ -391,10 +427,13 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
           logging.info("Stopping after step %d as configured (stop_after_steps); rerun to resume.", step)
           break
   finally:
+    # A run that lost its lock leaves the files to their new owner: no final flush (on gs:// it would
+    # rewrite metrics.jsonl whole over the new owner's rows), no profile upload.
+    still_held = lock is None or lock.check() is None
     try:
-      profiler.close(step)
+      profiler.close(step, upload=still_held)
     finally:
-      writer.close()
+      writer.close(flush=still_held)
   if early["stopped_early"]:
     logging.info("Early stopping: no validation improvement for %d epochs (best epoch %s).",
                  config.early_stopping_patience, early["best_epoch"])

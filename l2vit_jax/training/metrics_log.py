@@ -159,10 +159,13 @@ class EventWriter:
     if not self._remote and time.monotonic() - self._last_flush >= LOCAL_EVENT_FLUSH_SECONDS:
       self.flush()
 
-  def close(self) -> None:
+  def close(self, *, flush: bool = True) -> None:
+    """Closes the file; ``flush=False`` uploads nothing more to ``gs://`` (locally, events still
+    buffered reach this writer's own file, which no other run writes)."""
     if self._closed:
       return
-    self.flush()
+    if flush:
+      self.flush()
     self._events.close()
     self._closed = True
     if self._remote:
@@ -282,10 +285,13 @@ class MetricWriter:
     if self._tensorboard is not None:
       self._tensorboard.flush()
 
-  def close(self) -> None:
-    self.flush()
+  def close(self, *, flush: bool = True) -> None:
+    """Flushes and closes; ``flush=False`` (a run that lost its workdir lock) writes nothing more to
+    the workdir: rows not yet written (on ``gs://`` the log is rewritten in batches) are dropped."""
+    if flush:
+      self.flush()
     if self._tensorboard is not None:
-      self._tensorboard.close()
+      self._tensorboard.close(flush=flush)
 
 
 class Progress:
