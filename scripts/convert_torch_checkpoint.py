@@ -6,6 +6,14 @@ The architecture is inferred from tensor shapes; the result lands in WORKDIR/bes
 (model config, pixel scale 1.0, mass standardisation, training history, source), so evaluation can
 point at WORKDIR directly. Needs PyTorch (CPU wheel is enough): pip install torch.
 
+The workdir must hold no model yet: ``best/`` keeps one step and Orbax keeps the newest one added, so
+saving step 0 into a trained workdir's ``best/`` would delete its best model, and a workdir with only
+``checkpoints/`` (a training run) would get an unrelated ``best/`` that evaluation prefers over its
+own model. Such a workdir is refused and left as it is. The check and the save run under the workdir
+lock (``checkpoint.workdir_lock``), so a training run cannot start writing in between, and a workdir
+in use by a live run is refused too. The PyTorch file is read and checked first, so a bad input leaves
+no trace.
+
 A SimCLR checkpoint's encoder is converted; its projection head is checked and imported but not
 saved, since finetuning discards it.
 """
@@ -21,9 +29,10 @@ from l2vit_jax.runtime import host
 host.configure_platforms()  # before JAX starts a backend: no libtpu start-up noise off a TPU VM
 
 from l2vit_jax import errors  # pylint: disable=wrong-import-position
-from l2vit_jax.checkpoint import model_io, naming  # pylint: disable=wrong-import-position
+from l2vit_jax.checkpoint import model_io, naming, workdir_lock  # pylint: disable=wrong-import-position
 from l2vit_jax import models  # pylint: disable=wrong-import-position
 from l2vit_jax.interop import torch_import  # pylint: disable=wrong-import-position
+from l2vit_jax.runtime import paths  # pylint: disable=wrong-import-position
 
 _INPUT = flags.DEFINE_string('input', None, 'PyTorch checkpoint (.pt) written by the original.',
                              required=True)
@@ -36,6 +45,29 @@ _TRUST_PICKLE = flags.DEFINE_bool(
     'trust_pickle', False, 'Load with torch.load(weights_only=False). Only for trusted files.')
 
 
+def refuse_a_workdir_with_a_model(workdir: str) -> None:
+  """Raises ConfigError if ``workdir`` holds a saved model (a step in ``best/`` or ``checkpoints/``)."""
+  try:
+    found, step = model_io.find_model_checkpoint(workdir)
+  except errors.MissingCheckpointError:
+    return
+  raise errors.ConfigError(
+      f'{paths.join(found, str(step))}: --workdir={workdir} already holds a model, which importing would '
+      'replace; expected a new or empty workdir (give another --workdir)')
+
+
+def save_into_new_workdir(workdir: str, model, meta: dict) -> None:
+  """Saves the imported ``model`` into ``workdir`` under its lock, if the workdir holds no model."""
+  paths.makedirs(workdir)
+  lock = workdir_lock.lock_workdir(workdir)
+  try:
+    refuse_a_workdir_with_a_model(workdir)
+    model_io.save_model_checkpoint(workdir, model, meta)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
 def main(argv):
   del argv
   try:
@@ -45,8 +77,8 @@ def main(argv):
     sys.exit(f'error: {error}')
   meta['pixel_scale'] = _PIXEL_SCALE.value
   try:
-    model_io.save_model_checkpoint(_WORKDIR.value, model, meta)
-  except errors.CheckpointSaveError as error:  # a full disk or a write error
+    save_into_new_workdir(_WORKDIR.value, model, meta)
+  except errors.UserError as error:  # a workdir in use or holding a model; a full disk, a write error
     sys.exit(f'error: {error}')
   print(f'imported {_INPUT.value}: L2ViT {meta["model_config"]}, '
         f'{models.param_count(model):,} parameters')

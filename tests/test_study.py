@@ -125,6 +125,11 @@ def _study_config(files, arms="finetune_simclr,physics_bdt", counts=(16, 1.0)):
   return config
 
 
+def _results(workdir):
+  return sorted(os.path.join(root, f) for root, _, names in os.walk(workdir) for f in names
+                if f == study.RESULT_FILE)
+
+
 def test_study_writes_outputs_and_a_rerun_skips_done_cells(files, tmp_path, monkeypatch):
   workdir = str(tmp_path / "study")
   result = study.run_study(_study_config(files), workdir)
@@ -135,8 +140,7 @@ def test_study_writes_outputs_and_a_rerun_skips_done_cells(files, tmp_path, monk
   assert len(written["cells"]) == 4 and result["summary"]["finetune_simclr"]["16"]["accuracy"]["values"]
   report = open(os.path.join(workdir, "report.md")).read()
   assert "| finetune_simclr |" in report and "n=16" in report and "configs/study.py" in report
-  results = sorted(os.path.join(root, f) for root, _, names in os.walk(workdir) for f in names
-                   if f == study.RESULT_FILE)
+  results = _results(workdir)
   assert len(results) == 5  # pretraining + 2 arms × 2 counts
   mtimes = [os.path.getmtime(p) for p in results]
 
@@ -146,6 +150,34 @@ def test_study_writes_outputs_and_a_rerun_skips_done_cells(files, tmp_path, monk
   again = study.run_study(_study_config(files), workdir)
   assert [os.path.getmtime(p) for p in results] == mtimes
   assert again["summary"] == result["summary"]
+
+
+def test_a_cell_stopped_by_stop_after_steps_is_not_recorded_and_a_rerun_finishes_it(files, tmp_path):
+  workdir = str(tmp_path / "study")
+  config = _study_config(files, arms="scratch", counts=(16,))
+  config.scratch.num_epochs = 2  # one cell of 2 epochs of 2 steps, stopped after the first epoch
+  config.stop_after_steps = 2
+  assert study.run_study(config, workdir) == {}
+  cell = os.path.join(workdir, "seed0", "n16", "scratch")
+  assert os.path.isdir(os.path.join(cell, "checkpoints")) and not _results(workdir)
+  assert not os.path.exists(os.path.join(workdir, "study.json"))
+  config.stop_after_steps = 0
+  result = study.run_study(config, workdir)
+  recorded = json.load(open(os.path.join(cell, study.RESULT_FILE)))
+  assert recorded["train_summary"]["step"] == recorded["train_summary"]["total_steps"] == 4
+  assert result["summary"]["scratch"]["16"]["accuracy"]["values"]
+
+
+def test_a_recorded_result_of_a_half_trained_cell_is_not_taken_for_done(files, tmp_path):
+  workdir = str(tmp_path / "study")
+  cell = os.path.join(workdir, "seed0", "n16", "scratch")
+  os.makedirs(cell)
+  with open(os.path.join(cell, study.RESULT_FILE), "w") as f:  # as older versions recorded a pause
+    json.dump({"arm": "scratch", "seed": 0, "count": 16, "seconds": 1.0, "metrics": {},
+               "train_summary": {"step": 1, "total_steps": 2, "stopped_early": False}}, f)
+  study.run_study(_study_config(files, arms="scratch", counts=(16,)), workdir)
+  recorded = json.load(open(os.path.join(cell, study.RESULT_FILE)))
+  assert recorded["train_summary"]["step"] == 2 and recorded["metrics"]["accuracy"] >= 0
 
 
 def test_a_file_too_small_for_the_smallest_label_count_fails_before_training(files, tmp_path):

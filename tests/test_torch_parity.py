@@ -140,16 +140,54 @@ def test_projector_with_wrong_names_is_refused(torch_models):
     torch_import.convert_projector_state_dict(state_dict, projector)
 
 
+def _convert(checkpoint, workdir):
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'convert_torch_checkpoint.py'),
+       f'--input={checkpoint}', f'--workdir={workdir}'],
+      capture_output=True, text=True, check=False, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def _file_bytes(directory):
+  return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), 'rb').read()
+          for root, _, names in os.walk(directory) for name in names}
+
+
 def test_convert_script_end_to_end(torch_models, finetuned_checkpoint, tmp_path):
   from l2vit_jax.checkpoint import model_io  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'imported')
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'scripts', 'convert_torch_checkpoint.py'),
-       f'--input={finetuned_checkpoint}', f'--workdir={workdir}'],
-      capture_output=True, text=True, check=False,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = _convert(finetuned_checkpoint, workdir)
   assert result.returncode == 0, result.stderr
   model, meta = model_io.restore_model_checkpoint(workdir)
   assert meta['mass_mean'] == pytest.approx(142.46)
   assert meta['model_config'] == EXPECTED_CONFIG
   _assert_model_parity(torch_models[0], model, _images())
+
+
+@pytest.mark.parametrize('kept', ['best', 'checkpoints'])
+def test_importing_into_a_workdir_that_holds_a_model_is_refused_and_changes_nothing(
+    finetuned_checkpoint, tmp_path, kept):
+  from l2vit_jax.checkpoint import model_io  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / 'trained'
+  model, _, meta = torch_import.import_checkpoint(finetuned_checkpoint)
+  model_io.save_model_checkpoint(str(workdir), model, dict(meta, trained=True), step=7)
+  if kept == 'checkpoints':  # a training run's latest state only, no best/ yet
+    os.rename(workdir / 'best', workdir / 'checkpoints')
+  before = _file_bytes(workdir)
+  result = _convert(finetuned_checkpoint, workdir)
+  errors_seen = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert result.returncode != 0 and len(errors_seen) == 1, result.stderr
+  assert f'{kept}/7' in errors_seen[0] and 'already holds a model' in errors_seen[0]
+  assert _file_bytes(workdir) == before  # the trained step kept, no lock or import left behind
+  assert model_io.read_model_meta(str(workdir))['trained']
+
+
+def test_importing_into_a_workdir_locked_by_a_live_run_is_refused(finetuned_checkpoint, tmp_path):
+  from l2vit_jax.checkpoint import workdir_lock  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / 'in_use'
+  workdir.mkdir()
+  with workdir_lock.WorkdirLock(str(workdir)):  # this test process: alive, on this host
+    result = _convert(finetuned_checkpoint, workdir)
+    assert sorted(os.listdir(workdir)) == ['lock']
+  errors_seen = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert result.returncode != 0 and len(errors_seen) == 1, result.stderr
+  assert 'workdir is in use' in errors_seen[0]

@@ -10,6 +10,11 @@ rerun skips cells with a ``result.json``; a cell cut short resumes through the n
 At the end: ``study.json`` (every cell, and mean/std over seeds per arm and count), ``study.png`` and
 ``report.md``.
 
+Only a finished cell is recorded: a training that pauses (``stop_after_steps``; a preemption raises
+instead) writes no ``result.json`` and pauses the whole study there, since later cells may start from
+it (``stages.finished``, as in the quickstart); the rerun resumes that cell. A ``result.json`` of a
+half-trained cell, as older versions wrote, is not taken for done either.
+
 The labelled subset depends on the study seed, so the spread over seeds includes which jets happen to
 be labelled, as it would for a user who labels n jets.
 """
@@ -149,9 +154,28 @@ def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -
   return cells
 
 
+class _Paused(Exception):
+  """A cell's training stopped before its end (``stop_after_steps``): it is not done, and cells after
+  it may start from it, so the study stops there until it is rerun."""
+
+  def __init__(self, cell: Cell, summary: dict):
+    super().__init__(f"{cell.describe()}: paused at step {summary['step']} of {summary['total_steps']}")
+    self.cell, self.summary = cell, summary
+
+
 def read_result(cell: Cell) -> dict | None:
+  """The cell's recorded result, or None while it is not done: none is recorded, or the one recorded
+  is of a training that had not finished (older versions recorded paused cells)."""
   path = paths.join(cell.directory, RESULT_FILE)
-  return json.loads(paths.read_text(path)) if paths.exists(path) else None
+  if not paths.exists(path):
+    return None
+  result = json.loads(paths.read_text(path))
+  summary = result.get("train_summary")
+  if summary is not None and not stages.finished(summary):
+    logging.warning("%s: records a training stopped at step %s of %s; not taken for done, the cell resumes",
+                    path, summary["step"], summary["total_steps"])
+    return None
+  return result
 
 
 def _write_json_atomically(path: str, data: dict) -> None:
@@ -185,13 +209,19 @@ class _Runner:
                                   seed=cell.seed)[cell.count]
     return {"train": subset, "val": self.parts["val"], "test": self.parts["test"]}
 
+  def train(self, stage, cell: Cell) -> dict:
+    """Trains (or resumes) ``cell``'s stage; its summary once finished, else raises ``_Paused``."""
+    summary = stages.train_stage(stage, cell.directory)
+    if not stages.finished(summary):
+      raise _Paused(cell, summary)
+    return summary
+
   def run(self, cell: Cell) -> dict:
     if cell.arm.startswith("pretrain_"):
       method = cell.arm.removeprefix("pretrain_")
-      return {"train_summary": stages.train_stage(self.pretrain_config(method, cell.seed),
-                                                   cell.directory)}
+      return {"train_summary": self.train(self.pretrain_config(method, cell.seed), cell)}
     if cell.arm in ("scratch", "finetune_simclr", "finetune_mae"):
-      summary = stages.train_stage(self.finetune_config(cell), cell.directory)
+      summary = self.train(self.finetune_config(cell), cell)
       return {"train_summary": summary, **self.score(evaluate.predict_checkpoint(
           cell.directory, self.labelled, self.parts["test"], batch_size=self.config.eval_batch_size,
           mesh=self.mesh))}
@@ -241,7 +271,11 @@ def _duration(seconds: float) -> str:
 
 
 def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
-  """Runs every cell without a result (in order), logging progress; returns every available result."""
+  """Runs every cell without a result (in order), logging progress; returns every available result.
+
+  Raises:
+    _Paused: a cell's training paused (``stop_after_steps``); no result is recorded for it.
+  """
   progress, results = _Progress(), {}
   pending = [cell for cell in cells if read_result(cell) is None]
   for k, cell in enumerate(cells, 1):
@@ -302,7 +336,8 @@ def _enable_compilation_cache(directory: str) -> None:
 
 
 def run_study(config, workdir: str) -> dict:
-  """Runs (or resumes) the whole study in ``workdir`` and writes study.json, study.png and report.md."""
+  """Runs (or resumes) the whole study in ``workdir`` and writes study.json, study.png and report.md;
+  returns the study, or {} (writing none of them) when a cell paused."""
   _enable_compilation_cache(os.path.join(workdir, "cache", "xla"))
   arms = selected_arms(config)
   files = stages.data_files(config, workdir)
@@ -310,7 +345,12 @@ def run_study(config, workdir: str) -> dict:
   cells = plan_cells(config, workdir, arms, inputs["counts"])
   logging.info("Label-efficiency study: %d cells (%d seeds × counts %s × arms %s, plus pretraining) in %s",
                len(cells), len(_seeds(config)), inputs["counts"], ", ".join(arms), workdir)
-  results = run_cells(cells, _Runner(config, workdir, files, inputs["labelled"], sharding.make_mesh()))
+  try:
+    results = run_cells(cells, _Runner(config, workdir, files, inputs["labelled"], sharding.make_mesh()))
+  except _Paused as paused:  # no summary of a study with cells missing: the rerun writes it
+    logging.info("Study paused in cell %s at step %d of %d (stop_after_steps); rerun the same command to "
+                 "continue.", paused.cell.describe(), paused.summary["step"], paused.summary["total_steps"])
+    return {}
   scored = [r for cell, r in results.items() if cell.count is not None]
   study = study_report.summarise(scored, arms=arms, counts=inputs["counts"])
   study.update(command=study_command(config, workdir), data=_data_description(config, files, inputs))
