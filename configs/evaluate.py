@@ -7,6 +7,10 @@ Each checkpoint directory is a training workdir (its best/ checkpoint is used) o
 scripts/convert_torch_checkpoint.py. Outputs: runs/report/<name>/{metrics.json,predictions.npz,*.png}
 and runs/report/report.md.
 
+config.data.labelled_path and config.data.split_seed must give the split each finetuned checkpoint was
+trained with (recorded in its meta); another one could hold training jets and is refused, naming the
+seed or file to use. --config.split=all (every jet) is not checked.
+
 With --config.probe=True, each checkpoint also gets rows <name>_linear_probe and <name>_knn: frozen-
 feature probes of its backbone (l2vit_jax/evaluation/probes.py), which also evaluate pretraining (SimCLR/MAE)
 workdirs; for those the probe rows are the only rows.

@@ -1,12 +1,16 @@
 """Evaluation of restored checkpoints: trained by us, or imported from the PyTorch original."""
 
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import randomise_torch_module, tiny_config, write_jet_file
+from conftest import TEST_XLA_FLAGS, randomise_torch_module, tiny_config, write_jet_file
+from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io
 from l2vit_jax.evaluation import evaluate
 from l2vit_jax.training import loop
@@ -60,6 +64,87 @@ def finetuned_run(tmp_path_factory):
   run = str(directory / "run")
   loop.train_and_evaluate(tiny_config("finetune", labelled, num_epochs=1), run)
   return labelled, run
+
+
+def test_both_checkpoints_record_the_file_and_split_the_model_trained_with(finetuned_run):
+  labelled, run = finetuned_run
+  expected = sources.open_labelled(labelled, split_seed=split.SPLIT_SEED).fingerprint()
+  for kept in (model_io.BEST_DIR, model_io.LATEST_DIR):
+    assert model_io.read_model_meta(run, prefer=(kept,))["data_split"] == expected
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_another_split_seed_is_refused_in_one_line_with_nothing_written(finetuned_run, tmp_path):
+  labelled, run = finetuned_run
+  out = tmp_path / "report"
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS)
+  result = subprocess.run(
+      [sys.executable, "-m", "l2vit_jax.main", "--config=configs/evaluate.py", f"--workdir={out}",
+       f"--config.checkpoints=tiny={run}", f"--config.data.labelled_path={labelled}",
+       "--config.data.split_seed=7"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: config.data.split_seed=7 gives another test split than the model of {run} was trained "
+      "with (seed 42); evaluate with --config.data.split_seed=42")
+  assert not out.exists()
+
+
+def test_another_labelled_file_is_refused_naming_it(finetuned_run, tmp_path):
+  _, run = finetuned_run
+  other = write_jet_file(tmp_path / "other.h5", num=80, seed=1)
+  out = tmp_path / "report"
+  with pytest.raises(errors.DataError, match=rf"^{other}: not the labelled file the model of {run} was "
+                     r"trained on \(80 jets, .*; it trained on 80 jets, .*--config.split=all$"):
+    evaluate.evaluate_checkpoints(_evaluate_config(other, f"tiny={run}"), str(out))
+  assert not out.exists()
+
+
+def _labelled_and_meta(finetuned_run):
+  labelled, run = finetuned_run
+  return sources.open_labelled(labelled, split_seed=split.SPLIT_SEED), model_io.read_model_meta(run)
+
+
+def test_the_same_seed_splitting_otherwise_under_another_numpy_is_refused(finetuned_run):
+  labelled, meta = _labelled_and_meta(finetuned_run)
+  recorded = dict(meta["data_split"], numpy="1.0.0")  # as if an older NumPy had drawn another split
+  recorded["indices_sha256"] = dict(recorded["indices_sha256"], val=split.indices_digest([0, 1]))
+  config = _evaluate_config(labelled.path, "", split_name="val")
+  with pytest.raises(errors.DataError, match=r"split_seed=42 gives another val split under NumPy .* "
+                     r"trained with under NumPy 1\.0\.0 .*evaluate under NumPy 1\.0\.0"):
+    evaluate.check_model_split("run", dict(meta, data_split=recorded), labelled, config)
+  config.split = "test"  # the test split it recorded is still this one
+  evaluate.check_model_split("run", dict(meta, data_split=recorded), labelled, config)
+
+
+def test_a_checkpoint_without_a_recorded_split_is_evaluated_with_a_warning(finetuned_run, caplog):
+  labelled, meta = _labelled_and_meta(finetuned_run)
+  older = {key: value for key, value in meta.items() if key != "data_split"}
+  with caplog.at_level(logging.WARNING):
+    evaluate.check_model_split("older_run", older, labelled, _evaluate_config(labelled.path, ""))
+  assert "older_run: its checkpoint records no data split" in caplog.text
+
+
+def test_every_jet_is_scored_whatever_split_the_model_trained_with(finetuned_run):
+  labelled, meta = _labelled_and_meta(finetuned_run)
+  other_seed = sources.open_labelled(labelled.path, split_seed=7)
+  evaluate.check_model_split("run", meta, other_seed, _evaluate_config(labelled.path, "", split_name="all"))
+  with pytest.raises(errors.ConfigError, match="split_seed=7 gives another val split"):
+    evaluate.check_model_split("run", meta, other_seed, _evaluate_config(labelled.path, "", split_name="val"))
+
+
+def test_an_unknown_split_name_is_refused_naming_the_known_ones(finetuned_run):
+  labelled, meta = _labelled_and_meta(finetuned_run)
+  with pytest.raises(errors.ConfigError, match="config.split='tset': expected one of train, val, test or all"):
+    evaluate.check_model_split("run", meta, labelled, _evaluate_config(labelled.path, "", split_name="tset"))
+
+
+def test_a_damaged_recorded_split_is_refused(finetuned_run):
+  labelled, meta = _labelled_and_meta(finetuned_run)
+  with pytest.raises(errors.CheckpointDamagedError, match="run: damaged checkpoint: meta 'data_split' is"):
+    evaluate.check_model_split("run", dict(meta, data_split=[1, 2]), labelled,
+                               _evaluate_config(labelled.path, ""))
 
 
 def test_evaluating_a_trained_checkpoint_writes_every_output(finetuned_run, tmp_path):

@@ -53,13 +53,42 @@ def read_labels(path: str) -> dict[str, np.ndarray]:
 class LabelledFile:
   """A validated labelled file, its labels (``read_labels``) and the fixed stratified split.
 
-  ``parts`` is ``split.stratified_split`` of the labels with the given seed: every user of a labelled
-  file (finetuning, evaluation, probes, the study) sees the same train/val/test jets.
+  ``parts`` is ``split.stratified_split`` of the labels with ``split_seed``: every user of a labelled
+  file (finetuning, evaluation, probes, the study) sees the same train/val/test jets, and
+  ``fingerprint`` says which ones they were.
   """
   path: str
   image_size: int
   labels: dict[str, np.ndarray]
   parts: dict[str, np.ndarray]
+  split_seed: int
+
+  @property
+  def mass_key(self) -> str:
+    """The file's key of the jet masses, to name in errors (``m`` in HDF5, ``mass`` in sparse files)."""
+    return "mass" if is_sparse(self.path) else hdf5.LABEL_KEYS[1]
+
+  def fingerprint(self) -> dict:
+    """``split.split_fingerprint`` of this file and split: what a finetuned checkpoint records."""
+    return split.split_fingerprint(self.labels, self.parts, seed=self.split_seed,
+                                   image_size=self.image_size)
+
+  def mass_statistics(self, train: np.ndarray) -> tuple[float, float]:
+    """``split.mass_statistics`` of the jets ``train``, which must not all have the same mass.
+
+    The regression target is standardised by their standard deviation: 0 would make every loss NaN
+    (0/0) from the first step, so it is refused here, before anything trains.
+
+    Raises:
+      errors.DataError: one line naming the file, the mass key and the expected spread.
+    """
+    mean, std = split.mass_statistics(self.labels["mass"], train)
+    if not std > 0:
+      raise errors.DataError(
+          f"{self.path}: key '{self.mass_key}': all {len(train)} training jets have mass {mean:g} GeV; "
+          "expected masses with a standard deviation > 0 (the regression target is standardised by "
+          "it); train on more jets (data.train_subset) or another file")
+    return mean, std
 
   def source(self, indices: Sequence[int]) -> hdf5.HDF5Source | sparse.SparseSource:
     """A source over the jets ``indices``, reusing the labels already read."""
@@ -80,4 +109,4 @@ def open_labelled(path: str, *, split_seed: int, image_size: int | None = None,
   info = validate_file(path, labelled=True, image_size=image_size, min_examples=min_examples)
   labels = read_labels(path)
   return LabelledFile(path, info.image_size, labels,
-                      split.stratified_split(labels["label"], seed=split_seed))
+                      split.stratified_split(labels["label"], seed=split_seed), int(split_seed))

@@ -2,6 +2,10 @@
 
   python -m l2vit_jax.main --config=configs/evaluate.py --workdir=runs/report \
       --config.checkpoints=pretrained=runs/finetune,scratch=runs/scratch
+
+A finetuned checkpoint records the labelled file and split it trained with (``data_split``), and a
+``config.split`` that differs from the model's own (another ``data.split_seed`` or file) is refused
+before anything is written (``check_model_split``), since it could score jets the model trained on.
 """
 
 from __future__ import annotations
@@ -78,6 +82,75 @@ def evaluated_indices(config, labelled: sources.LabelledFile) -> np.ndarray:
 
 def _labelled_file(config) -> sources.LabelledFile:
   return sources.open_labelled(config.data.labelled_path, split_seed=config.data.split_seed)
+
+
+def _recorded_split(directory: str, meta: dict) -> dict | None:
+  """The checkpoint's ``data_split`` (``split.split_fingerprint``), None where it has none.
+
+  Raises:
+    errors.CheckpointDamagedError: a ``data_split`` of another shape (a damaged or edited meta), which
+      could vouch for no split.
+  """
+  recorded = meta.get("data_split")
+  if recorded is None:
+    return None
+  fields = ("num_jets", "image_size", "labels_sha256", "split_seed", "numpy")
+  if not (isinstance(recorded, dict) and all(field in recorded for field in fields)
+          and isinstance(recorded.get("indices_sha256"), dict)
+          and all(isinstance(recorded["indices_sha256"].get(name), str) for name in split.SPLIT_NAMES)):
+    raise errors.CheckpointDamagedError(
+        f"{directory}: damaged checkpoint: meta 'data_split' is {str(recorded)[:60]!r}, expected the "
+        f"object of split.split_fingerprint ({', '.join(fields)}, indices_sha256)")
+  return recorded
+
+
+def check_model_split(directory: str, meta: dict, labelled: sources.LabelledFile, config) -> None:
+  """Refuses to score a model on a ``config.split`` other than the same-named split it was trained
+  with, which could hold jets it trained on (another ``data.split_seed``, another file, or a NumPy that
+  splits differently). Called before anything is written.
+
+  ``config.split='all'`` is not checked: it asks for every jet, the trained-on ones included. A
+  finetuned checkpoint without a recorded split (saved before checkpoints recorded it, or imported
+  from PyTorch) is evaluated with a warning; a pretraining one trained on no labelled split.
+
+  Raises:
+    errors.ConfigError: another ``data.split_seed`` than the model's, naming both; an unknown
+      ``config.split``.
+    errors.DataError: another labelled file, or the same seed splitting differently (NumPy).
+    errors.CheckpointDamagedError: the recorded split is not a fingerprint.
+  """
+  name = config.split
+  if name not in (*split.SPLIT_NAMES, "all"):
+    raise errors.ConfigError(f"config.split={name!r}: expected one of {', '.join(split.SPLIT_NAMES)} or all")
+  recorded = _recorded_split(directory, meta)
+  if name == "all":
+    return
+  if recorded is None:
+    if meta.get("mass_mean") is not None:
+      logging.warning("%s: its checkpoint records no data split (saved before checkpoints recorded "
+                      "it, or imported): cannot check that config.split=%r holds no jet it trained on",
+                      directory, name)
+    return
+  current = labelled.fingerprint()
+  if any(recorded[key] != current[key] for key in ("num_jets", "labels_sha256")):
+    raise errors.DataError(
+        f"{labelled.path}: not the labelled file the model of {directory} was trained on "
+        f"({current['num_jets']} jets, labels {current['labels_sha256'][:19]}…; it trained on "
+        f"{recorded['num_jets']} jets, labels {str(recorded['labels_sha256'])[:19]}…), so its {name} split "
+        "may hold jets the model trained on; evaluate on that file, or on every jet of an independent "
+        "file with --config.split=all")
+  if recorded["indices_sha256"][name] == current["indices_sha256"][name]:
+    return
+  if recorded["split_seed"] != labelled.split_seed:
+    raise errors.ConfigError(
+        f"config.data.split_seed={labelled.split_seed} gives another {name} split than the model of "
+        f"{directory} was trained with (seed {recorded['split_seed']}); evaluate with "
+        f"--config.data.split_seed={recorded['split_seed']}")
+  raise errors.DataError(
+      f"{labelled.path}: data.split_seed={labelled.split_seed} gives another {name} split under NumPy "
+      f"{current['numpy']} than the model of {directory} was trained with under NumPy {recorded['numpy']} "
+      "(numpy.random.Generator changed its stream?); evaluate under NumPy "
+      f"{recorded['numpy']}, whose split it was")
 
 
 def _training_log(directory: str) -> str | None:
@@ -176,9 +249,9 @@ def class_mean_images(labelled: sources.LabelledFile, indices: np.ndarray, *,
   return accumulator
 
 
-def _is_pretraining_checkpoint(directory: str) -> bool:
+def _is_pretraining_checkpoint(meta: dict) -> bool:
   """No mass standardisation in its meta: a SimCLR/MAE backbone, which only probes can evaluate."""
-  return model_io.read_model_meta(directory).get("mass_mean") is None
+  return meta.get("mass_mean") is None
 
 
 def evaluate_checkpoints(config, workdir: str) -> dict:
@@ -196,12 +269,15 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
   if baseline and bdt.BASELINE_NAME in checkpoints:
     raise ValueError(f"config.checkpoints: {bdt.BASELINE_NAME!r} is the physics baseline's row; name the "
                      "checkpoint differently or set --config.physics_baseline=False")
-  pretraining = {name: _is_pretraining_checkpoint(directory) for name, directory in checkpoints.items()}
-  for name, directory in checkpoints.items():  # refused before any evaluation runs
+  metas = {name: model_io.read_model_meta(directory) for name, directory in checkpoints.items()}
+  pretraining = {name: _is_pretraining_checkpoint(meta) for name, meta in metas.items()}
+  labelled = _labelled_file(config)
+  for name, directory in checkpoints.items():  # refused before any evaluation runs or file is written
     if pretraining[name] and not probe:
       raise errors.CheckpointMismatchError(
           f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; probe its "
           "frozen features with --config.probe=True, or evaluate a finetuned workdir")
+    check_model_split(directory, metas[name], labelled, config)
   paths.makedirs(workdir)
   for name, directory in checkpoints.items():
     if not pretraining[name]:
@@ -220,7 +296,6 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
     results[bdt.BASELINE_NAME], curves[bdt.BASELINE_NAME] = evaluate_physics_baseline(config, workdir)
     notes = f"{notes}\n\n## Physics baseline\n\n{bdt.REPORT_DESCRIPTION}"
   if jax.process_index() == 0:
-    labelled = _labelled_file(config)
     mean_images = class_mean_images(labelled, evaluated_indices(config, labelled))
     path = report.write_report(workdir, results, predictions=curves, training_logs=logs or None,
                                mean_images=mean_images, title=config.report_title, notes=notes)

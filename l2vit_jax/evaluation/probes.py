@@ -304,7 +304,7 @@ def probe_checkpoint(directory: str, labelled: sources.LabelledFile, splits: Map
   """
   backbone, meta = model_io.restore_backbone(directory)
   labelled.check_image_size(meta["model_config"], directory)
-  mass_mean, mass_std = split.mass_statistics(labelled.labels["mass"], splits["train"])
+  mass_mean, mass_std = labelled.mass_statistics(splits["train"])
   features = {part: _labelled_features(backbone, labelled, np.asarray(splits[part]),
                                        mass_mean=mass_mean, mass_std=mass_std,
                                        pixel_scale=meta.get("pixel_scale", 1.0),
@@ -403,7 +403,7 @@ def online_probe(config) -> OnlineProbe | None:
   if len(subsets["fit"]) < 2 or not len(subsets["evaluate"]):
     raise ValueError(f"{path}: config.online_probe needs at least 3 train-split and 1 validation-split "
                      f"jets, found {len(parts['train'])} and {len(parts['val'])}")
-  mass_mean, mass_std = split.mass_statistics(labels["mass"], parts["train"])
+  mass_mean, mass_std = labelled.mass_statistics(parts["train"])
   logging.info("Online probe: %s, fit/select/evaluate on %s jets, every %d epoch(s)", path,
                "/".join(str(len(v)) for v in subsets.values()), settings.every_epochs)
   return OnlineProbe(labelled=labelled, subsets=subsets, mass_mean=mass_mean,

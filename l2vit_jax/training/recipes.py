@@ -54,16 +54,21 @@ def _labelled_subset(config, labels: np.ndarray, train: np.ndarray) -> np.ndarra
 
 
 def labelled_splits(config, *, min_train_examples: int = 1) -> dict:
-  """Validated labelled file → sources for train/val/test and the train-split mass statistics."""
+  """Validated labelled file → sources for train/val/test, the train-split mass statistics and the
+  split's ``fingerprint`` (``sources.LabelledFile.fingerprint``), which the checkpoints record.
+
+  Raises:
+    errors.DataError: the file is unusable, or the jets trained on all have one mass.
+  """
   labelled = sources.open_labelled(config.data.labelled_path, split_seed=config.data.split_seed,
                                    image_size=config.model.img_size, min_examples=min_train_examples)
   parts = dict(labelled.parts, train=_labelled_subset(config, labelled.labels["label"],
                                                       labelled.parts["train"]))
   # Standardised on the jets actually trained on: a user with n labels has only those n masses.
-  mass_mean, mass_std = split.mass_statistics(labelled.labels["mass"], parts["train"])
+  mass_mean, mass_std = labelled.mass_statistics(parts["train"])
   parts["train"] = np.tile(parts["train"], max(int(config.data.get("train_repeats", 1)), 1))
   return {**{name: labelled.source(idx) for name, idx in parts.items()},
-          "mass_mean": mass_mean, "mass_std": mass_std}
+          "mass_mean": mass_mean, "mass_std": mass_std, "fingerprint": labelled.fingerprint()}
 
 
 def _base_meta(config, **extra) -> dict:
@@ -141,8 +146,11 @@ def _finetune_task(config) -> Task:
       name="finetune", model=model, loss=loss,
       train_source=data["train"], val_source=data["val"], augmentation=AUGMENTATIONS["finetune"],
       batch_keys=BATCH_KEYS["finetune"],
+      # data_split: which file and jets the model trained on, so evaluation refuses another split
+      # (evaluation.evaluate.check_model_split).
       meta=_base_meta(config, mass_mean=data["mass_mean"], mass_std=data["mass_std"],
-                      init_from=config.init_from, train_subset=int(config.data.get("train_subset", 0)),
+                      data_split=data["fingerprint"], init_from=config.init_from,
+                      train_subset=int(config.data.get("train_subset", 0)),
                       train_subset_seed=int(config.data.get("train_subset_seed", 0)),
                       train_repeats=int(config.data.get("train_repeats", 1))))
 
