@@ -33,13 +33,19 @@ def manager_dirs(directory: str) -> list[str]:
 
 
 def check_step(manager: ocp.CheckpointManager, step: int) -> tuple[bool, str]:
-  """(intact, one-line verdict) for one step."""
+  """(intact, one-line verdict) for one step; intact is None when the storage failed to answer."""
   step_dir = paths.as_path(manager.directory) / str(step)
-  items = {name: ocp.args.StandardRestore() for name in ARRAY_ITEMS if (step_dir / name).is_dir()}
   try:
+    # The items to verify: those on disk and those the digests name (a torn copy may lack a folder).
+    digests = integrity.restore_verified(manager, step)["meta"].get(integrity.DIGESTS)
+    named = {name.split("/")[0] for name in digests} if isinstance(digests, dict) else set()
+    items = {name: ocp.args.StandardRestore() for name in ARRAY_ITEMS
+             if name in named or (step_dir / name).is_dir()}
     restored = integrity.restore_verified(manager, step, **items)
   except errors.CheckpointDamagedError as error:
     return False, str(error).split(": damaged checkpoint: ", 1)[-1]
+  except errors.StorageError as error:
+    return None, str(error)
   if integrity.DIGESTS not in restored["meta"]:
     return True, "no digests (written before integrity checks): not verified"
   return True, f"ok ({len(restored['meta'][integrity.DIGESTS])} arrays)"
@@ -57,7 +63,8 @@ def verify(directory: str) -> tuple[int, int]:
       for step in manager.all_steps():
         intact, verdict = check_step(manager, step)
         checked, damaged = checked + 1, damaged + (not intact)
-        print(f"{paths.join(manager_dir, str(step))}: {verdict if intact else 'DAMAGED: ' + verdict}")
+        label = "" if intact else "DAMAGED: " if intact is False else "UNREADABLE (the storage, not damage): "
+        print(f"{paths.join(manager_dir, str(step))}: {label}{verdict}")
     for name in set_aside:
       print(f"{paths.join(manager_dir, name)}: set aside earlier (not checked)")
   return checked, damaged

@@ -221,7 +221,8 @@ def test_checkpoints_without_digests_still_load_with_a_warning(trained, workdir,
   (step,) = _entries(workdir, naming.BEST_DIR)
   meta_file = os.path.join(workdir, naming.BEST_DIR, step, "meta", "metadata")
   meta = json.load(open(meta_file))
-  del meta[integrity.DIGESTS]  # as written before this change
+  for key in (integrity.DIGESTS, *integrity.WRITTEN_WITH_DIGESTS):
+    del meta[key]  # as written before digests (and the fields written since) existed
   json.dump(meta, open(meta_file, "w"))
   arrays, _ = model_io.read_model_checkpoint(workdir)
   assert arrays["params"]
@@ -312,8 +313,8 @@ def test_the_error_line_stays_last_when_an_aborted_save_left_coroutines_unawaite
 # The CLI with Orbax's reads failing in the storage the first ``sys.argv[1]`` times (-1: always), as a
 # GCS outage would: ConnectionError, gcsfs's HttpError after its own retries, tensorstore's UNAVAILABLE.
 FLAKY_STORAGE_CLI = (
-    "import runpy, sys, orbax.checkpoint as ocp; from l2vit_jax.checkpoint import integrity; "
-    "failures = int(sys.argv.pop(1)); integrity.RETRY_SECONDS = 0.0; real = ocp.CheckpointManager.restore; "
+    "import runpy, sys, orbax.checkpoint as ocp; from l2vit_jax.checkpoint import storage; "
+    "failures = int(sys.argv.pop(1)); storage.RETRY_SECONDS = 0.0; real = ocp.CheckpointManager.restore; "
     "calls = [0]\n"
     "def restore(self, *args, **kwargs):\n"
     "  calls[0] += 1\n"
@@ -390,3 +391,84 @@ def test_digests_must_cover_exactly_the_arrays_read():
   assert integrity.damaged_arrays(items, {integrity.DIGESTS: other_item}) == []
   with pytest.raises(errors.CheckpointDamagedError, match="2 array"):
     integrity.check_restored("here", items, {integrity.DIGESTS: {}})
+
+
+def _storage_errors():
+  import aiohttp  # pylint: disable=import-outside-toplevel
+  import gcsfs.retry  # pylint: disable=import-outside-toplevel
+  import requests  # pylint: disable=import-outside-toplevel
+  return {
+      "gcsfs HttpError 503": gcsfs.retry.HttpError({"code": 503, "message": "Service Unavailable"}),
+      "gcsfs 403 as a bare OSError": OSError("Forbidden: https://storage.googleapis.com/b/run"),
+      "requests ProxyError (a 502)": requests.exceptions.ProxyError("502 Bad Gateway"),
+      "aiohttp payload cut short": aiohttp.ClientPayloadError("Response payload is not completed"),
+      "tensorstore UNAVAILABLE": ValueError("UNAVAILABLE: Error reading \"x\" in gs://b/run/15/model: HTTP 503"),
+      "tensorstore EIO": ValueError("UNKNOWN: Error reading local file \"/r/15/model/d/0\": Input/output "
+                                    "error [os_error_code='5']"),
+      "a timeout": TimeoutError("read timed out"),
+      "wrapped by Orbax": _wrapped(ConnectionError("reset by peer")),
+  }
+
+
+def _damage_errors():
+  return {
+      "tensorstore undecodable chunk": ValueError("FAILED_PRECONDITION: Error reading \"x\": Invalid "
+                                                  "blosc-compressed data"),
+      "tensorstore DATA_LOSS": ValueError("DATA_LOSS: Error reading \"x\": Checksum mismatch"),
+      "a missing file": FileNotFoundError(2, "No such file or directory"),
+      "tensorstore NOT_FOUND": ValueError("NOT_FOUND: Error opening \"zarr3\" driver: metadata missing"),
+      "unparsable JSON": json.JSONDecodeError("Expecting value", "{", 1),
+      "a status word in a path": ValueError("FAILED_PRECONDITION: Error reading \"/runs/CANCELLED/15\": bad"),
+  }
+
+
+def _wrapped(cause):
+  try:
+    try:
+      raise cause
+    except Exception as error:  # pylint: disable=broad-except
+      raise RuntimeError("restore failed") from error
+  except RuntimeError as outer:
+    return outer
+
+
+@pytest.mark.parametrize("kind", ["storage", "damage"])
+def test_read_errors_of_the_storage_are_told_apart_from_damage(kind):
+  """What GCS clients and tensorstore raise for an outage is retried and never sets a step aside;
+  what they raise for bytes that do not decode, or a missing file, is damage."""
+  from l2vit_jax.checkpoint import storage  # pylint: disable=import-outside-toplevel
+  cases = _storage_errors() if kind == "storage" else _damage_errors()
+  verdicts = {name: storage.read_failure(error) is not None for name, error in cases.items()}
+  assert verdicts == {name: kind == "storage" for name in cases}
+
+
+def test_a_checkpoint_of_another_optimizer_structure_is_refused_not_set_aside(trained, workdir):
+  """As after an optax upgrade that renamed a state field: the old code took every step for damaged
+  and set all of them aside."""
+  for step in _entries(workdir):
+    meta_file = os.path.join(workdir, naming.LATEST_DIR, step, "meta", "metadata")
+    meta = json.load(open(meta_file))
+    name = next(n for n in meta[integrity.DIGESTS] if n.startswith("optimizer/opt_state/"))
+    meta[integrity.DIGESTS][name.rsplit("/", 1)[0] + "/renamed_field"] = meta[integrity.DIGESTS].pop(name)
+    json.dump(meta, open(meta_file, "w"))
+  before = _snapshot(workdir)
+  _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints/15: holds other arrays than this version",
+              "renamed_field", "resume with that version, or use a new --workdir")
+  assert _snapshot(workdir) == before
+
+
+def test_resuming_on_another_split_of_the_training_jets_is_refused(trained, workdir):
+  before = _snapshot(workdir)
+  _error_line(_cli(trained["config"], workdir, *RUN, "--config.data.split_seed=7"),
+              "training jets differ from those its checkpoints were trained on", "data_split")
+  assert _snapshot(workdir) == before
+
+
+def test_a_meta_that_lost_its_digests_but_not_the_fields_written_with_them_is_damaged(trained, workdir):
+  (step,) = _entries(workdir, naming.BEST_DIR)
+  meta_file = os.path.join(workdir, naming.BEST_DIR, step, "meta", "metadata")
+  meta = json.load(open(meta_file))
+  del meta[integrity.DIGESTS]  # edited: it would otherwise load unverified
+  json.dump(meta, open(meta_file, "w"))
+  with pytest.raises(errors.CheckpointDamagedError, match="has no 'digests', yet it was written by"):
+    model_io.read_model_checkpoint(workdir)

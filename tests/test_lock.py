@@ -251,10 +251,10 @@ def _wait_for(condition, seconds=30.0):
 
 
 def test_the_refresher_survives_any_storage_error_and_goes_on_refreshing(tmp_path):
-  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=0.4)
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=4.0)  # two failed refreshes stay within 3/4 of it
   with lock:
     failing = lock._file = _FailingRefreshes(lock._file, HttpError("503 Service Unavailable"), 2)  # pylint: disable=protected-access
-    _wait_for(lambda: failing.calls >= 4)  # two failed, then two that went through
+    _wait_for(lambda: failing.calls >= 4)  # two failed, then two that went through (1 s apart)
     assert lock._thread.is_alive()  # pylint: disable=protected-access
     assert lock.check() is None and lock.confirm_held() is None
     assert _lock_content(tmp_path)["refreshes"] >= 3
@@ -343,3 +343,12 @@ def test_a_run_whose_lock_was_taken_over_writes_no_best_model_metrics_row_or_che
   assert after["metrics.jsonl"] == seen["files"]["metrics.jsonl"]  # no row for step 10
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["5"]  # step 5's save was under way
   assert _lock_content(workdir)["token"] == "new"
+
+
+def test_a_storage_that_cannot_answer_the_confirmation_leaves_the_lease_to_decide(tmp_path):
+  """Reading the lock back fails (gcsfs's HttpError after its retries): within its lease the lock is
+  still this run's (nobody may take it over before), so the run goes on rather than stop on a 503."""
+  lock = workdir_lock.WorkdirLock(str(tmp_path), lease=60)
+  with lock:
+    lock._file.still_ours = lambda: (_ for _ in ()).throw(HttpError("503"))  # pylint: disable=protected-access
+    assert lock.confirm_held() is None

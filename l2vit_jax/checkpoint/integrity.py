@@ -8,17 +8,14 @@ arrays; a resuming run sets the step aside as ``<step>.damaged`` and falls back 
 Only damage is reported as damage. The digests must cover exactly the arrays read (an array without
 a digest, or a digest without its array, is damage too: an edited or truncated digest set would verify
 nothing). A read that fails in the storage itself (a network error, an HTTP 503 from GCS, a permission
-error: ``storage_failure``) says nothing about the checkpoint: it is retried, and if the storage keeps
+error: ``storage.read_failure``) says nothing about the checkpoint: it is retried, and if the storage keeps
 failing it raises ``StorageError`` with every file left where it was.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import re
-import time
 from typing import Any
 
 import jax
@@ -26,32 +23,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from l2vit_jax.checkpoint import storage
 from l2vit_jax.checkpoint.naming import shown_names
 from l2vit_jax.errors import CheckpointDamagedError, StorageError
 from l2vit_jax.runtime import paths
 
 DIGESTS = "digests"  # the meta key holding {"item/path/of/array": "sha256:<hex>"}
 DAMAGED_SUFFIX = ".damaged"  # a damaged step set aside: not an integer, so Orbax ignores it
-# A read failing in the storage is tried this often, waiting RETRY_SECONDS * 2**attempt in between
-# (GCS asks clients to back off exponentially; gcsfs has already retried each request by then).
-READ_ATTEMPTS = 3
-RETRY_SECONDS = 2.0
-
-# Errors of the storage rather than of the bytes read. tensorstore reports the gRPC/absl status name;
-# gcsfs raises HttpError (with a status code), google-auth TransportError, aiohttp ClientError.
-_STORAGE_STATUS = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|"
-                             r"PERMISSION_DENIED|UNAUTHENTICATED)\b")
-_STORAGE_ERROR_TYPES = ("HttpError", "TransportError", "RefreshError", "ClientError", "ServerDisconnectedError",
-                        "ServiceUnavailable", "TooManyRequests", "InternalServerError", "GatewayTimeout",
-                        "Forbidden", "Unauthorized")
-# Local file-system errors that are the file system's, not the checkpoint's (a missing or undecodable
-# file is the checkpoint's; EIO from a bad block is reported, not taken for damage, so a flaky disk
-# never costs a checkpoint).
-_STORAGE_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
-                   errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE, errno.EACCES,
-                   errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-
-
+# Meta keys that only versions saving digests write: a meta holding one but no digests was edited.
+WRITTEN_WITH_DIGESTS = ("input_layout", "data_split")
 def _key_name(entry) -> str:
   for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
     if hasattr(entry, attribute):
@@ -87,6 +67,21 @@ def array_digests(items: dict[str, Any]) -> dict[str, str]:
   return digests
 
 
+def structure_differences(items: dict[str, Any], meta: dict) -> list[str]:
+  """Array names of ``items`` (a restore target) without a digest in ``meta``, and digest names of
+  those items with no array in the target: the checkpoint holds another structure than the code now
+  builds (another optimizer state after an upgrade), which no restore into it can read. Empty for a
+  checkpoint without digests."""
+  saved = meta.get(DIGESTS)
+  if not isinstance(saved, dict):
+    return []
+  wanted = {"/".join([item] + [_key_name(entry) for entry in path])
+            for item, tree in items.items()
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "dtype")}
+  stored = {name for name in saved if name.split("/")[0] in items}
+  return sorted(wanted ^ stored)
+
+
 def with_digests(meta: dict, items: dict[str, Any]) -> dict:
   return dict(meta, **{DIGESTS: array_digests(items)})
 
@@ -115,55 +110,15 @@ def check_restored(where: str, items: dict[str, Any], meta: dict) -> None:
     raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta's '{DIGESTS}' is not a "
                                  "{name: digest} object")
   damaged = damaged_arrays(items, meta)
+  if damaged is None and any(key in meta for key in WRITTEN_WITH_DIGESTS):
+    raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta has no '{DIGESTS}', yet it was "
+                                 "written by a version that saves them")
   if damaged is None:
     logging.warning("%s: checkpoint has no array digests (written before integrity checks); "
                     "loading it unverified", where)
   elif damaged:
     raise CheckpointDamagedError(f"{where}: damaged checkpoint: {len(damaged)} array(s) differ from "
                                  f"the digests saved with them: {shown_names(damaged)}")
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-  return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
-
-
-def storage_failure(error: BaseException) -> BaseException | None:
-  """The error in ``error``'s chain that comes from the storage (network, service, permissions, I/O),
-  not from the bytes it returned; None when the chain holds none (then the checkpoint is damaged)."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, (ConnectionError, TimeoutError, PermissionError)):
-      return error
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
-      return error
-    if type(error).__name__ in _STORAGE_ERROR_TYPES or _STORAGE_STATUS.search(str(error)):
-      return error
-    error = error.__cause__ or error.__context__
-  return None
-
-
-def read_retrying(where: str, read):
-  """``read()``, tried up to READ_ATTEMPTS times while it fails in the storage (``storage_failure``).
-
-  Raises:
-    StorageError: the storage failed every attempt, naming ``where`` and the last cause.
-    Anything else ``read`` raises, at once.
-  """
-  for attempt in range(READ_ATTEMPTS):
-    try:
-      return read()
-    except Exception as error:  # pylint: disable=broad-except
-      cause = storage_failure(error)
-      if cause is None:
-        raise
-      if attempt + 1 == READ_ATTEMPTS:
-        raise StorageError(f"{where}: the storage failed {READ_ATTEMPTS} reads of this checkpoint "
-                           f"({one_line(cause)}); nothing was changed or set aside: rerun the same "
-                           "command once the storage answers") from error
-      logging.warning("%s: reading failed in the storage (%s); retrying", where, one_line(cause, 200))
-      time.sleep(RETRY_SECONDS * 2 ** attempt)
-  raise AssertionError("unreachable")
 
 
 def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict:
@@ -178,13 +133,13 @@ def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict
   where = paths.join(os.fspath(manager.directory), str(step))
   try:
     items = {name: item(where) if callable(item) else item for name, item in items.items()}
-    restored = read_retrying(where, lambda: manager.restore(
+    restored = storage.read_retrying(where, lambda: manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)))
   except StorageError:
     raise
   except Exception as error:  # pylint: disable=broad-except  # tensorstore, JSON, msgpack: all unreadable
     raise CheckpointDamagedError(f"{where}: damaged checkpoint: cannot be read "
-                                 f"({one_line(error)})") from error
+                                 f"({storage.one_line(error)})") from error
   restored = {name: restored[name] for name in ["meta", *items]}
   if not isinstance(restored["meta"], dict):  # valid JSON, but not the object every checkpoint saves
     raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta is a JSON "

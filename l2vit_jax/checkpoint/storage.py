@@ -1,38 +1,121 @@
-"""Orbax checkpoint managers, and write failures (a full disk) reported in one line.
+"""Orbax checkpoint managers, and storage faults: failed writes (a full disk) reported in one line,
+failed reads (a GCS outage) told apart from damaged checkpoints and retried.
 
 Writing errors become one ``CheckpointSaveError`` naming the directory and the cause; Orbax's own
 tracebacks and log chatter about the failed write are kept below that line, so the error stays last.
+A read that fails in the storage itself (``read_failure``) says nothing about the checkpoint: it is
+retried (``read_retrying``) and then reported as ``StorageError`` with every file left where it is;
+only errors of the bytes read (undecodable, missing, digests that differ) count as damage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import os
 import re
 import sys
+import time
 from typing import Callable
 
 import orbax.checkpoint as ocp
 from absl import logging
 
-from l2vit_jax.errors import CheckpointSaveError
+from l2vit_jax.errors import CheckpointSaveError, StorageError
 from l2vit_jax.runtime import paths
 
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports a failed write
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports a failed OS call
+# tensorstore reports a failed read with the absl status code first ("UNAVAILABLE: Error reading ...",
+# also after a "while ...: " prefix); a status of the storage, not of the bytes. (Undecodable data is
+# FAILED_PRECONDITION, INVALID_ARGUMENT or DATA_LOSS; a missing file NOT_FOUND: damage.)
+_STORAGE_STATUS = re.compile(r"(?:^|: )(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|"
+                             r"PERMISSION_DENIED|UNAUTHENTICATED): ")
+# Exception classes (or their bases) of the clients under gcsfs and google-cloud: gcsfs's HttpError and
+# ChecksumError, requests' and aiohttp's client errors, google-auth's TransportError, api_core's.
+_STORAGE_ERROR_TYPES = {"HttpError", "ChecksumError", "RequestException", "ClientError", "TransportError",
+                        "RefreshError", "ServerError", "TooManyRequests", "Forbidden", "Unauthorized",
+                        "DeadlineExceeded", "RetryError"}
+# Errors of the file system or the network, not of the file's bytes. EIO (a bad block) is among them:
+# a flaky disk is reported and retried, never costs a checkpoint.
+_STORAGE_ERRNOS = {errnos.EIO, errnos.EAGAIN, errnos.EINTR, errnos.ETIMEDOUT, errnos.ECONNRESET,
+                   errnos.ECONNREFUSED, errnos.ECONNABORTED, errnos.EHOSTUNREACH, errnos.ENETUNREACH,
+                   errnos.ENETDOWN, errnos.ESTALE, errnos.EACCES, errnos.EPERM, errnos.EMFILE, errnos.ENFILE}
+# A read failing in the storage is tried this often, waiting RETRY_SECONDS * 2**attempt in between
+# (GCS asks clients to back off exponentially; gcsfs has already retried each request by then).
+READ_ATTEMPTS = 3
+RETRY_SECONDS = 2.0
+
+
+def _chain(error: BaseException):
+  """``error`` and its causes and contexts, each once."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _os_errno(error: BaseException) -> int | None:
+  """The OS error number of ``error``: an OSError's, or tensorstore's ``os_error_code``."""
+  if isinstance(error, OSError) and error.errno:
+    return error.errno
+  match = _OS_ERROR_CODE.search(str(error))
+  return int(match.group(1)) if match else None
 
 
 def storage_cause(error: BaseException) -> str | None:
   """``[Errno 28] No space left on device`` for an error caused by the file system, else None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno:
-      return f"[Errno {error.errno}] {os.strerror(error.errno)}"
-    match = _OS_ERROR_CODE.search(str(error))
-    if match:
-      return f"[Errno {match.group(1)}] {os.strerror(int(match.group(1)))}"
-    error = error.__cause__ or error.__context__
+  for link in _chain(error):
+    number = _os_errno(link)
+    if number:
+      return f"[Errno {number}] {os.strerror(number)}"
   return None
+
+
+def read_failure(error: BaseException) -> BaseException | None:
+  """The error in ``error``'s chain that comes from the storage (network, service, permissions, I/O),
+  not from the bytes it returned; None when the chain holds none (the checkpoint is then damaged)."""
+  for link in _chain(error):
+    if isinstance(link, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+      continue  # a file of the checkpoint is missing: damage, unless a cause says otherwise
+    if isinstance(link, (ConnectionError, TimeoutError, PermissionError)):
+      return link
+    if isinstance(link, OSError) and link.errno is None:  # gcsfs's HTTP errors (403 "Forbidden", ...)
+      return link
+    if _os_errno(link) in _STORAGE_ERRNOS:
+      return link
+    if any(cls.__name__ in _STORAGE_ERROR_TYPES for cls in type(link).__mro__):
+      return link
+    if _STORAGE_STATUS.search(str(link)):
+      return link
+  return None
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
+
+
+def read_retrying(where: str, read):
+  """``read()``, tried up to READ_ATTEMPTS times while it fails in the storage (``read_failure``).
+
+  Raises:
+    StorageError: the storage failed every attempt, naming ``where`` and the last cause.
+    Anything else ``read`` raises, at once.
+  """
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      return read()
+    except Exception as error:  # pylint: disable=broad-except
+      cause = read_failure(error)
+      if cause is None:
+        raise
+      if attempt + 1 == READ_ATTEMPTS:
+        raise StorageError(f"{where}: the storage failed {READ_ATTEMPTS} reads of this checkpoint "
+                           f"({one_line(cause)}); nothing was changed or set aside: rerun the same "
+                           "command once the storage answers") from error
+      logging.warning("%s: reading failed in the storage (%s); retrying", where, one_line(cause, 200))
+      time.sleep(RETRY_SECONDS * 2 ** attempt)
+  raise AssertionError("unreachable")
 
 
 class _QuietOrbaxTracebacks(logging.logging.Filter):

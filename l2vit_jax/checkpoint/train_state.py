@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from l2vit_jax.checkpoint import integrity, storage
-from l2vit_jax.checkpoint.naming import BEST_DIR, LATEST_DIR
+from l2vit_jax.checkpoint.naming import BEST_DIR, LATEST_DIR, shown_names
 from l2vit_jax.errors import (CheckpointDamagedError, CheckpointMismatchError, CheckpointSaveError,
                               StorageError)
 from l2vit_jax.runtime import paths
@@ -70,42 +70,43 @@ class TrainingCheckpointer:
           model=ocp.args.StandardSave(model),
           meta=ocp.args.JsonSave(integrity.with_digests(meta, {"model": model}))), force=True)
 
-  def restore(self, step: int, *, model: dict, optimizer: dict, data_iterator) -> tuple[dict, dict, dict]:
-    """Restores into the structures (and shardings) of ``model`` and ``optimizer``; returns them + meta.
-
-    Raises:
-      CheckpointDamagedError: an array differs from its digest, or the step cannot be read.
-      CheckpointMismatchError: the saved input position does not fit ``data_iterator`` (another
-        pipeline layout); nothing is damaged.
-      StorageError: the storage kept failing; nothing is damaged.
-    """
+  def _restore_arrays(self, step: int, meta: dict, *, model: dict, optimizer: dict) -> tuple[dict, dict]:
+    """``model`` and ``optimizer`` of ``step``, verified. A step whose digests name other arrays than
+    the targets hold was written by a version that built another structure (an optimizer state of
+    another optax): a mismatch, refused before reading, not damage."""
+    differing = integrity.structure_differences({"model": model, "optimizer": optimizer}, meta)
+    if differing:
+      raise CheckpointMismatchError(
+          f"{self.latest_dir}/{step}: holds other arrays than this version of the code restores into "
+          f"({len(differing)} differ: {shown_names(differing)}); it was written by another version of "
+          "l2vit_jax or its libraries: resume with that version, or use a new --workdir")
     restored = integrity.restore_verified(
         self.latest, step, model=ocp.args.StandardRestore(_abstract(model)),
         optimizer=ocp.args.StandardRestore(_abstract(optimizer)))
-    self._restore_data(step, data_iterator)
-    return dict(restored["model"]), restored["optimizer"], dict(restored["meta"])
+    return dict(restored["model"]), restored["optimizer"]
 
-  def _restore_data(self, step: int, data_iterator) -> None:
+  def _restore_data(self, step: int, meta: dict, data_iterator) -> None:
     """Sets ``data_iterator`` to the saved input position (Grain's state, JSON with no digest).
 
-    A state that reads as JSON yet does not fit the iterator comes from another pipeline layout (Grain
-    raises KeyError for another worker count): a changed setting, refused as a mismatch so that the
-    checkpoint is kept. Only a state that cannot be read or decoded is damage.
+    Checkpoints that record their input layout were checked against this run's before (the loop's
+    ``check_meta``), so a state that does not restore is damage. Older ones: a state that decodes as
+    JSON yet does not fit the iterator comes from another pipeline layout (Grain raises KeyError for
+    another worker count), a changed setting refused as a mismatch so that the checkpoint is kept.
     """
     import grain  # pylint: disable=import-outside-toplevel
     where = paths.join(self.latest_dir, str(step), DATA_ITEM)
     try:
-      integrity.read_retrying(where, lambda: self.latest.restore(step, args=ocp.args.Composite(
+      storage.read_retrying(where, lambda: self.latest.restore(step, args=ocp.args.Composite(
           **{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)})))
     except StorageError:
       raise
     except Exception as error:  # pylint: disable=broad-except
-      if not _json_files_decode(where):
+      if "input_layout" in meta or not storage.read_retrying(where, lambda: _json_files_decode(where)):
         raise CheckpointDamagedError(f"{where}: damaged checkpoint: the input position cannot be read "
-                                     f"({integrity.one_line(error)})") from error
+                                     f"({storage.one_line(error)})") from error
       raise CheckpointMismatchError(
           f"{where}: the saved input position does not fit this run's input pipeline "
-          f"({integrity.one_line(error, 120)}); resume with the settings the run was started with "
+          f"({storage.one_line(error, 120)}); resume with the settings the run was started with "
           "(config.data.worker_count, config.batch_size, the number of processes) or use a new --workdir"
       ) from error
 
@@ -118,8 +119,10 @@ class TrainingCheckpointer:
     arrays, set aside as ``<step>.damaged`` (renamed, not deleted) and the next newest tried.
 
     Only damage sets a step aside. A step refused for another reason on any process (``check_meta``,
-    an input position of another layout, a storage that keeps failing) stops every process with that
-    error and leaves every checkpoint as it is.
+    another structure, an input position of another layout, a storage that keeps failing) stops every
+    process with that error and leaves every checkpoint as it is. Several processes agree on the
+    outcome after each read (the meta, the arrays, the input position): Orbax's restores end in a
+    collective barrier, which a process must not enter while another has given up on the step.
 
     Raises:
       CheckpointDamagedError: checkpoints existed but none verifies (all of them set aside).
@@ -127,22 +130,30 @@ class TrainingCheckpointer:
     """
     set_aside_steps = []
     while (step := self.latest.latest_step()) is not None:
-      damage = refusal = None
-      try:
-        check_meta(self.read_meta(step))
-        restored = self.restore(step, model=model, optimizer=optimizer, data_iterator=data_iterator)
-      except CheckpointDamagedError as error:
-        damage = error
-      except Exception as error:  # pylint: disable=broad-except  # a mismatch, the storage: not damage
-        refusal = error
-      outcome = _worst_outcome(_DAMAGED if damage else _REFUSED if refusal else _RESTORED)
-      if outcome == _REFUSED:  # every process stops, with the checkpoints left as they are
-        if refusal is not None:
-          raise refusal
-        raise StorageError(f"{self.latest_dir}/{step}: another process could not restore this "
-                           "checkpoint (its error is in that process's log); nothing was changed")
-      if outcome == _RESTORED:
-        return restored
+      found = {}
+      phases = (("meta", lambda: self.read_meta(step)),
+                ("checked", lambda: check_meta(found["meta"])),
+                ("arrays", lambda: self._restore_arrays(step, found["meta"], model=model,
+                                                        optimizer=optimizer)),
+                ("data", lambda: self._restore_data(step, found["meta"], data_iterator)))
+      for name, phase in phases:
+        damage = refusal = None
+        try:
+          found[name] = phase()
+        except CheckpointDamagedError as error:
+          damage = error
+        except Exception as error:  # pylint: disable=broad-except  # a mismatch, the storage: not damage
+          refusal = error
+        outcome = _worst_outcome(_DAMAGED if damage else _REFUSED if refusal else _RESTORED)
+        if outcome == _REFUSED:  # every process stops, with the checkpoints left as they are
+          if refusal is not None:
+            raise refusal
+          raise StorageError(f"{self.latest_dir}/{step}: another process could not restore this "
+                             "checkpoint (its error is in that process's log); nothing was changed")
+        if outcome == _DAMAGED:
+          break
+      else:
+        return (*found["arrays"], found["meta"])
       target = self._set_aside(step)
       logging.warning("%s; set aside as %s, resuming from an older checkpoint if one verifies",
                       damage or f"{self.latest_dir}/{step}: damaged as read by another process", target)
@@ -201,11 +212,14 @@ def _worst_outcome(outcome: int) -> int:
 
 
 def _json_files_decode(directory: str) -> bool:
-  """Whether ``directory`` holds JSON files and every one of them decodes."""
+  """Whether ``directory`` holds JSON files and every one of them decodes. A read failing in the
+  storage raises (``storage.read_retrying`` retries it): it decides nothing about the files."""
   try:
     files = [f for f in paths.as_path(directory).iterdir() if f.name.endswith(".json")]
     for file in files:
       json.loads(file.read_text())
-  except (OSError, ValueError):
+  except (OSError, ValueError) as error:
+    if storage.read_failure(error) is not None:
+      raise
     return False
   return bool(files)

@@ -61,6 +61,15 @@ LEASE_VARIABLE = "L2VIT_LOCK_LEASE_SECONDS"
 DEFAULT_LEASE_SECONDS = 120.0
 LOCK_BYTES = 512  # the local lock is rewritten in place with this many bytes: never a shorter tail
 GUARD_WAIT_SECONDS = 10.0
+# A holder stops writing once its last successful refresh is this fraction of the lease old: a taker
+# may take over at a whole lease, and a write that starts just before must not end after it.
+HELD_FRACTION = 0.75
+
+
+def _clock() -> float:
+  """Seconds on a clock that keeps counting while the machine is suspended (CLOCK_BOOTTIME, where
+  there is one): a takeover during a laptop's or VM's suspend must age the holder's lease too."""
+  return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
 
 def lease_seconds() -> float:
@@ -223,23 +232,29 @@ class _RemoteLockFile:
   def read(self):
     return paths.read_generation(self.path)
 
-  def create(self, data: bytes) -> bool:
-    self._generation = paths.write_if_generation(self.path, data, 0)
+  def _write(self, data: bytes, generation: int) -> bool:
+    """Writes ``data`` if the object is at ``generation``. A precondition failure can also mean that
+    our own write went through and the client retried it (gcsfs retries a request whose answer was
+    lost): if the object holds exactly ``data`` (its token and refresh time are ours), it is ours."""
+    self._generation = paths.write_if_generation(self.path, data, generation)
+    if self._generation is None:
+      current = self.read()
+      if current is not None and current[0] == data:
+        self._generation = current[1]
     return self._generation is not None
 
+  def create(self, data: bytes) -> bool:
+    return self._write(data, 0)
+
   def refresh(self, data: bytes) -> bool:
-    if self._generation is None:
-      return False
-    self._generation = paths.write_if_generation(self.path, data, self._generation)
-    return self._generation is not None
+    return self._generation is not None and self._write(data, self._generation)
 
   def still_ours(self) -> bool:
     current = self.read()
     return self._generation is not None and current is not None and current[1] == self._generation
 
   def take_over(self, stale: tuple[bytes, int], data: bytes) -> bool:
-    self._generation = paths.write_if_generation(self.path, data, stale[1])
-    return self._generation is not None
+    return self._write(data, stale[1])
 
   def release(self) -> None:
     """Deletes our generation only (the precondition decides; the read first spares a request that
@@ -255,7 +270,8 @@ class WorkdirLock:
   The file holds ``{"host", "pid", "since", "refreshed", "lease_seconds", "refreshes", "token"}``;
   ``token`` is unique to this lock object, so "ours" never rests on a host name and pid alone.
   ``acquire`` raises WorkdirLockedError naming a live holder; ``release`` removes the file only if it
-  is still ours. ``lost``: None while held, else who took it over.
+  is still ours. ``lost``: None while held, else why this run must not write any more (who took the
+  lock over, or why another run may).
   """
 
   def __init__(self, workdir: str, *, lease: float | None = None):
@@ -272,7 +288,7 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._file_lock = threading.Lock()  # the refresher against release
-    self._last_refresh = 0.0  # time.monotonic() of the last write that proved the lock ours
+    self._last_refresh = 0.0  # _clock() when the last write that proved the lock ours began
 
   def _content(self) -> bytes:
     holder = dict(self.owner, since=self._since, refreshed=round(time.time(), 3),
@@ -316,6 +332,7 @@ class WorkdirLock:
   def acquire(self) -> None:
     """Takes the lock or raises WorkdirLockedError naming the holder; then starts refreshing it."""
     for _ in range(5):  # a takeover can race with other starting runs; the storage decides who wins
+      self._last_refresh = _clock()  # before the write: its "refreshed" stamp is no older
       if self._file.create(self._content()):
         return self._start()
       found = self._read_holder()
@@ -325,6 +342,7 @@ class WorkdirLock:
       reason = self._stale_reason(holder) if holder else None
       if reason is None:
         self._refuse(holder)
+      self._last_refresh = _clock()
       if self._file.take_over(state, self._content()):
         logging.warning("%s: taking over a stale lock of %s, %s", self.path, describe(holder), reason)
         return self._start()
@@ -342,7 +360,6 @@ class WorkdirLock:
 
   def _start(self) -> None:
     self.held, self.lost = True, None
-    self._last_refresh = time.monotonic()
     self._stop.clear()
     self._thread = threading.Thread(target=self._refresh_loop, name="workdir-lock-refresh", daemon=True)
     self._thread.start()
@@ -358,8 +375,12 @@ class WorkdirLock:
         if self._stop.is_set():
           return
         self._refreshes += 1
+        started = _clock()  # before the write: the lock's "refreshed" stamp is no older
         try:
           refreshed = self._file.refresh(self._content())
+          if not refreshed:
+            self._mark_lost()
+            return
         except Exception as error:  # pylint: disable=broad-except
           if not failing:
             logging.warning("%s: could not refresh the workdir lock (%s: %s); retrying", self.path,
@@ -367,40 +388,48 @@ class WorkdirLock:
           failing = True
           continue
         failing = False
-        if not refreshed:
-          self._mark_lost()
-          return
-        self._last_refresh = time.monotonic()
+        self._last_refresh = started
 
   def _mark_lost(self) -> None:
-    found = self._read_holder()
-    self.lost = describe(found[0]) if found else "nobody (the lock file is gone)"
-    logging.error("%s: this run's workdir lock was taken over by %s (this run had not refreshed it for "
-                  "longer than its %g s lease); it stops before its next checkpoint", self.path, self.lost,
-                  self.lease)
+    try:
+      found = self._read_holder()
+      holder = describe(found[0]) if found else "nobody (the lock file is gone)"
+    except Exception as error:  # pylint: disable=broad-except  # lost all the same; only the name is missing
+      holder = f"another run (the lock cannot be read: {type(error).__name__})"
+    self.lost = self.lost or f"{holder} took over this workdir's lock"
+    logging.error("%s: %s (this run had not refreshed it for longer than its %g s lease); it stops before "
+                  "it writes anything more", self.path, self.lost, self.lease)
 
   def check(self) -> str | None:
     """None while this run may go on writing, judged in memory (cheap enough for every metrics row):
     held, not found lost, the refresher alive and its last successful refresh younger than the lease.
     Else who may have the lock now; ``lost`` keeps it, so the answer never turns back to None."""
     if not self.held:
-      return "nobody (not held)"
+      return "this run does not hold the workdir lock"
     if self.lost is None:
-      age = time.monotonic() - self._last_refresh
+      age = _clock() - self._last_refresh
+      reason = None
       if self._thread is None or not self._thread.is_alive():
-        self.lost = "another run, possibly (this run's lock refresher stopped)"
-      elif age > self.lease:
-        self.lost = (f"another run, possibly (this run last refreshed its lock {age:.0f} s ago, longer "
-                     f"than its {self.lease:g} s lease)")
-      if self.lost is not None:
-        logging.error("%s: %s; this run stops before writing anything more", self.path, self.lost)
+        reason = "this run's lock refresher stopped"
+      elif age > HELD_FRACTION * self.lease:
+        reason = f"this run last refreshed its lock {age:.0f} s ago, near or past its {self.lease:g} s lease"
+      if reason is not None:
+        self.lost = self.lost or f"another run may take this workdir's lock over at any moment ({reason})"
+        logging.error("%s: %s; this run stops before it writes anything more", self.path, self.lost)
     return self.lost
 
   def confirm_held(self) -> str | None:
-    """``check``, then with the storage now that the lock is still ours; None if it is, else who may
-    have it."""
-    if self.check() is None and not self._file.still_ours():
-      self._mark_lost()
+    """``check``, then with the storage now that the lock is still ours; None if it is, else why not.
+    A storage that cannot answer now decides nothing: the lease (``check``) still holds."""
+    if self.check() is None:
+      try:
+        ours = self._file.still_ours()
+      except Exception as error:  # pylint: disable=broad-except
+        logging.warning("%s: could not read the workdir lock (%s: %s); relying on its last refresh",
+                        self.path, type(error).__name__, error)
+        ours = True
+      if not ours:
+        self._mark_lost()
     return self.lost
 
   def release(self) -> None:
@@ -425,8 +454,8 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
   """Process 0 takes ``WORKDIR/lock``; every process learns whether it did, so all stop together."""
   lock, error = None, None
   if jax.process_index() == 0:
-    lock = WorkdirLock(workdir)
     try:
+      lock = WorkdirLock(workdir)
       lock.acquire()
     except Exception as e:  # pylint: disable=broad-except  # any error: every process must learn of it
       lock, error = None, e

@@ -85,6 +85,30 @@ INPUT_LAYOUT = {"worker_count": "config.data.worker_count", "process_count": "th
                 "global_batch_size": "config.batch_size"}
 
 
+# What a checkpoint records of the jets its model trained on (the finetuning recipes): resumed on other
+# jets, the model would train on a mixture and its checkpoints would vouch for a split it broke.
+TRAINING_DATA_KEYS = ("data_split", "train_subset", "train_subset_seed", "train_repeats")
+
+
+def _training_data(meta: dict) -> dict:
+  recorded = {key: meta[key] for key in TRAINING_DATA_KEYS if key in meta}
+  if isinstance(recorded.get("data_split"), dict):  # the NumPy version alone changes no jet
+    recorded["data_split"] = {k: v for k, v in recorded["data_split"].items() if k != "numpy"}
+  return recorded
+
+
+def _check_same_training_data(saved_meta: dict, meta: dict, workdir: str) -> None:
+  """Refuses a resume on other training jets (another labelled file, split seed or label subset)."""
+  saved, current = _training_data(saved_meta), _training_data(meta)
+  differing = sorted(key for key in saved.keys() & current.keys() if saved[key] != current[key])
+  if differing:
+    raise CheckpointMismatchError(
+        f"{workdir}: this run's training jets differ from those its checkpoints were trained on "
+        f"({', '.join(differing)}: config.data.labelled_path, config.data.split_seed or "
+        "config.data.train_subset changed); resume with the settings the run was started with, or use a "
+        "new --workdir. No checkpoint was changed.")
+
+
 def input_layout(config) -> dict:
   return {"worker_count": int(config.data.worker_count), "process_count": jax.process_count(),
           "global_batch_size": int(config.batch_size)}
@@ -260,9 +284,9 @@ def _check_lock_held(lock: workdir_lock.WorkdirLock | None, workdir: str, *, con
     lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
   if lost:
     raise WorkdirLockedError(
-        f"{workdir}: {holder or 'another run'} took over this workdir's lock, or may at any moment (this "
-        "run had not refreshed it for longer than its lease: frozen, or cut off from the storage); "
-        "stopped without writing anything more, so the two runs do not interleave their writes")
+        f"{workdir}: {holder or 'process 0 lost the workdir lock'} (this run was frozen, or cut off from "
+        "the storage, for too long); stopped without writing anything more, so two runs never "
+        "interleave their writes")
 
 
 def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: int,
@@ -302,6 +326,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
       model=naming.named_arrays(params, batch_stats),
       optimizer={"opt_state": opt_state, "step": 0}, data_iterator=train_iterator,
       check_meta=lambda saved_meta: (_check_same_architecture(saved_meta, meta, workdir),
+                                     _check_same_training_data(saved_meta, meta, workdir),
                                      _check_same_input_layout(saved_meta, meta, workdir)))
   if resumed is not None:
     arrays, optimizer, saved_meta = resumed
@@ -312,6 +337,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
     early = saved_meta["early_stopping"]
     logging.info("Resumed %s from step %d (epoch %.2f) in %s", task.name, step,
                  step / steps_per_epoch, workdir)
+  _check_lock_held(lock, workdir)  # a restore can take minutes: still ours before the first write?
   config_json = write_config(config, workdir)
 
   skip_nonfinite = bool(config.get("skip_nonfinite_steps", False))
@@ -321,6 +347,7 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
   writer = metrics_log.MetricWriter(workdir, tensorboard=config.get("tensorboard", True), resume_step=step,
                                     config_json=config_json)
   profiler = StepProfiler(parse_profile_steps(config.get("profile_steps", "")), workdir)
+  lock_lost = False
   try:
     progress = metrics_log.Progress(total_steps, step, config.batch_size)
     logging.info("%s: %d steps (%d epochs × %d), global batch %d on %d %s devices / %d processes "
@@ -407,7 +434,11 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
             early["stopped_early"] = early["epochs_without_improvement"] >= config.early_stopping_patience
           # Nothing is written unless this run still holds the lock: asked of the storage before a
           # checkpoint (best or latest), of the lock's own state before a plain row.
-          _check_lock_held(lock, workdir, confirm=saving or improved)
+          try:
+            _check_lock_held(lock, workdir, confirm=saving or improved)
+          except WorkdirLockedError:
+            lock_lost = True  # every process: the check is collective
+            raise
           if improved:
             checkpointer.save_best(step, model=naming.named_arrays(params, batch_stats),
                                    meta=dict(meta, epoch=record["epoch"], val_loss=record["val/loss"]))
@@ -429,11 +460,10 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
   finally:
     # A run that lost its lock leaves the files to their new owner: no final flush (on gs:// it would
     # rewrite metrics.jsonl whole over the new owner's rows), no profile upload.
-    still_held = lock is None or lock.check() is None
     try:
-      profiler.close(step, upload=still_held)
+      profiler.close(step, upload=not lock_lost)
     finally:
-      writer.close(flush=still_held)
+      writer.close(flush=not lock_lost)
   if early["stopped_early"]:
     logging.info("Early stopping: no validation improvement for %d epochs (best epoch %s).",
                  config.early_stopping_patience, early["best_epoch"])
