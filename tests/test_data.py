@@ -172,6 +172,30 @@ def test_process_shards_are_disjoint_and_cover_the_data():
   assert len(set(seen[0]) | set(seen[1])) == 36  # 37 trimmed to equal shards of 18
 
 
+def test_each_process_draws_its_own_augmentations_and_redraws_them_on_resume():
+  """Every record holds the same image, so batch j of each process differs only by its augmentation:
+  with Grain's (seed, batch index) alone, every process would flip, roll, drop and jitter alike."""
+  image = _sparse_image()
+  records = [{"image": image, "index": np.int64(i)} for i in range(32)]
+  make = lambda process: iter(pipeline.make_train_dataset(records, batch_size=4, seed=0,
+                                                          augmentation="simclr", process_index=process,
+                                                          process_count=2))
+  first, second = make(0), make(1)
+  for _ in range(3):
+    a, b = next(first), next(second)
+    assert not np.array_equal(a["view1"], b["view1"]) and not np.array_equal(a["view2"], b["view2"])
+  state = second.get_state()
+  expected = [next(second) for _ in range(5)]  # crosses an epoch boundary (4 batches per epoch)
+  for iterator in (make(1), make(1)):  # a restored iterator, and one in a restarted process
+    iterator.set_state(state)
+    for want in expected:
+      got = next(iterator)
+      np.testing.assert_array_equal(got["view1"], want["view1"])
+      np.testing.assert_array_equal(got["index"], want["index"])
+  assert pipeline.augmentation_seed(7, 0) == 8  # a single process draws what it always drew
+  assert len({pipeline.augmentation_seed(2**32 - 1, i) for i in range(1024)}) == 1024
+
+
 def test_eval_pass_visits_every_example_once_with_masked_padding():
   masks, indices, batches = [], [], []
   for process in range(2):

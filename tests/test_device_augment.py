@@ -183,3 +183,18 @@ def test_workers_ship_the_same_sparse_batches(files):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_each_process_ships_its_own_augmentation_parameters(files):
+  source = sources.open_source(files["unlabelled"], labelled=False)
+  make = lambda process: iter(pipeline.make_train_dataset(
+      source, batch_size=8, seed=1, augmentation="simclr", device_augmentation=True,
+      process_index=process, process_count=2))
+  first, second, again = make(0), make(1), make(1)
+  names = augment.SimCLRViews().param_names()
+  for _ in range(3):
+    a, b, c = next(first), next(second), next(again)
+    for name in names:
+      np.testing.assert_array_equal(b[f"view1:{name}"], c[f"view1:{name}"])  # reproducible
+    assert not all(np.array_equal(a[f"view1:{name}"], b[f"view1:{name}"]) for name in names)
+    assert not np.array_equal(a["view1:noise_seed"], b["view1:noise_seed"])

@@ -388,3 +388,24 @@ def test_neutrinos_leave_nothing_and_smearing_follows_the_generator():
   assert not _render(neutrino).any()
   np.testing.assert_array_equal(smeared(1), smeared(1))
   assert not np.array_equal(smeared(1), smeared(2))
+
+
+def test_generated_files_of_the_multi_stage_runs_are_refused_when_the_pt_window_changed(tmp_path):
+  """``experiments.stages.data_files`` reads the settings back from the Pythia file itself: another
+  pT window or signal fraction is refused (one line naming the field); other workers are not (the
+  files are byte-identical whatever the number of workers)."""
+  import runpy  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+
+  def config(**generate):
+    config = runpy.run_path(os.path.join(REPO_ROOT, "configs", "quickstart.py"))["get_config"]()
+    config.model.img_size = SMALL
+    config.generate.update({"num_labelled": 4, "num_unlabelled": 4, "workers": 1, **generate})
+    return config
+
+  files = stages.data_files(config(), str(tmp_path))
+  assert stages.data_files(config(workers=2), str(tmp_path)) == files
+  for field, value in [("pt_min", 450.0), ("pt_max", 650.0), ("signal_fraction", 0.3)]:
+    kind = "unlabelled" if field == "signal_fraction" else "labelled"
+    with pytest.raises(errors.ConfigError, match=rf"^{files[kind]}: generated with generate\.{field}="):
+      stages.data_files(config(**{field: value}), str(tmp_path))

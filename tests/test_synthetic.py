@@ -238,3 +238,79 @@ def test_command_line_writes_a_valid_file(tmp_path):
   expected = synthetic.generate_jets(synthetic._block_rng(2, 0), synthetic.IMAGES_PER_SEED_BLOCK,
                                      image_size=SMALL, labelled=False)["jet"][:12]
   np.testing.assert_array_equal(_read(path)["jet"], expected)
+
+
+# --- generated data of the multi-stage runs (experiments.stages.data_files) -------------------------
+
+def _generated_data_config(**generate):
+  import runpy  # pylint: disable=import-outside-toplevel
+  config = runpy.run_path(os.path.join(REPO_ROOT, "configs", "quickstart.py"))["get_config"]()
+  config.model.img_size = SMALL
+  config.generate.update({"generator": "synthetic", "num_labelled": 40, "num_unlabelled": 32, **generate})
+  return config
+
+
+@pytest.mark.parametrize("field, value", [("pt_min", 300.0), ("pt_max", 900.0), ("signal_fraction", 0.2),
+                                          ("workers", 4)])
+def test_the_synthetic_generator_refuses_the_settings_it_would_ignore(tmp_path, field, value):
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.ConfigError, match=rf"^config\.generate\.{field}={value!r}: the synthetic "
+                                               "generator ignores it"):
+    stages.data_files(_generated_data_config(**{field: value}), str(tmp_path))
+  assert not os.listdir(tmp_path)  # refused before anything is written
+
+
+def test_a_generated_file_made_with_other_settings_is_refused_not_reused(tmp_path):
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+  files = stages.data_files(_generated_data_config(), str(tmp_path))
+  made = {kind: _file_bytes(path) for kind, path in files.items()}
+  assert stages.data_files(_generated_data_config(), str(tmp_path)) == files  # the same settings: reused
+  for fields, kind, named in [(dict(num_labelled=48), "labelled", "generate.num_labelled=40"),
+                              (dict(num_unlabelled=40), "unlabelled", "generate.num_unlabelled=32"),
+                              (dict(data_seed=3), "labelled", "generate.data_seed=0")]:
+    with pytest.raises(errors.ConfigError) as error:
+      stages.data_files(_generated_data_config(**fields), str(tmp_path))
+    assert str(error.value).startswith(f"{files[kind]}: generated with {named}, but this run has ")
+  config = _generated_data_config()
+  config.model.img_size = 50
+  with pytest.raises(errors.ConfigError, match="generated with model.img_size=25, but this run has "
+                                               "model.img_size=50"):
+    stages.data_files(config, str(tmp_path))
+  assert {kind: _file_bytes(path) for kind, path in files.items()} == made
+  assert sorted(os.listdir(tmp_path / "data")) == ["synthetic_labelled.h5", "synthetic_unlabelled.h5"]
+
+
+def test_a_run_waits_while_another_generates_the_data_then_uses_its_files(tmp_path):
+  """Two runs (or two processes of one run) on one workdir: the second waits under the data
+  directory's lock rather than writing the same files at the same time."""
+  import threading  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.checkpoint import workdir_lock  # pylint: disable=import-outside-toplevel
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+  (tmp_path / "data").mkdir()
+  other = workdir_lock.WorkdirLock(str(tmp_path / "data"))  # the other run, generating
+  other.acquire()
+  result = {}
+  waiting = threading.Thread(target=lambda: result.update(
+      files=stages.data_files(_generated_data_config(), str(tmp_path))))
+  waiting.start()
+  waiting.join(timeout=3)
+  assert waiting.is_alive() and os.listdir(tmp_path / "data") == ["lock"]  # waits, writes nothing
+  other.release()
+  waiting.join(timeout=60)
+  assert not waiting.is_alive()
+  assert sorted(os.listdir(tmp_path / "data")) == ["synthetic_labelled.h5", "synthetic_unlabelled.h5"]
+  assert result["files"]["labelled"] == str(tmp_path / "data" / "synthetic_labelled.h5")
+
+
+def test_a_full_disk_while_generating_is_one_line_naming_the_directory_and_frees_the_lock(tmp_path,
+                                                                                          monkeypatch):
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(synthetic, "write_synthetic_hdf5", full_disk)
+  with pytest.raises(errors.DataError, match=rf"^{tmp_path / 'data'}: could not write the generated jet "
+                                             r"files: \[Errno 28\] No space left on device$"):
+    stages.data_files(_generated_data_config(), str(tmp_path))
+  assert not os.listdir(tmp_path / "data")  # the next run does not wait for a lock left behind

@@ -5,9 +5,9 @@ flips in η and φ are too. Never rotate by 90° (it swaps η and φ), crop, blu
 
 Augmentation is split in two so that it can run on the accelerator: ``draw_view_params`` draws the
 parameters of a batch (flip bits, φ shift, kept channels, a noise seed per image) with vectorised
-numpy, seeded by Grain from (seed, batch index); ``apply_dense`` applies them to dense host images,
-and ``device_augment.densify_view`` applies the same parameters to the sparse form of the same batch
-inside the jitted step, bit-identically.
+numpy, seeded by Grain from (``pipeline.augmentation_seed``, batch index), a seed of each process's
+own; ``apply_dense`` applies them to dense host images, and ``device_augment.densify_view`` applies
+the same parameters to the sparse form of the same batch inside the jitted step, bit-identically.
 
 Noise factors are not drawn on the host (≈ 13 µs per image and view for 1,560 normals, over the
 host budget of the device path): the factor of a non-zero pixel is looked up in a table of Gaussian

@@ -46,6 +46,17 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return max(num_examples // global_batch_size, 1)
 
 
+# An odd multiplier: process indices map to distinct seeds modulo 2^32 (Grain takes 32-bit seeds).
+_PROCESS_SEED_STRIDE = 0x9E3779B9
+
+
+def augmentation_seed(seed: int, process_index: int = 0) -> int:
+  """The ``random_map`` seed of process ``process_index``'s augmentations: distinct for every process of
+  a run (Grain seeds a Philox generator from it, so distinct seeds give independent streams), and
+  ``seed + 1`` for process 0, whose single-process runs draw what they always drew."""
+  return (seed + 1 + process_index * _PROCESS_SEED_STRIDE) % 2**32
+
+
 class ShuffledKeyBatches:
   """Grain source whose element j is the j-th training batch of record keys (B,) int64, endlessly.
 
@@ -96,8 +107,11 @@ def make_train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, au
   """Endless shuffled, augmented batches of ``batch_size`` (per process) from this process's shard.
 
   Both paths cut the same batches of record keys (``ShuffledKeyBatches``) and draw the same
-  augmentation parameters: Grain seeds each batch's ``random_map`` from (seed, batch index), so
-  batches, augmentations and a restored iterator do not depend on which path or how many workers.
+  augmentation parameters: Grain seeds each batch's ``random_map`` from (``augmentation_seed``, batch
+  index), so batches, augmentations and a restored iterator do not depend on which path or how many
+  workers. The seed folds in ``process_index``: every process draws its own augmentations (batch j of
+  each process would otherwise get the same flips, shifts, dropped channels and noise) and redraws
+  the same ones when it resumes.
 
   Args:
     augmentation: 'none', 'physics' (flips and φ-roll) or 'simclr' (two views per image).
@@ -122,7 +136,7 @@ def make_train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, au
     dataset = dataset.map(_ReadRecords(source)).map(augment.ScalePixels(pixel_scale))
   transform = simclr_views if augmentation == "simclr" and simclr_views else augment.TRANSFORMS[augmentation]
   if transform is not None:
-    dataset = dataset.random_map(transform, seed=seed + 1)
+    dataset = dataset.random_map(transform, seed=augmentation_seed(seed, process_index))
   return _maybe_prefetch(dataset.to_iter_dataset(READ_OPTIONS), worker_count)
 
 

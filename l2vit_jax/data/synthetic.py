@@ -36,6 +36,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from l2vit_jax import errors
 from l2vit_jax.runtime import paths
 from l2vit_jax.data import detector, hdf5
 
@@ -458,6 +459,24 @@ def generate_jets(rng: np.random.Generator, num: int, *, image_size: int = REAL_
 
 # ---------------------------------------------------------------------------------------------------
 # Files.
+
+
+# ``config.generate`` fields that only the Pythia generator reads: this one draws its own pT spectrum
+# (JET_PT_MEAN, JET_PT_STD), makes every file an even mixture of top-like and QCD-like jets, and runs
+# in one process.
+PYTHIA_ONLY_SETTINGS = ("pt_min", "pt_max", "signal_fraction", "workers")
+
+
+def refuse_unused_settings(settings, defaults) -> None:
+  """Raises ``errors.ConfigError`` naming the first of PYTHIA_ONLY_SETTINGS whose value in
+  ``settings`` (``config.generate``) differs from ``defaults``: this generator would silently ignore
+  it, and the run would not be the one asked for."""
+  for name in PYTHIA_ONLY_SETTINGS:
+    if settings[name] != defaults[name]:
+      raise errors.ConfigError(
+          f"config.generate.{name}={settings[name]!r}: the synthetic generator ignores it (only "
+          f"generate.generator='pythia' reads it); leave it at {defaults[name]!r}, or use "
+          "--config.generate.generator=pythia")
 
 
 def _block_rng(seed: int, block_index: int) -> np.random.Generator:
