@@ -5,9 +5,9 @@
   # WORKDIR/data unless --config.data.labelled_path/unlabelled_path name your own
   python -m l2vit_jax.main --config=configs/study.py:quick --workdir=runs/study_quick
   # full scale on generated Pythia 8 jets (125×125, default model, 10,000 labelled + 60,000 unlabelled):
-  # generation ≈ 50 min on 2 CPU cores here (24 jets/s); training needs an accelerator: ≈ 3–4 h of
-  # v5e-4 at the HBM roofline bound of docs/performance.md (0.68 GB per image and step), a few hours
-  # on one H100 — estimates, not measured runs
+  # generation ≈ 50 min on 2 CPU cores here (24 jets/s); training needs an accelerator: ≈ 56 million
+  # image-steps of ≈ 19.5 GFLOP in bf16, ≥ ½ h of v5e-4 at its compute peak (1–2 h at 25–50 % MFU),
+  # ≥ 2 h of one H100 at its memory bound (docs/study.md) — estimates, not measured runs
   python -m l2vit_jax.main --config=configs/study.py:pythia --workdir=runs/study_pythia \
       --config.model.dtype=bfloat16
 
