@@ -9,7 +9,6 @@ wait for conditions and check each outcome against the lock's own timestamps.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading

@@ -131,15 +131,15 @@ class TrainingCheckpointer:
     set_aside_steps = []
     while (step := self.latest.latest_step()) is not None:
       found = {}
-      phases = (("meta", lambda: self.read_meta(step)),
-                ("checked", lambda: check_meta(found["meta"])),
-                ("arrays", lambda: self._restore_arrays(step, found["meta"], model=model,
-                                                        optimizer=optimizer)),
-                ("data", lambda: self._restore_data(step, found["meta"], data_iterator)))
+      phases = (("meta", lambda step, found: self.read_meta(step)),
+                ("checked", lambda step, found: check_meta(found["meta"])),
+                ("arrays", lambda step, found: self._restore_arrays(step, found["meta"], model=model,
+                                                                    optimizer=optimizer)),
+                ("data", lambda step, found: self._restore_data(step, found["meta"], data_iterator)))
       for name, phase in phases:
         damage = refusal = None
         try:
-          found[name] = phase()
+          found[name] = phase(step, found)
         except CheckpointDamagedError as error:
           damage = error
         except Exception as error:  # pylint: disable=broad-except  # a mismatch, the storage: not damage
