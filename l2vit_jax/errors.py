@@ -29,7 +29,16 @@ class CheckpointImportError(UserError, ValueError):
 
 
 class CheckpointDamagedError(UserError, RuntimeError):
-  """A checkpoint whose arrays differ from the digests saved with them, or that cannot be read."""
+  """A checkpoint whose arrays differ from the digests saved with them, or that cannot be read.
+
+  ``proven``: the error shows the checkpoint's bytes are wrong or missing (a digest mismatch,
+  undecodable data), so a resuming run may set the step aside; else the read failed for a reason that
+  says nothing about the files (memory, a library), and the step is kept.
+  """
+
+  def __init__(self, message: str, *, proven: bool = True):
+    super().__init__(message)
+    self.proven = proven
 
 
 class StorageError(UserError, OSError):
@@ -64,3 +73,19 @@ class Preempted(Exception):
   def __init__(self, message: str, exit_status: int = 143):
     super().__init__(message)
     self.exit_status = exit_status
+
+
+class ExportError(UserError, RuntimeError):
+  """An export that cannot be made: a checkpoint without the meta of a finetuned model, a converter
+  that is not installed, or an operation it cannot convert (named)."""
+
+
+class DownloadError(UserError, RuntimeError):
+  """A download that failed; the message is one line naming the URL or file and what was wrong."""
+
+
+def one_line(value: object, limit: int | None = None) -> str:
+  """``str(value)`` with every run of whitespace (newlines included) made one space, cut to ``limit``
+  characters: how an error that may span lines (h5py's, a server's reason, a converter's) is quoted
+  inside a one-line message."""
+  return " ".join(str(value).split())[:limit]

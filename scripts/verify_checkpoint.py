@@ -4,9 +4,10 @@ r"""Checks every checkpoint of a workdir against the digests saved with it.
 
 Reads each step under WORKDIR/checkpoints/ and WORKDIR/best/ (or a folder of steps given directly),
 recomputes the SHA-256 of every array and compares it with the digests in the step's meta. Prints
-one line per step (``ok``, ``DAMAGED: <arrays>``, ``unreadable: <error>`` or ``no digests`` for a
-checkpoint written before digests existed) and exits with status 1 if any step is damaged or
-unreadable, 2 if a directory holds no checkpoint. Steps set aside as ``<step>.damaged`` are listed,
+one line per step (``ok``, ``DAMAGED: <arrays or the decoding error>``, ``UNREADABLE`` when the read
+failed without a sign of damage (the storage, memory), or ``no digests`` for a checkpoint written
+before digests existed) and exits with status 1 if any step is damaged, 3 if some could not be read
+and none is damaged, 2 if a directory holds no checkpoint. Steps set aside as ``<step>.damaged`` are listed,
 not checked.
 """
 
@@ -43,6 +44,8 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> tuple[bool, str]:
              if name in named or (step_dir / name).is_dir()}
     restored = integrity.restore_verified(manager, step, **items)
   except errors.CheckpointDamagedError as error:
+    if not error.proven:
+      return None, str(error)
     return False, str(error).split(": damaged checkpoint: ", 1)[-1]
   except errors.StorageError as error:
     return None, str(error)
@@ -51,23 +54,25 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> tuple[bool, str]:
   return True, f"ok ({len(restored['meta'][integrity.DIGESTS])} arrays)"
 
 
-def verify(directory: str) -> tuple[int, int]:
-  """Prints a verdict per step; returns (steps checked, steps damaged)."""
-  checked = damaged = 0
+def verify(directory: str) -> tuple[int, int, int]:
+  """Prints a verdict per step; returns (steps checked, steps damaged, steps the storage failed to read)."""
+  checked = damaged = unreadable = 0
   for manager_dir in manager_dirs(directory):
     if not paths.is_dir(manager_dir):
       continue
     set_aside = sorted(p.name for p in paths.as_path(manager_dir).iterdir()
                        if integrity.DAMAGED_SUFFIX in p.name)
-    with storage.open_manager(manager_dir, max_to_keep=None, read_only=True) as manager:  # pylint: disable=protected-access
+    with storage.open_manager(manager_dir, max_to_keep=None, read_only=True) as manager:
       for step in manager.all_steps():
         intact, verdict = check_step(manager, step)
-        checked, damaged = checked + 1, damaged + (not intact)
-        label = "" if intact else "DAMAGED: " if intact is False else "UNREADABLE (the storage, not damage): "
+        checked += 1
+        damaged += intact is False
+        unreadable += intact is None
+        label = "" if intact else "DAMAGED: " if intact is False else "UNREADABLE (not damage): "
         print(f"{paths.join(manager_dir, str(step))}: {label}{verdict}")
     for name in set_aside:
       print(f"{paths.join(manager_dir, name)}: set aside earlier (not checked)")
-  return checked, damaged
+  return checked, damaged, unreadable
 
 
 def main(argv):
@@ -76,13 +81,17 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # Orbax's read-only notices; the verdicts are the output
   status = 0
   for directory in argv[1:]:
-    checked, damaged = verify(directory)
+    checked, damaged, unreadable = verify(directory)
     if not checked:
       print(f"error: {directory}: no checkpoint found", file=sys.stderr)
       status = max(status, 2)
     elif damaged:
       print(f"{directory}: {damaged} of {checked} checkpoint(s) damaged", file=sys.stderr)
       status = 1 if status != 2 else status
+    if unreadable:  # not damage: the storage did not answer; exit 3 unless worse was found
+      print(f"{directory}: {unreadable} of {checked} checkpoint(s) unreadable now (storage error)",
+            file=sys.stderr)
+      status = status or 3
   sys.exit(status)
 
 

@@ -60,8 +60,8 @@ def _all_intact(workdir) -> bool:
     import verify_checkpoint  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
-  checked, damaged = verify_checkpoint.verify(str(workdir))
-  return checked > 0 and damaged == 0
+  checked, damaged, unreadable = verify_checkpoint.verify(str(workdir))
+  return checked > 0 and damaged == unreadable == 0
 
 
 def _error_line(result, *fragments) -> str:
@@ -315,19 +315,22 @@ def test_the_error_line_stays_last_when_an_aborted_save_left_coroutines_unawaite
 FLAKY_STORAGE_CLI = (
     "import runpy, sys, orbax.checkpoint as ocp; from l2vit_jax.checkpoint import storage; "
     "failures = int(sys.argv.pop(1)); storage.RETRY_SECONDS = 0.0; real = ocp.CheckpointManager.restore; "
-    "calls = [0]\n"
+    "calls = [0]; error = eval(sys.argv.pop(1))\n"
     "def restore(self, *args, **kwargs):\n"
     "  calls[0] += 1\n"
     "  if failures < 0 or calls[0] <= failures:\n"
-    "    raise ValueError('UNAVAILABLE: Error reading gs://bucket/run: HTTP 503') from ConnectionError()\n"
+    "    raise error\n"
     "  return real(self, *args, **kwargs)\n"
     "ocp.CheckpointManager.restore = restore; sys.argv[0] = 'l2vit_jax.main'; "
     "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)")
 
 
+OUTAGE = "ValueError('UNAVAILABLE: Error reading gs://bucket/run: HTTP 503')"
+
+
 def test_a_storage_error_while_resuming_is_retried_and_sets_nothing_aside(trained, workdir):
   result = _cli(trained["config"], workdir, *RUN, "--config.stop_after_steps=16",
-                prefix=("-c", FLAKY_STORAGE_CLI, "1"))
+                prefix=("-c", FLAKY_STORAGE_CLI, "1", OUTAGE))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "reading failed in the storage" in result.stderr and "retrying" in result.stderr
   assert _resumed_from(result) == 15  # the old code set step 15 aside as damaged, resumed from 10
@@ -337,7 +340,7 @@ def test_a_storage_error_while_resuming_is_retried_and_sets_nothing_aside(traine
 def test_a_storage_that_keeps_failing_stops_the_resume_in_one_line_and_keeps_every_checkpoint(
     trained, workdir):
   before = _snapshot(workdir)
-  result = _cli(trained["config"], workdir, *RUN, prefix=("-c", FLAKY_STORAGE_CLI, "-1"))
+  result = _cli(trained["config"], workdir, *RUN, prefix=("-c", FLAKY_STORAGE_CLI, "-1", OUTAGE))
   _error_line(result, "checkpoints/15: the storage failed 3 reads", "UNAVAILABLE",
               "nothing was changed or set aside")
   assert _snapshot(workdir) == before  # the old code set all three steps aside
@@ -472,3 +475,39 @@ def test_a_meta_that_lost_its_digests_but_not_the_fields_written_with_them_is_da
   json.dump(meta, open(meta_file, "w"))
   with pytest.raises(errors.CheckpointDamagedError, match="has no 'digests', yet it was written by"):
     model_io.read_model_checkpoint(workdir)
+
+
+def test_a_read_that_fails_without_a_sign_of_damage_refuses_the_resume_and_keeps_every_checkpoint(
+    trained, workdir):
+  """Out of memory while restoring (or a library's TypeError) says nothing about the files: the old
+  code set all three steps aside and the rerun started from step 0."""
+  before = _snapshot(workdir)
+  result = _cli(trained["config"], workdir, *RUN, prefix=("-c", FLAKY_STORAGE_CLI, "-1", "MemoryError()"))
+  _error_line(result, "checkpoints/15: checkpoint cannot be read (MemoryError", "no sign of damage",
+              "left in place")
+  assert _snapshot(workdir) == before
+
+
+def test_checkpoints_whose_digests_were_emptied_are_damaged_not_another_structure(trained, workdir):
+  for step in _entries(workdir):
+    meta_file = os.path.join(workdir, naming.LATEST_DIR, step, "meta", "metadata")
+    meta = json.load(open(meta_file))
+    meta[integrity.DIGESTS] = {}
+    json.dump(meta, open(meta_file, "w"))
+  _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints: no checkpoint verifies",
+              "step(s) 15, 10, 5 are damaged")
+
+
+@pytest.mark.parametrize("error, damaged", [
+    (ValueError("FAILED_PRECONDITION: Error reading \"x\": Invalid blosc-compressed data"), True),
+    (ValueError("DATA_LOSS: Error reading \"x\": Checksum mismatch"), True),
+    (FileNotFoundError(2, "No such file or directory"), True),
+    (json.JSONDecodeError("Expecting value", "{", 1), True),
+    (MemoryError(), False),
+    (OSError(12, "Cannot allocate memory"), False),
+    (TypeError("unexpected keyword argument"), False),
+    (ValueError("User-provided restore item and on-disk value metadata tree structures do not match"), False),
+])
+def test_only_evidence_in_the_bytes_read_counts_as_damage(error, damaged):
+  from l2vit_jax.checkpoint import storage  # pylint: disable=import-outside-toplevel
+  assert (storage.damage_evidence(_wrapped(error)) is not None) == damaged

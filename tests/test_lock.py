@@ -351,3 +351,20 @@ def test_a_storage_that_cannot_answer_the_confirmation_leaves_the_lease_to_decid
   with lock:
     lock._file.still_ours = lambda: (_ for _ in ()).throw(HttpError("503"))  # pylint: disable=protected-access
     assert lock.confirm_held() is None
+
+
+def test_a_gcs_write_of_ours_that_raised_or_was_retried_is_recognised_by_its_token(monkeypatch):
+  """gcsfs retried a refresh whose answer was lost (the retry fails its precondition), or an earlier
+  write went through although it raised: the object carries our token, so the lock is still ours at
+  its new generation; another run's object is not adopted."""
+  lock = workdir_lock.WorkdirLock("gs://bucket/run", lease=60)
+  mine = lock._content()  # pylint: disable=protected-access
+  theirs = mine.replace(lock._token.encode(), b"x" * len(lock._token))  # pylint: disable=protected-access
+  remote = lock._file  # pylint: disable=protected-access
+  remote._generation = 7  # pylint: disable=protected-access
+  monkeypatch.setattr(workdir_lock.paths, "write_if_generation", lambda path, data, generation: None)
+  for found, ours in ((mine, True), (theirs, False)):
+    monkeypatch.setattr(workdir_lock.paths, "read_generation", lambda path, found=found: (found, 9))
+    remote._generation = 7  # pylint: disable=protected-access
+    assert remote.refresh(lock._content()) is ours  # pylint: disable=protected-access
+    assert remote._generation == (9 if ours else None)  # pylint: disable=protected-access

@@ -138,8 +138,12 @@ def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict
   except StorageError:
     raise
   except Exception as error:  # pylint: disable=broad-except  # tensorstore, JSON, msgpack: all unreadable
-    raise CheckpointDamagedError(f"{where}: damaged checkpoint: cannot be read "
-                                 f"({storage.one_line(error)})") from error
+    if storage.damage_evidence(error) is not None:
+      raise CheckpointDamagedError(f"{where}: damaged checkpoint: cannot be read "
+                                   f"({storage.one_line(error)})") from error
+    raise CheckpointDamagedError(
+        f"{where}: checkpoint cannot be read ({storage.one_line(error)}); no sign of damage in its files, "
+        "so it is left in place (short of memory? another library version?)", proven=False) from error
   restored = {name: restored[name] for name in ["meta", *items]}
   if not isinstance(restored["meta"], dict):  # valid JSON, but not the object every checkpoint saves
     raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta is a JSON "

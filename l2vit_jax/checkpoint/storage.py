@@ -72,21 +72,52 @@ def storage_cause(error: BaseException) -> str | None:
   return None
 
 
+def _http_status(error: BaseException) -> int | None:
+  for attribute in ("code", "status", "status_code"):  # gcsfs, aiohttp, requests / api_core
+    value = getattr(error, attribute, None)
+    if isinstance(value, int) and 100 <= value < 600:
+      return value
+  return None
+
+
 def read_failure(error: BaseException) -> BaseException | None:
   """The error in ``error``'s chain that comes from the storage (network, service, permissions, I/O),
-  not from the bytes it returned; None when the chain holds none (the checkpoint is then damaged)."""
+  not from the bytes it returned; None when the chain holds none."""
   for link in _chain(error):
     if isinstance(link, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
       continue  # a file of the checkpoint is missing: damage, unless a cause says otherwise
+    status = _http_status(link)
+    if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):
+      continue  # the service answered about the object (404 is a missing file): not an outage
     if isinstance(link, (ConnectionError, TimeoutError, PermissionError)):
       return link
-    if isinstance(link, OSError) and link.errno is None:  # gcsfs's HTTP errors (403 "Forbidden", ...)
+    if type(link) is OSError and link.errno is None:  # gcsfs's HTTP errors (403 "Forbidden", ...)
       return link
     if _os_errno(link) in _STORAGE_ERRNOS:
       return link
     if any(cls.__name__ in _STORAGE_ERROR_TYPES for cls in type(link).__mro__):
       return link
     if _STORAGE_STATUS.search(str(link)):
+      return link
+  return None
+
+
+# What a read raises for bytes that are there but wrong, or missing: the evidence that sets a step
+# aside. tensorstore's status codes for undecodable or missing data; the JSON and msgpack decoders'.
+_DAMAGE_STATUS = re.compile(r"(?:^|: )(DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|NOT_FOUND|OUT_OF_RANGE): ")
+_DAMAGE_ERROR_TYPES = {"JSONDecodeError", "UnicodeDecodeError", "EOFError", "FileNotFoundError",
+                       "NotADirectoryError", "IsADirectoryError", "ExtraData", "FormatError", "OutOfData",
+                       "StackError", "UnpackValueError", "BadZipFile", "error"}  # zlib.error is "error"
+
+
+def damage_evidence(error: BaseException) -> BaseException | None:
+  """The error in ``error``'s chain that shows the checkpoint's bytes are wrong or missing (undecodable
+  JSON, msgpack or array chunks; a missing file); None when there is none: a read that failed for
+  another reason (memory, a bug, a library version) says nothing about the checkpoint, which is then
+  refused but kept."""
+  for link in _chain(error):
+    if any(cls.__name__ in _DAMAGE_ERROR_TYPES for cls in type(link).__mro__[:1]) or \
+        _DAMAGE_STATUS.search(str(link)):
       return link
   return None
 

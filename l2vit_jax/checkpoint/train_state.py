@@ -74,8 +74,11 @@ class TrainingCheckpointer:
     """``model`` and ``optimizer`` of ``step``, verified. A step whose digests name other arrays than
     the targets hold was written by a version that built another structure (an optimizer state of
     another optax): a mismatch, refused before reading, not damage."""
-    differing = integrity.structure_differences({"model": model, "optimizer": optimizer}, meta)
-    if differing:
+    # Only the optimizer's structure can differ legitimately: the model's follows the architecture,
+    # which check_meta compared, so digests naming other model arrays are damage (found below).
+    differing = integrity.structure_differences({"optimizer": optimizer}, meta)
+    if differing and integrity.structure_differences({"model": model}, meta) == [] and any(
+        name.startswith("optimizer/") for name in meta.get(integrity.DIGESTS, {})):
       raise CheckpointMismatchError(
           f"{self.latest_dir}/{step}: holds other arrays than this version of the code restores into "
           f"({len(differing)} differ: {shown_names(differing)}); it was written by another version of "
@@ -88,10 +91,10 @@ class TrainingCheckpointer:
   def _restore_data(self, step: int, meta: dict, data_iterator) -> None:
     """Sets ``data_iterator`` to the saved input position (Grain's state, JSON with no digest).
 
-    Checkpoints that record their input layout were checked against this run's before (the loop's
-    ``check_meta``), so a state that does not restore is damage. Older ones: a state that decodes as
-    JSON yet does not fit the iterator comes from another pipeline layout (Grain raises KeyError for
-    another worker count), a changed setting refused as a mismatch so that the checkpoint is kept.
+    A state that decodes as JSON yet does not fit the iterator comes from another pipeline layout
+    (Grain raises KeyError for another worker count; the loop's ``check_meta`` names the setting for
+    checkpoints that record their layout) or another Grain version: refused as a mismatch, and kept.
+    Only a state that cannot be read or decoded is damage.
     """
     import grain  # pylint: disable=import-outside-toplevel
     where = paths.join(self.latest_dir, str(step), DATA_ITEM)
@@ -101,13 +104,14 @@ class TrainingCheckpointer:
     except StorageError:
       raise
     except Exception as error:  # pylint: disable=broad-except
-      if "input_layout" in meta or not storage.read_retrying(where, lambda: _json_files_decode(where)):
+      if not storage.read_retrying(where, lambda: _json_files_decode(where)):
         raise CheckpointDamagedError(f"{where}: damaged checkpoint: the input position cannot be read "
                                      f"({storage.one_line(error)})") from error
       raise CheckpointMismatchError(
           f"{where}: the saved input position does not fit this run's input pipeline "
-          f"({storage.one_line(error, 120)}); resume with the settings the run was started with "
-          "(config.data.worker_count, config.batch_size, the number of processes) or use a new --workdir"
+          f"({storage.one_line(error, 120)}); resume with the settings and Grain version the run was "
+          "started with (config.data.worker_count, config.batch_size, the number of processes) or use a "
+          "new --workdir"
       ) from error
 
   def restore_latest(self, *, model: dict, optimizer: dict, data_iterator,
@@ -141,11 +145,14 @@ class TrainingCheckpointer:
         try:
           found[name] = phase(step, found)
         except CheckpointDamagedError as error:
-          damage = error
+          if error.proven:
+            damage = error
+          else:
+            refusal = error
         except Exception as error:  # pylint: disable=broad-except  # a mismatch, the storage: not damage
           refusal = error
         outcome = _worst_outcome(_DAMAGED if damage else _REFUSED if refusal else _RESTORED)
-        if outcome == _REFUSED:  # every process stops, with the checkpoints left as they are
+        if outcome not in (_RESTORED, _DAMAGED):  # every process stops, the checkpoints left as they are
           if refusal is not None:
             raise refusal
           raise StorageError(f"{self.latest_dir}/{step}: another process could not restore this "

@@ -105,6 +105,15 @@ def machine_identity() -> dict:
           "pid_namespace": namespace}
 
 
+def _token(data: bytes) -> str | None:
+  """The ``token`` of a lock file's bytes; None when they do not parse."""
+  try:
+    holder = json.loads(data)
+  except ValueError:
+    return None
+  return holder.get("token") if isinstance(holder, dict) else None
+
+
 def describe(holder: dict) -> str:
   return (f"process {holder.get('pid')} on host {holder.get('host')} (started {holder.get('since')})"
           if holder else "an unknown run (unreadable lock file)")
@@ -235,13 +244,15 @@ class _RemoteLockFile:
   def _write(self, data: bytes, generation: int) -> bool:
     """Writes ``data`` if the object is at ``generation``. A precondition failure can also mean that
     our own write went through and the client retried it (gcsfs retries a request whose answer was
-    lost): if the object holds exactly ``data`` (its token and refresh time are ours), it is ours."""
-    self._generation = paths.write_if_generation(self.path, data, generation)
-    if self._generation is None:
+    lost), or that an earlier write of ours went through although it raised: if the object carries our
+    token, it is ours, at whatever generation it now has."""
+    written = paths.write_if_generation(self.path, data, generation)
+    if written is None:
       current = self.read()
-      if current is not None and current[0] == data:
-        self._generation = current[1]
-    return self._generation is not None
+      if current is not None and _token(current[0]) == _token(data):
+        written = current[1]
+    self._generation = written
+    return written is not None
 
   def create(self, data: bytes) -> bool:
     return self._write(data, 0)
@@ -289,6 +300,7 @@ class WorkdirLock:
     self._thread: threading.Thread | None = None
     self._file_lock = threading.Lock()  # the refresher against release
     self._last_refresh = 0.0  # _clock() when the last write that proved the lock ours began
+    self._last_refresh_wall = 0.0  # and time.time() then: what a taker compares with (its "refreshed")
 
   def _content(self) -> bytes:
     holder = dict(self.owner, since=self._since, refreshed=round(time.time(), 3),
@@ -332,7 +344,7 @@ class WorkdirLock:
   def acquire(self) -> None:
     """Takes the lock or raises WorkdirLockedError naming the holder; then starts refreshing it."""
     for _ in range(5):  # a takeover can race with other starting runs; the storage decides who wins
-      self._last_refresh = _clock()  # before the write: its "refreshed" stamp is no older
+      self._mark_refresh_start()
       if self._file.create(self._content()):
         return self._start()
       found = self._read_holder()
@@ -342,7 +354,7 @@ class WorkdirLock:
       reason = self._stale_reason(holder) if holder else None
       if reason is None:
         self._refuse(holder)
-      self._last_refresh = _clock()
+      self._mark_refresh_start()
       if self._file.take_over(state, self._content()):
         logging.warning("%s: taking over a stale lock of %s, %s", self.path, describe(holder), reason)
         return self._start()
@@ -357,6 +369,9 @@ class WorkdirLock:
       hint = "" if self._same_machine(holder) else "; if that run is dead, delete the lock file"
     raise WorkdirLockedError(f"{self.workdir}: workdir is in use by {describe(holder)}; use another "
                              f"--workdir or wait for it to finish (lock: {self.path}{hint})")
+
+  def _mark_refresh_start(self) -> None:
+    self._last_refresh, self._last_refresh_wall = _clock(), time.time()
 
   def _start(self) -> None:
     self.held, self.lost = True, None
@@ -375,7 +390,7 @@ class WorkdirLock:
         if self._stop.is_set():
           return
         self._refreshes += 1
-        started = _clock()  # before the write: the lock's "refreshed" stamp is no older
+        started = (_clock(), time.time())  # before the write: the lock's "refreshed" is no older
         try:
           refreshed = self._file.refresh(self._content())
           if not refreshed:
@@ -388,7 +403,7 @@ class WorkdirLock:
           failing = True
           continue
         failing = False
-        self._last_refresh = started
+        self._last_refresh, self._last_refresh_wall = started
 
   def _mark_lost(self) -> None:
     try:
@@ -407,7 +422,9 @@ class WorkdirLock:
     if not self.held:
       return "this run does not hold the workdir lock"
     if self.lost is None:
-      age = _clock() - self._last_refresh
+      # The older of two views: the boot clock counts through a suspend, the wall clock is what a
+      # taker compares with (and may run on while a paused VM's boot clock stands still).
+      age = max(_clock() - self._last_refresh, time.time() - self._last_refresh_wall)
       reason = None
       if self._thread is None or not self._thread.is_alive():
         reason = "this run's lock refresher stopped"

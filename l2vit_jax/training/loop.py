@@ -284,9 +284,8 @@ def _check_lock_held(lock: workdir_lock.WorkdirLock | None, workdir: str, *, con
     lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
   if lost:
     raise WorkdirLockedError(
-        f"{workdir}: {holder or 'process 0 lost the workdir lock'} (this run was frozen, or cut off from "
-        "the storage, for too long); stopped without writing anything more, so two runs never "
-        "interleave their writes")
+        f"{workdir}: {holder or 'process 0 no longer holds the workdir lock'}; stopped without writing "
+        "anything more, so two runs never interleave their writes")
 
 
 def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: int,
@@ -460,10 +459,13 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
   finally:
     # A run that lost its lock leaves the files to their new owner: no final flush (on gs:// it would
     # rewrite metrics.jsonl whole over the new owner's rows), no profile upload.
+    # lock_lost: every process learnt it at a row; lock.check(): process 0 may know since, when an
+    # error between rows (divergence, validation, Ctrl-C) ends the run.
+    held = not lock_lost and (lock is None or lock.check() is None)
     try:
-      profiler.close(step, upload=not lock_lost)
+      profiler.close(step, upload=held)
     finally:
-      writer.close(flush=not lock_lost)
+      writer.close(flush=held)
   if early["stopped_early"]:
     logging.info("Early stopping: no validation improvement for %d epochs (best epoch %s).",
                  config.early_stopping_patience, early["best_epoch"])
