@@ -162,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 'START,END': a jax.profiler trace of those steps (1-based, both included) in WORKDIR/profile/;
   # '' (default): none.
   config.profile_steps = ""
-  # XLA's persistent compilation cache (runtime.host.resolve_compilation_cache): 'auto' is
+  # XLA's persistent compilation cache (runtime.compilation.resolve_compilation_cache): 'auto' is
   # $JAX_COMPILATION_CACHE_DIR, else $L2VIT_COMPILATION_CACHE, else ~/.cache/l2vit_jax/xla (the study:
   # WORKDIR/cache/xla when run from code); a folder (local or gs://) uses that one; '' turns it off.
   config.compilation_cache = "auto"

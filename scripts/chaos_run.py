@@ -44,6 +44,8 @@ import subprocess
 import sys
 import time
 
+from l2vit_jax.runtime import paths
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Progress markers of the quickstart's log, in the order they appear: (pattern, segment name format).
@@ -56,9 +58,6 @@ MARKERS = (
 )
 # metrics.jsonl fields measured with a clock: they differ between any two runs.
 WALL_CLOCK_FIELDS = ("images_per_second", "eta_seconds")
-# Hidden temporaries of atomic writes (paths.write_bytes, synthetic.write_synthetic_hdf5): a kill can
-# leave them behind; nothing reads them.
-TEMPORARY = re.compile(r"^\..+(\.tmp-\d+|\.partial)$")
 # absl's log prefix: I1123 20:38:19.718932 (a run crossing midnight would confuse the durations).
 ABSL_TIME = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+) ")
 # The last segment (the report) ends with the run's last timestamped line; the kill may come this much later.
@@ -252,8 +251,15 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _log_rows(path: str) -> list[dict]:
-  rows = [json.loads(line) for line in _read_bytes(path).decode().splitlines() if line.strip()]
-  return [{k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS} for row in rows]
+  from l2vit_jax.training import metrics_log  # pylint: disable=import-outside-toplevel  # imports JAX
+  return [{k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS}
+          for row in metrics_log.read_metrics_jsonl(path)]
+
+
+def _is_temporary(relative: str) -> bool:
+  """A hidden temporary of an atomic write (``paths.replacing``): a kill can leave one behind until the
+  next write of its file; nothing reads them."""
+  return paths.is_temporary(os.path.basename(relative))
 
 
 def _same_checkpoint(reference: str, chaos: str, roots: tuple[str, str]) -> bool:
@@ -301,12 +307,12 @@ def _compare_file(relative: str, reference: str, chaos: str, roots: tuple[str, s
 def compare_runs(reference: str, chaos: str) -> dict:
   """Every output of the chaos run against the reference's (see the module docstring)."""
   files = [{_normalised(k): v for k, v in _files(root).items()} for root in (reference, chaos)]
-  leftovers = sorted(k for k in files[1] if TEMPORARY.match(os.path.basename(k)))
+  leftovers = sorted(k for k in files[1] if _is_temporary(k))
   checkpoints = [{_checkpoint_folder(k) for k in run} - {None} for run in files]
   # Outside checkpoints, file by file; checkpoint folders as wholes (their file names are random).
   for index in (0, 1):
     files[index] = {k: v for k, v in files[index].items()
-                    if not TEMPORARY.match(os.path.basename(k)) and _checkpoint_folder(k) is None}
+                    if not _is_temporary(k) and _checkpoint_folder(k) is None}
   result = {"missing": sorted((files[0].keys() - files[1].keys()) | (checkpoints[0] - checkpoints[1])),
             "extra": sorted((files[1].keys() - files[0].keys()) | (checkpoints[1] - checkpoints[0])),
             "leftover_temporaries": leftovers, "files": {}, "checkpoints": {}}
@@ -400,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
              "seconds": round(time.monotonic() - started, 1)}
   summary["ok"] = (process.returncode == 0 and all(a["killed"] or a["status"] == 0 for a in attempts)
                    and _matches(comparison))
-  with open(os.path.join(args.workdir, "chaos_summary.json"), "w", encoding="utf-8") as out:
-    json.dump(summary, out, indent=2)
+  paths.write_json(os.path.join(args.workdir, "chaos_summary.json"), summary)
   print(json.dumps(summary, indent=2))
   return 0 if summary["ok"] else 1
 

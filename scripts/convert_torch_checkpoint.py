@@ -24,9 +24,9 @@ import sys
 from absl import app
 from absl import flags
 
-from l2vit_jax.runtime import host
+from l2vit_jax.runtime import process_setup
 
-host.configure_platforms()  # before JAX starts a backend: no libtpu start-up noise off a TPU VM
+process_setup.configure_platforms()  # before JAX starts a backend: no libtpu start-up noise off a TPU VM
 
 from l2vit_jax import errors  # pylint: disable=wrong-import-position
 from l2vit_jax.checkpoint import model_io, naming, workdir_lock  # pylint: disable=wrong-import-position

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     sidecar = export.export_checkpoint(args.workdir, output, opset=args.opset,
                                        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
   except errors.UserError as error:
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    print(f"error: {errors.one_line(error)}", file=sys.stderr)
     return 1
   for name, entry in sidecar["files"].items():
     extra = entry.get("max_abs_difference_to_jax")

@@ -12,8 +12,7 @@ import argparse
 import os
 import time
 
-
-from l2vit_jax.data import synthetic
+from l2vit_jax.data import detector, synthetic
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,7 +21,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--num", type=int, required=True, help="number of jet images")
   parser.add_argument("--unlabelled", action="store_true", help="write only 'jet', like the SimCLR file")
   parser.add_argument("--seed", type=int, default=0, help="the content depends only on seed, num, size")
-  parser.add_argument("--image-size", type=int, default=synthetic.REAL_IMAGE_SIZE,
+  parser.add_argument("--image-size", type=int, default=detector.REAL_IMAGE_SIZE,
                       help="pixels per side; smaller sizes show the same window with coarser pixels")
   parser.add_argument("--chunk-size", type=int, default=256,
                       help="images generated and written at a time (bounds memory, not content)")
@@ -33,42 +32,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
-def _progress_reporter(total: int):
-  """A tqdm bar when tqdm is installed, otherwise a log line every ~10 %."""
-  try:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    tqdm = None
-  if tqdm is not None:
-    bar = tqdm(total=total, unit="img", dynamic_ncols=True)
-
-    def update(done: int) -> None:
-      bar.update(done - bar.n)
-      if done == total:
-        bar.close()
-
-    return update
-  next_report = [0]
-
-  def log(done: int) -> None:
-    if done >= next_report[0] or done == total:
-      print(f"{done}/{total} images", flush=True)
-      next_report[0] = done + max(total // 10, 1)
-
-  return log
-
-
 def main(argv: list[str] | None = None) -> None:
   args = _parse_args(argv)
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
   start = time.time()
+  # Without a progress callback the writer draws its own bar on a terminal (runtime.console.ProgressBar).
   synthetic.write_synthetic_hdf5(args.out, args.num, labelled=not args.unlabelled, seed=args.seed,
-                                 image_size=args.image_size, chunk_size=args.chunk_size,
-                                 progress=_progress_reporter(args.num))
+                                 image_size=args.image_size, chunk_size=args.chunk_size)
   size = os.path.getsize(args.out)
   print(f"wrote {os.path.abspath(args.out)}: {args.num} images of {args.image_size}x{args.image_size}x"
-        f"{synthetic.NUM_CHANNELS}, {'unlabelled' if args.unlabelled else 'labelled'}, "
+        f"{detector.NUM_CHANNELS}, {'unlabelled' if args.unlabelled else 'labelled'}, "
         f"{size / 2**30:.2f} GiB ({size} bytes) in {time.time() - start:.1f} s")
 
 

@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 
-
 from l2vit_jax.data import sparse
 from l2vit_jax import errors
 
@@ -33,18 +32,15 @@ def main(argv: list[str] | None = None) -> int:
   if not args.output.endswith(sparse.SUFFIX):
     parser.error(f"--output must end in {sparse.SUFFIX} (sources are picked by extension)")
   start = time.perf_counter()
-
-  def progress(done: int, total: int) -> None:
-    print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
-
   try:
+    # Without a progress callback the conversion draws its own bar on a terminal (console.ProgressBar).
     summary = sparse.convert_hdf5(args.input, args.output, labelled=args.labelled,
-                                  chunk_size=args.chunk_size, progress=progress)
+                                  chunk_size=args.chunk_size)
   except errors.DataError as error:
-    print(f"\nerror: {error}", file=sys.stderr)
+    print(f"error: {error}", file=sys.stderr)
     return 1
   ratio = summary["input_bytes"] / max(summary["output_bytes"], 1)
-  print(f"\n{args.output}: {summary['num_examples']} images "
+  print(f"{args.output}: {summary['num_examples']} images "
         f"({'labelled' if summary['labelled'] else 'unlabelled'}), {summary['nonzeros']} non-zero pixels, "
         f"{summary['output_bytes'] / 2**20:.1f} MiB ({ratio:.1f}× smaller than the HDF5 file) in "
         f"{time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -13,6 +13,7 @@ run's next ``metrics.jsonl`` row averages its ``train/*`` metrics over the steps
 this test's scope, see the failure table in docs/training.md.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -21,8 +22,10 @@ import sys
 
 import pytest
 
-from conftest import TEST_XLA_FLAGS
-from l2vit_jax.data import synthetic
+from conftest import TEST_XLA_FLAGS, write_jet_file
+from l2vit_jax.data import sparse, synthetic
+from l2vit_jax.runtime import paths
+from l2vit_jax.training import metrics_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
@@ -95,19 +98,77 @@ def test_no_partial_data_file_is_left_behind(chaos):
   assert not [path for path in chaos["comparison"]["leftover_temporaries"] if path.endswith(".partial")]
 
 
-def test_a_new_write_deletes_only_the_partial_files_of_dead_writers_on_this_host(tmp_path):
-  path = str(tmp_path / "jets.h5")
+# Every writer of whole files, by the name it writes (each replaces its file through paths.replacing).
+WRITERS = {
+    "jets.h5": lambda path, tmp_path: synthetic.write_synthetic_hdf5(path, 3, image_size=5),
+    "jets.sparse": lambda path, tmp_path: sparse.convert_hdf5(write_jet_file(tmp_path / "in.h5", num=4),
+                                                              path),
+    "report.md": lambda path, tmp_path: paths.write_text(path, "# report\n"),
+    "metrics.json": lambda path, tmp_path: paths.write_json(path, {"accuracy": 0.9}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_a_new_write_deletes_only_the_partial_files_of_dead_writers_on_this_host(tmp_path, name):
+  output = tmp_path / "out"
+  output.mkdir()
+  path = str(output / name)
   dead = subprocess.Popen([sys.executable, "-c", ""])
   dead.wait()
   host = socket.gethostname()
-  partial = synthetic._partial_name  # pylint: disable=protected-access
-  stale = partial(path, dead.pid, host, "0a1b2c3d")
-  kept = [partial(path, os.getpid(), host, "0a1b2c3d"), partial(path, dead.pid, "another-host", "0a1b2c3d"),
-          str(tmp_path / f".other.h5.{dead.pid}@{host}.0a1b2c3d.partial")]
-  for name in [stale, *kept]:
-    open(name, "wb").close()
-  synthetic.write_synthetic_hdf5(path, 3, image_size=5)
-  assert sorted(os.listdir(tmp_path)) == sorted(["jets.h5", *map(os.path.basename, kept)])
+
+  def partial(name, pid, on_host):
+    return paths.temporary_name(name, pid=pid, host=on_host, token="0a1b2c3d")
+
+  stale = [partial(path, dead.pid, host), partial(f"{path}.positions", dead.pid, host)]  # and a helper's
+  kept = [partial(path, os.getpid(), host), partial(path, dead.pid, "another-host"),
+          str(output / f".other.h5.{dead.pid}@{host}.0a1b2c3d.partial")]
+  for temporary in [*stale, *kept]:
+    open(temporary, "wb").close()
+  WRITERS[name](path, tmp_path)
+  assert sorted(os.listdir(output)) == sorted([name, *map(os.path.basename, kept)])
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+  path = tmp_path / "metrics.json"
+  paths.write_json(path, {"accuracy": 0.9})
+  with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+    paths.write_json(path, {"accuracy": float("nan")})  # strict JSON: refused while writing
+  with pytest.raises(KeyboardInterrupt):
+    with paths.replacing(path) as temporary:
+      with open(temporary, "w", encoding="utf-8") as file:
+        file.write('{"accu')
+      raise KeyboardInterrupt  # like Ctrl-C halfway through a write
+  assert os.listdir(tmp_path) == ["metrics.json"] and json.loads(path.read_text()) == {"accuracy": 0.9}
+
+
+def _chaos_run():
+  """scripts/chaos_run.py as a module."""
+  spec = importlib.util.spec_from_file_location("chaos_run", os.path.join(REPO, "scripts", "chaos_run.py"))
+  module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_chaos_comparison_lists_every_temporary_an_atomic_write_leaves(tmp_path):
+  for run in ("reference", "chaos"):
+    paths.write_text(tmp_path / run / "report.md", "# report\n")
+  left = paths.temporary_name(tmp_path / "chaos" / "report.md", pid=999)  # a write killed midway
+  open(left, "wb").close()
+  comparison = _chaos_run().compare_runs(str(tmp_path / "reference"), str(tmp_path / "chaos"))
+  assert comparison["leftover_temporaries"] == [os.path.basename(left)]
+  assert not comparison["extra"] and comparison["files"] == {"report.md": "identical"}
+
+
+def test_the_chaos_comparison_reads_a_run_log_as_the_writer_and_the_plots_do(tmp_path):
+  """A torn last line (left by older versions, which appended) is dropped alike everywhere."""
+  rows = [{"step": 1, "train/loss": 2.0, "images_per_second": 10.0}, {"step": 2, "train/loss": 1.5}]
+  text = "".join(json.dumps(row) + "\n" for row in rows) + '{"step": 3, "train/lo'
+  (tmp_path / "metrics.jsonl").write_text(text)
+  assert metrics_log.read_metrics_jsonl(tmp_path / "metrics.jsonl") == rows
+  assert len(metrics_log.complete_lines(text)) == 2
+  assert _chaos_run()._log_rows(str(tmp_path / "metrics.jsonl")) == [  # pylint: disable=protected-access
+      {"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]  # without the wall-clock fields
 
 
 def test_a_stage_stopped_midway_pauses_the_pipeline_instead_of_feeding_the_next_stage(tmp_path, env):

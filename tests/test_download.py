@@ -7,6 +7,7 @@ unique per URL so each test sees only its own requests and "the first time" mean
 
 import collections
 import http.server
+import io
 import itertools
 import os
 import re
@@ -19,6 +20,7 @@ import time
 import pytest
 
 from conftest import write_jet_file
+from l2vit_jax import errors
 from l2vit_jax.data import download, hdf5
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,6 +218,35 @@ def test_leftover_part_file_is_finished_or_discarded(server, tmp_path, part_cont
   _get(url, dest)
   assert _requests(server, url) == expected_ranges(body)
   assert _read(dest) == body
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_the_byte_bar_is_drawn_only_on_a_terminal_from_the_resumed_byte_and_cleared(server, tmp_path,
+                                                                                     monkeypatch):
+  """The one progress bar of every long pass (runtime.console.ProgressBar): a log file gets no bar."""
+  log_file = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", log_file)
+  _get(server.url("normal"), tmp_path / "quiet.h5", progress=True)
+  assert log_file.getvalue() == ""
+  terminal = _Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  dest = tmp_path / "labelled.h5"
+  with open(f"{dest}.part", "wb") as f:
+    f.write(server.bodies["labelled"][:5000])
+  _get(server.url("capped"), dest, progress=True)  # several Range replies, resumed at byte 5000
+  drawn = terminal.getvalue()
+  assert re.search(r"labelled\.h5: +\d+%.* 4\.88k/\d+k \[.*B/s\]", drawn), drawn  # 5000 B = 4.88 KiB
+  assert re.search(r" 68\.9k/\d+k ", drawn), drawn  # the next reply's bar starts where the first ended
+  assert drawn.endswith("\r") and drawn.rsplit("\r", 2)[-2].strip() == ""  # cleared, not left behind
+
+
+def test_a_failed_download_is_a_user_error_the_command_line_reports_in_one_line(server, tmp_path):
+  with pytest.raises(errors.UserError, match=r"HTTP 404 Not Found"):
+    _get(server.url("missing"), tmp_path / "labelled.h5")
 
 
 def test_retries_server_errors(server, tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from l2vit_jax.evaluation import metrics, plots, report
+from l2vit_jax.training import metrics_log
 
 try:
   import sklearn.metrics as sklearn_metrics
@@ -540,7 +541,7 @@ def test_training_curves_tolerate_missing_keys_and_truncated_lines(tmp_path):
   train_only = _write_training_log(tmp_path / "train_only.jsonl", with_validation=False)
   contrastive = tmp_path / "simclr.jsonl"
   contrastive.write_text('{"step": 10, "train/contrastive_loss": 5.1}\n{"step": 20}\n')
-  assert len(plots.read_metrics_jsonl(full)) == 6
+  assert len(metrics_log.read_metrics_jsonl(full)) == 6
   _assert_png(plots.plot_training_curves({"a": full, "b": train_only}, tmp_path / "curves.png"))
   _assert_png(plots.plot_training_curves({"simclr": str(contrastive)}, tmp_path / "simclr.png"))
   empty = tmp_path / "empty.jsonl"

@@ -75,10 +75,59 @@ def test_the_package_has_no_import_cycle():
 
 def test_models_and_data_import_nothing_above_them():
   allowed = ("l2vit_jax.models", "l2vit_jax.data", "l2vit_jax.errors", "l2vit_jax.runtime.paths",
-             "l2vit_jax.runtime.host")
+             "l2vit_jax.runtime.console")
   for module, targets in import_graph().items():
     if module.startswith(("l2vit_jax.models", "l2vit_jax.data")):
       assert all(t.startswith(allowed) for t in targets), (module, targets)
+
+
+def _python_files(*folders: str):
+  """(repository path, text) of every Python file under ``folders`` of the repository."""
+  for folder in folders:
+    for root, _, files in os.walk(os.path.join(REPO, folder)):
+      for name in sorted(files):
+        if name.endswith(".py"):
+          path = os.path.join(root, name)
+          yield os.path.relpath(path, REPO), open(path, encoding="utf-8").read()
+
+
+def test_files_are_renamed_into_place_only_by_runtime_paths():
+  """One atomic replacement (``paths.replacing``): one temporary name, removed on failure, swept after
+  a kill and recognised by scripts/chaos_run.py. Another rename would bring its own."""
+  renaming = [path for path, text in _python_files("l2vit_jax", "scripts")
+              if "os.replace(" in text and path != os.path.join("l2vit_jax", "runtime", "paths.py")]
+  assert renaming == []
+
+
+def test_progress_bars_are_drawn_only_by_runtime_console():
+  """One progress bar (``console.ProgressBar``) for every long pass: on a terminal of process 0 only,
+  cleared when the pass fails, one line with the rate at the end."""
+  drawing = [path for path, text in _python_files("l2vit_jax", "scripts")
+             if re.search(r"^\s*(import tqdm|from tqdm\b)", text, re.MULTILINE)
+             and path != os.path.join("l2vit_jax", "runtime", "console.py")]
+  assert drawing == []
+
+
+# The detector's geometry: data/detector.py defines each of these once, and everything else reads it there.
+GEOMETRY_NAMES = {"REAL_IMAGE_SIZE", "CRYSTAL_SIZE", "WINDOW_HALF_WIDTH", "WINDOW_WIDTH",
+                  "CRYSTALS_PER_TOWER", "HCAL_TOWER_SIZE", "NUM_HCAL_TOWERS", "JET_RADIUS", "MAX_PIXEL_VALUE",
+                  "MAGNETIC_FIELD_T", "BEND_PER_METRE", "ECAL_RADIUS", "HCAL_RADIUS", "PIXEL_LAYER_RADII"}
+GEOMETRY_FUNCTIONS = {"pixel_size", "_pixel_size", "wrap_phi", "_wrap_phi"}
+
+
+def test_detector_geometry_is_defined_only_in_detector():
+  defined = []
+  for path, text in _python_files("l2vit_jax", "scripts"):
+    if path == os.path.join("l2vit_jax", "data", "detector.py"):
+      continue
+    for node in ast.parse(text).body:
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+          if isinstance(node, ast.AnnAssign) else []
+      names = {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+      if isinstance(node, ast.FunctionDef):
+        names = {node.name} & GEOMETRY_FUNCTIONS
+      defined += [f"{path}: {name}" for name in sorted(names & (GEOMETRY_NAMES | GEOMETRY_FUNCTIONS))]
+  assert defined == []
 
 
 def test_at_most_eight_modules_sit_directly_in_the_package():

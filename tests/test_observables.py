@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from l2vit_jax.baselines import bdt, observables
-from l2vit_jax.data import sources, split, synthetic
+from l2vit_jax.data import detector, sources, split, synthetic
 
 CELL = 0.05  # (η, φ) size of a pixel in the hand-made images
 SIZE = 40  # pixels per side: a 2.0 × 2.0 window, wider than the 0.8 cone
@@ -212,7 +212,7 @@ def test_image_tau_n_equals_fastjet_njettiness_on_the_same_pixel_constituents(py
   cell = observables.default_cell_size(pythia_jets.shape[2])
   deposits = observables.Deposits.from_images(pythia_jets)
   for group, weights in observables.constituent_weights(cell).items():
-    jet = observables.find_constituents(deposits, weights, cell, observables.JET_RADIUS)
+    jet = observables.find_constituents(deposits, weights, cell, detector.JET_RADIUS)
     counts = np.bincount(jet.image, minlength=jet.num_images)
     assert (counts > 0).all()
     vectors = ak.unflatten(ak.Array({"px": jet.pt * np.cos(jet.phi), "py": jet.pt * np.sin(jet.phi),

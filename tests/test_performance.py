@@ -178,8 +178,8 @@ def test_prepare_data_script(tmp_path):
 
 _SECOND_ALLOCATION_FAULTS = """
 import json, resource
-from l2vit_jax.runtime import host
-tuned = host.configure_allocator()  # before numpy starts its threads, as main.py does
+from l2vit_jax.runtime import process_setup
+tuned = process_setup.configure_allocator()  # before numpy starts its threads, as main.py does
 import numpy as np
 block = np.ones(64 << 20, np.float32)  # 256 MiB, written: every page faulted in once
 del block

@@ -24,6 +24,7 @@ pytest.importorskip("awkward")
 
 from l2vit_jax import errors  # pylint: disable=wrong-import-position
 from l2vit_jax.data import detector, jet_files, pythia, sources  # pylint: disable=wrong-import-position
+from l2vit_jax.runtime import paths  # pylint: disable=wrong-import-position
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = 25  # one pixel per HCAL tower
@@ -184,7 +185,8 @@ def test_a_killed_run_resumes_from_its_chunks_and_writes_the_same_bytes(referenc
   assert _file_bytes(path) == b"an older good file"
   assert sorted(e for e in os.listdir(chunks) if e.startswith("chunk-")) == [
       "chunk-000000.npz", "chunk-000001.npz"]
-  with open(os.path.join(chunks, ".chunk-000002.npz.999.tmp"), "wb") as f:
+  half_chunk = paths.temporary_name(os.path.join(chunks, "chunk-000002.npz"), pid=999)
+  with open(half_chunk, "wb") as f:
     f.write(b"half a chunk")  # what a kill during np.savez leaves
   calls.clear()
   monkeypatch.setattr(jet_files, "_run_chunk", lambda task: calls.append(task[2]) or real_run_chunk(task))

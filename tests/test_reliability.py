@@ -350,7 +350,7 @@ def nan_outside_the_sample(files, tmp_path_factory):
 
 def _checkpoint_at(workdir, step) -> dict:
   """The named model arrays of ``WORKDIR/checkpoints/<step>``."""
-  with storage.open_manager(  # pylint: disable=protected-access
+  with storage.open_manager(
       os.path.join(workdir, naming.LATEST_DIR), max_to_keep=None, read_only=True) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
   return {group: {name: np.asarray(value) for name, value in arrays.items()}

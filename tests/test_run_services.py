@@ -26,7 +26,7 @@ import pytest
 
 from conftest import write_jet_file
 from l2vit_jax import errors
-from l2vit_jax.runtime import host
+from l2vit_jax.runtime import compilation, console, process_setup
 from l2vit_jax.training import loop, metrics_log
 from test_reliability import ENV, _assert_one_line_error, _write_config
 
@@ -258,49 +258,58 @@ def test_profile_steps_accept_a_range_or_one_step_and_refuse_anything_else():
 
 def test_the_compilation_cache_setting_names_a_folder_or_turns_it_off(monkeypatch, tmp_path):
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-  monkeypatch.delenv(host.COMPILATION_CACHE_VARIABLE, raising=False)
+  monkeypatch.delenv(compilation.COMPILATION_CACHE_VARIABLE, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  assert host.resolve_compilation_cache("auto") == str(tmp_path / "l2vit_jax" / "xla")
-  assert host.resolve_compilation_cache("auto", default="/study/cache") == "/study/cache"
-  assert host.resolve_compilation_cache("") is None
-  assert host.resolve_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
-  monkeypatch.setenv(host.COMPILATION_CACHE_VARIABLE, "/shared/xla")
-  assert host.resolve_compilation_cache("auto") == "/shared/xla"
-  monkeypatch.setenv(host.COMPILATION_CACHE_VARIABLE, "")
-  assert host.resolve_compilation_cache("auto") is None
+  assert compilation.resolve_compilation_cache("auto") == str(tmp_path / "l2vit_jax" / "xla")
+  assert compilation.resolve_compilation_cache("auto", default="/study/cache") == "/study/cache"
+  assert compilation.resolve_compilation_cache("") is None
+  assert compilation.resolve_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
+  monkeypatch.setenv(compilation.COMPILATION_CACHE_VARIABLE, "/shared/xla")
+  assert compilation.resolve_compilation_cache("auto") == "/shared/xla"
+  monkeypatch.setenv(compilation.COMPILATION_CACHE_VARIABLE, "")
+  assert compilation.resolve_compilation_cache("auto") is None
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/jax/own")
-  assert host.resolve_compilation_cache("auto") == "/jax/own"
+  assert compilation.resolve_compilation_cache("auto") == "/jax/own"
 
 
 def test_tests_keep_the_compilation_cache_out_of_the_home_folder():
-  cache = host.resolve_compilation_cache("auto")
+  cache = compilation.resolve_compilation_cache("auto")
   assert cache and not cache.startswith(os.path.expanduser("~"))
 
 
 def test_a_tpu_is_assumed_only_with_a_sign_of_one(tmp_path):
-  assert not host.tpu_may_be_present({}, root=str(tmp_path))
-  assert host.tpu_may_be_present({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, root=str(tmp_path))
+  assert not process_setup.tpu_may_be_present({}, root=str(tmp_path))
+  assert process_setup.tpu_may_be_present({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, root=str(tmp_path))
   (tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:04.0").mkdir(parents=True)
   (tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:04.0" / "vendor").write_text("0x1af4\n")
-  assert not host.tpu_may_be_present({}, root=str(tmp_path))  # a virtio device is no TPU
+  assert not process_setup.tpu_may_be_present({}, root=str(tmp_path))  # a virtio device is no TPU
   (tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:04.0" / "vendor").write_text("0x1ae0\n")
-  assert host.tpu_may_be_present({}, root=str(tmp_path))  # a Google PCI device
+  assert process_setup.tpu_may_be_present({}, root=str(tmp_path))  # a Google PCI device
   other = tmp_path / "other"
   (other / "dev").mkdir(parents=True)
   (other / "dev" / "accel0").write_text("")
-  assert host.tpu_may_be_present({}, root=str(other))
+  assert process_setup.tpu_may_be_present({}, root=str(other))
 
 
 def test_without_a_tpu_jax_gets_every_platform_but_the_tpu(tmp_path):
-  assert host.platforms_without_tpu(set(), root=str(tmp_path)) == "cpu"
-  assert host.platforms_without_tpu({"xla_cuda12"}, root=str(tmp_path)) == "cuda,cpu"
-  assert host.platforms_without_tpu({"xla_rocm"}, root=str(tmp_path)) == "cpu"  # no /dev/kfd
-  assert host.platforms_without_tpu({"some_vendor_plugin"}, root=str(tmp_path)) is None  # JAX decides
+  assert process_setup.platforms_without_tpu(set(), root=str(tmp_path)) == "cpu"
+  assert process_setup.platforms_without_tpu({"xla_cuda12"}, root=str(tmp_path)) == "cuda,cpu"
+  assert process_setup.platforms_without_tpu({"xla_rocm"}, root=str(tmp_path)) == "cpu"  # no /dev/kfd
+  # A plugin of another kind: JAX decides.
+  assert process_setup.platforms_without_tpu({"some_vendor_plugin"}, root=str(tmp_path)) is None
   chosen = {"JAX_PLATFORMS": "tpu"}
-  assert host.configure_platforms(chosen) is None and chosen == {"JAX_PLATFORMS": "tpu"}  # the user's
-  if importlib.util.find_spec("libtpu") and not host.tpu_may_be_present():
+  assert process_setup.configure_platforms(chosen) is None and chosen == {"JAX_PLATFORMS": "tpu"}  # user's
+  if importlib.util.find_spec("libtpu") and not process_setup.tpu_may_be_present():
     unset = {}
-    assert host.configure_platforms(unset) == unset["JAX_PLATFORMS"] == host.platforms_without_tpu()
+    chosen_here = process_setup.configure_platforms(unset)
+    assert chosen_here == unset["JAX_PLATFORMS"] == process_setup.platforms_without_tpu()
+
+
+def test_the_former_host_module_hands_out_the_objects_of_the_modules_that_now_hold_each_job():
+  from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel  # kept for main.py, loop.py
+  assert host.compile_stats is compilation.compile_stats  # one counter per process
+  assert host.configure_allocator is process_setup.configure_allocator
+  assert host.quiet_library_logs is console.quiet_library_logs
 
 
 # --- progress of long passes -----------------------------------------------------------------------------
@@ -321,7 +330,7 @@ def test_a_long_pass_shows_count_rate_and_eta_on_a_terminal_and_logs_its_rate(mo
   caplog = info_log
   terminal = _Terminal()
   monkeypatch.setattr(sys, "stderr", terminal)
-  with host.ProgressBar(40, "jet observables", "jet") as bar:
+  with console.ProgressBar(40, "jet observables", "jet") as bar:
     for _ in range(4):
       bar.update(10)
     bar._bar.refresh()  # pylint: disable=protected-access  # a frame now, not after tqdm's 1 s interval
@@ -336,7 +345,7 @@ def test_a_failed_pass_clears_its_bar_and_logs_no_rate(monkeypatch, info_log):
   terminal = _Terminal()
   monkeypatch.setattr(sys, "stderr", terminal)
   with pytest.raises(RuntimeError):
-    with host.ProgressBar(40, "inference", "jet") as bar:
+    with console.ProgressBar(40, "inference", "jet") as bar:
       bar.update(10)
       raise RuntimeError("a bad file")
   assert terminal.getvalue().rsplit("\r", 2)[-2].strip() == ""  # nothing of the bar above an error line

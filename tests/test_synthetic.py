@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from l2vit_jax.data import hdf5
 from l2vit_jax import errors
-from l2vit_jax.data import synthetic
+from l2vit_jax.data import detector, synthetic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = 25  # pixels per side in most tests: the same physical window, 5× coarser pixels
@@ -160,13 +160,13 @@ def test_jet_mass_is_the_invariant_mass_of_the_constituents():
 def _pixel_features(jet: np.ndarray) -> dict[str, np.ndarray]:
   """Hand-made image features: a calorimeter jet mass, energy spread, multiplicities, local maxima."""
   size = jet.shape[1]
-  pixel = 2 * synthetic.WINDOW_HALF_WIDTH / size
-  centres = (np.arange(size) + 0.5) * pixel - synthetic.WINDOW_HALF_WIDTH
+  pixel = detector.pixel_size(size)
+  centres = (np.arange(size) + 0.5) * pixel - detector.WINDOW_HALF_WIDTH
   eta, phi = np.meshgrid(centres, centres, indexing="ij")  # rows are η, columns φ
-  pixels_per_tower = max((synthetic.HCAL_TOWER_SIZE / pixel)**2, 1.0)
+  pixels_per_tower = max((detector.HCAL_TOWER_SIZE / pixel)**2, 1.0)
   energy = (jet[..., 3] / synthetic.ECAL_GAIN
             + jet[..., 4] / (synthetic.HCAL_GAIN * pixels_per_tower)).astype(np.float64)
-  energy *= np.hypot(eta, phi) < synthetic.JET_RADIUS
+  energy *= np.hypot(eta, phi) < detector.JET_RADIUS
   total = [np.sum(energy * f, axis=(1, 2))
            for f in (np.cosh(eta), np.cos(phi), np.sin(phi), np.sinh(eta))]
   mass = np.sqrt(np.maximum(total[0]**2 - total[1]**2 - total[2]**2 - total[3]**2, 0.0))

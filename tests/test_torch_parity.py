@@ -12,11 +12,11 @@ from flax import nnx
 
 torch = pytest.importorskip('torch', reason='PyTorch parity tests need torch: pip install torch')
 
-from conftest import randomise_torch_module  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax.interop import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
-from l2vit_jax.interop import torch_import  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conftest import randomise_torch_module  # pylint: disable=wrong-import-position
+from l2vit_jax import models  # pylint: disable=wrong-import-position
+from l2vit_jax.interop import torch_reference  # pylint: disable=wrong-import-position
+from l2vit_jax import errors  # pylint: disable=wrong-import-position
+from l2vit_jax.interop import torch_import  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(in_channels=8, img_size=25, patch_size=5, embed_dim=32, depth=2, num_heads=2,

@@ -10,7 +10,7 @@ Geometry and assumptions:
 * Pixel (row, col) is a cell of ``cell_size`` × ``cell_size`` in (η, φ) and its constituent sits at the
   cell centre. The default cell is the real images' window, 125 ECAL crystals of 0.0174, divided by the
   image width: 0.0174 at 125 × 125, and the coarser cells of smaller synthetic images, which show the same
-  window (``data/synthetic.py``).
+  window (``data/detector.py``, the one definition of the geometry the generators render).
 * Rows are η. Columns are φ, periodic with the image width (the convention the φ-roll augmentation relies
   on): the jet's φ is the pT-weighted circular mean of the columns and every Δφ is wrapped relative to it,
   so a jet split across the left and right edges has the observables of the same jet centred. The jet's η
@@ -51,23 +51,19 @@ An empty image, or one without a constituent in the cone, gets zeros (never NaN)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
-from l2vit_jax.data import hdf5, substructure, synthetic
-from l2vit_jax.runtime import host
+from l2vit_jax.data import detector, hdf5, substructure
+from l2vit_jax.runtime import console
 
 CHANNEL_NAMES = ("track_pt", "track_d0", "track_dz", "ecal", "hcal", "pixel_layer_1", "pixel_layer_2",
                  "pixel_layer_3")
 TRACK_PT, ECAL, HCAL = 0, 3, 4
-# The generator mirrors the CMS geometry, so one definition serves both: 125 crystals of 0.0174, HCAL
-# towers of 5 × 5 crystals, AK8 jets.
-WINDOW_WIDTH = synthetic.REAL_IMAGE_SIZE * synthetic.CRYSTAL_SIZE
-HCAL_TOWER_SIZE = synthetic.HCAL_TOWER_SIZE
-JET_RADIUS = synthetic.JET_RADIUS
+# The geometry (125 crystals of 0.0174, HCAL towers of 5 × 5 crystals, AK8 jets) is data/detector.py's,
+# the one definition the generators render too.
 MAX_SUBJETS = 3
 
 CONSTITUENT_SETS = ("calo", "track")
@@ -83,12 +79,12 @@ def observable_names() -> tuple[str, ...]:
 
 def default_cell_size(image_width: int) -> float:
   """The real images' (η, φ) window divided by ``image_width``: 0.0174 (one ECAL crystal) at 125."""
-  return WINDOW_WIDTH / image_width
+  return detector.pixel_size(image_width)
 
 
 def constituent_weights(cell_size: float) -> dict[str, dict[int, float]]:
   """Constituent set → {channel: weight}; a deposit's pT is its channel's weight × its value."""
-  cells_per_tower = max((HCAL_TOWER_SIZE / cell_size) ** 2, 1.0)
+  cells_per_tower = max((detector.HCAL_TOWER_SIZE / cell_size) ** 2, 1.0)
   return {"calo": {ECAL: 1.0, HCAL: 1.0 / cells_per_tower}, "track": {TRACK_PT: 1.0}}
 
 
@@ -202,7 +198,7 @@ def _set_observables(jet: Constituents, jet_radius: float) -> list[np.ndarray]:
 
 
 def compute_observables(images: np.ndarray, *, cell_size: float | None = None,
-                        jet_radius: float = JET_RADIUS) -> np.ndarray:
+                        jet_radius: float = detector.JET_RADIUS) -> np.ndarray:
   """Observables (N, len(observable_names())) float64 of raw images (N, H, W, 8) channels-last.
 
   Args:
@@ -228,27 +224,22 @@ def compute_observables(images: np.ndarray, *, cell_size: float | None = None,
 
 
 def source_observables(source: Sequence[dict], *, chunk_size: int = 128, cell_size: float | None = None,
-                       jet_radius: float = JET_RADIUS,
+                       jet_radius: float = detector.JET_RADIUS,
                        progress: Callable[[int], None] | None = None) -> np.ndarray:
   """``compute_observables`` of every record's ``image`` in a source, ``chunk_size`` images at a time.
 
   ``source`` is any random-access sequence of records (``data.sources.open_source``); memory stays near
   ``chunk_size`` dense images. ``progress`` is called with the number of images done after each chunk;
   without one, a progress bar with rate and ETA shows on a terminal and one line logs the rate at the
-  end (``runtime.host.ProgressBar``).
+  end (``runtime.console.ProgressBar``).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   chunks = []
-  with contextlib.ExitStack() as stack:
-    bar = None if progress is not None else stack.enter_context(
-        host.ProgressBar(len(source), "jet observables", "jet"))
+  with console.ProgressBar(len(source), "jet observables", "jet", report=progress) as bar:
     for start in range(0, len(source), chunk_size):
       stop = min(start + chunk_size, len(source))
       images = np.stack([source[i]["image"] for i in range(start, stop)])
       chunks.append(compute_observables(images, cell_size=cell_size, jet_radius=jet_radius))
-      if progress is not None:
-        progress(stop)
-      else:
-        bar.update(stop - start)
+      bar.update(stop - start)
   return np.concatenate(chunks) if chunks else np.zeros((0, len(observable_names())))

@@ -1,9 +1,10 @@
 """Downloads the two real CMS jet files (docs/design.md, Data), resumably, and validates them before use.
 
-A file is streamed into ``<dest>.part`` and renamed to ``<dest>`` only after its size matches what the
-server announced, it starts with the HDF5 signature and it passes :func:`hdf5.validate_file`, so ``<dest>``
-is either absent or a usable file. An existing ``<dest>`` is never overwritten or deleted: a valid one
-is skipped, an invalid one is reported (the user decides what to do with it).
+A file is streamed into ``<dest>.part`` and renamed to ``<dest>`` (``paths.move_into_place``) only after
+its size matches what the server announced, it starts with the HDF5 signature and it passes
+:func:`hdf5.validate_file`, so ``<dest>`` is either absent or a usable file. An existing ``<dest>`` is
+never overwritten or deleted: a valid one is skipped, an invalid one is reported (the user decides what
+to do with it).
 
 What happens to ``<dest>.part`` when something goes wrong:
 
@@ -36,10 +37,10 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-import tqdm
-
-from l2vit_jax.data import hdf5
 from l2vit_jax import errors
+from l2vit_jax.data import hdf5
+from l2vit_jax.errors import DownloadError, one_line
+from l2vit_jax.runtime import console, paths
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 GIB = 1 << 30
@@ -79,17 +80,13 @@ UNLABELLED = RemoteFile(UNLABELLED_FILENAME, UNLABELLED_URL, labelled=False,
                         approx_bytes=60_000 * 500_000)
 
 
-class DownloadError(RuntimeError):
-  """A download that failed; the message is one line naming the URL or file and what was wrong."""
-
-
 def _info(message: str) -> None:
-  tqdm.tqdm.write(message, file=sys.stdout)
+  console.write(message, sys.stdout)
 
 
 def _warn(message: str) -> None:
-  # tqdm.write keeps warnings from being drawn over by the progress bar, which lives on stderr.
-  tqdm.tqdm.write(f"warning: {message}", file=sys.stderr)
+  # console.write keeps warnings from being drawn over by the progress bar, which lives on stderr.
+  console.write(f"warning: {message}", sys.stderr)
 
 
 def _gib(num_bytes: int) -> str:
@@ -98,10 +95,6 @@ def _gib(num_bytes: int) -> str:
 
 def _human(num_bytes: int) -> str:
   return _gib(num_bytes) if num_bytes >= GIB else f"{num_bytes / (1 << 20):.2f} MiB"
-
-
-def _one_line(text: object) -> str:
-  return " ".join(str(text).split())
 
 
 def _remove(path: str) -> None:
@@ -134,32 +127,6 @@ def _check_disk_space(directory: str, needed: int, what: str) -> None:
                         f"free in {os.path.abspath(directory)}")
 
 
-class _Progress:
-  """A byte progress bar created on first use, so failures before any data leave stderr clean."""
-
-  def __init__(self, desc: str, enabled: bool):
-    self._desc, self._enabled = desc, enabled
-    self._bar: tqdm.tqdm | None = None
-
-  def start(self, total: int | None, initial: int) -> None:
-    if not self._enabled:
-      return
-    if self._bar is None:
-      self._bar = tqdm.tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=self._desc, dynamic_ncols=True)
-    else:
-      self._bar.reset(total=total)
-      self._bar.update(initial)
-
-  def update(self, num_bytes: int) -> None:
-    if self._bar is not None:
-      self._bar.update(num_bytes)
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-
-
 def _header_int(value: str | None) -> int | None:
   if value is None or not value.strip().isdigit():
     return None
@@ -181,7 +148,8 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
     max_retries: retries allowed in a row without any progress (dropped connections, timeouts, 5xx).
       The count restarts whenever an attempt receives data, so a long download over a flaky link
       keeps going as long as it moves forward.
-    progress: show a tqdm byte progress bar on stderr.
+    progress: show a byte progress bar on stderr when it is a terminal (``console.ProgressBar``, drawn
+      from the first byte received, so failures before any data leave stderr clean).
     retry_wait: seconds before the first retry; later retries wait longer (linearly, at most 30 s).
 
   Returns:
@@ -195,7 +163,7 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
       info = hdf5.validate_file(dest, labelled=labelled)
     except errors.DataError as e:
       # Not ours to delete: it may be a copy the user made on purpose. Say how to get a fresh one.
-      raise DownloadError(f"{dest} already exists but is not a valid jet file ({_one_line(e)}); move it "
+      raise DownloadError(f"{dest} already exists but is not a valid jet file ({one_line(e)}); move it "
                           "aside or delete it to download again") from None
     _info(f"{dest} already present and valid ({info.num_examples} examples), skipping download")
     return dest
@@ -210,7 +178,7 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
   total: int | None = None  # the file's full size, once a reply has told us
   failures = 0  # failed attempts since the part file last grew past its largest size so far
   best = os.path.getsize(part) if os.path.exists(part) else 0
-  bar = _Progress(os.path.basename(dest), progress)
+  bar = console.ProgressBar(None, os.path.basename(dest), "B", enabled=progress, binary_units=True)
 
   def retry_or_fail(reason: str) -> None:
     nonlocal failures
@@ -226,7 +194,7 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
 
   # Bounded: every pass either grows the part file past its high-water mark `best` (at most `total`
   # times, one byte each) or counts towards `max_retries`.
-  try:
+  with bar:
     while True:
       offset = os.path.getsize(part) if os.path.exists(part) else 0
       if total is not None and offset == total:
@@ -244,8 +212,6 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
       if grew:
         failures = 0
       retry_or_fail(reason)
-  finally:
-    bar.close()
 
   size = os.path.getsize(part) if os.path.exists(part) else 0
   if total is not None and size != total:
@@ -264,15 +230,15 @@ def download_file(url: str, dest: str, *, labelled: bool, chunk_size: int = 1 <<
     info = hdf5.validate_file(part, labelled=labelled)
   except errors.DataError as e:
     _remove(part)  # complete and the right size, so resuming cannot fix it
-    raise DownloadError(f"{url}: downloaded file is not a valid jet file: {_one_line(e)}; "
+    raise DownloadError(f"{url}: downloaded file is not a valid jet file: {one_line(e)}; "
                         f"removed {part}") from None
-  os.replace(part, dest)
+  paths.move_into_place(part, dest)
   _info(f"saved {dest} ({_human(size)}, {info.num_examples} examples)")
   return dest
 
 
 def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chunk_size: int,
-             timeout: float, bar: _Progress) -> tuple[str | None, int | None]:
+             timeout: float, bar: console.ProgressBar) -> tuple[str | None, int | None]:
   """One request, resuming at ``offset``; appends what arrives to ``part``.
 
   Returns ``(reason, total)``: ``reason`` is None when the reply ended cleanly, else why a new request
@@ -287,7 +253,7 @@ def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chu
   try:
     response = urllib.request.urlopen(request, timeout=timeout)
   except urllib.error.HTTPError as e:
-    status = f"HTTP {e.code} {_one_line(e.reason)}"
+    status = f"HTTP {e.code} {one_line(e.reason)}"
     e.close()
     if e.code == 416 and offset:
       # Our part is at or past the end of the file. "bytes */N" tells us the size.
@@ -301,7 +267,7 @@ def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chu
       return status, total
     raise DownloadError(f"{url}: {status}") from None
   except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout, bad status line
-    return f"request failed: {_one_line(getattr(e, 'reason', e))}", total
+    return f"request failed: {one_line(getattr(e, 'reason', e))}", total
 
   with response:
     status = response.status
@@ -322,7 +288,7 @@ def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chu
       reply_total = length
       mode = "wb"  # truncates: a 200 is always the whole file
     else:
-      raise DownloadError(f"{url}: unexpected HTTP {status} {_one_line(response.reason)}"
+      raise DownloadError(f"{url}: unexpected HTTP {status} {one_line(response.reason)}"
                           f"{' to a Range request' if offset else ''}")
 
     if "html" in content_type.lower():
@@ -342,7 +308,7 @@ def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chu
 
     if offset == 0 and expected == 0:
       raise DownloadError(f"{url}: server sent an empty file")
-    bar.start(total, offset)
+    bar.restart(total, offset)
     received = 0
     f = None
     try:
@@ -351,7 +317,7 @@ def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chu
         try:
           chunk = response.read(want)
         except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-          return (f"connection dropped ({type(e).__name__}: {_one_line(e) or 'no detail'}): got "
+          return (f"connection dropped ({type(e).__name__}: {one_line(e) or 'no detail'}): got "
                   f"{offset + received} bytes, expected {total if total is not None else 'more'}", total)
         if not chunk:
           if expected is None:
@@ -365,11 +331,11 @@ def _attempt(url: str, dest: str, part: str, offset: int, total: int | None, chu
           try:
             f = open(part, mode)
           except OSError as e:
-            raise DownloadError(f"{part}: cannot write: {_one_line(e)}") from None
+            raise DownloadError(f"{part}: cannot write: {one_line(e)}") from None
         try:
           f.write(chunk)
         except OSError as e:
-          raise DownloadError(f"{part}: cannot write: {_one_line(e)}") from None
+          raise DownloadError(f"{part}: cannot write: {one_line(e)}") from None
         received += len(chunk)
         bar.update(len(chunk))
     finally:
@@ -426,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       download_file(job.url, os.path.join(args.data_dir, job.filename), labelled=job.labelled,
                     timeout=args.timeout, max_retries=args.retries, progress=not args.no_progress)
   except (DownloadError, OSError) as e:  # OSError: e.g. the data directory cannot be created
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("error: interrupted; run the same command again to resume", file=sys.stderr)

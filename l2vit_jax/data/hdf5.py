@@ -14,7 +14,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from l2vit_jax.errors import DataError
+from l2vit_jax.errors import DataError, one_line
 
 NUM_CHANNELS = 8
 IMAGE_KEY = "jet"
@@ -41,10 +41,6 @@ def _fail(path: str, key: str | None, message: str) -> DataError:
   return DataError(f"{where}: {message}")
 
 
-def _one_line(error: Exception) -> str:
-  return " ".join(str(error).split())
-
-
 def open_hdf5(path: str) -> h5py.File:
   """Opens ``path`` read-only, turning every way of failing into a one-line DataError."""
   if not path:
@@ -59,14 +55,14 @@ def open_hdf5(path: str) -> h5py.File:
   try:
     is_hdf5 = h5py.is_hdf5(path)
   except OSError as e:
-    raise _fail(path, None, f"cannot be read: {_one_line(e)}") from None
+    raise _fail(path, None, f"cannot be read: {one_line(e)}") from None
   if not is_hdf5:
     raise _fail(path, None, "not an HDF5 file (no HDF5 signature; an HTML error page or a partial "
                 "download?)")
   try:
     return h5py.File(path, "r")
   except OSError as e:  # truncated or otherwise corrupt files
-    raise _fail(path, None, f"cannot be read as HDF5 (truncated or corrupt?): {_one_line(e)}") from None
+    raise _fail(path, None, f"cannot be read as HDF5 (truncated or corrupt?): {one_line(e)}") from None
 
 
 @contextlib.contextmanager
@@ -84,7 +80,7 @@ def _reporting_damage(path: str):
     raise
   except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
     raise _fail(path, None, f"cannot be read as HDF5 (damaged file?): {type(e).__name__}: "
-                f"{_one_line(e)}") from None
+                f"{one_line(e)}") from None
 
 
 def _key_names(f: h5py.File) -> list:
@@ -186,7 +182,7 @@ def validate_file(path: str, *, labelled: bool, image_size: int | None = None, m
         image = jet[int(i)]
       except OSError as e:
         raise _fail(path, IMAGE_KEY, f"image {int(i)} cannot be read (truncated file, or a compression "
-                    f"filter h5py lacks?): {_one_line(e)}") from None
+                    f"filter h5py lacks?): {one_line(e)}") from None
       nbytes += image.nbytes
       check_pixel_values(path, IMAGE_KEY, image, int(i))
   return FileInfo(path=path, num_examples=n, image_size=size, labelled=labelled,

@@ -18,7 +18,7 @@ settings) only. Chunks run in ``workers`` spawned processes (workers = 1: in thi
 so the file is byte-identical whatever the number of workers.
 
 Resume. Each finished chunk is stored, sparsely (non-zero positions and values, bit-exact), as
-``.NAME.chunks/chunk-KKKKKK.npz``, written under a temporary name and renamed, next to a
+``.NAME.chunks/chunk-KKKKKK.npz``, written under a temporary name and renamed (``paths.replacing``), next to a
 ``settings.json`` recording everything the content depends on (arguments that shape it, library
 versions). A killed run loses only the chunks in progress; rerunning with the same arguments generates
 the missing ones. Different arguments (or libraries) discard the stored chunks. The files are then
@@ -34,17 +34,15 @@ import hashlib
 import json
 import multiprocessing
 import os
-import secrets
 import shutil
-import socket
 import time
 
 import h5py
 import numpy as np
 
 from l2vit_jax import errors
-from l2vit_jax.data import detector, hdf5, pythia, substructure, synthetic
-from l2vit_jax.runtime import host
+from l2vit_jax.data import detector, hdf5, pythia, substructure
+from l2vit_jax.runtime import console, paths
 
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_PT_RANGE = (400.0, 600.0)
@@ -149,17 +147,12 @@ def _prepare_chunk_directory(directory: str, settings: dict) -> None:
       shutil.rmtree(directory)
   if not os.path.isdir(directory):
     os.makedirs(directory)
-    _write_atomic(settings_file, json.dumps(settings, indent=1, sort_keys=True).encode())
+    paths.write_json(settings_file, settings)
   for entry in os.listdir(directory):
-    if entry.endswith(".tmp"):  # a chunk that was being written when its process was killed
+    # A chunk that was being written when its process was killed. Any process's: two writers of one
+    # file at once are not supported, so whatever is left here is a dead writer's.
+    if paths.is_temporary(entry):
       os.remove(os.path.join(directory, entry))
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  temporary = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-  with open(temporary, "wb") as f:
-    f.write(data)
-  os.replace(temporary, path)
 
 
 def _chunk_path(directory: str, index: int) -> str:
@@ -175,10 +168,9 @@ def _store_chunk(directory: str, index: int, chunk: dict[str, np.ndarray]) -> No
   arrays.update(jet_counts=np.bincount(image_index, minlength=len(images)),
                 jet_positions=position.astype(np.int64), jet_values=flat[image_index, position],
                 jet_shape=np.array(images.shape, dtype=np.int64))
-  temporary = os.path.join(directory, f".{_CHUNK_NAME.format(index)}.{os.getpid()}.tmp")
-  with open(temporary, "wb") as f:
+  # The directory was swept once when the run started (_prepare_chunk_directory).
+  with paths.replacing(_chunk_path(directory, index), sweep=False) as temporary, open(temporary, "wb") as f:
     np.savez(f, **arrays)
-  os.replace(temporary, _chunk_path(directory, index))
 
 
 def _load_chunk(directory: str, index: int) -> dict[str, np.ndarray]:
@@ -216,25 +208,8 @@ def _generate(tasks: list[tuple], workers: int, bar) -> None:
       bar.update(size)
 
 
-class _NoBar:
-  def update(self, _: int) -> None:
-    pass
-
-  def __enter__(self) -> "_NoBar":
-    return self
-
-  def __exit__(self, *_) -> None:
-    pass
-
-
 # ---------------------------------------------------------------------------------------------------
 # Assembly.
-
-
-def _temporary(path: str) -> str:
-  # The naming of synthetic.py, whose remove_stale_partials then cleans up after killed writers.
-  # pylint: disable-next=protected-access
-  return synthetic._partial_name(path, os.getpid(), socket.gethostname(), secrets.token_hex(4))
 
 
 def _write_main(temporary: str, directory: str, plan, settings: dict, labelled: bool) -> None:
@@ -286,17 +261,6 @@ def _write_sidecar(temporary: str, directory: str, plan, settings: dict) -> None
       group.create_dataset(name, data=constituents[:, k].astype(dtype))
 
 
-def _replace_all(pairs: list[tuple[str, str]]) -> None:
-  """Renames each temporary into place, in order; on failure removes the temporaries left."""
-  try:
-    for temporary, final in pairs:
-      os.replace(temporary, final)
-  finally:
-    for temporary, _ in pairs:
-      if os.path.exists(temporary):
-        os.remove(temporary)
-
-
 def write_pythia_hdf5(path: str, num: int, *, labelled: bool, seed: int,
                       image_size: int = detector.REAL_IMAGE_SIZE, workers: int | None = None,
                       pt_range: tuple[float, float] = DEFAULT_PT_RANGE, signal_fraction: float = 0.5,
@@ -329,25 +293,16 @@ def write_pythia_hdf5(path: str, num: int, *, labelled: bool, seed: int,
            for k, (_, size, tops) in enumerate(plan) if k not in done]
   resumed = sum(plan[k][1] for k in done)
   # A bar with jets/s and the ETA on a terminal, and one line with the rate at the end
-  # (runtime.host.ProgressBar); jets of resumed chunks are not counted into the rate.
-  bar = host.ProgressBar(num - resumed, os.path.basename(path), "jet") if progress else _NoBar()
+  # (runtime.console.ProgressBar); jets of resumed chunks are not counted into the rate.
   start = time.perf_counter()
-  with bar:
+  with console.ProgressBar(num - resumed, os.path.basename(path), "jet", enabled=progress) as bar:
     _generate(tasks, workers, bar)
   seconds = time.perf_counter() - start
   outputs = [path, sidecar_path(path)]
-  for output in outputs:
-    synthetic.remove_stale_partials(output)
-  temporaries = [_temporary(output) for output in outputs]
-  try:
-    _write_main(temporaries[0], directory, plan, settings, labelled)
-    _write_sidecar(temporaries[1], directory, plan, settings)
-  except BaseException:
-    for temporary in temporaries:
-      if os.path.exists(temporary):
-        os.remove(temporary)
-    raise
-  _replace_all([(temporaries[1], outputs[1]), (temporaries[0], outputs[0])])
+  # Renamed innermost first: the sidecar, then ``path``; a failure removes the temporaries not renamed.
+  with paths.replacing(outputs[0]) as main, paths.replacing(outputs[1]) as sidecar:
+    _write_main(main, directory, plan, settings, labelled)
+    _write_sidecar(sidecar, directory, plan, settings)
   sparse_output = None
   if sparse:
     sparse_output = sparse_path(path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from typing import Callable, Sequence
 
 import grain
@@ -29,6 +28,7 @@ import numpy as np
 
 from l2vit_jax.data import hdf5
 from l2vit_jax.errors import DataError
+from l2vit_jax.runtime import console, paths
 
 SUFFIX = ".sparse"
 MAGIC = b"L2VIT-SPARSE-v1\n"
@@ -62,17 +62,39 @@ def _sparsify(images: np.ndarray, pixel_dtype: np.dtype) -> tuple[np.ndarray, np
   return counts, position.astype(pixel_dtype), flat[image_index, position]
 
 
+def _stream_nonzeros(input_path: str, parts: dict[str, str], chunk_size: int, pixel_dtype,
+                     bar: console.ProgressBar) -> np.ndarray:
+  """Appends every image's non-zero positions and values to the files ``parts``, ``chunk_size``
+  images at a time; returns the (N + 1,) offsets of each image's non-zeros."""
+  with hdf5.open_hdf5(input_path) as f, open(parts["positions"], "wb") as positions_file, \
+      open(parts["values"], "wb") as values_file:
+    jet = f[hdf5.IMAGE_KEY]
+    num = len(jet)
+    offsets = np.zeros(num + 1, np.int64)
+    for start in range(0, num, chunk_size):
+      stop = min(start + chunk_size, num)
+      counts, positions, values = _sparsify(jet[start:stop], pixel_dtype)
+      offsets[start + 1:stop + 1] = offsets[start] + np.cumsum(counts)
+      positions_file.write(positions.tobytes())
+      values_file.write(values.astype("<f4").tobytes())
+      bar.update(stop - start)
+  return offsets
+
+
 def convert_hdf5(input_path: str, output_path: str, *, labelled: bool | None = None,
                  chunk_size: int = 256, progress: Callable[[int, int], None] | None = None) -> dict:
   """Converts an HDF5 jet file into the sparse format, ``chunk_size`` images at a time.
 
   The input is validated first (``hdf5.validate_file``). Memory stays near ``chunk_size`` dense images
   plus their non-zeros: positions and values stream into temporary files next to the output. The file is
-  written under a hidden temporary name and renamed into place only when complete.
+  written under a hidden temporary name and renamed into place only when complete (``paths.replacing``;
+  the positions and values files are temporaries of ``OUTPUT.positions`` and ``OUTPUT.values``, removed
+  when done and swept with the output's after a kill).
 
   Args:
     labelled: whether to carry ``Y``/``m``/``pT``; None means "if the file has them".
-    progress: called with (images converted, total) after every chunk.
+    progress: called with (images converted, total) after every chunk; without one, a progress bar
+      shows on a terminal and one line logs the rate at the end (``console.ProgressBar``).
 
   Returns:
     A summary: examples, labelled, non-zero count, input and output sizes in bytes.
@@ -85,57 +107,45 @@ def convert_hdf5(input_path: str, output_path: str, *, labelled: bool | None = N
   num = info.num_examples
   image_shape = (info.image_size, info.image_size, hdf5.NUM_CHANNELS)
   pixel_dtype = position_dtype(image_shape)
-  directory = os.path.dirname(os.path.abspath(output_path))
-  temporary = os.path.join(
-      directory, f".{os.path.basename(output_path)}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-  parts = {name: f"{temporary}.{name}" for name in ("positions", "values")}
-  offsets = np.zeros(num + 1, np.int64)
+  report = None if progress is None else lambda done: progress(done, num)
+  parts = {name: paths.temporary_name(f"{output_path}.{name}") for name in ("positions", "values")}
   try:
-    with hdf5.open_hdf5(input_path) as f, open(parts["positions"], "wb") as positions_file, \
-        open(parts["values"], "wb") as values_file:
-      jet = f[hdf5.IMAGE_KEY]
-      for start in range(0, num, chunk_size):
-        stop = min(start + chunk_size, num)
-        counts, positions, values = _sparsify(jet[start:stop], pixel_dtype)
-        offsets[start + 1:stop + 1] = offsets[start] + np.cumsum(counts)
-        positions_file.write(positions.tobytes())
-        values_file.write(values.astype("<f4").tobytes())
-        if progress is not None:
-          progress(stop, num)
-    nonzeros = int(offsets[-1])
-    arrays = {"offsets": (offsets.dtype, (num + 1,)), "positions": (pixel_dtype, (nonzeros,)),
-              "values": (np.dtype(np.float32), (nonzeros,))}
-    arrays.update({name: (labels[name].dtype, (num,)) for name in LABEL_ARRAYS if labelled})
-    header = {"format": "l2vit_jax.sparse", "version": FORMAT_VERSION, "num_examples": num,
-              "image_shape": list(image_shape), "labelled": labelled, "source": os.path.basename(input_path),
-              "arrays": {}}
-    # The header's length depends on the offsets it records; lay arrays out after a generous bound.
-    header_room = _aligned(len(MAGIC) + 8 + 4096 + 256 * len(arrays))
-    position = header_room
-    for name, (dtype, shape) in arrays.items():
-      header["arrays"][name] = {"dtype": np.dtype(dtype).newbyteorder("<").str, "shape": list(shape),
-                                "offset": position}
-      position = _aligned(position + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    encoded = json.dumps(header).encode()
-    if len(MAGIC) + 8 + len(encoded) > header_room:
-      raise RuntimeError("sparse header does not fit its reserved room")  # cannot happen
-    with open(temporary, "wb") as out:
-      out.write(MAGIC + np.uint64(len(encoded)).astype("<u8").tobytes() + encoded)
-      for name, spec in header["arrays"].items():
-        out.seek(spec["offset"])
-        if name in parts:
-          with open(parts[name], "rb") as part:
-            while block := part.read(1 << 24):
-              out.write(block)
-        else:
-          source = offsets if name == "offsets" else labels[name]
-          out.write(np.ascontiguousarray(source).astype(spec["dtype"]).tobytes())
-      out.truncate(position)
-    os.replace(temporary, output_path)
+    with console.ProgressBar(num, os.path.basename(output_path), "jet", report=report) as bar, \
+        paths.replacing(output_path) as temporary:
+      offsets = _stream_nonzeros(input_path, parts, chunk_size, pixel_dtype, bar)
+      nonzeros = int(offsets[-1])
+      arrays = {"offsets": (offsets.dtype, (num + 1,)), "positions": (pixel_dtype, (nonzeros,)),
+                "values": (np.dtype(np.float32), (nonzeros,))}
+      arrays.update({name: (labels[name].dtype, (num,)) for name in LABEL_ARRAYS if labelled})
+      header = {"format": "l2vit_jax.sparse", "version": FORMAT_VERSION, "num_examples": num,
+                "image_shape": list(image_shape), "labelled": labelled,
+                "source": os.path.basename(input_path), "arrays": {}}
+      # The header's length depends on the offsets it records; lay arrays out after a generous bound.
+      header_room = _aligned(len(MAGIC) + 8 + 4096 + 256 * len(arrays))
+      position = header_room
+      for name, (dtype, shape) in arrays.items():
+        header["arrays"][name] = {"dtype": np.dtype(dtype).newbyteorder("<").str, "shape": list(shape),
+                                  "offset": position}
+        position = _aligned(position + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+      encoded = json.dumps(header).encode()
+      if len(MAGIC) + 8 + len(encoded) > header_room:
+        raise RuntimeError("sparse header does not fit its reserved room")  # cannot happen
+      with open(temporary, "wb") as out:
+        out.write(MAGIC + np.uint64(len(encoded)).astype("<u8").tobytes() + encoded)
+        for name, spec in header["arrays"].items():
+          out.seek(spec["offset"])
+          if name in parts:
+            with open(parts[name], "rb") as part:
+              while block := part.read(1 << 24):
+                out.write(block)
+          else:
+            source = offsets if name == "offsets" else labels[name]
+            out.write(np.ascontiguousarray(source).astype(spec["dtype"]).tobytes())
+        out.truncate(position)
   finally:
-    for path in (temporary, *parts.values()):
-      if os.path.exists(path):
-        os.remove(path)
+    for part in parts.values():
+      if os.path.exists(part):
+        os.remove(part)
   return {"num_examples": num, "labelled": labelled, "nonzeros": nonzeros,
           "input_bytes": os.path.getsize(input_path), "output_bytes": os.path.getsize(output_path)}
 

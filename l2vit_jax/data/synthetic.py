@@ -28,28 +28,19 @@ close to the real files' (about 99 % zero pixels overall).
 from __future__ import annotations
 
 import os
-import re
-import secrets
-import socket
 from typing import Callable
 
 import h5py
 import numpy as np
 
 from l2vit_jax import errors
-from l2vit_jax.runtime import paths
+from l2vit_jax.runtime import console, paths
 from l2vit_jax.data import detector, hdf5
 
-NUM_CHANNELS = hdf5.NUM_CHANNELS
-# The window (125 crystals of 0.0174, HCAL towers of 5 × 5), AK8 radius and 8-bit-like saturation are
-# the detector's: one definition in detector.py, shared with the Pythia generator.
-REAL_IMAGE_SIZE = detector.REAL_IMAGE_SIZE
-CRYSTAL_SIZE = detector.CRYSTAL_SIZE
-WINDOW_HALF_WIDTH = detector.WINDOW_HALF_WIDTH
-HCAL_TOWER_SIZE = detector.HCAL_TOWER_SIZE
-NUM_HCAL_TOWERS = detector.NUM_HCAL_TOWERS
-JET_RADIUS = detector.JET_RADIUS
-MAX_PIXEL_VALUE = detector.MAX_PIXEL_VALUE
+# The geometry — the window (125 crystals of 0.0174, HCAL towers of 5 × 5), the AK8 radius, the
+# 8-bit-like saturation, the field and the radii of the calorimeters and pixel layers — is the
+# detector's: one definition in detector.py (``detector.X`` below), shared with the Pythia generator and
+# the physics baseline.
 
 # Images drawn from one random generator. The generator of block b is seeded from
 # SeedSequence(seed, spawn_key=(b,)), so the content of image i depends only on (seed, i, image_size):
@@ -81,10 +72,8 @@ CHARGED, PHOTON, NEUTRAL_HADRON = 0, 1, 2
 PILEUP_MEAN_COUNT = 80.0
 PILEUP_PT_MIN, PILEUP_PT_SCALE = 0.2, 0.5
 
-# Detector (geometry from detector.py). Bending: Δφ ≈ 0.3 B r / (2 pT) = BEND * r / pT, r in metres.
-BEND_PER_METRE = detector.BEND_PER_METRE
-ECAL_RADIUS, HCAL_RADIUS = detector.ECAL_RADIUS, detector.HCAL_RADIUS
-PIXEL_LAYER_RADII = detector.PIXEL_LAYER_RADII
+# Detector response (geometry from detector.py). Bending: Δφ ≈ 0.3 B r / (2 pT) =
+# detector.BEND_PER_METRE · r / pT, r in metres.
 TRACK_PT_MIN, TRACK_EFFICIENCY = 0.5, 0.92
 CALO_PT_MIN = 0.8  # softer charged particles curl up before the calorimeters
 D0_RESOLUTION_UM, D0_RESOLUTION_PT_UM = 15.0, 60.0  # σ(d0) = 15 ⊕ 60 / pT µm
@@ -115,17 +104,10 @@ PIXEL_HIT_GAIN = 230.0
 PIXEL_HIT_THRESHOLD = 20.0
 
 
-def _pixel_size(image_size: int) -> float:
-  return 2 * WINDOW_HALF_WIDTH / image_size
-
-
 def _to_pixel(coordinate: np.ndarray, image_size: int) -> np.ndarray:
   """Pixel index along one axis; outside the window gives an index outside [0, image_size)."""
-  return np.floor((coordinate + WINDOW_HALF_WIDTH) / _pixel_size(image_size)).astype(np.int64)
-
-
-def _wrap_phi(phi: np.ndarray) -> np.ndarray:
-  return (phi + np.pi) % (2 * np.pi) - np.pi
+  return np.floor((coordinate + detector.WINDOW_HALF_WIDTH)
+                  / detector.pixel_size(image_size)).astype(np.int64)
 
 
 def _pixel_sums(image_index: np.ndarray, row: np.ndarray, col: np.ndarray, values: np.ndarray,
@@ -145,7 +127,7 @@ def _zero_suppress(pixels: np.ndarray, sums: np.ndarray, threshold: float
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Like detector readout: small signals are dropped, large ones saturate the 8-bit-like range."""
   keep = sums >= threshold
-  return pixels[keep], np.minimum(sums[keep], MAX_PIXEL_VALUE)
+  return pixels[keep], np.minimum(sums[keep], detector.MAX_PIXEL_VALUE)
 
 
 def _with_neighbours(row: np.ndarray, col: np.ndarray, values: np.ndarray, neighbour_share: float,
@@ -301,14 +283,14 @@ def _pileup(rng: np.random.Generator, num: int) -> dict[str, np.ndarray]:
   total = int(counts.sum())
   return {"image": np.repeat(np.arange(num), counts),
           "pt": PILEUP_PT_MIN + rng.exponential(PILEUP_PT_SCALE, total),
-          "eta": rng.uniform(-WINDOW_HALF_WIDTH, WINDOW_HALF_WIDTH, total),
-          "phi": rng.uniform(-WINDOW_HALF_WIDTH, WINDOW_HALF_WIDTH, total),
+          "eta": rng.uniform(-detector.WINDOW_HALF_WIDTH, detector.WINDOW_HALF_WIDTH, total),
+          "phi": rng.uniform(-detector.WINDOW_HALF_WIDTH, detector.WINDOW_HALF_WIDTH, total),
           "heavy_flavour": np.zeros(total, dtype=bool), "pileup": np.ones(total, dtype=bool)}
 
 
 def _jet_mass_and_pt(particles: dict[str, np.ndarray], num: int) -> tuple[np.ndarray, np.ndarray]:
-  """Invariant mass and vector pT of all particles within ΔR < JET_RADIUS of the axis, per image."""
-  in_jet = np.hypot(particles["eta"], particles["phi"]) < JET_RADIUS
+  """Invariant mass and vector pT of all particles within ΔR < detector.JET_RADIUS of the axis, per image."""
+  in_jet = np.hypot(particles["eta"], particles["phi"]) < detector.JET_RADIUS
   p4 = _four_vector(particles["pt"][in_jet], particles["eta"][in_jet], particles["phi"][in_jet])
   image = particles["image"][in_jet]
   total = np.stack([np.bincount(image, weights=p4[:, k], minlength=num) for k in range(4)], axis=-1)
@@ -323,12 +305,12 @@ def _jet_mass_and_pt(particles: dict[str, np.ndarray], num: int) -> tuple[np.nda
 def _hcal_pixels(tower_pixels: np.ndarray, tower_sums: np.ndarray, size: int
                  ) -> tuple[np.ndarray, np.ndarray]:
   """Spreads each tower over the image pixels whose centres it covers (the real HCAL is upsampled)."""
-  towers_per_side = NUM_HCAL_TOWERS
+  towers_per_side = detector.NUM_HCAL_TOWERS
   image = tower_pixels // towers_per_side**2
   tower_row = tower_pixels // towers_per_side % towers_per_side
   tower_col = tower_pixels % towers_per_side
-  centres = (np.arange(size) + 0.5) * _pixel_size(size)
-  tower_of_pixel = np.minimum((centres / HCAL_TOWER_SIZE).astype(np.int64), towers_per_side - 1)
+  centres = (np.arange(size) + 0.5) * detector.pixel_size(size)
+  tower_of_pixel = np.minimum((centres / detector.HCAL_TOWER_SIZE).astype(np.int64), towers_per_side - 1)
   first = np.searchsorted(tower_of_pixel, np.arange(towers_per_side))
   count = np.searchsorted(tower_of_pixel, np.arange(towers_per_side), side="right") - first
   span = max(int(count.max()), 1)
@@ -346,13 +328,13 @@ def _render(rng: np.random.Generator, particles: dict[str, np.ndarray], num: int
   """Draws the particles into (num, size, size, 8) float32 detector images."""
   n = len(particles["pt"])
   image, pt, eta = particles["image"], particles["pt"], particles["eta"]
-  phi = _wrap_phi(particles["phi"])
+  phi = detector.wrap_phi(particles["phi"])
   species = rng.choice(3, size=n, p=SPECIES_PROBABILITIES)
   charged = species == CHARGED
   charge = np.where(rng.random(n) < 0.5, -1.0, 1.0)
   row = _to_pixel(eta, size)
   col = _to_pixel(phi, size)
-  scale_to_125 = size / REAL_IMAGE_SIZE
+  scale_to_125 = size / detector.REAL_IMAGE_SIZE
   channels = []  # (flat pixel index, value) per channel
 
   # Tracks: pT, |d0| (b-hadron daughters are displaced), |dz| (pile-up comes from other vertices).
@@ -381,7 +363,8 @@ def _render(rng: np.random.Generator, particles: dict[str, np.ndarray], num: int
   ecal_fraction = np.where(charged, ECAL_MIP_GEV / pt + rng.uniform(0, ECAL_EARLY_SHOWER_MAX, n), 0.0)
   ecal_fraction = np.where(species == PHOTON, 1.0, np.minimum(ecal_fraction, 1.0))
   ecal_energy = np.where(reaches_calo, ecal_fraction * pt, 0.0)
-  ecal_col = _to_pixel(_wrap_phi(phi + charged * charge * BEND_PER_METRE * ECAL_RADIUS / pt), size)
+  ecal_col = _to_pixel(
+      detector.wrap_phi(phi + charged * charge * detector.BEND_PER_METRE * detector.ECAL_RADIUS / pt), size)
   deposits = ecal_energy > 0
   # Coarser pixels contain more of each shower, so less leaks into their neighbours.
   e_row, e_col, e_val, e_img = _with_neighbours(row[deposits], ecal_col[deposits],
@@ -391,13 +374,13 @@ def _render(rng: np.random.Generator, particles: dict[str, np.ndarray], num: int
 
   response = np.maximum(rng.normal(HCAL_RESPONSE_MEAN, HCAL_RESPONSE_SPREAD, n), 0.0)
   hcal_energy = np.where(reaches_calo & (species != PHOTON), (pt - ecal_energy) * response, 0.0)
-  hcal_phi = _wrap_phi(phi + charged * charge * BEND_PER_METRE * HCAL_RADIUS / pt)
+  hcal_phi = detector.wrap_phi(phi + charged * charge * detector.BEND_PER_METRE * detector.HCAL_RADIUS / pt)
   deposits = hcal_energy > 0
-  tower_row = np.floor((eta[deposits] + WINDOW_HALF_WIDTH) / HCAL_TOWER_SIZE).astype(np.int64)
-  tower_col = np.floor((hcal_phi[deposits] + WINDOW_HALF_WIDTH) / HCAL_TOWER_SIZE).astype(np.int64)
+  tower_row, tower_col = (np.floor((angle[deposits] + detector.WINDOW_HALF_WIDTH)
+                                   / detector.HCAL_TOWER_SIZE).astype(np.int64) for angle in (eta, hcal_phi))
   h_row, h_col, h_val, h_img = _with_neighbours(tower_row, tower_col, HCAL_GAIN * hcal_energy[deposits],
                                                 (1 - HCAL_CENTRAL_SHARE) / 4, image[deposits])
-  towers = _zero_suppress(*_pixel_sums(h_img, h_row, h_col, h_val, NUM_HCAL_TOWERS), HCAL_THRESHOLD)
+  towers = _zero_suppress(*_pixel_sums(h_img, h_row, h_col, h_val, detector.NUM_HCAL_TOWERS), HCAL_THRESHOLD)
   channels.append(_hcal_pixels(*towers, size))
 
   # Pixel-detector layers: every charged particle, bent a little more in each outer layer, its charge
@@ -405,8 +388,8 @@ def _render(rng: np.random.Generator, particles: dict[str, np.ndarray], num: int
   c_img, c_row, c_phi, c_pt = image[charged], row[charged], phi[charged], pt[charged]
   c_charge = charge[charged]
   num_charged = len(c_pt)
-  for radius, noise_hits in zip(PIXEL_LAYER_RADII, PIXEL_NOISE_HITS_PER_LAYER):
-    hit_col = _to_pixel(_wrap_phi(c_phi + c_charge * BEND_PER_METRE * radius / c_pt), size)
+  for radius, noise_hits in zip(detector.PIXEL_LAYER_RADII, PIXEL_NOISE_HITS_PER_LAYER):
+    hit_col = _to_pixel(detector.wrap_phi(c_phi + c_charge * detector.BEND_PER_METRE * radius / c_pt), size)
     deposit = PIXEL_HIT_GAIN * rng.gamma(4.0, 0.25, num_charged) \
         * (rng.random(num_charged) < PIXEL_HIT_EFFICIENCY)
     split = (rng.random(num_charged) < PIXEL_CLUSTER_SPLIT_AT_125 * scale_to_125) \
@@ -421,14 +404,14 @@ def _render(rng: np.random.Generator, particles: dict[str, np.ndarray], num: int
         np.concatenate([(1 - split) * deposit, split * deposit,
                         PIXEL_HIT_GAIN * rng.uniform(0.1, 0.6, num_noise)]), size), PIXEL_HIT_THRESHOLD))
 
-  jet = np.zeros((num, size, size, NUM_CHANNELS), dtype=np.float32)
+  jet = np.zeros((num, size, size, detector.NUM_CHANNELS), dtype=np.float32)
   flat_jet = jet.reshape(-1)
   for channel, (pixels, values) in enumerate(channels):
-    flat_jet[pixels * NUM_CHANNELS + channel] = values
+    flat_jet[pixels * detector.NUM_CHANNELS + channel] = values
   return jet
 
 
-def generate_jets(rng: np.random.Generator, num: int, *, image_size: int = REAL_IMAGE_SIZE,
+def generate_jets(rng: np.random.Generator, num: int, *, image_size: int = detector.REAL_IMAGE_SIZE,
                   labelled: bool = True) -> dict[str, np.ndarray]:
   """Generates ``num`` synthetic jets with ``rng``.
 
@@ -484,90 +467,56 @@ def _block_rng(seed: int, block_index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(block_index,)))
 
 
-def _partial_name(path: str, pid: int | str, host: str, token: str) -> str:
-  directory, name = os.path.split(os.path.abspath(path))
-  return os.path.join(directory, f".{name}.{pid}@{host}.{token}.partial")
-
-
-def remove_stale_partials(path: str) -> list[str]:
-  """Deletes the temporaries of ``path`` that killed writers on this host left; returns their paths.
-
-  At full size a partial file is hundreds of MB and a killed run would leave one per kill. Only files of
-  this host whose process is gone are stale: another host's (shared filesystem) cannot be checked.
-  """
-  directory, name = os.path.split(os.path.abspath(path))
-  pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)@(.+)\.[0-9a-f]+\.partial$")  # see _partial_name
-  stale = []
-  for entry in os.listdir(directory) if os.path.isdir(directory) else ():
-    match = pattern.match(entry)
-    if match and match.group(2) == socket.gethostname() and not paths.process_alive(int(match.group(1))):
-      stale.append(os.path.join(directory, entry))
-  for partial in stale:
-    try:
-      os.remove(partial)
-    except FileNotFoundError:  # another writer cleaned it up first
-      pass
-  return stale
-
-
 def write_synthetic_hdf5(path: str, num: int, *, labelled: bool = True, seed: int = 0,
-                         image_size: int = REAL_IMAGE_SIZE, chunk_size: int = 256,
+                         image_size: int = detector.REAL_IMAGE_SIZE, chunk_size: int = 256,
                          progress: Callable[[int], None] | None = None) -> None:
   """Writes a synthetic jet file with the real files' schema, ``chunk_size`` images at a time.
 
   Datasets are contiguous, uncompressed float32 like the real files: ``jet`` (num, S, S, 8) and, when
   ``labelled``, ``Y``, ``m``, ``pT`` (num, 1). Memory stays near ``chunk_size`` images whatever ``num``
   is. The file is written under a temporary name in the same directory and renamed into place only once
-  complete, so an interrupted run never leaves a partial file under ``path`` nor destroys one already
-  there (a killed process leaves a hidden ``.NAME.PID@HOST.*.partial`` file behind, never a truncated
-  NAME; the next write of NAME on that host deletes it once process PID is gone).
+  complete (``paths.replacing``), so an interrupted run never leaves a partial file under ``path`` nor
+  destroys one already there (a killed process leaves a hidden ``.NAME.PID@HOST.*.partial`` file behind,
+  never a truncated NAME; the next write of NAME on that host deletes it once process PID is gone).
 
   Image i is drawn from the generator of its block of IMAGES_PER_SEED_BLOCK images, so the content
   depends only on (seed, num, image_size), never on ``chunk_size``; an unlabelled file holds the same
   images as the labelled file with the same seed.
 
   Args:
-    progress: called with the number of images written so far after every chunk.
+    progress: called with the number of images written so far after every chunk; without one, a
+      progress bar shows on a terminal and one line logs the rate at the end (``console.ProgressBar``).
   """
   if num < 1 or chunk_size < 1 or image_size < 1:
     raise ValueError(f"need num, chunk_size and image_size >= 1, got {num}, {chunk_size}, {image_size}")
-  remove_stale_partials(path)
-  # Hidden, unique and in the same directory, so os.replace is an atomic rename on the same filesystem.
-  temporary = _partial_name(path, os.getpid(), socket.gethostname(), secrets.token_hex(4))
-  try:
-    with h5py.File(temporary, "w-") as f:
-      f.attrs["generator"] = "l2vit_jax.data.synthetic"
-      f.attrs["seed"] = seed
-      jet = f.create_dataset(hdf5.IMAGE_KEY, shape=(num, image_size, image_size, NUM_CHANNELS),
-                             dtype=np.float32)
-      labels = {key: np.empty((num, 1), dtype=np.float32) for key in hdf5.LABEL_KEYS} if labelled else {}
-      buffer = np.empty((min(chunk_size, num), image_size, image_size, NUM_CHANNELS), dtype=np.float32)
-      filled = 0  # images in buffer
-      written = 0  # images in the file
-      for block_index in range(-(-num // IMAGES_PER_SEED_BLOCK)):
-        block_start = block_index * IMAGES_PER_SEED_BLOCK
-        # Always generate whole blocks so the last, partial block matches a longer file's.
-        block = generate_jets(_block_rng(seed, block_index), IMAGES_PER_SEED_BLOCK, image_size=image_size,
-                              labelled=labelled)
-        keep = min(IMAGES_PER_SEED_BLOCK, num - block_start)
-        for key in labels:
-          labels[key][block_start:block_start + keep] = block[key][:keep]
-        taken = 0
-        while taken < keep:
-          count = min(keep - taken, len(buffer) - filled)
-          buffer[filled:filled + count] = block["jet"][taken:taken + count]
-          filled += count
-          taken += count
-          if filled == len(buffer) or written + filled == num:
-            jet[written:written + filled] = buffer[:filled]
-            written += filled
-            filled = 0
-            if progress is not None:
-              progress(written)
-      for key, values in labels.items():
-        f.create_dataset(key, data=values)
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
+  with console.ProgressBar(num, os.path.basename(path), "jet", report=progress) as bar, \
+      paths.replacing(path) as temporary, h5py.File(temporary, "w-") as f:
+    f.attrs["generator"] = "l2vit_jax.data.synthetic"
+    f.attrs["seed"] = seed
+    jet = f.create_dataset(hdf5.IMAGE_KEY, shape=(num, image_size, image_size, detector.NUM_CHANNELS),
+                           dtype=np.float32)
+    labels = {key: np.empty((num, 1), dtype=np.float32) for key in hdf5.LABEL_KEYS} if labelled else {}
+    buffer = np.empty((min(chunk_size, num), image_size, image_size, detector.NUM_CHANNELS), dtype=np.float32)
+    filled = 0  # images in buffer
+    written = 0  # images in the file
+    for block_index in range(-(-num // IMAGES_PER_SEED_BLOCK)):
+      block_start = block_index * IMAGES_PER_SEED_BLOCK
+      # Always generate whole blocks so the last, partial block matches a longer file's.
+      block = generate_jets(_block_rng(seed, block_index), IMAGES_PER_SEED_BLOCK, image_size=image_size,
+                            labelled=labelled)
+      keep = min(IMAGES_PER_SEED_BLOCK, num - block_start)
+      for key in labels:
+        labels[key][block_start:block_start + keep] = block[key][:keep]
+      taken = 0
+      while taken < keep:
+        count = min(keep - taken, len(buffer) - filled)
+        buffer[filled:filled + count] = block["jet"][taken:taken + count]
+        filled += count
+        taken += count
+        if filled == len(buffer) or written + filled == num:
+          jet[written:written + filled] = buffer[:filled]
+          written += filled
+          bar.update(filled)
+          filled = 0
+    for key, values in labels.items():
+      f.create_dataset(key, data=values)

@@ -15,14 +15,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from absl import logging
 from flax import nnx
 
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io
 from l2vit_jax.evaluation import inference, probes
-from l2vit_jax.runtime import paths, sharding
+from l2vit_jax.runtime import console, paths, sharding
 from l2vit_jax.baselines import bdt
 from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import metrics as metrics_lib
@@ -240,10 +239,11 @@ def class_mean_images(labelled: sources.LabelledFile, indices: np.ndarray, *,
   """
   source = labelled.source(np.sort(np.asarray(indices)))
   accumulator = metrics_lib.ClassMeanImages()
-  for position in tqdm.tqdm(range(len(source)), desc="mean images", unit="jet", disable=not progress,
-                            dynamic_ncols=True, mininterval=1.0):
-    record = source[position]
-    accumulator.add(record["image"], record["label"])
+  with console.ProgressBar(len(source), "mean images", "jet", enabled=progress) as bar:
+    for position in range(len(source)):
+      record = source[position]
+      accumulator.add(record["image"], record["label"])
+      bar.update(1)
   logging.info("Mean images of %d evaluated jets (%d top, %d QCD)", len(source), accumulator.counts[1],
                accumulator.counts[0])
   return accumulator

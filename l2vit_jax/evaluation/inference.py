@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from l2vit_jax.runtime import host, sharding
+from l2vit_jax.runtime import console, sharding
 from l2vit_jax.data import pipeline
 
 
@@ -28,7 +28,7 @@ def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Seq
     batch_size: global batch; the pass is padded to whole global batches (padding is dropped here).
     mesh: the device mesh; every process must call this together (the forward is collective).
     description: names the pass in its progress bar (a terminal on process 0) and in the line that
-      logs its rate at the end (``runtime.host.ProgressBar``).
+      logs its rate at the end (``runtime.console.ProgressBar``).
 
   Returns:
     ``{"index": (N,) int64, **forward outputs (N, ...)}`` for every record of ``source`` exactly
@@ -39,7 +39,7 @@ def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Seq
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
   gathered: dict[str, list[np.ndarray]] = {}
-  with host.ProgressBar(len(source), description, "jet") as bar:
+  with console.ProgressBar(len(source), description, "jet") as bar:
     for batch in dataset:
       device = sharding.global_batch({k: batch[k] for k in ("image", "index", "mask")}, mesh)
       outputs = {"index": device["index"], "mask": device["mask"], **forward(device["image"])}

@@ -11,8 +11,6 @@ variable ``L2VIT_PLOT_STYLE=cms``. The same code therefore writes the same PNGs 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
 import os
 from typing import Iterator, Mapping
@@ -26,6 +24,7 @@ import numpy as np
 from l2vit_jax.errors import ConfigError
 from l2vit_jax.runtime import paths
 from l2vit_jax.evaluation import metrics
+from l2vit_jax.training import metrics_log
 
 # 'matplotlib': matplotlib's default rcParams (a matplotlibrc or a style someone set globally changes
 # nothing either); 'cms': mplhep's CMS style on top of them, only when asked for.
@@ -397,29 +396,6 @@ _PANELS = (
 )
 
 
-def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
-  """Reads the training loop's JSON-lines metrics; blank or unparsable lines are skipped.
-
-  A run killed mid-write can leave a truncated last line, which should not stop the plots.
-  """
-  records, skipped = [], 0
-  for line in paths.read_text(path).splitlines():
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      skipped += 1
-      continue
-    if isinstance(record, dict):
-      records.append(record)
-    else:
-      skipped += 1
-  if skipped:
-    logging.warning("%s: skipped %d line(s) that are not JSON objects", path, skipped)
-  return records
-
-
 def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -450,7 +426,7 @@ def plot_training_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike], p
   a pretraining run (``probe/*``). Missing keys in any line are tolerated. The x axis is
   ``epoch``, or ``step`` if no line of any run has an epoch.
   """
-  runs = {name: read_metrics_jsonl(jsonl) for name, jsonl in metrics_jsonl_paths.items()}
+  runs = {name: metrics_log.read_metrics_jsonl(jsonl) for name, jsonl in metrics_jsonl_paths.items()}
   has_epoch = any(_is_number(r.get("epoch")) for records in runs.values() for r in records)
   x_key = "epoch" if has_epoch else "step"
   keys = sorted({k for records in runs.values() for r in records for k, v in r.items() if _is_number(v)})

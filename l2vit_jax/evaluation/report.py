@@ -20,7 +20,6 @@ predictions give byte-identical files: an interrupted and rerun evaluation ends 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Mapping, Sequence
 
@@ -66,11 +65,6 @@ def _check_name(name: str) -> None:
     raise ValueError(f"model name {name!r} cannot be used as a folder name")
 
 
-def _write_json(path: str, data: Mapping) -> None:
-  # Strict JSON: inf/NaN were mapped to None.
-  paths.write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
 def _write_predictions(path: str, *, index, labels, probs, mass_true, mass_pred) -> None:
   index = np.asarray(index).reshape(-1)
   if not np.issubdtype(index.dtype, np.integer):
@@ -112,7 +106,7 @@ def write_model_outputs(out_dir: str | os.PathLike, name: str, *, index, labels,
                                                         bootstrap_samples=bootstrap_samples)
   _write_predictions(paths.join(model_dir, "predictions.npz"), index=index, labels=labels, probs=probs,
                      mass_true=mass_true, mass_pred=mass_pred)
-  _write_json(paths.join(model_dir, "metrics.json"), results)
+  paths.write_json(paths.join(model_dir, "metrics.json"), results)  # inf/NaN were mapped to None
   plots.plot_confusion_matrix(labels, probs, paths.join(model_dir, "confusion_matrix.png"), title=name)
   plots.plot_mass_2d(mass_true, mass_pred, paths.join(model_dir, "mass_2d.png"), title=name)
   plots.plot_mass_residual(mass_true, mass_pred, paths.join(model_dir, "mass_residual.png"), title=name)
@@ -208,10 +202,6 @@ def comparison_table(results: Mapping[str, Mapping]) -> str:
 # --- physics checks ---------------------------------------------------------------------------------
 
 UNBOUNDED = "∞"
-
-
-def _endpoint(value, digits: int) -> str:
-  return UNBOUNDED if value is None else f"{value:.{digits}f}"
 
 
 def _unbounded_with_interval(result: Mapping, key: str, digits: int) -> str:

@@ -188,7 +188,7 @@ def encode_outcome(error: BaseException | None) -> np.ndarray:
   row = np.zeros(1 + OUTCOME_BYTES, np.uint8)
   if error is not None:
     text = str(error) if isinstance(error, errors.UserError) else f"{type(error).__name__}: {error}"
-    line = " ".join(text.split()).encode()[:OUTCOME_BYTES]
+    line = errors.one_line(text).encode()[:OUTCOME_BYTES]
     row[0] = 1
     row[1:1 + len(line)] = np.frombuffer(line, np.uint8)
   return row

@@ -37,7 +37,7 @@ from l2vit_jax import errors
 from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import evaluate, metrics
 from l2vit_jax.experiments import stages, study_report
-from l2vit_jax.runtime import paths, sharding
+from l2vit_jax.runtime import compilation, paths, sharding
 
 ARMS = ("scratch", "finetune_simclr", "finetune_mae", "probe_simclr", "probe_mae", "physics_bdt")
 # The pretraining each arm needs (None: none).
@@ -178,10 +178,6 @@ def read_result(cell: Cell) -> dict | None:
   return result
 
 
-def _write_json_atomically(path: str, data: dict) -> None:
-  paths.write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
 class _Runner:
   """Runs cells: the training configs, the fixed split and the arms' implementations."""
 
@@ -299,7 +295,7 @@ def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
     seconds = time.time() - start
     result = {"arm": cell.arm, "seed": cell.seed, "count": cell.count, "seconds": seconds, **result}
     if jax.process_index() == 0:
-      _write_json_atomically(paths.join(cell.directory, RESULT_FILE), result)
+      paths.write_json(paths.join(cell.directory, RESULT_FILE), result)
     progress.record(cell.arm, seconds)
     pending.remove(cell)
     results[cell] = result
@@ -327,12 +323,11 @@ def study_command(config, workdir: str) -> str:
 def _enable_compilation_cache(directory: str) -> None:
   """Cells of one shape compile the same steps: XLA's persistent cache makes all but the first cheap.
 
-  ``host.enable_compilation_cache`` decides once per process: from the command line ``main`` already
+  ``compilation.enable_compilation_cache`` decides once per process: from the command line ``main`` already
   chose (``config.compilation_cache``) and this keeps that choice; called from code, ``directory`` is
   the default of ``'auto'``.
   """
-  from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel
-  host.enable_compilation_cache("auto", default=directory)
+  compilation.enable_compilation_cache("auto", default=directory)
 
 
 def run_study(config, workdir: str) -> dict:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Iterable, Mapping, Sequence
 
 import matplotlib.ticker
 import numpy as np
 
-from l2vit_jax.runtime import paths# `paths` names the output files here
+from l2vit_jax.runtime import paths
 from l2vit_jax.evaluation import plots
 
 # metric → (label, higher is better, digits)
@@ -171,7 +170,7 @@ def write_report(study: Mapping, path: str) -> str:
 def write_outputs(workdir: str, study: Mapping) -> dict[str, str]:
   """study.json, study.png and report.md in ``workdir``."""
   outputs = {name: paths.join(workdir, name) for name in ("study.json", "study.png", "report.md")}
-  paths.write_text(outputs["study.json"], json.dumps(study, indent=2, allow_nan=False) + "\n")
+  paths.write_json(outputs["study.json"], study)
   plot_study(study, outputs["study.png"])
   write_report(study, outputs["report.md"])
   return outputs

@@ -26,10 +26,8 @@ BatchNorm, the exact erf GELU (ONNX ``Erf``) and softmax.
 
 from __future__ import annotations
 
-import json
 import logging as python_logging
 import os
-import secrets
 from typing import Callable
 
 import jax
@@ -39,7 +37,8 @@ from flax import nnx
 
 from l2vit_jax.checkpoint import model_io
 from l2vit_jax.data import hdf5
-from l2vit_jax.errors import UserError
+from l2vit_jax.errors import ExportError, one_line
+from l2vit_jax.runtime import paths
 
 JAX_FILE = "model.jax_export"
 ONNX_FILE = "model.onnx"
@@ -56,24 +55,6 @@ ONNX_OPSET = 17
 DEPTHWISE_IMPLEMENTATION = "lax"
 # Images of the self-check that compares the ONNX model with the JAX function when it is written.
 CHECK_BATCH = 3
-
-
-class ExportError(UserError, RuntimeError):
-  """An export that cannot be made: a checkpoint without the meta of a finetuned model, a converter
-  that is not installed, or an operation it cannot convert (named)."""
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes ``path`` under a hidden temporary name and renames it into place: never a partial file."""
-  temporary = os.path.join(os.path.dirname(path) or ".",
-                           f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-  try:
-    with open(temporary, "wb") as f:
-      f.write(data)
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def _meta_numbers(directory: str, meta: dict) -> tuple[float, float, float]:
@@ -145,7 +126,7 @@ def export_onnx(predict: Callable, shape: tuple[int, int, int], *, opset: int = 
                                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
     except Exception as error:  # pylint: disable=broad-except  # the converter's refusals share no type
       raise ExportError(f"jax2onnx cannot convert the model: {type(error).__name__}: "
-                        f"{' '.join(str(error).split())[:300]}") from error
+                        f"{one_line(error, 300)}") from error
   finally:
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
@@ -178,9 +159,9 @@ def export_checkpoint(directory: str, output: str, *, formats: tuple[str, ...] =
                       opset: int = ONNX_OPSET) -> dict:
   """Writes the ``formats`` of the finetuned checkpoint in ``directory`` and the sidecar to ``output``.
 
-  Each file is written whole or not at all. The sidecar is written last, listing the files made; if
-  the ONNX conversion fails the JAX artifact and the sidecar are still written, then the error is
-  raised.
+  Each file is written whole or not at all (``paths.write_bytes``). The sidecar is written last,
+  listing the files made; if the ONNX conversion fails the JAX artifact and the sidecar are still
+  written, then the error is raised.
 
   Returns:
     The sidecar's contents.
@@ -212,7 +193,7 @@ def export_checkpoint(directory: str, output: str, *, formats: tuple[str, ...] =
   }
   failure = None
   if "jax" in formats:
-    _atomic_write(os.path.join(output, JAX_FILE), export_jax(predict, shape))
+    paths.write_bytes(os.path.join(output, JAX_FILE), export_jax(predict, shape))
     sidecar["files"]["jax"] = {"file": JAX_FILE, "platforms": list(JAX_PLATFORMS),
                                "batch_dimension": "b"}
   if "onnx" in formats:
@@ -221,17 +202,11 @@ def export_checkpoint(directory: str, output: str, *, formats: tuple[str, ...] =
     except ExportError as error:
       failure = error
     else:
-      _atomic_write(os.path.join(output, ONNX_FILE), onnx_bytes)
+      paths.write_bytes(os.path.join(output, ONNX_FILE), onnx_bytes)
       sidecar["files"]["onnx"] = {"file": ONNX_FILE, "opset": opset, "batch_dimension": "batch",
                                   "max_abs_difference_to_jax": onnx_difference(
                                       onnx_bytes, predict, check_images(shape))}
-  _atomic_write(os.path.join(output, SIDECAR_FILE), (json.dumps(sidecar, indent=2) + "\n").encode())
+  paths.write_json(os.path.join(output, SIDECAR_FILE), sidecar)
   if failure is not None:
     raise ExportError(f"{failure} (the other formats were written to {output})") from failure
   return sidecar
-
-
-def load_jax_export(path: str) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
-  """The function of a ``model.jax_export`` file: images → (prob, mass), any batch size."""
-  with open(path, "rb") as f:
-    return jax.export.deserialize(bytearray(f.read())).call

@@ -52,7 +52,7 @@ def _numpy_safe_globals() -> list[Any]:
 
   Files written under numpy 1.x name them ``numpy.core.*``, under 2.x ``numpy._core.*``.
   """
-  from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
+  from numpy._core import multiarray  # pylint: disable=import-outside-toplevel
   dtype_classes = [type(np.dtype(code)) for code in ('f2', 'f4', 'f8', 'i4', 'i8', 'u1', 'b1')]
   safe = [np.ndarray, np.dtype, *dtype_classes]
   for name in ('scalar', '_reconstruct'):

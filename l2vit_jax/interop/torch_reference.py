@@ -23,7 +23,7 @@ INSTALL_HINT = ('PyTorch is needed for this (the CPU wheel is enough): pip insta
 def require_torch() -> Any:
   """Returns the ``torch`` module or raises ImportError saying how to install it."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise ImportError(INSTALL_HINT) from error
   return torch

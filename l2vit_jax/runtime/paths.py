@@ -6,19 +6,35 @@ can use ``--workdir=gs://BUCKET/run``. Cloud Storage differs from a disk in thre
 
 * there are no folders: ``makedirs`` does nothing there (an object's name creates its "folders");
 * an object appears whole when its upload completes, so ``write_bytes`` needs no temporary name there
-  (locally it writes one and renames it, so a reader never sees half a file);
+  (locally it writes one and renames it, so a reader never sees half a file: see below);
 * there is no ``O_EXCL``: ``create_exclusive`` asks for the upload with the precondition
   ``ifGenerationMatch=0``, which the service refuses when the object already exists. More generally
   every object has a generation (a number that changes with each write and is never reused), and
   ``read_generation`` / ``write_if_generation`` / ``remove_if_generation`` make compare-and-swap out of
   it: of two writers that both saw generation G, exactly one replaces it (``checkpoint.workdir_lock``).
+
+Replacing a local file. Every file the package writes whole (reports, JSON results, exported models,
+jet files and their chunks, ``.sparse`` files) is written under one kind of temporary name and renamed
+over its final name only when complete (``replacing``; ``write_bytes`` for data in memory), so a
+reader, or a rerun after a kill, sees the old file or the new one, never a part. The temporary of
+``DIR/NAME`` is ``DIR/.NAME.PID@HOST.TOKEN.partial`` (``temporary_name``): hidden, in the same directory
+(so the rename is atomic: one filesystem), unique per writer, and naming the process and host that own
+it. A writer that fails removes its temporary; one that is killed cannot, so each write of ``NAME``
+first deletes the temporaries of ``NAME`` (and of helper files ``NAME.*``) whose process on this host
+is gone (``remove_stale_temporaries``); another host's cannot be judged and are left. Nothing reads a
+temporary; ``is_temporary`` recognises one (``scripts/chaos_run.py`` lists the ones kills left behind).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
+import secrets
+import socket
+from typing import Iterator
 
 from etils import epath
 
@@ -69,13 +85,19 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     path.write_bytes(data)
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  temporary.write_bytes(data)
-  os.replace(temporary, path)
+  with replacing(path) as temporary:
+    with open(temporary, "wb") as file:
+      file.write(data)
 
 
 def write_text(path: PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, data) -> None:
+  """Replaces ``path`` with ``data`` as indented, strict JSON (no NaN or infinities: other readers
+  refuse them, so callers map them to null first) and a final newline."""
+  write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_with(path: PathLike, writer, **kwargs) -> None:
@@ -86,6 +108,84 @@ def write_with(path: PathLike, writer, **kwargs) -> None:
   buffer = io.BytesIO()
   writer(buffer, **kwargs)
   write_bytes(path, buffer.getvalue())
+
+
+# --- temporaries of local files being replaced (module docstring) ---------------------------------------
+
+TEMPORARY_SUFFIX = ".partial"
+# .NAME.PID@HOST.TOKEN.partial, as temporary_name writes it (a host name has no "@" and no "/").
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.[0-9a-f]+"
+                        + re.escape(TEMPORARY_SUFFIX) + "$")
+
+
+def temporary_name(path: PathLike, *, pid: int | None = None, host: str | None = None,
+                   token: str | None = None) -> str:
+  """The hidden temporary of the local file ``path``: ``DIR/.NAME.PID@HOST.TOKEN.partial`` (this
+  process, this host and a random token unless given: the tests forge other writers' temporaries)."""
+  directory, name = os.path.split(os.path.abspath(path))
+  pid = os.getpid() if pid is None else pid
+  host = socket.gethostname() if host is None else host
+  token = secrets.token_hex(4) if token is None else token
+  return os.path.join(directory, f".{name}.{pid}@{host}.{token}{TEMPORARY_SUFFIX}")
+
+
+def is_temporary(name: str) -> bool:
+  """Whether the file name ``name`` (no directory) is a temporary of ``temporary_name``."""
+  return _TEMPORARY.match(name) is not None
+
+
+def remove_stale_temporaries(path: PathLike) -> list[str]:
+  """Deletes the temporaries of the local file ``path``, and of its helper files ``path.*``, whose
+  writer was a process of this host that is gone; returns their paths.
+
+  A killed writer leaves its temporary behind (at full size a jet file's is hundreds of MB, one per
+  kill). Another host's temporaries (a shared filesystem) are left: whether their process lives cannot
+  be checked from here.
+  """
+  directory, name = os.path.split(os.path.abspath(path))
+  host = socket.gethostname()
+  stale = []
+  for entry in os.listdir(directory) if os.path.isdir(directory) else ():
+    match = _TEMPORARY.match(entry)
+    if match and (match["name"] == name or match["name"].startswith(name + ".")) and match["host"] == host \
+        and not process_alive(int(match["pid"])):
+      stale.append(os.path.join(directory, entry))
+  for temporary in stale:
+    try:
+      os.remove(temporary)
+    except FileNotFoundError:  # another writer removed it first
+      pass
+  return stale
+
+
+def move_into_place(source: PathLike, path: PathLike) -> None:
+  """Renames the complete local file ``source`` over ``path`` in one step (same filesystem): a reader
+  sees the old ``path`` or the new one. The one rename of the package's writers."""
+  os.replace(source, path)
+
+
+@contextlib.contextmanager
+def replacing(path: PathLike, *, sweep: bool = True) -> Iterator[str]:
+  """Yields the temporary to write the local file ``path`` into; renames it over ``path`` when the
+  block ends normally and removes it when the block raises, so ``path`` is the old file or the
+  complete new one. Stale temporaries of ``path`` are removed first unless ``sweep`` is False (a
+  caller that cleared the whole directory already).
+
+  Nested blocks replace their files innermost first, and an exception (a failed rename included)
+  removes every temporary not yet renamed::
+
+    with paths.replacing(main) as main_temporary, paths.replacing(sidecar) as sidecar_temporary:
+      ...  # write both; the sidecar is renamed into place first, ``main`` last
+  """
+  if sweep:
+    remove_stale_temporaries(path)
+  temporary = temporary_name(path)
+  try:
+    yield temporary
+    move_into_place(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def create_exclusive(path: PathLike, data: bytes) -> bool:

@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from l2vit_jax.runtime import host, sharding
+from l2vit_jax.runtime import process_setup, sharding
 from l2vit_jax.tpu import accounting, chips
 from l2vit_jax.training import recipes, steps
 from l2vit_jax.data import pipeline
@@ -58,10 +58,10 @@ NOMINAL_STEPS_PER_EPOCH = 1000
 
 def set_compile_only_environment() -> None:
   """Call before JAX starts its backends; values already set win. The TPU steps get the libtpu flags
-  real runs get (``runtime.host.LIBTPU_FLAGS``)."""
+  real runs get (``runtime.process_setup.LIBTPU_FLAGS``)."""
   for name, value in COMPILE_ONLY_ENVIRONMENT.items():
     os.environ.setdefault(name, value)
-  host.configure_libtpu_flags()
+  process_setup.configure_libtpu_flags()
 
 
 def compile_only_mesh(topology: str):

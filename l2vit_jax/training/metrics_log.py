@@ -61,18 +61,38 @@ def _jsonable(value):
   return value
 
 
-def complete_lines(text: str, up_to_step: int | None = None) -> list[str]:
-  """The lines of a JSON-lines log that hold a whole JSON object (a torn or blank line is dropped),
-  and with ``up_to_step`` only those of steps up to it."""
-  lines = []
+def _rows(text: str, up_to_step: int | None = None) -> tuple[list[tuple[str, dict]], int]:
+  """The one reading of a JSON-lines log: (line, record) of each line that holds a whole JSON object,
+  with ``up_to_step`` only those of steps up to it; and how many non-blank lines held none (a torn last
+  line written by older versions, which appended)."""
+  rows, torn = [], 0
   for line in text.splitlines():
     try:
       record = json.loads(line)
     except ValueError:
+      torn += bool(line.strip())
       continue
-    if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
-      lines.append(line + "\n")
-  return lines
+    if not isinstance(record, dict):
+      torn += 1
+    elif up_to_step is None or record.get("step", 0) <= up_to_step:
+      rows.append((line, record))
+  return rows, torn
+
+
+def complete_lines(text: str, up_to_step: int | None = None) -> list[str]:
+  """The lines of a JSON-lines log that hold a whole JSON object (a torn or blank line is dropped),
+  and with ``up_to_step`` only those of steps up to it."""
+  return [line + "\n" for line, _ in _rows(text, up_to_step)[0]]
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The records of a run's ``metrics.jsonl`` (local or ``gs://``), in file order; lines that are
+  not JSON objects are skipped with a warning (a run killed mid-write by an older version, which
+  appended, can leave a truncated last line, and that should not stop plots or comparisons)."""
+  rows, torn = _rows(paths.read_text(path))
+  if torn:
+    logging.warning("%s: skipped %d line(s) that are not JSON objects", path, torn)
+  return [record for _, record in rows]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from l2vit_jax.models import depthwise, l2vit
-from l2vit_jax.runtime import host, sharding
+from l2vit_jax.runtime import process_setup, sharding
 from l2vit_jax.training import optimizer
 
 
@@ -174,10 +174,10 @@ def keeps_one_step_in_flight() -> bool:
   """Whether the train loop dispatches a step only after the previous one ended.
 
   XLA:CPU allocates a step's temporaries (GBs) when the step is dispatched. With freed memory kept
-  for reuse (platform.configure_allocator), every step run ahead would keep a block of its own, so
+  for reuse (process_setup.configure_allocator), every step run ahead would keep a block of its own, so
   there the next batch is prepared while a step runs but dispatched after it ends.
   """
-  return jax.default_backend() == "cpu" and host.allocator_tuned()
+  return jax.default_backend() == "cpu" and process_setup.allocator_tuned()
 
 
 def eval_batch_keys(augmentation: str, batch_keys: tuple[str, ...]) -> tuple[str, ...]:
