@@ -58,7 +58,7 @@ import sys
 import time
 
 from l2vit_jax.bench import load, timing
-from l2vit_jax.runtime import host
+from l2vit_jax.runtime import process_setup
 
 # Section name -> (module of l2vit_jax.bench, function(args, report so far) -> the section's record),
 # in the order they run. The modules import JAX: they are imported once the host is configured.
@@ -186,17 +186,17 @@ def _header(argv: list[str] | None, applied_flags: list[str], allocator_tuned: b
       "versions": {"python": python_platform.python_version(), "jax": jax.__version__},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "xla_flags_added_by_l2vit": applied_flags,
-      # glibc keeps freed memory for reuse (runtime/host.py); L2VIT_NO_MALLOC_TUNING=1 is off.
+      # glibc keeps freed memory for reuse (runtime/process_setup.py); L2VIT_NO_MALLOC_TUNING=1 is off.
       "allocator_tuned": allocator_tuned,
   }
 
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  host.configure_platforms()  # no libtpu start-up noise off a TPU VM, as in main.py
+  process_setup.configure_platforms()  # no libtpu start-up noise off a TPU VM, as in main.py
   # JAX takes 75 % of a GPU's memory at start-up by default; the PyTorch reference shares the device.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  report = _header(argv, host.configure_xla_flags(), host.configure_allocator())
+  report = _header(argv, process_setup.configure_xla_flags(), process_setup.configure_allocator())
   if args.batch == "fill":
     from l2vit_jax.bench import fill  # pylint: disable=import-outside-toplevel
     report["batch_fill"] = fill.fill_batch(args, default_batch=PLAIN_DEFAULTS["batch"])

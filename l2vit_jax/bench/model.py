@@ -56,7 +56,7 @@ def bench_model(args, matmul: dict | None) -> dict:
       "train_img_per_s_rounds": timing.rates(args.batch, rounds["jax_train"]),
       "inference_img_per_s_rounds": timing.rates(args.batch, rounds["jax_inference"]),
       "train_step_seconds": seconds["jax_train"],
-      # Faulting in fresh pages every step cost ~1 s before the allocator was tuned (runtime/host.py).
+      # Faulting in fresh pages every step cost ~1 s before the allocator was tuned (runtime/process_setup.py).
       "minor_page_faults_per_step": {name: timing.summarize(v) for name, v in page_faults.items()},
       "train_compile_seconds": mine.compile_seconds,
       "inference_compile_seconds": mine.forward_compile_seconds,

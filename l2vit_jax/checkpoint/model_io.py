@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from l2vit_jax import models
+from l2vit_jax import errors, models
 from l2vit_jax.checkpoint import integrity, storage
 from l2vit_jax.checkpoint.naming import (BEST_DIR, LATEST_DIR, describe_mismatch, load_model_arrays,
                                          model_arrays)
@@ -122,7 +122,7 @@ def build_from_meta(directory: str, meta: dict, arrays: dict[str, dict], *,
     abstract = nnx.eval_shape(lambda: build.build_l2vit(config))
   except (TypeError, ValueError, KeyError, ZeroDivisionError) as error:
     raise CheckpointDamagedError(f"{where} describes no model: {type(error).__name__}: "
-                                 f"{' '.join(str(error).split())[:200]}") from None
+                                 f"{errors.one_line(error, 200)}") from None
   shapes = model_arrays(abstract)
   for group in shapes:
     problem = describe_mismatch(

@@ -21,6 +21,7 @@ from typing import Callable
 import orbax.checkpoint as ocp
 from absl import logging
 
+from l2vit_jax import errors
 from l2vit_jax.errors import CheckpointSaveError, StorageError
 from l2vit_jax.runtime import paths
 
@@ -123,7 +124,8 @@ def damage_evidence(error: BaseException) -> BaseException | None:
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
-  return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
+  """``Type: message`` of ``error`` on one line, cut to ``limit`` characters."""
+  return errors.one_line(f"{type(error).__name__}: {error}", limit)
 
 
 def read_retrying(where: str, read):

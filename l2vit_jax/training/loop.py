@@ -22,7 +22,7 @@ from l2vit_jax.checkpoint import naming, train_state
 from l2vit_jax.data import device_augment, hdf5, pipeline
 from l2vit_jax.errors import (CheckpointMismatchError, ConfigError, DataError, DivergenceError, Preempted,
                               WorkdirLockedError)
-from l2vit_jax.runtime import host, paths, sharding
+from l2vit_jax.runtime import compilation, paths, sharding
 from l2vit_jax.training import metrics_log, preemption, recipes, steps
 
 SIMCLR_VALIDATION_SEED = 12345  # fixed views, so validation losses are comparable across epochs
@@ -444,8 +444,8 @@ def _train(config, workdir: str, task: recipes.Task, mesh, per_process_batch: in
           metrics_log.log_status(step, total_steps, record)
           writer.write(step, record)
           history = []
-          if first_row and jax.process_index() == 0 and host.compile_stats.summary():
-            logging.info("%s (so far)", host.compile_stats.summary())  # the train step's compile
+          if first_row and jax.process_index() == 0 and compilation.compile_stats.summary():
+            logging.info("%s (so far)", compilation.compile_stats.summary())  # the train step's compile
           first_row = False
         if saving:
           save_latest()
