@@ -199,19 +199,21 @@ def test_a_killed_run_resumes_from_its_chunks_and_writes_the_same_bytes(referenc
   assert not os.path.exists(chunks)
 
 
-def test_stored_chunks_of_other_arguments_are_discarded(tmp_path):
+def test_stored_chunks_of_other_arguments_are_refused_and_kept(tmp_path):
+  """An interrupted generation resumed with a changed flag: the old code deleted its chunks."""
   directory = str(tmp_path / ".jets.h5.chunks")
-  old = {"seed": 1}
+  old = {"seed": 1, "pt_range": [400.0, 600.0]}
   jet_files._prepare_chunk_directory(directory, old)
   with open(os.path.join(directory, "chunk-000000.npz"), "wb") as f:
     f.write(b"a chunk of seed 1")
 
   jet_files._prepare_chunk_directory(directory, old)
-  kept = os.listdir(directory)
-  jet_files._prepare_chunk_directory(directory, {"seed": 2})
+  kept = sorted(os.listdir(directory))
+  with pytest.raises(errors.ConfigError, match=r"other settings \(seed\); rerun with the settings"):
+    jet_files._prepare_chunk_directory(directory, dict(old, seed=2))
 
-  assert "chunk-000000.npz" in kept
-  assert os.listdir(directory) == ["settings.json"]
+  assert kept == ["chunk-000000.npz", "settings.json"]
+  assert sorted(os.listdir(directory)) == kept
 
 
 BAD_ARGUMENTS = [

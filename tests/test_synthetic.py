@@ -314,3 +314,30 @@ def test_a_full_disk_while_generating_is_one_line_naming_the_directory_and_frees
                                              r"files: \[Errno 28\] No space left on device$"):
     stages.data_files(_generated_data_config(), str(tmp_path))
   assert not os.listdir(tmp_path / "data")  # the next run does not wait for a lock left behind
+
+
+@pytest.mark.parametrize("lock_text", ['{"host": "old-version", "pid": 1}', "not json"])
+def test_a_data_lock_that_never_expires_is_refused_in_one_line_instead_of_waited_for(tmp_path, lock_text):
+  """An unparsable lock, or one of an older version without a refresh time, would keep every process
+  waiting for ever (and the others waiting for it in a collective)."""
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "lock").write_text(lock_text)
+  with pytest.raises(errors.DataError, match=r"data/lock: a lock that never expires .* delete it and rerun"):
+    stages.data_files(_generated_data_config(), str(tmp_path))
+  assert os.listdir(tmp_path / "data") == ["lock"]
+
+
+def test_a_generated_file_the_storage_cannot_read_now_is_kept_not_called_damaged(tmp_path, monkeypatch):
+  from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+  files = stages.data_files(_generated_data_config(), str(tmp_path))
+  made = _file_bytes(files["labelled"])
+
+  def failing_open(*args, **kwargs):
+    raise OSError(5, "Input/output error")
+  monkeypatch.setattr(stages.h5py, "File", failing_open)
+  with pytest.raises(errors.DataError, match=r"cannot be read now .*the file is kept") as error:
+    stages.data_files(_generated_data_config(), str(tmp_path))
+  assert "delete" not in str(error.value)
+  monkeypatch.undo()
+  assert _file_bytes(files["labelled"]) == made

@@ -135,16 +135,27 @@ def _content_id(settings: dict) -> str:
 
 
 def _prepare_chunk_directory(directory: str, settings: dict) -> None:
-  """Keeps stored chunks made with these settings; discards any others and stray temporaries."""
+  """Keeps stored chunks made with these settings and removes stray temporaries. Chunks of other
+  settings (an interrupted generation resumed with a changed flag) are refused, not discarded: they
+  may be hours of work, and the flag may be the mistake.
+
+  Raises:
+    errors.ConfigError: naming the directory and the differing settings.
+  """
   settings_file = os.path.join(directory, "settings.json")
   if os.path.isdir(directory):
     try:
       with open(settings_file, encoding="utf-8") as f:
-        same = json.load(f) == settings
+        saved = json.load(f)
     except (OSError, ValueError):
-      same = False
-    if not same:
-      shutil.rmtree(directory)
+      saved = None
+    if saved != settings:
+      differing = (sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+                   if isinstance(saved, dict) else ["settings.json unreadable"])
+      raise errors.ConfigError(
+          f"{directory}: holds the chunks of an interrupted generation with other settings "
+          f"({', '.join(differing)}); rerun with the settings it was started with to finish it, or "
+          "delete the directory to start over")
   if not os.path.isdir(directory):
     os.makedirs(directory)
     paths.write_json(settings_file, settings)

@@ -46,7 +46,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return max(num_examples // global_batch_size, 1)
 
 
-# An odd multiplier: process indices map to distinct seeds modulo 2^32 (Grain takes 32-bit seeds).
+# An odd multiplier: process indices map to distinct seeds, also for neighbouring base seeds.
 _PROCESS_SEED_STRIDE = 0x9E3779B9
 
 
@@ -54,7 +54,7 @@ def augmentation_seed(seed: int, process_index: int = 0) -> int:
   """The ``random_map`` seed of process ``process_index``'s augmentations: distinct for every process of
   a run (Grain seeds a Philox generator from it, so distinct seeds give independent streams), and
   ``seed + 1`` for process 0, whose single-process runs draw what they always drew."""
-  return (seed + 1 + process_index * _PROCESS_SEED_STRIDE) % 2**32
+  return seed + 1 + process_index * _PROCESS_SEED_STRIDE  # no modulo: Philox takes any size
 
 
 class ShuffledKeyBatches:

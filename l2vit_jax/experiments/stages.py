@@ -40,7 +40,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from l2vit_jax import config_lib, errors
-from l2vit_jax.checkpoint import workdir_lock
+from l2vit_jax.checkpoint import storage, workdir_lock
 from l2vit_jax.data import hdf5, synthetic
 from l2vit_jax.runtime import paths
 from l2vit_jax.training import loop
@@ -125,6 +125,7 @@ def _generation_lock(directory: str):
       lock.acquire()
       break
     except errors.WorkdirLockedError as busy:
+      _refuse_a_lock_that_never_expires(directory)
       if not waiting:
         logging.info("Waiting for the jet files in %s: another process is generating them (%s)",
                      directory, busy)
@@ -134,6 +135,22 @@ def _generation_lock(directory: str):
     yield
   finally:
     lock.release()
+
+
+def _refuse_a_lock_that_never_expires(directory: str) -> None:
+  """A lock that cannot be parsed or has no refresh time (an older version's) never expires: waiting
+  for it would wait for ever, every other process with it. Refused in one line instead."""
+  path = paths.join(directory, workdir_lock.LOCK_FILE)
+  try:
+    holder = json.loads(paths.read_text(path))
+  except FileNotFoundError:
+    return  # released meanwhile: the next attempt takes it
+  except (OSError, ValueError):
+    holder = None
+  if not (isinstance(holder, dict) and isinstance(holder.get("refreshed"), (int, float))):
+    raise errors.DataError(f"{path}: a lock that never expires (unreadable, or written by an older "
+                           "version) holds the generated jet files; if no run is generating them, delete "
+                           "it and rerun")
 
 
 def _expected_settings(config, kind: str) -> dict:
@@ -156,7 +173,12 @@ def _recorded_settings(path: str, kind: str) -> dict:
       attributes = dict(f.attrs)
       shape = f[hdf5.IMAGE_KEY].shape
     settings = json.loads(attributes.get("settings", "{}"))  # the Pythia generator's
+    if not isinstance(settings, dict):
+      raise ValueError(f"its 'settings' attribute is a JSON {type(settings).__name__}, not an object")
   except (OSError, KeyError, ValueError) as error:
+    if storage.read_failure(error) is not None:  # the disk or the file system, not the file
+      raise errors.DataError(f"{path}: cannot be read now ({errors.one_line(error)}); the file is kept: "
+                             "rerun once the storage answers") from error
     raise errors.DataError(f"{path}: cannot read it as a generated jet file ({error}); delete it to "
                            "generate it again") from error
   generator = GENERATOR_ATTRIBUTES.get(str(attributes.get("generator")), attributes.get("generator"))
