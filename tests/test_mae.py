@@ -62,7 +62,7 @@ def _losses_and_grads(files, mode, num_steps=3):
     return jax.grad(loss)(params)
 
   grads = naming.flatten_names(nnx.to_pure_dict(grads_of(params)))
-  for step in range(num_steps):
+  for _ in range(num_steps):
     params, batch_stats, opt_state, metrics = step_fn(params, batch_stats, other, opt_state,
                                                       np.int32(0), batch)  # same mask every step
     losses.append(float(metrics["loss"]))

@@ -15,7 +15,7 @@ from l2vit_jax.evaluation import evaluate, probes
 from l2vit_jax.models import build
 from l2vit_jax.runtime import sharding
 from l2vit_jax.training import loop
-from l2vit_jax.data import hdf5, sources, split
+from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import metrics, plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import TEST_XLA_FLAGS, tiny_config, write_jet_file
+from conftest import TEST_XLA_FLAGS, write_jet_file
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io, naming, storage, workdir_lock
 from l2vit_jax.data import download, hdf5
@@ -160,9 +160,9 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(files, tmp_path
     process = _launch(config_file, workdir, log, "--config.checkpoint_every_steps=1")
     try:
       if moment == "during a save":  # an Orbax temporary directory exists only while a save is written
-        _wait_for(lambda: any(s >= start + 2 for s in _tmp_steps(workdir)), process)
+        _wait_for(lambda start=start: any(s >= start + 2 for s in _tmp_steps(workdir)), process)
       else:
-        _wait_for(lambda: max(_complete_steps(workdir), default=0) >= start + 2, process)
+        _wait_for(lambda start=start: max(_complete_steps(workdir), default=0) >= start + 2, process)
         time.sleep(rng.uniform(0.0, 0.3))
     finally:
       process.send_signal(signal.SIGKILL)
@@ -289,7 +289,7 @@ def test_bad_input_file_fails_in_one_line_and_writes_nothing(tmp_path, case, wor
     (dict(drop=("pT",)), "key 'pT': missing"),
     (dict(overrides={"jet": np.zeros((40, 25, 25), np.float32)}), "key 'jet': expected shape"),
     (dict(overrides={"jet": np.zeros((40, 25, 24, 8), np.float32)}), "key 'jet': expected shape"),
-    (dict(overrides={"jet": np.zeros((40, 25, 25, 8), np.int16)}), 
+    (dict(overrides={"jet": np.zeros((40, 25, 25, 8), np.int16)}),
      "expected dtype float32, found int16"),
     (dict(overrides={"jet": np.full((40, 25, 25, 8), np.inf, np.float32)}), "NaN/Inf in image 0"),
     (dict(overrides={"jet": -np.ones((40, 25, 25, 8), np.float32)}), "expected pixels >= 0, found -1.0"),

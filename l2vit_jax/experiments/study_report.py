@@ -61,7 +61,7 @@ def _compare(summary: Mapping, arm: str, other: str, count: int) -> str | None:
   if not a or not b:
     return None
   parts = []
-  for metric, (label, better_high, digits) in METRICS.items():
+  for metric, (label, _, digits) in METRICS.items():
     difference, beyond = _separation(a, b, metric)
     raw = a[metric]["mean"] - b[metric]["mean"]
     spread = max(a[metric]["std"], b[metric]["std"])

@@ -343,7 +343,7 @@ def scan_blocks(blocks: list[Block], x: jax.Array, grid: tuple[int, int], *,
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   x, new_states = jax.lax.scan(body, x, (stacked, rates))
   for index, block in enumerate(blocks):
-    nnx.update(block, jax.tree.map(lambda leaf: leaf[index], new_states))
+    nnx.update(block, jax.tree.map(lambda leaf, index=index: leaf[index], new_states))
   return x
 
 
