@@ -1,5 +1,6 @@
 """Faults of a two-process run, through the real command line: preemption of one or both processes,
-the loss of a peer (SIGKILL), and kills mid-write of ``metrics.jsonl``.
+the loss of a peer (SIGKILL), kills mid-write of ``metrics.jsonl``, and the end of a run (the peer
+watchdog stopped before JAX shuts its client down).
 
 Two CPU processes on 127.0.0.1 stand in for the hosts of a TPU slice (gloo collectives, JAX's
 coordination service on a free port), as in ``tests/test_train.py``. Signals are sent at moments read
@@ -12,9 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -50,19 +51,19 @@ def config_file(tmp_path_factory):
 
 
 class Pair:
-  """Two processes of one run; their output goes to files (a full pipe would block one at a barrier)."""
+  """Two processes of one run, ``python ARGS`` joined through a coordinator on a free port; their
+  output goes to files (a full pipe would block one at a barrier)."""
 
-  def __init__(self, config_file, workdir, log_prefix, *flags):
+  def __init__(self, log_prefix, *args):
     with socket.socket() as probe:  # a free port for the coordinator
       probe.bind(("127.0.0.1", 0))
       port = probe.getsockname()[1]
-    self.workdir, self.logs, self.processes = str(workdir), [], []
+    self.logs, self.processes = [], []
     for i in range(2):
       self.logs.append(f"{log_prefix}.process{i}.log")
       with open(self.logs[-1], "w") as out:
         self.processes.append(subprocess.Popen(
-            [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}",
-             *flags],
+            [sys.executable, *args],
             env=dict(ENV, L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
                      L2VIT_PROCESS_ID=str(i)),
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
@@ -89,6 +90,11 @@ class Pair:
     return [process.returncode for process in self.processes]
 
 
+def _main_pair(config_file, workdir, log_prefix, *flags) -> Pair:
+  """Both processes of ``l2vit_jax.main`` training ``config_file`` in ``workdir``."""
+  return Pair(log_prefix, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}", *flags)
+
+
 def _logged_steps(workdir) -> list[int]:
   """Steps of ``metrics.jsonl``; every line must parse (the file is replaced whole, never appended)."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -104,7 +110,7 @@ def _complete_steps(workdir) -> list[int]:
 
 
 def _run_to_the_end(config_file, workdir, log_prefix) -> list[str]:
-  pair = Pair(config_file, workdir, log_prefix)
+  pair = _main_pair(config_file, workdir, log_prefix)
   statuses = pair.wait()
   outputs = [pair.output(i) for i in range(2)]
   assert statuses == [0, 0], "\n".join(o[-3000:] for o in outputs)
@@ -145,7 +151,7 @@ def reference(config_file, tmp_path_factory):
 def _preempt(config_file, workdir, log_prefix, targets) -> int:
   """SIGTERM to ``targets`` of a pair once it logged two steps past its start: both save one step."""
   start = max(_complete_steps(workdir), default=0)
-  pair = Pair(config_file, workdir, log_prefix)
+  pair = _main_pair(config_file, workdir, log_prefix)
   pair.wait_for(lambda: any(s >= start + 2 for s in _logged_steps(workdir)))
   for i in targets:
     pair.processes[i].send_signal(signal.SIGTERM)
@@ -177,7 +183,7 @@ def test_sigterm_to_one_or_both_processes_saves_one_step_and_resumes_exactly(con
 def _kill_one(config_file, workdir, log_prefix, victim) -> tuple[str, int, float]:
   """SIGKILL ``victim`` once a checkpoint two steps past the start is complete (one every 2 steps)."""
   start = max(_complete_steps(workdir), default=0)
-  pair = Pair(config_file, workdir, log_prefix, "--config.checkpoint_every_steps=2")
+  pair = _main_pair(config_file, workdir, log_prefix, "--config.checkpoint_every_steps=2")
   pair.wait_for(lambda: max(_complete_steps(workdir), default=0) >= start + 2)
   pair.processes[victim].send_signal(signal.SIGKILL)
   killed_at = time.monotonic()
@@ -214,6 +220,83 @@ def test_a_lost_peer_ends_the_survivor_naming_it_and_the_restart_resumes(config_
       print(f"survivor of a lost coordinator exited with status {status} after {seconds:.1f} s")
     assert f"Resumed finetune from step {last_complete}" in outputs[0], outputs[0][-3000:]
   _assert_same_final_state(workdir, reference)
+
+
+# A process of a two-process run that reports, from JAX's exit handler, whether the peer watchdog's
+# thread is still alive when the distributed client shuts down. The coordinator finishes a second
+# later, so process 1 sits at the exit while its peer still works (as at the end of a training run).
+_EXIT_REPORTER = """
+import sys, threading, time
+import jax
+from jax._src import distributed as jax_distributed
+from l2vit_jax.runtime import distributed, peers
+distributed.initialize()
+shutdown = jax_distributed.global_state.shutdown
+def reporting_shutdown():
+  alive = any(thread.name == "peer_watchdog" for thread in threading.enumerate())
+  print(f"peer watchdog alive at JAX's shutdown: {alive}", flush=True)
+  shutdown()
+jax_distributed.global_state.shutdown = reporting_shutdown
+if jax.process_index() == 0:
+  time.sleep(1.0)
+peers.mark_exiting()  # as main.py's last step
+"""
+
+
+def test_the_peer_watchdog_has_stopped_when_jax_shuts_its_client_down(tmp_path):
+  """A watchdog call into JAX's C++ client (the GIL released) that returns while Python finalizes makes
+  the thread pthread_exit inside nanobind's noexcept frame: SIGABRT, ``FATAL: exception not
+  rethrown``, after all the work was done (issue 31). So the watchdog must be over by then."""
+  pair = Pair(str(tmp_path / "exit"), "-c", _EXIT_REPORTER)
+  statuses = pair.wait(timeout=120)
+  outputs = [pair.output(i) for i in range(2)]
+  assert statuses == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  for output in outputs:
+    assert "peer watchdog alive at JAX's shutdown: False" in output, output[-3000:]
+
+
+class _KeyValueStore:
+  """The two calls the watchdog makes on JAX's client, on a dict."""
+
+  def __init__(self):
+    self.values = {}
+
+  def key_value_set(self, key, value, allow_overwrite=False):  # pylint: disable=unused-argument
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    return [(key, value) for key, value in self.values.items() if key.startswith(prefix)]
+
+
+def _watchdog_of_process_0(peer_exiting: bool) -> tuple[peers.PeerWatchdog, _KeyValueStore]:
+  store = _KeyValueStore()
+  store.key_value_set("l2vit/peers/1", json.dumps({"host": "h", "pid": 1, "exiting": peer_exiting}))
+  watchdog = peers.PeerWatchdog(store, 0, 2, timeout=100.0)  # polls every 5 s while at work
+  watchdog.start()
+  return watchdog, store
+
+
+def _watchdog_threads() -> list[threading.Thread]:
+  return [thread for thread in threading.enumerate() if thread.name == "peer_watchdog"]
+
+
+def test_a_finishing_process_watches_until_its_peer_finishes_then_stops_its_watchdog():
+  watchdog, store = _watchdog_of_process_0(peer_exiting=False)
+  finishing = threading.Thread(target=watchdog.finish, args=(60.0,))
+  finishing.start()
+  finishing.join(1.0)
+  assert finishing.is_alive()  # process 1 is still at work: keep watching it
+  store.key_value_set("l2vit/peers/1", json.dumps({"host": "h", "pid": 1, "exiting": True}))
+  finishing.join(5.0)  # the next look, EXIT_POLL_SECONDS later, not the 5 s poll of a working process
+  assert not finishing.is_alive() and not _watchdog_threads()
+  assert json.loads(store.values["l2vit/peers/0"])["exiting"]
+
+
+def test_a_peer_still_at_work_delays_the_exit_by_at_most_the_given_wait():
+  watchdog, _ = _watchdog_of_process_0(peer_exiting=False)
+  started = time.monotonic()
+  watchdog.finish(0.5)
+  assert 0.5 <= time.monotonic() - started < 5.0 and not _watchdog_threads()
 
 
 def test_metrics_log_is_never_torn_by_a_kill(tmp_path):

@@ -17,10 +17,20 @@ A process that is finishing (normally, preempted or with an error) marks itself 
 peers still at work, or waiting for it at the final barrier, do not mistake it for a lost one. The
 coordinator (process 0) holds the key-value store: when it dies, JAX itself aborts the others at once
 ("the leader task was preempted/died"), before this watchdog would notice.
+
+At interpreter exit (``atexit``, ahead of JAX's own handler that shuts the distributed client down) the
+watchdog keeps watching until every peer is finishing too, at most ``L2VIT_PEER_TIMEOUT_SECONDS``, and
+then its thread is stopped and joined. Invariant: once JAX shuts its client down and the interpreter
+finalizes, no thread of ours is inside a client call. A daemon thread whose call (the GIL released in
+C++) returns while Python finalizes is ended by ``pthread_exit`` from inside the call; the unwind meets
+nanobind's noexcept frame and the process aborts with ``terminate called after throwing an instance of
+''`` / ``FATAL: exception not rethrown`` (SIGABRT, status -6): a run that had done all its work
+failed, rarely, and more often on busy cores (issue 31, point 10).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -34,6 +44,8 @@ TIMEOUT_VARIABLE = "L2VIT_PEER_TIMEOUT_SECONDS"
 DEFAULT_TIMEOUT_SECONDS = 100.0
 JAX_MARGIN_SECONDS = 30
 EXIT_STATUS = 1
+EXIT_POLL_SECONDS = 0.2  # how often a finishing process looks whether its peers are finishing too
+LAST_CALL_SECONDS = 10.0  # a stopped watchdog's call in flight normally returns within milliseconds
 _PREFIX = "l2vit/peers/"
 
 _watchdog: PeerWatchdog | None = None
@@ -58,6 +70,8 @@ class PeerWatchdog:
     self._identity = {"host": socket.gethostname(), "pid": os.getpid()}
     self._beats = 0
     self._exiting = threading.Event()
+    self._stop = threading.Event()
+    self._wake = threading.Event()  # cuts a wait short: this process finishes, or the thread must stop
     self._seen: dict[int, tuple[str | None, float]] = {}  # peer -> (its last value, when it changed)
     self._thread = threading.Thread(target=self._run, name="peer_watchdog", daemon=True)
 
@@ -70,10 +84,25 @@ class PeerWatchdog:
   def mark_exiting(self) -> None:
     """From now on this process may stop beating (it is finishing); the thread still watches peers."""
     self._exiting.set()
+    self._wake.set()
     try:
       self._publish()
     except Exception:  # pylint: disable=broad-except  # the service may already be gone
       pass
+
+  def finish(self, wait_seconds: float) -> None:
+    """Marks this process exiting, watches until every peer is finishing too (at most ``wait_seconds``;
+    a peer lost meanwhile still ends the process), then stops the thread and waits for its call in
+    flight to return. Call before JAX shuts its distributed client down (see the module docstring)."""
+    self.mark_exiting()
+    self._thread.join(wait_seconds)  # the thread ends by itself once no peer is at work
+    self._stop.set()
+    self._wake.set()
+    self._thread.join(LAST_CALL_SECONDS)
+    if self._thread.is_alive():
+      print(f"warning: process {self.process_id}: the peer watchdog's call to JAX's coordination "
+            f"service has not returned after {LAST_CALL_SECONDS:g} s; exiting anyway", file=sys.stderr,
+            flush=True)
 
   def _publish(self) -> None:
     self._beats += 1
@@ -83,7 +112,10 @@ class PeerWatchdog:
   def _run(self) -> None:
     failing_since = None  # a hiccup of the coordination service is not yet a lost coordinator
     while True:
-      time.sleep(self._interval)
+      self._wake.wait(EXIT_POLL_SECONDS if self._exiting.is_set() else self._interval)
+      self._wake.clear()
+      if self._stop.is_set():
+        return
       try:
         self._publish()
         values = {key.rsplit("/", 1)[-1]: value for key, value in self._client.key_value_dir_get(_PREFIX)}
@@ -135,6 +167,9 @@ def start_watchdog() -> None:
   _watchdog = PeerWatchdog(distributed.global_state.client, jax.process_index(), jax.process_count(),
                            timeout_seconds())
   _watchdog.start()
+  # atexit runs its handlers last-registered first: this one before JAX's (registered by `import jax`),
+  # which shuts the client down; both after the main thread is done and before Python finalizes.
+  atexit.register(_watchdog.finish, _watchdog.timeout)
 
 
 def mark_exiting() -> None:
