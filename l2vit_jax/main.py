@@ -6,7 +6,7 @@ Bad flags, configs, input files and workdirs fail before any work with one line 
 (``error: ...``, no traceback) and a non-zero exit status; nothing is written into the workdir.
 A preempted run (SIGTERM, or Ctrl-C) saves a checkpoint and exits with 128 + the signal number.
 
-Around every run: JAX is kept off libtpu where there is no TPU (``host.configure_platforms``), XLA's
+Around every run: JAX is kept off libtpu where there is no TPU (``process_setup.configure_platforms``), XLA's
 persistent compilation cache is on (``config.compilation_cache``; the log's last lines say how many
 compilations it served), training writes TensorBoard events to ``WORKDIR/tensorboard/`` and tasks that
 write a ``report.md`` get its figures as TensorBoard images beside it (``config.tensorboard``).
@@ -16,18 +16,18 @@ import importlib
 import sys
 import warnings
 
-from l2vit_jax.runtime import host
+from l2vit_jax.runtime import process_setup
 
-host.configure_xla_flags()  # before JAX starts a backend: XLA reads XLA_FLAGS only once
-host.configure_allocator()  # before any thread starts: a thread keeps its first malloc arena
-host.configure_platforms()  # before `import jax`: it reads JAX_PLATFORMS into its config
+process_setup.configure_xla_flags()  # before JAX starts a backend: XLA reads XLA_FLAGS only once
+process_setup.configure_allocator()  # before any thread starts: a thread keeps its first malloc arena
+process_setup.configure_platforms()  # before `import jax`: it reads JAX_PLATFORMS into its config
 
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from l2vit_jax import errors  # pylint: disable=wrong-import-position
-from l2vit_jax.runtime import distributed, peers  # pylint: disable=wrong-import-position
+from l2vit_jax.runtime import compilation, console, distributed, peers  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports (resumes if it has them).")
@@ -94,14 +94,14 @@ def dispatch(config, workdir: str):
 
 def _log_compilations() -> None:
   """The run's last log line: compilations, and how many the persistent cache served."""
-  summary = host.compile_stats.summary()
+  summary = compilation.compile_stats.summary()
   if summary and jax.process_index() == 0:
     logging.info("%s", summary)
 
 
 def _fail(message: str, status: int = 1):
   """One line on stderr (absl's handler would add a prefix, and a second copy if we also logged it)."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  print(f"error: {errors.one_line(message)}", file=sys.stderr)
   # An aborted Orbax save (e.g. a full disk) can leave its write coroutines unawaited; Python warns
   # about them at interpreter exit, below the error line the user should read last.
   warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
@@ -112,8 +112,8 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected command-line arguments {argv[1:]}; options are --config, --workdir and "
           "--config.FIELD=value", status=2)
-  host.quiet_library_logs()
-  host.enable_compilation_cache(FLAGS.config.get("compilation_cache", "auto"))
+  console.quiet_library_logs()
+  compilation.enable_compilation_cache(FLAGS.config.get("compilation_cache", "auto"))
   distributed.initialize()
   try:
     dispatch(FLAGS.config, FLAGS.workdir)

@@ -305,13 +305,6 @@ def test_without_a_tpu_jax_gets_every_platform_but_the_tpu(tmp_path):
     assert chosen_here == unset["JAX_PLATFORMS"] == process_setup.platforms_without_tpu()
 
 
-def test_the_former_host_module_hands_out_the_objects_of_the_modules_that_now_hold_each_job():
-  from l2vit_jax.runtime import host  # pylint: disable=import-outside-toplevel  # kept for main.py, loop.py
-  assert host.compile_stats is compilation.compile_stats  # one counter per process
-  assert host.configure_allocator is process_setup.configure_allocator
-  assert host.quiet_library_logs is console.quiet_library_logs
-
-
 # --- progress of long passes -----------------------------------------------------------------------------
 
 class _Terminal(io.StringIO):

@@ -16,7 +16,7 @@ from flax import nnx
 from conftest import TEST_XLA_FLAGS, flat_params, tiny_config, write_jet_file
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io, naming
-from l2vit_jax.runtime import host, sharding
+from l2vit_jax.runtime import process_setup, sharding
 from l2vit_jax.training import loop, optimizer, recipes, steps
 from l2vit_jax.data import pipeline
 
@@ -74,7 +74,6 @@ def test_differential_learning_rates_move_backbone_and_heads_at_their_rates(file
 
 
 def _latest_arrays(workdir):
-  path = os.path.join(workdir, naming.LATEST_DIR)
   arrays, meta = model_io.read_model_checkpoint(workdir, prefer=(naming.LATEST_DIR,))
   return arrays, meta
 
@@ -217,7 +216,7 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
 
 def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tmp_path, monkeypatch):
   """XLA:CPU allocates a step's temporaries when it is dispatched; with freed memory kept for reuse
-  (host.configure_allocator, which main.py calls) every step run ahead would keep a block of its
+  (process_setup.configure_allocator, which main.py calls) every step run ahead would keep a block of its
   own. Each step here ends with a slow host callback, so a loop that ran ahead would dispatch before
   it ended."""
   make_train_step = steps.make_train_step
@@ -238,7 +237,7 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tm
     return slow_train_step
 
   monkeypatch.setattr(steps, "make_train_step", make_slow_train_step)
-  monkeypatch.setattr(host, "_allocator_tuned", True)  # as main.py leaves it on Linux
+  monkeypatch.setattr(process_setup, "_allocator_tuned", True)  # as main.py leaves it on Linux
   loop.train_and_evaluate(_config("finetune", files, num_epochs=1, log_every_steps=1000),
                            str(tmp_path))  # no log row between steps: nothing else waits for them
   assert len(previous_ended) >= 3 and all(previous_ended), previous_ended
