@@ -37,10 +37,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Tasks other than the training recipes (training.recipes.TASKS), and the function each one runs.
 OTHER_TASKS = {"evaluate": ("l2vit_jax.evaluation.evaluate", "evaluate_checkpoints"),
+               "predict": ("l2vit_jax.evaluation.predict", "predict_file"),
                "quickstart": ("l2vit_jax.experiments.quickstart", "run_quickstart"),
                "study": ("l2vit_jax.experiments.study", "run_study")}
 # Where each of those tasks leaves its report.md, relative to the workdir.
-REPORT_DIRS = {"evaluate": "", "quickstart": "report", "study": ""}
+REPORT_DIRS = {"evaluate": "", "predict": "", "quickstart": "report", "study": ""}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
