@@ -11,6 +11,7 @@ before anything is written (``check_model_split``), since it could score jets th
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +43,9 @@ def parse_checkpoints(spec: str) -> dict[str, str]:
   return named
 
 
-def predict(model: nnx.Module, source, meta: dict, *, batch_size: int, mesh) -> dict:
-  """Class-1 probabilities and masses (GeV) of a finetuned ``model`` for every record of ``source``.
+def predictor(model: nnx.Module, meta: dict, *, mesh) -> Callable[..., dict]:
+  """``run(source, *, batch_size)``: class-1 probabilities and masses (GeV) of a finetuned ``model``
+  for every record of ``source``, its forward pass jitted once for every source it is given.
 
   ``meta`` is the checkpoint's: its pixel scale is applied as in training, and its train-split mass
   standardisation is undone.
@@ -58,10 +60,18 @@ def predict(model: nnx.Module, source, meta: dict, *, batch_size: int, mesh) -> 
     return {"prob": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1],
             "mass_z": mass_z[:, 0].astype(jnp.float32)}
 
-  out = inference.map_source(lambda images: forward(state, images), source,
-                             pixel_scale=meta.get("pixel_scale", 1.0), batch_size=batch_size, mesh=mesh)
-  return {"index": out["index"], "prob": out["prob"],
-          "mass_pred": split.destandardise_mass(out.pop("mass_z"), meta["mass_mean"], meta["mass_std"])}
+  def run(source, *, batch_size: int) -> dict:
+    out = inference.map_source(lambda images: forward(state, images), source,
+                               pixel_scale=meta.get("pixel_scale", 1.0), batch_size=batch_size, mesh=mesh)
+    return {"index": out["index"], "prob": out["prob"],
+            "mass_pred": split.destandardise_mass(out.pop("mass_z"), meta["mass_mean"], meta["mass_std"])}
+
+  return run
+
+
+def predict(model: nnx.Module, source, meta: dict, *, batch_size: int, mesh) -> dict:
+  """``predictor``'s predictions for one ``source``."""
+  return predictor(model, meta, mesh=mesh)(source, batch_size=batch_size)
 
 
 def predict_checkpoint(directory: str, labelled: sources.LabelledFile, indices: np.ndarray, *,

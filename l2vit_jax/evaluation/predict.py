@@ -264,13 +264,10 @@ def _check_finite(path: str, source, out: dict[str, np.ndarray]) -> None:
 
 
 def scorer(model, meta: dict, plan: Plan, mesh) -> Callable[[Sequence[dict]], dict[str, np.ndarray]]:
-  """The evaluation's predictions (``evaluate.predict``) of a source, in the plan's batches.
-
-  Each call compiles the forward pass again (``evaluate.predict`` jits a new closure; XLA's persistent
-  compilation cache serves the executable after the first chunk), which is why chunks are thousands
-  of jets.
-  """
-  return lambda source: evaluate.predict(model, source, meta, batch_size=plan.batch_size, mesh=mesh)
+  """The evaluation's predictions (``evaluate.predictor``) of a source, in the plan's batches; the
+  forward pass is compiled once for all chunks."""
+  run = evaluate.predictor(model, meta, mesh=mesh)
+  return lambda source: run(source, batch_size=plan.batch_size)
 
 
 def score_chunk(score, plan: Plan, chunk: int) -> dict[str, np.ndarray]:
