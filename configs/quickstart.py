@@ -26,14 +26,18 @@ def get_config():
   config.generate = config_lib.generated_data_config(num_labelled=1000, num_unlabelled=1200)
   # Equal compute: SimCLR encodes two views per image, masked pretraining one, so MAE gets twice the
   # epochs.
-  config.pretrain_simclr = config_lib.recipe("simclr", batch_size=64, num_epochs=3, warmup_epochs=1,
-                                             learning_rate=1e-3)
-  config.pretrain_mae = config_lib.recipe("mae", batch_size=64, num_epochs=6, warmup_epochs=1,
-                                          learning_rate=1e-3)
-  config.finetune = config_lib.recipe("finetune", batch_size=32, num_epochs=8, warmup_epochs=1,
-                                      learning_rate=1e-3, backbone_learning_rate=5e-4)
-  config.scratch = config_lib.recipe("scratch", batch_size=32, num_epochs=8, warmup_epochs=1,
-                                     learning_rate=1e-3)
+  config.pretrain_simclr = config_lib.recipe(
+    "simclr", batch_size=64, num_epochs=3, warmup_epochs=1, learning_rate=1e-3
+  )
+  config.pretrain_mae = config_lib.recipe(
+    "mae", batch_size=64, num_epochs=6, warmup_epochs=1, learning_rate=1e-3
+  )
+  config.finetune = config_lib.recipe(
+    "finetune", batch_size=32, num_epochs=8, warmup_epochs=1, learning_rate=1e-3, backbone_learning_rate=5e-4
+  )
+  config.scratch = config_lib.recipe(
+    "scratch", batch_size=32, num_epochs=8, warmup_epochs=1, learning_rate=1e-3
+  )
 
   # Read by the evaluation stage.
   config.checkpoints = ""
@@ -41,6 +45,7 @@ def get_config():
   config.bootstrap_samples = 200
   config.physics_baseline = True  # row physics_bdt: boosted trees on jet observables
   config.report_title = "Quickstart (generated data): self-supervised pretraining vs scratch L2ViT"
-  config.report_notes = ("Tiny model, few epochs, generated jets: a smoke test of the whole study, "
-                         "not a physics result.")
+  config.report_notes = (
+    "Tiny model, few epochs, generated jets: a smoke test of the whole study, not a physics result."
+  )
   return config

@@ -1,6 +1,6 @@
 """The same dual-head training from random initialisation: the baseline (docs/design.md, training recipes).
 
-  python -m l2vit_jax.main --config=configs/scratch.py --workdir=runs/scratch
+python -m l2vit_jax.main --config=configs/scratch.py --workdir=runs/scratch
 """
 
 from l2vit_jax import config_lib

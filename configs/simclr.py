@@ -1,6 +1,6 @@
 """SimCLR pretraining of the L2ViT backbone on the unlabelled file (docs/design.md, training recipes).
 
-  python -m l2vit_jax.main --config=configs/simclr.py --workdir=runs/simclr
+python -m l2vit_jax.main --config=configs/simclr.py --workdir=runs/simclr
 """
 
 from l2vit_jax import config_lib

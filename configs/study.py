@@ -23,23 +23,28 @@ from l2vit_jax import config_lib
 
 def get_config(variant: str = ""):
   if variant not in ("", "quick", "pythia"):
-    raise ValueError(f"configs/study.py:{variant}: unknown variant; use configs/study.py, "
-                     "configs/study.py:quick or configs/study.py:pythia")
+    raise ValueError(
+      f"configs/study.py:{variant}: unknown variant; use configs/study.py, "
+      "configs/study.py:quick or configs/study.py:pythia"
+    )
   config = config_lib.base_config()
   config.task = "study"
   config.eval_batch_size = 128
   config.log_every_steps = 50
   config.tensorboard = False
 
-  config.study = ml_collections.ConfigDict(dict(
+  config.study = ml_collections.ConfigDict(
+    dict(
       variant=variant or "full",
       label_counts=(0.01, 0.05, 0.1, 0.25, 1.0),  # ≤ 1: fractions of the train split; > 1: jets
-      num_seeds=3, first_seed=0,
+      num_seeds=3,
+      first_seed=0,
       arms="scratch,finetune_simclr,finetune_mae,probe_simclr,probe_mae,physics_bdt",
       # Small subsets get more epochs so every cell takes at least this many optimiser steps.
       min_steps=500,
       bootstrap_samples=100,  # per-cell 68 % intervals (study.json); the error bars are the spread over seeds
-  ))
+    )
+  )
   # Files generated under WORKDIR/data when data.labelled_path / data.unlabelled_path are empty.
   config.generate = config_lib.generated_data_config(num_labelled=1200, num_unlabelled=2000)
 
@@ -63,7 +68,8 @@ def get_config(variant: str = ""):
     config.study.update(label_counts=(0.05, 1.0), num_seeds=3, min_steps=60)
     config.pretrain_simclr.update(batch_size=64, num_epochs=32, warmup_epochs=1, learning_rate=1e-3)
     config.pretrain_mae.update(batch_size=64, num_epochs=32, warmup_epochs=1, learning_rate=1e-3)
-    config.finetune.update(batch_size=32, num_epochs=6, warmup_epochs=1, learning_rate=1e-3,
-                           backbone_learning_rate=1e-3)
+    config.finetune.update(
+      batch_size=32, num_epochs=6, warmup_epochs=1, learning_rate=1e-3, backbone_learning_rate=1e-3
+    )
     config.scratch.update(batch_size=32, num_epochs=6, warmup_epochs=1, learning_rate=1e-3)
   return config

@@ -17,10 +17,23 @@ UNLABELLED_FILE = "data/Dataset_Specific_Unlabelled.h5"
 
 def model_config(size: str = "default") -> ml_collections.ConfigDict:
   """L2ViT constructor arguments. 'default' is the original (5,111,579 parameters)."""
-  config = ml_collections.ConfigDict(dict(
-      in_channels=8, img_size=125, patch_size=5, embed_dim=256, depth=6, num_heads=4, mlp_ratio=4.0,
-      num_classes=2, drop_rate=0.1, drop_path_rate=0.1, lcm_kernel=7, attention="linear",
-      dtype="float32"))
+  config = ml_collections.ConfigDict(
+    dict(
+      in_channels=8,
+      img_size=125,
+      patch_size=5,
+      embed_dim=256,
+      depth=6,
+      num_heads=4,
+      mlp_ratio=4.0,
+      num_classes=2,
+      drop_rate=0.1,
+      drop_path_rate=0.1,
+      lcm_kernel=7,
+      attention="linear",
+      dtype="float32",
+    )
+  )
   if size == "tiny":  # for the quickstart on 2 CPU cores and for tests
     config.update(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
   elif size != "default":
@@ -32,14 +45,39 @@ def model_config(size: str = "default") -> ml_collections.ConfigDict:
 # backbone 5e-5, wd 0.01, warmup 3 of 50; scratch: 3e-4 everywhere). Masked-image pretraining uses
 # SimCLR's schedule.
 RECIPES = {
-    "simclr": dict(batch_size=128, num_epochs=100, warmup_epochs=5, learning_rate=3e-4, weight_decay=0.05,
-                   early_stopping_patience=15),
-    "mae": dict(batch_size=128, num_epochs=100, warmup_epochs=5, learning_rate=3e-4, weight_decay=0.05,
-                early_stopping_patience=15),
-    "finetune": dict(batch_size=64, num_epochs=50, warmup_epochs=3, learning_rate=1e-4,
-                     backbone_learning_rate=5e-5, weight_decay=0.01, early_stopping_patience=15),
-    "scratch": dict(batch_size=64, num_epochs=50, warmup_epochs=3, learning_rate=3e-4, weight_decay=0.01,
-                    early_stopping_patience=15),
+  "simclr": dict(
+    batch_size=128,
+    num_epochs=100,
+    warmup_epochs=5,
+    learning_rate=3e-4,
+    weight_decay=0.05,
+    early_stopping_patience=15,
+  ),
+  "mae": dict(
+    batch_size=128,
+    num_epochs=100,
+    warmup_epochs=5,
+    learning_rate=3e-4,
+    weight_decay=0.05,
+    early_stopping_patience=15,
+  ),
+  "finetune": dict(
+    batch_size=64,
+    num_epochs=50,
+    warmup_epochs=3,
+    learning_rate=1e-4,
+    backbone_learning_rate=5e-5,
+    weight_decay=0.01,
+    early_stopping_patience=15,
+  ),
+  "scratch": dict(
+    batch_size=64,
+    num_epochs=50,
+    warmup_epochs=3,
+    learning_rate=3e-4,
+    weight_decay=0.01,
+    early_stopping_patience=15,
+  ),
 }
 
 
@@ -51,7 +89,7 @@ def recipe(name: str, **overrides) -> ml_collections.ConfigDict:
 
 def apply_recipe(config: ml_collections.ConfigDict, fields) -> ml_collections.ConfigDict:
   """Sets ``fields`` (a recipe, or any mapping of possibly dotted keys) into ``config``, in place."""
-  for key, value in (fields.items() if hasattr(fields, "items") else fields):
+  for key, value in fields.items() if hasattr(fields, "items") else fields:
     *parents, leaf = key.split(".")
     target = config
     for parent in parents:
@@ -64,8 +102,9 @@ def apply_recipe(config: ml_collections.ConfigDict, fields) -> ml_collections.Co
 GENERATORS = ("pythia", "synthetic")
 
 
-def generated_data_config(*, num_labelled: int, num_unlabelled: int, data_seed: int = 0,
-                          generator: str = "pythia") -> ml_collections.ConfigDict:
+def generated_data_config(
+  *, num_labelled: int, num_unlabelled: int, data_seed: int = 0, generator: str = "pythia"
+) -> ml_collections.ConfigDict:
   """What the multi-stage runs generate under WORKDIR/data when no data files are given: a labelled
   and an unlabelled file of this many jets (the unlabelled one from seed ``data_seed + 1``).
 
@@ -75,9 +114,18 @@ def generated_data_config(*, num_labelled: int, num_unlabelled: int, data_seed: 
   core); ``signal_fraction``: top jets in the unlabelled file; ``pt_min``/``pt_max``: the jet pT
   window (GeV).
   """
-  return ml_collections.ConfigDict(dict(num_labelled=num_labelled, num_unlabelled=num_unlabelled,
-                                        data_seed=data_seed, generator=generator, workers=0,
-                                        signal_fraction=0.5, pt_min=400.0, pt_max=600.0))
+  return ml_collections.ConfigDict(
+    dict(
+      num_labelled=num_labelled,
+      num_unlabelled=num_unlabelled,
+      data_seed=data_seed,
+      generator=generator,
+      workers=0,
+      signal_fraction=0.5,
+      pt_min=400.0,
+      pt_max=600.0,
+    )
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -137,16 +185,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.loss.temperature = 0.5  # SimCLR NT-Xent
   config.loss.projection_dim = 128
 
-  config.mae = ml_collections.ConfigDict(dict(  # masked-image pretraining (task 'mae')
-      mode="mask", mask_ratio=0.6, nonzero_weight=10.0, noise_relative_std=0.2,
-      target_transform="log1p"))
+  config.mae = ml_collections.ConfigDict(
+    dict(  # masked-image pretraining (task 'mae')
+      mode="mask", mask_ratio=0.6, nonzero_weight=10.0, noise_relative_std=0.2, target_transform="log1p"
+    )
+  )
 
   # Frozen-feature probes during SimCLR/MAE pretraining (evaluation/probes.py): at every every_epochs-th
   # validation, a linear probe and kNN on the encoder's features of num_train train-split jets of this
   # labelled file, scored on num_val validation-split jets; logged as probe/* in metrics.jsonl.
   # An empty labelled_path turns it off.
-  config.online_probe = ml_collections.ConfigDict(dict(
-      labelled_path="", num_train=512, num_val=256, every_epochs=1, k=20, seed=0))
+  config.online_probe = ml_collections.ConfigDict(
+    dict(labelled_path="", num_train=512, num_val=256, every_epochs=1, k=20, seed=0)
+  )
 
   config.init_from = ""  # a SimCLR workdir whose backbone initialises finetuning
   config.log_every_steps = 50

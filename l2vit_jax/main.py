@@ -31,15 +31,18 @@ from l2vit_jax.runtime import compilation, console, distributed, peers  # pylint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports (resumes if it has them).")
-config_flags.DEFINE_config_file("config", None, "Training or evaluation configuration file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Training or evaluation configuration file.", lock_config=True
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Tasks other than the training recipes (training.recipes.TASKS), and the function each one runs.
-OTHER_TASKS = {"evaluate": ("l2vit_jax.evaluation.evaluate", "evaluate_checkpoints"),
-               "predict": ("l2vit_jax.evaluation.predict", "predict_file"),
-               "quickstart": ("l2vit_jax.experiments.quickstart", "run_quickstart"),
-               "study": ("l2vit_jax.experiments.study", "run_study")}
+OTHER_TASKS = {
+  "evaluate": ("l2vit_jax.evaluation.evaluate", "evaluate_checkpoints"),
+  "predict": ("l2vit_jax.evaluation.predict", "predict_file"),
+  "quickstart": ("l2vit_jax.experiments.quickstart", "run_quickstart"),
+  "study": ("l2vit_jax.experiments.study", "run_study"),
+}
 # Where each of those tasks leaves its report.md, relative to the workdir.
 REPORT_DIRS = {"evaluate": "", "predict": "", "quickstart": "report", "study": ""}
 
@@ -53,7 +56,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as error:  # ml_collections: no such config field
     field = str(error).strip("\"'")
     culprits = [a for a in argv[1:] if a.startswith("--config.") and field in a.split("=")[0].split(".")]
-    message = (f"{culprits[0] if culprits else '--config.' + field}: the config has no field {field!r}")
+    message = f"{culprits[0] if culprits else '--config.' + field}: the config has no field {field!r}"
   except Exception as error:  # pylint: disable=broad-except  # a config file that fails to load
     message = f"{type(error).__name__}: {error}"
   _fail(f"{message} (see --helpfull)", status=2)
@@ -67,12 +70,14 @@ def check_config(config) -> None:
     errors.ConfigError: naming every offending field, its value and what was expected.
   """
   from l2vit_jax.training import loop, recipes  # pylint: disable=import-outside-toplevel  (imports the models)
+
   if config.task in recipes.TASKS:
     recipes.check_training_config(config)
     loop.parse_profile_steps(config.get("profile_steps", ""))
   elif config.task not in OTHER_TASKS:
-    raise errors.ConfigError(f"config.task={config.task!r}: expected one of "
-                             f"{sorted(recipes.TASKS) + sorted(OTHER_TASKS)}")
+    raise errors.ConfigError(
+      f"config.task={config.task!r}: expected one of {sorted(recipes.TASKS) + sorted(OTHER_TASKS)}"
+    )
 
 
 def dispatch(config, workdir: str):
@@ -80,14 +85,22 @@ def dispatch(config, workdir: str):
   check_config(config)
   if config.task not in OTHER_TASKS:
     from l2vit_jax.training import loop  # pylint: disable=import-outside-toplevel
+
     return loop.train_and_evaluate(config, workdir)  # it logs the platform once its inputs check out
   module, function = OTHER_TASKS[config.task]
-  logging.info("JAX %s on %s: %d process(es), %d local / %d global devices", jax.__version__,
-               jax.default_backend(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "JAX %s on %s: %d process(es), %d local / %d global devices",
+    jax.__version__,
+    jax.default_backend(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   result = getattr(importlib.import_module(module), function)(config, workdir)
   if config.get("tensorboard", True):
     from l2vit_jax.runtime import paths  # pylint: disable=import-outside-toplevel
     from l2vit_jax.training import metrics_log  # pylint: disable=import-outside-toplevel
+
     report_dir = REPORT_DIRS[config.task]
     metrics_log.write_report_images(paths.join(workdir, report_dir) if report_dir else workdir)
   return result
@@ -111,8 +124,11 @@ def _fail(message: str, status: int = 1):
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected command-line arguments {argv[1:]}; options are --config, --workdir and "
-          "--config.FIELD=value", status=2)
+    _fail(
+      f"unexpected command-line arguments {argv[1:]}; options are --config, --workdir and "
+      "--config.FIELD=value",
+      status=2,
+    )
   console.quiet_library_logs()
   compilation.enable_compilation_cache(FLAGS.config.get("compilation_cache", "auto"))
   distributed.initialize()

@@ -63,17 +63,18 @@ from l2vit_jax.runtime import process_setup
 # Section name -> (module of l2vit_jax.bench, function(args, report so far) -> the section's record),
 # in the order they run. The modules import JAX: they are imported once the host is configured.
 SECTIONS = {
-    "matmul": ("kernels", lambda module, args, report: module.bench_matmul(args)),
-    "model": ("model", lambda module, args, report: module.bench_model(args, report.get("matmul"))),
-    "precision": ("model", lambda module, args, report: module.bench_precision(args)),
-    "profile": ("profiling", lambda module, args, report: module.bench_profile(args)),
-    "depthwise": ("kernels", lambda module, args, report: module.bench_depthwise(args)),
-    "attention": ("kernels", lambda module, args, report: module.bench_attention(args)),
-    "pipeline": ("input_pipeline", lambda module, args, report: module.bench_pipeline(args)),
+  "matmul": ("kernels", lambda module, args, report: module.bench_matmul(args)),
+  "model": ("model", lambda module, args, report: module.bench_model(args, report.get("matmul"))),
+  "precision": ("model", lambda module, args, report: module.bench_precision(args)),
+  "profile": ("profiling", lambda module, args, report: module.bench_profile(args)),
+  "depthwise": ("kernels", lambda module, args, report: module.bench_depthwise(args)),
+  "attention": ("kernels", lambda module, args, report: module.bench_attention(args)),
+  "pipeline": ("input_pipeline", lambda module, args, report: module.bench_pipeline(args)),
 }
 TINY_MODEL = dict(img_size=25, patch_size=5, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
-PLAIN_DEFAULTS = dict(only=",".join(s for s in SECTIONS if s != "profile"), batch=16, dtype="float32",
-                      steps=3)
+PLAIN_DEFAULTS = dict(
+  only=",".join(s for s in SECTIONS if s != "profile"), batch=16, dtype="float32", steps=3
+)
 # A GPU step of the default model at a filling batch takes tens of milliseconds: ten of them per round
 # keep the Python dispatch and the synchronisation at each round's end out of the figures, and the
 # three compiles (the fill probe, train, inference) plus 5 pairs inside 5 minutes of device time.
@@ -92,22 +93,38 @@ def _batch_size(text: str) -> int | str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", help="also write the JSON here")
-  parser.add_argument("--only", default=None,
-                      help=f"comma-separated subset of {tuple(SECTIONS)} (default: all but 'profile')")
+  parser.add_argument(
+    "--only", default=None, help=f"comma-separated subset of {tuple(SECTIONS)} (default: all but 'profile')"
+  )
   parser.add_argument("--tiny", action="store_true", help="tiny shapes everywhere (tests, smoke runs)")
-  parser.add_argument("--accelerator", action="store_true",
-                      help="the GPU/TPU benchmark: --only=model --dtype=bfloat16 --batch=fill --steps=10 "
-                           "(options given explicitly win)")
-  parser.add_argument("--batch", type=_batch_size, default=None,
-                      help="images per step, or 'fill': the largest power of two whose train step fits "
-                           "--fill-fraction of the device's memory (default 16)")
-  parser.add_argument("--fill-fraction", type=float, default=0.4,
-                      help="share of the device's memory our train step may plan for with --batch=fill; "
-                           "the rest is the PyTorch reference's, which shares the device")
+  parser.add_argument(
+    "--accelerator",
+    action="store_true",
+    help="the GPU/TPU benchmark: --only=model --dtype=bfloat16 --batch=fill --steps=10 "
+    "(options given explicitly win)",
+  )
+  parser.add_argument(
+    "--batch",
+    type=_batch_size,
+    default=None,
+    help="images per step, or 'fill': the largest power of two whose train step fits "
+    "--fill-fraction of the device's memory (default 16)",
+  )
+  parser.add_argument(
+    "--fill-fraction",
+    type=float,
+    default=0.4,
+    help="share of the device's memory our train step may plan for with --batch=fill; "
+    "the rest is the PyTorch reference's, which shares the device",
+  )
   parser.add_argument("--max-batch", type=int, default=1024, help="upper bound of --batch=fill")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                      help="compute dtype of the 'model' section (default float32; the PyTorch "
-                           "reference runs bfloat16 under autocast)")
+  parser.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default=None,
+    help="compute dtype of the 'model' section (default float32; the PyTorch "
+    "reference runs bfloat16 under autocast)",
+  )
   parser.add_argument("--attention", choices=("linear", "softmax"), default="linear")
   parser.add_argument("--img-size", type=int, default=125)
   parser.add_argument("--patch-size", type=int, default=5)
@@ -116,13 +133,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--num-heads", type=int, default=4)
   parser.add_argument("--mlp-ratio", type=float, default=4.0)
   parser.add_argument("--depthwise-implementation", default="auto")
-  parser.add_argument("--max-patch-mib", type=int, default=128,
-                      help="skip the 'patches' depthwise formulation when its patch tensor is larger")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps per runner and round (default 3, 10 with --accelerator)")
-  parser.add_argument("--pairs", "--repeats", dest="pairs", type=int, default=None,
-                      help="paired rounds (ours then theirs, alternating order) behind each ratio; "
-                           "default 5 (2 with --tiny)")
+  parser.add_argument(
+    "--max-patch-mib",
+    type=int,
+    default=128,
+    help="skip the 'patches' depthwise formulation when its patch tensor is larger",
+  )
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="timed steps per runner and round (default 3, 10 with --accelerator)",
+  )
+  parser.add_argument(
+    "--pairs",
+    "--repeats",
+    dest="pairs",
+    type=int,
+    default=None,
+    help="paired rounds (ours then theirs, alternating order) behind each ratio; default 5 (2 with --tiny)",
+  )
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--pipeline-images", type=int, default=1024)
   parser.add_argument("--pipeline-batches", type=int, default=30)
@@ -162,32 +192,43 @@ def _print_ratios(section: str, result: dict) -> None:
   """One stderr line per ratio (median and range over rounds), and a banner for a loaded machine."""
   for key, ratio in result.items():
     if key.endswith("_rounds") and ("ratio" in key or "speedup" in key):
-      print(f"[benchmark] {key[:-len('_rounds')]}: median {ratio['median']:.2f}x "
-            f"(min {ratio['min']:.2f}, max {ratio['max']:.2f}, {len(ratio['rounds'])} pairs)",
-            file=sys.stderr, flush=True)
+      print(
+        f"[benchmark] {key[: -len('_rounds')]}: median {ratio['median']:.2f}x "
+        f"(min {ratio['min']:.2f}, max {ratio['max']:.2f}, {len(ratio['rounds'])} pairs)",
+        file=sys.stderr,
+        flush=True,
+      )
   record = result["load"]
   if record["loaded"]:
     other = record.get("other_processes_cpu_fraction")
-    print(f"[benchmark] !!! LOADED MACHINE during '{section}': other processes used "
-          f"{'?' if other is None else f'{other:.0%}'} of {record['cpu_count']} cores "
-          f"(threshold {record['loaded_fraction_threshold']:.0%}; 1-min load "
-          f"{record['loadavg_1min_before']:.2f} before, {record['loadavg_1min_after']:.2f} after). "
-          "Its ratios are not figures to quote.", file=sys.stderr, flush=True)
+    print(
+      f"[benchmark] !!! LOADED MACHINE during '{section}': other processes used "
+      f"{'?' if other is None else f'{other:.0%}'} of {record['cpu_count']} cores "
+      f"(threshold {record['loaded_fraction_threshold']:.0%}; 1-min load "
+      f"{record['loadavg_1min_before']:.2f} before, {record['loadavg_1min_after']:.2f} after). "
+      "Its ratios are not figures to quote.",
+      file=sys.stderr,
+      flush=True,
+    )
 
 
 def _header(argv: list[str] | None, applied_flags: list[str], allocator_tuned: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
+
   return {
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-      "hardware": {"cpu_count": os.cpu_count(), "processor": python_platform.processor() or
-                   python_platform.machine(), "device": str(jax.devices()[0].device_kind),
-                   "backend": jax.default_backend()},
-      "versions": {"python": python_platform.python_version(), "jax": jax.__version__},
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "xla_flags_added_by_l2vit": applied_flags,
-      # glibc keeps freed memory for reuse (runtime/process_setup.py); L2VIT_NO_MALLOC_TUNING=1 is off.
-      "allocator_tuned": allocator_tuned,
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    "hardware": {
+      "cpu_count": os.cpu_count(),
+      "processor": python_platform.processor() or python_platform.machine(),
+      "device": str(jax.devices()[0].device_kind),
+      "backend": jax.default_backend(),
+    },
+    "versions": {"python": python_platform.python_version(), "jax": jax.__version__},
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "xla_flags_added_by_l2vit": applied_flags,
+    # glibc keeps freed memory for reuse (runtime/process_setup.py); L2VIT_NO_MALLOC_TUNING=1 is off.
+    "allocator_tuned": allocator_tuned,
   }
 
 
@@ -199,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
   report = _header(argv, process_setup.configure_xla_flags(), process_setup.configure_allocator())
   if args.batch == "fill":
     from l2vit_jax.bench import fill  # pylint: disable=import-outside-toplevel
+
     report["batch_fill"] = fill.fill_batch(args, default_batch=PLAIN_DEFAULTS["batch"])
     args.batch = report["batch_fill"]["batch"]
     print(f"[benchmark] --batch=fill: {args.batch} images per step", file=sys.stderr, flush=True)
@@ -216,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(text)
   if args.out:
     from l2vit_jax.runtime import paths  # pylint: disable=import-outside-toplevel
+
     paths.write_text(args.out, text + "\n")
   return report
 

@@ -50,11 +50,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Progress markers of the quickstart's log, in the order they appear: (pattern, segment name format).
 MARKERS = (
-    (re.compile(r"Generating \d+ synthetic (\w+) jets"), "generate {} data"),
-    (re.compile(r"=== quickstart stage: (\w+) ==="), "stage {}"),
-    (re.compile(r"evaluate\.py:\d+\] (\w+) \(.*\): accuracy"), "evaluated {}"),
-    (re.compile(r"Computing jet (observables)"), "physics baseline {}"),
-    (re.compile(r"evaluate\.py:\d+\] (physics_bdt): accuracy"), "evaluated {}"),  # then the report
+  (re.compile(r"Generating \d+ synthetic (\w+) jets"), "generate {} data"),
+  (re.compile(r"=== quickstart stage: (\w+) ==="), "stage {}"),
+  (re.compile(r"evaluate\.py:\d+\] (\w+) \(.*\): accuracy"), "evaluated {}"),
+  (re.compile(r"Computing jet (observables)"), "physics baseline {}"),
+  (re.compile(r"evaluate\.py:\d+\] (physics_bdt): accuracy"), "evaluated {}"),  # then the report
 )
 # metrics.jsonl fields measured with a clock: they differ between any two runs.
 WALL_CLOCK_FIELDS = ("images_per_second", "eta_seconds")
@@ -70,6 +70,7 @@ RETRIES = 3
 @dataclasses.dataclass
 class Progress:
   """The markers seen so far in one run's log."""
+
   log_path: str
   seen: list = dataclasses.field(default_factory=list)
   _offset: int = 0
@@ -113,15 +114,22 @@ def timeline(log_path: str) -> tuple[list[str], list[float]]:
 
 
 def _command(args, workdir: str) -> list[str]:
-  return [sys.executable, "-m", "l2vit_jax.main", f"--config={args.config}", f"--workdir={workdir}",
-          *args.overrides]
+  return [
+    sys.executable,
+    "-m",
+    "l2vit_jax.main",
+    f"--config={args.config}",
+    f"--workdir={workdir}",
+    *args.overrides,
+  ]
 
 
 def _launch(args, workdir: str, log_path: str) -> tuple[subprocess.Popen, Progress]:
   # Output goes to a file, not a pipe: a full pipe nobody reads would block the run.
   with open(log_path, "w", encoding="utf-8") as log:
-    process = subprocess.Popen(_command(args, workdir), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+      _command(args, workdir), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
   return process, Progress(log_path)
 
 
@@ -158,8 +166,9 @@ def run_reference(args, workdir: str) -> None:
   process, progress = _launch(args, workdir, workdir + ".log")
   _wait(process, progress, args.timeout)
   if process.returncode != 0:
-    raise RuntimeError(f"the reference run failed (status {process.returncode}):\n"
-                       f"{_log_tail(progress.log_path)}")
+    raise RuntimeError(
+      f"the reference run failed (status {process.returncode}):\n{_log_tail(progress.log_path)}"
+    )
 
 
 def kill_plan(num_segments: int, kills: int, rng: random.Random) -> list[int]:
@@ -181,10 +190,15 @@ def _attempt(args, workdir: str, log_path: str, order: list[str], target: int, d
     _kill(process)
     progress.poll()  # everything it logged before it died: where the kill landed
   reached_index = progress.furthest(order)
-  return {"aimed": order[target], "delay_s": round(delay, 4), "killed": killed,
-          "landed": (order[reached_index] if reached_index >= 0 else "start-up") if killed else None,
-          "aimed_segment_ran": order[target] in progress.seen, "status": process.returncode,
-          "log": os.path.relpath(log_path, args.workdir)}
+  return {
+    "aimed": order[target],
+    "delay_s": round(delay, 4),
+    "killed": killed,
+    "landed": (order[reached_index] if reached_index >= 0 else "start-up") if killed else None,
+    "aimed_segment_ran": order[target] in progress.seen,
+    "status": process.returncode,
+    "log": os.path.relpath(log_path, args.workdir),
+  }
 
 
 def _retry(attempt: dict, order: list[str], target: int) -> bool:
@@ -206,8 +220,10 @@ def _restart_data_generation(workdir: str, order: list[str], target: int, attemp
   would never be hit. Data generation comes first, so the attempts so far made nothing else that an
   empty workdir loses except what a first run makes again.
   """
-  got_past = any(attempt["landed"] in order and order.index(attempt["landed"]) > target
-                 or attempt["status"] == 0 for attempt in attempts)
+  got_past = any(
+    attempt["landed"] in order and order.index(attempt["landed"]) > target or attempt["status"] == 0
+    for attempt in attempts
+  )
   if not order[target].startswith("generate ") or not got_past:
     return False
   shutil.rmtree(workdir, ignore_errors=True)
@@ -234,10 +250,14 @@ def run_chaos(args, workdir: str, order: list[str], durations: list[float]) -> l
 
 # --- comparison ----------------------------------------------------------------------------------
 
+
 def _files(root: str) -> dict[str, str]:
   """Relative path → absolute path of every file under ``root``."""
-  return {os.path.relpath(os.path.join(folder, name), root): os.path.join(folder, name)
-          for folder, _, names in os.walk(root) for name in names}
+  return {
+    os.path.relpath(os.path.join(folder, name), root): os.path.join(folder, name)
+    for folder, _, names in os.walk(root)
+    for name in names
+  }
 
 
 def _normalised(relative: str) -> str:
@@ -252,8 +272,11 @@ def _read_bytes(path: str) -> bytes:
 
 def _log_rows(path: str) -> list[dict]:
   from l2vit_jax.training import metrics_log  # pylint: disable=import-outside-toplevel  # imports JAX
-  return [{k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS}
-          for row in metrics_log.read_metrics_jsonl(path)]
+
+  return [
+    {k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS}
+    for row in metrics_log.read_metrics_jsonl(path)
+  ]
 
 
 def _is_temporary(relative: str) -> bool:
@@ -266,16 +289,24 @@ def _same_checkpoint(reference: str, chaos: str, roots: tuple[str, str]) -> bool
   """Same steps kept, and the latest one's arrays and meta equal (Orbax's files hold timestamps)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from l2vit_jax.checkpoint import model_io, naming  # pylint: disable=import-outside-toplevel
+
   steps = [sorted(name for name in os.listdir(folder) if name.isdigit()) for folder in (reference, chaos)]
   subfolder = os.path.basename(reference)
-  restored = [model_io.read_model_checkpoint(os.path.dirname(folder), prefer=(subfolder,))
-              for folder in (reference, chaos)]
+  restored = [
+    model_io.read_model_checkpoint(os.path.dirname(folder), prefer=(subfolder,))
+    for folder in (reference, chaos)
+  ]
   flat = [naming.flatten_names(arrays) for arrays, _ in restored]
   # The meta names init_from, a folder inside the workdir.
-  metas = [json.dumps(meta, sort_keys=True).replace(root, "WORKDIR")
-           for (_, meta), root in zip(restored, roots)]
-  return (steps[0] == steps[1] and flat[0].keys() == flat[1].keys() and metas[0] == metas[1]
-          and all(np.array_equal(flat[0][k], flat[1][k]) for k in flat[0]))
+  metas = [
+    json.dumps(meta, sort_keys=True).replace(root, "WORKDIR") for (_, meta), root in zip(restored, roots)
+  ]
+  return (
+    steps[0] == steps[1]
+    and flat[0].keys() == flat[1].keys()
+    and metas[0] == metas[1]
+    and all(np.array_equal(flat[0][k], flat[1][k]) for k in flat[0])
+  )
 
 
 def _checkpoint_folder(relative: str) -> str | None:
@@ -283,7 +314,7 @@ def _checkpoint_folder(relative: str) -> str | None:
   parts = relative.split(os.sep)
   for index, part in enumerate(parts[:-1]):
     if part in ("checkpoints", "best"):
-      return os.path.join(*parts[:index + 1])
+      return os.path.join(*parts[: index + 1])
   return None
 
 
@@ -311,17 +342,22 @@ def compare_runs(reference: str, chaos: str) -> dict:
   checkpoints = [{_checkpoint_folder(k) for k in run} - {None} for run in files]
   # Outside checkpoints, file by file; checkpoint folders as wholes (their file names are random).
   for index in (0, 1):
-    files[index] = {k: v for k, v in files[index].items()
-                    if not _is_temporary(k) and _checkpoint_folder(k) is None}
-  result = {"missing": sorted((files[0].keys() - files[1].keys()) | (checkpoints[0] - checkpoints[1])),
-            "extra": sorted((files[1].keys() - files[0].keys()) | (checkpoints[1] - checkpoints[0])),
-            "leftover_temporaries": leftovers, "files": {}, "checkpoints": {}}
+    files[index] = {
+      k: v for k, v in files[index].items() if not _is_temporary(k) and _checkpoint_folder(k) is None
+    }
+  result = {
+    "missing": sorted((files[0].keys() - files[1].keys()) | (checkpoints[0] - checkpoints[1])),
+    "extra": sorted((files[1].keys() - files[0].keys()) | (checkpoints[1] - checkpoints[0])),
+    "leftover_temporaries": leftovers,
+    "files": {},
+    "checkpoints": {},
+  }
   for relative in sorted(files[0].keys() & files[1].keys()):
-    result["files"][relative] = _compare_file(relative, files[0][relative], files[1][relative],
-                                              (reference, chaos))
+    result["files"][relative] = _compare_file(
+      relative, files[0][relative], files[1][relative], (reference, chaos)
+    )
   for folder in sorted(checkpoints[0] & checkpoints[1]):
-    same = _same_checkpoint(os.path.join(reference, folder), os.path.join(chaos, folder),
-                            (reference, chaos))
+    same = _same_checkpoint(os.path.join(reference, folder), os.path.join(chaos, folder), (reference, chaos))
     result["checkpoints"][folder] = "equal" if same else "DIFFERENT"
   return result
 
@@ -332,6 +368,7 @@ def _matches(comparison: dict) -> bool:
 
 
 # --- entry point ---------------------------------------------------------------------------------
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -344,8 +381,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   args, overrides = parser.parse_known_args(argv)
   bad = [flag for flag in overrides if not flag.startswith("--config.")]
   if bad or args.kills < 1:
-    parser.error(f"unknown arguments {bad} (only --config.FIELD=VALUE overrides pass through)" if bad
-                 else "--kills must be >= 1")
+    parser.error(
+      f"unknown arguments {bad} (only --config.FIELD=VALUE overrides pass through)"
+      if bad
+      else "--kills must be >= 1"
+    )
   args.overrides = overrides
   args.workdir = os.path.abspath(args.workdir)
   # Runs start in the repository root: a config path relative to here must still name the same file.
@@ -371,10 +411,13 @@ def reference_timeline(args) -> tuple[str, list[str], list[float]]:
   """The reference run (made here unless given) and the segments' order and warm durations."""
   reference = os.path.abspath(args.reference or os.path.join(args.workdir, "reference"))
   if args.reference:
-    if not (os.path.exists(os.path.join(reference, "report", "report.md")) and os.path.exists(
-        reference + ".log")):
-      raise SystemExit(f"error: --reference={reference}: expected a finished run and its log {reference}.log "
-                       "(the reference/ and reference.log of an earlier chaos run)")
+    if not (
+      os.path.exists(os.path.join(reference, "report", "report.md")) and os.path.exists(reference + ".log")
+    ):
+      raise SystemExit(
+        f"error: --reference={reference}: expected a finished run and its log {reference}.log "
+        "(the reference/ and reference.log of an earlier chaos run)"
+      )
     return (reference, *timeline(reference + ".log"))
   cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
   cached = _entries(cache)
@@ -401,11 +444,19 @@ def main(argv: list[str] | None = None) -> int:
   process, progress = _launch(args, chaos, os.path.join(args.workdir, "logs", "final.log"))
   _wait(process, progress, args.timeout)
   comparison = compare_runs(reference, chaos)
-  summary = {"kills": sum(a["killed"] for a in attempts), "segments": dict(zip(order, durations)),
-             "attempts": attempts, "final_status": process.returncode, "comparison": comparison,
-             "seconds": round(time.monotonic() - started, 1)}
-  summary["ok"] = (process.returncode == 0 and all(a["killed"] or a["status"] == 0 for a in attempts)
-                   and _matches(comparison))
+  summary = {
+    "kills": sum(a["killed"] for a in attempts),
+    "segments": dict(zip(order, durations)),
+    "attempts": attempts,
+    "final_status": process.returncode,
+    "comparison": comparison,
+    "seconds": round(time.monotonic() - started, 1),
+  }
+  summary["ok"] = (
+    process.returncode == 0
+    and all(a["killed"] or a["status"] == 0 for a in attempts)
+    and _matches(comparison)
+  )
   paths.write_json(os.path.join(args.workdir, "chaos_summary.json"), summary)
   print(json.dumps(summary, indent=2))
   return 0 if summary["ok"] else 1

@@ -36,8 +36,9 @@ from l2vit_jax.tpu import chips
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "libtpu topology or Cloud accelerator type.")
 _MAX_BATCH = flags.DEFINE_bool("max_batch", True, "Search for the largest global batch that fits HBM.")
-_MAX_BATCH_COMPILES = flags.DEFINE_integer("max_batch_compiles", 4,
-                                           "At most this many extra train-step compiles for the search.")
+_MAX_BATCH_COMPILES = flags.DEFINE_integer(
+  "max_batch_compiles", 4, "At most this many extra train-step compiles for the search."
+)
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 
 
@@ -52,34 +53,46 @@ def report(config, topology: str, *, max_batch: bool, max_batch_compiles: int) -
   train = compiled.train
   flops_per_step = train["flops"] * num_chips
   result = {
-      "topology": topology, "chip": devices[0].device_kind, "chips": num_chips,
-      "hosts": len({d.process_index for d in devices}),
-      "task": config.task, "dtype": config.model.dtype, "global_batch": config.batch_size,
-      "eval_global_batch": config.eval_batch_size, "platform": compiled.steps.platform,
-      "depthwise_implementation": compiled.steps.depthwise_implementation,
-      "prng_impl": compiled.steps.prng_impl,
-      "scan_blocks": compiled.steps.scan_blocks, "remat_policy": compiled.steps.remat_policy,
-      "jax": jax.__version__,
-      "train_compile_seconds": round(compiled.train_compile_seconds, 1),
-      "train_compile_cpu_seconds": round(compiled.train_compile_cpu_seconds, 1),
-      "eval_compile_seconds": round(compiled.eval_compile_seconds, 1),
-      "parameter_bytes": compiled.parameter_bytes,
-      "global_batch_bytes": compiled.global_batch_bytes,
-      "train_step": train,
-      "eval_step": compiled.eval,
-      "flops_per_step_all_chips": flops_per_step,
-      "flops_per_image": flops_per_step / config.batch_size,
-      "chip_spec": {"hbm_bytes": spec.hbm_bytes, "peak_bf16_flops": spec.peak_bf16_flops,
-                    "hbm_bytes_per_second": spec.hbm_bytes_per_second, "source": spec.source},
-      "fits_hbm": train["peak_memory_bytes"] <= spec.hbm_bytes,
-      "roofline": dict(compile_only.roofline(train["flops"], train["bytes_accessed"],
-                                             config.batch_size, spec),
-                       flops="train_step.flops, per chip (forward, backward, optimizer as XLA "
-                             "counts them, whatever the precision; see train_step.cost_analysis_of)"),
-      # The same bound from the HBM traffic alone: what bounds a TPU step, if XLA's placement holds.
-      "roofline_hbm": compile_only.roofline(train["flops"], train["hbm_bytes"], config.batch_size, spec),
+    "topology": topology,
+    "chip": devices[0].device_kind,
+    "chips": num_chips,
+    "hosts": len({d.process_index for d in devices}),
+    "task": config.task,
+    "dtype": config.model.dtype,
+    "global_batch": config.batch_size,
+    "eval_global_batch": config.eval_batch_size,
+    "platform": compiled.steps.platform,
+    "depthwise_implementation": compiled.steps.depthwise_implementation,
+    "prng_impl": compiled.steps.prng_impl,
+    "scan_blocks": compiled.steps.scan_blocks,
+    "remat_policy": compiled.steps.remat_policy,
+    "jax": jax.__version__,
+    "train_compile_seconds": round(compiled.train_compile_seconds, 1),
+    "train_compile_cpu_seconds": round(compiled.train_compile_cpu_seconds, 1),
+    "eval_compile_seconds": round(compiled.eval_compile_seconds, 1),
+    "parameter_bytes": compiled.parameter_bytes,
+    "global_batch_bytes": compiled.global_batch_bytes,
+    "train_step": train,
+    "eval_step": compiled.eval,
+    "flops_per_step_all_chips": flops_per_step,
+    "flops_per_image": flops_per_step / config.batch_size,
+    "chip_spec": {
+      "hbm_bytes": spec.hbm_bytes,
+      "peak_bf16_flops": spec.peak_bf16_flops,
+      "hbm_bytes_per_second": spec.hbm_bytes_per_second,
+      "source": spec.source,
+    },
+    "fits_hbm": train["peak_memory_bytes"] <= spec.hbm_bytes,
+    "roofline": dict(
+      compile_only.roofline(train["flops"], train["bytes_accessed"], config.batch_size, spec),
+      flops="train_step.flops, per chip (forward, backward, optimizer as XLA "
+      "counts them, whatever the precision; see train_step.cost_analysis_of)",
+    ),
+    # The same bound from the HBM traffic alone: what bounds a TPU step, if XLA's placement holds.
+    "roofline_hbm": compile_only.roofline(train["flops"], train["hbm_bytes"], config.batch_size, spec),
   }
   if max_batch:
+
     def peak_memory_at(batch):
       try:
         return compile_only.CompiledSteps(config, mesh, batch).train["peak_memory_bytes"]
@@ -90,16 +103,21 @@ def report(config, topology: str, *, max_batch: bool, max_batch_compiles: int) -
 
     start = time.perf_counter()
     result["max_global_batch"] = compile_only.largest_fitting_batch(
-        peak_memory_at, known=(config.batch_size, train["peak_memory_bytes"]),
-        hbm_bytes=spec.hbm_bytes, multiple=num_chips, max_compiles=max_batch_compiles)
+      peak_memory_at,
+      known=(config.batch_size, train["peak_memory_bytes"]),
+      hbm_bytes=spec.hbm_bytes,
+      multiple=num_chips,
+      max_compiles=max_batch_compiles,
+    )
     result["max_global_batch"]["seconds"] = round(time.perf_counter() - start, 1)
   return result
 
 
 def main(argv):
   del argv
-  result = report(_CONFIG.value, _TOPOLOGY.value, max_batch=_MAX_BATCH.value,
-                  max_batch_compiles=_MAX_BATCH_COMPILES.value)
+  result = report(
+    _CONFIG.value, _TOPOLOGY.value, max_batch=_MAX_BATCH.value, max_batch_compiles=_MAX_BATCH_COMPILES.value
+  )
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

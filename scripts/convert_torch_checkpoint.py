@@ -34,15 +34,19 @@ from l2vit_jax import models  # pylint: disable=wrong-import-position
 from l2vit_jax.interop import torch_import  # pylint: disable=wrong-import-position
 from l2vit_jax.runtime import paths  # pylint: disable=wrong-import-position
 
-_INPUT = flags.DEFINE_string('input', None, 'PyTorch checkpoint (.pt) written by the original.',
-                             required=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory to write the Orbax checkpoint to.',
-                               required=True)
+_INPUT = flags.DEFINE_string(
+  "input", None, "PyTorch checkpoint (.pt) written by the original.", required=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory to write the Orbax checkpoint to.", required=True)
 _PIXEL_SCALE = flags.DEFINE_float(
-    'pixel_scale', 1.0, 'Pixels are divided by this before the model sees them: 255 for weights '
-    'trained on pixels / 255, 1 (the default) for raw pixels; stored in the meta.')
+  "pixel_scale",
+  1.0,
+  "Pixels are divided by this before the model sees them: 255 for weights "
+  "trained on pixels / 255, 1 (the default) for raw pixels; stored in the meta.",
+)
 _TRUST_PICKLE = flags.DEFINE_bool(
-    'trust_pickle', False, 'Load with torch.load(weights_only=False). Only for trusted files.')
+  "trust_pickle", False, "Load with torch.load(weights_only=False). Only for trusted files."
+)
 
 
 def refuse_a_workdir_with_a_model(workdir: str) -> None:
@@ -52,8 +56,9 @@ def refuse_a_workdir_with_a_model(workdir: str) -> None:
   except errors.MissingCheckpointError:
     return
   raise errors.ConfigError(
-      f'{paths.join(found, str(step))}: --workdir={workdir} already holds a model, which importing would '
-      'replace; expected a new or empty workdir (give another --workdir)')
+    f"{paths.join(found, str(step))}: --workdir={workdir} already holds a model, which importing would "
+    "replace; expected a new or empty workdir (give another --workdir)"
+  )
 
 
 def save_into_new_workdir(workdir: str, model, meta: dict) -> None:
@@ -71,21 +76,19 @@ def save_into_new_workdir(workdir: str, model, meta: dict) -> None:
 def main(argv):
   del argv
   try:
-    model, projector, meta = torch_import.import_checkpoint(_INPUT.value,
-                                                            trust_pickle=_TRUST_PICKLE.value)
+    model, projector, meta = torch_import.import_checkpoint(_INPUT.value, trust_pickle=_TRUST_PICKLE.value)
   except (errors.CheckpointImportError, ImportError) as error:
-    sys.exit(f'error: {error}')
-  meta['pixel_scale'] = _PIXEL_SCALE.value
+    sys.exit(f"error: {error}")
+  meta["pixel_scale"] = _PIXEL_SCALE.value
   try:
     save_into_new_workdir(_WORKDIR.value, model, meta)
   except errors.UserError as error:  # a workdir in use or holding a model; a full disk, a write error
-    sys.exit(f'error: {error}')
-  print(f'imported {_INPUT.value}: L2ViT {meta["model_config"]}, '
-        f'{models.param_count(model):,} parameters')
+    sys.exit(f"error: {error}")
+  print(f"imported {_INPUT.value}: L2ViT {meta['model_config']}, {models.param_count(model):,} parameters")
   if projector is not None:
-    print(f'SimCLR projector ({models.param_count(projector):,} parameters) checked, not saved')
-  print(f'saved to {os.path.join(_WORKDIR.value, naming.BEST_DIR)}')
+    print(f"SimCLR projector ({models.param_count(projector):,} parameters) checked, not saved")
+  print(f"saved to {os.path.join(_WORKDIR.value, naming.BEST_DIR)}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

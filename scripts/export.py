@@ -23,14 +23,21 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--workdir", required=True, help="run directory (or checkpoint) to export")
   parser.add_argument("--output", help="directory for the files (default: WORKDIR/export)")
-  parser.add_argument("--formats", default=",".join(export.FORMATS),
-                      help=f"comma-separated, from {','.join(export.FORMATS)} (default: both)")
+  parser.add_argument(
+    "--formats",
+    default=",".join(export.FORMATS),
+    help=f"comma-separated, from {','.join(export.FORMATS)} (default: both)",
+  )
   parser.add_argument("--opset", type=int, default=export.ONNX_OPSET, help="ONNX opset version")
   args = parser.parse_args(argv)
   output = args.output or os.path.join(args.workdir, "export")
   try:
-    sidecar = export.export_checkpoint(args.workdir, output, opset=args.opset,
-                                       formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
+    sidecar = export.export_checkpoint(
+      args.workdir,
+      output,
+      opset=args.opset,
+      formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+    )
   except errors.UserError as error:
     print(f"error: {errors.one_line(error)}", file=sys.stderr)
     return 1

@@ -36,7 +36,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "libtpu topology, Cloud a
 _TABLE = flags.DEFINE_bool("table", False, "Also print the per-image markdown table.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 _COMPILE_PROFILE = flags.DEFINE_integer(
-    "compile_profile", 0, "Profile the train step's compile; report this many slowest instructions.")
+  "compile_profile", 0, "Profile the train step's compile; report this many slowest instructions."
+)
 _HLO_OUT = flags.DEFINE_string("hlo_out", None, "Also write the optimized HLO text of the train step here.")
 
 
@@ -49,29 +50,44 @@ def main(argv):
     mesh = compile_only.compile_only_mesh(compile_only.chips.topology_for_accelerator_type(_TOPOLOGY.value))
   with tempfile.TemporaryDirectory() if _COMPILE_PROFILE.value else contextlib.nullcontext() as profile_dir:
     compiled = compile_only.CompiledSteps(config, mesh, config.batch_size, profile_dir=profile_dir)
-    profile = (compile_profile.slowest(compile_profile.emission_seconds(profile_dir), compiled.train_entries,
-                                       top=_COMPILE_PROFILE.value) if profile_dir else None)
-  summary = accounting.summarise(compiled.train_entries,
-                                 xla_bytes=compiled.train["xla_bytes_accessed"],
-                                 xla_flops=compiled.train["xla_flops"])
+    profile = (
+      compile_profile.slowest(
+        compile_profile.emission_seconds(profile_dir), compiled.train_entries, top=_COMPILE_PROFILE.value
+      )
+      if profile_dir
+      else None
+    )
+  summary = accounting.summarise(
+    compiled.train_entries,
+    xla_bytes=compiled.train["xla_bytes_accessed"],
+    xla_flops=compiled.train["xla_flops"],
+  )
   per_chip_batch = config.batch_size // mesh.size
-  report = {"topology": _TOPOLOGY.value, "task": config.task, "dtype": config.model.dtype,
-            "global_batch": config.batch_size, "per_chip_batch": per_chip_batch,
-            "bytes_accessed_per_image": compiled.train["bytes_accessed"] / per_chip_batch,
-            "hbm_bytes_per_image": summary["hbm_bytes"] / per_chip_batch,
-            "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds,
-            "scan_blocks": compiled.steps.scan_blocks, "remat_policy": compiled.steps.remat_policy,
-            **summary}
+  report = {
+    "topology": _TOPOLOGY.value,
+    "task": config.task,
+    "dtype": config.model.dtype,
+    "global_batch": config.batch_size,
+    "per_chip_batch": per_chip_batch,
+    "bytes_accessed_per_image": compiled.train["bytes_accessed"] / per_chip_batch,
+    "hbm_bytes_per_image": summary["hbm_bytes"] / per_chip_batch,
+    "train_compile_cpu_seconds": compiled.train_compile_cpu_seconds,
+    "scan_blocks": compiled.steps.scan_blocks,
+    "remat_policy": compiled.steps.remat_policy,
+    **summary,
+  }
   if profile:
     report["compile_profile"] = profile
   if _TOPOLOGY.value != "cpu":
     # The roofline bound twice: with XLA's bytes accessed (on-chip traffic included, as
     # compile_tpu.py reports it) and with the HBM traffic alone, which is what bounds a TPU step.
     spec = compile_only.chips.chip_spec(_TOPOLOGY.value)
-    report["roofline_xla_bytes"] = compile_only.roofline(compiled.train["flops"], compiled.train["bytes_accessed"],
-                                                         config.batch_size, spec)
-    report["roofline_hbm_bytes"] = compile_only.roofline(compiled.train["flops"], summary["hbm_bytes"],
-                                                         config.batch_size, spec)
+    report["roofline_xla_bytes"] = compile_only.roofline(
+      compiled.train["flops"], compiled.train["bytes_accessed"], config.batch_size, spec
+    )
+    report["roofline_hbm_bytes"] = compile_only.roofline(
+      compiled.train["flops"], summary["hbm_bytes"], config.batch_size, spec
+    )
   text = json.dumps(report, indent=2)
   print(text)
   if _TABLE.value:

@@ -39,15 +39,21 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = "l2vit_jax"  # on every worker, relative to the login directory
 STAGES = ("create", "setup", "run", "delete")
 # Google's recommended TPU software versions for JAX (cloud.google.com/tpu/docs/runtimes).
-DEFAULT_RUNTIME = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
-                   "v4": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v2": "tpu-ubuntu2204-base"}
+DEFAULT_RUNTIME = {
+  "v6e": "v2-alpha-tpuv6e",
+  "v5p": "v2-alpha-tpuv5",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v4": "tpu-ubuntu2204-base",
+  "v3": "tpu-ubuntu2204-base",
+  "v2": "tpu-ubuntu2204-base",
+}
 UV_INSTALLER = "https://astral.sh/uv/install.sh"
 # What each stage needs, beyond the stage name, as (argparse dest, flag).
 REQUIRED = {
-    "create": (("name", "--name"), ("zone", "--zone"), ("accelerator_type", "--accelerator-type")),
-    "setup": (("name", "--name"), ("zone", "--zone")),
-    "run": (("name", "--name"), ("zone", "--zone"), ("config", "--config"), ("workdir", "--workdir")),
-    "delete": (("name", "--name"), ("zone", "--zone")),
+  "create": (("name", "--name"), ("zone", "--zone"), ("accelerator_type", "--accelerator-type")),
+  "setup": (("name", "--name"), ("zone", "--zone")),
+  "run": (("name", "--name"), ("zone", "--zone"), ("config", "--config"), ("workdir", "--workdir")),
+  "delete": (("name", "--name"), ("zone", "--zone")),
 }
 NAME_PATTERN = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # Cloud resource names
 ZONE_PATTERN = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
@@ -65,21 +71,24 @@ class StepFailed(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-
   def error(self, message):
     raise UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                   allow_abbrev=False)
+  parser = _Parser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
   parser.add_argument("stage", choices=STAGES + ("all",), help="what to do (see above)")
   parser.add_argument("--name", help="TPU VM name")
   parser.add_argument("--zone", help="zone with TPU quota, e.g. us-west4-a")
   parser.add_argument("--project", help="Google Cloud project (default: gcloud's configured one)")
   parser.add_argument("--accelerator-type", help="Cloud accelerator type, e.g. v5litepod-8, v6e-16, v5p-8")
-  parser.add_argument("--runtime-version", help="TPU software version (default: Google's JAX choice "
-                      f"for the generation: {', '.join(f'{k}: {v}' for k, v in DEFAULT_RUNTIME.items())})")
+  parser.add_argument(
+    "--runtime-version",
+    help="TPU software version (default: Google's JAX choice "
+    f"for the generation: {', '.join(f'{k}: {v}' for k, v in DEFAULT_RUNTIME.items())})",
+  )
   kind = parser.add_mutually_exclusive_group()
   kind.add_argument("--spot", action="store_true", help="a Spot VM (cheaper; may be preempted any time)")
   kind.add_argument("--preemptible", action="store_true", help="a preemptible VM (at most 24 h)")
@@ -118,28 +127,37 @@ def _validate(args: argparse.Namespace) -> None:
   if args.overrides and "run" not in stages:
     raise UsageError(f"{args.overrides[0]}: config overrides only apply to 'run' and 'all'")
   if not NAME_PATTERN.fullmatch(args.name):
-    raise UsageError(f"--name={args.name}: expected lower-case letters, digits and hyphens, starting with a "
-                     "letter, at most 63 characters")
+    raise UsageError(
+      f"--name={args.name}: expected lower-case letters, digits and hyphens, starting with a "
+      "letter, at most 63 characters"
+    )
   if not ZONE_PATTERN.fullmatch(args.zone):
     raise UsageError(f"--zone={args.zone}: expected a zone such as us-west4-a")
   if args.accelerator_type is not None:
     match = ACCELERATOR_PATTERN.fullmatch(args.accelerator_type)
     if not match:
-      raise UsageError(f"--accelerator-type={args.accelerator_type}: expected a Cloud accelerator type "
-                       "such as v5litepod-8, v6e-16, v5p-8 or v4-32")
+      raise UsageError(
+        f"--accelerator-type={args.accelerator_type}: expected a Cloud accelerator type "
+        "such as v5litepod-8, v6e-16, v5p-8 or v4-32"
+      )
     if args.runtime_version is None:
       if match.group(1) not in DEFAULT_RUNTIME:
-        raise UsageError(f"--accelerator-type={args.accelerator_type}: no default TPU software version for "
-                         f"{match.group(1)}; pass --runtime-version")
+        raise UsageError(
+          f"--accelerator-type={args.accelerator_type}: no default TPU software version for "
+          f"{match.group(1)}; pass --runtime-version"
+        )
       args.runtime_version = DEFAULT_RUNTIME[match.group(1)]
   if not re.fullmatch(r"3\.(1[1-9]|[2-9][0-9])", args.python):
     raise UsageError(f"--python={args.python}: expected a version >= 3.11, e.g. 3.12")
   if args.data is not None and not GCS_PATTERN.fullmatch(args.data):
     raise UsageError(f"--data={args.data}: expected a gs://BUCKET/FOLDER (workers copy it to local disk)")
-  if args.workdir is not None and not (GCS_PATTERN.fullmatch(args.workdir) and
-                                       args.workdir.rstrip("/").count("/") >= 3):
-    raise UsageError(f"--workdir={args.workdir}: expected gs://BUCKET/PATH (every worker must see the same "
-                     "workdir, and the VM's disk goes with the VM)")
+  if args.workdir is not None and not (
+    GCS_PATTERN.fullmatch(args.workdir) and args.workdir.rstrip("/").count("/") >= 3
+  ):
+    raise UsageError(
+      f"--workdir={args.workdir}: expected gs://BUCKET/PATH (every worker must see the same "
+      "workdir, and the VM's disk goes with the VM)"
+    )
   if args.config is not None:
     _check_config_file(args.config, args.ref)
 
@@ -148,13 +166,15 @@ def _check_config_file(config: str, ref: str) -> None:
   """The config must be in the commit the workers get, at a path relative to the repository root."""
   path = config.split(":", 1)[0]  # ml_collections accepts configs/study.py:quick
   if os.path.isabs(path) or path.startswith(".."):
-    raise UsageError(f"--config={config}: expected a path relative to the repository root, "
-                     "e.g. configs/simclr.py")
+    raise UsageError(
+      f"--config={config}: expected a path relative to the repository root, e.g. configs/simclr.py"
+    )
   if not os.path.isfile(os.path.join(REPO_ROOT, path)):
     raise UsageError(f"--config={config}: no such file in {REPO_ROOT}")
   if _git("cat-file", "-e", f"{ref}:{path}").returncode != 0:
-    raise UsageError(f"--config={config}: not in commit {ref}, which is what the workers get; commit it "
-                     "first or pass --ref")
+    raise UsageError(
+      f"--config={config}: not in commit {ref}, which is what the workers get; commit it first or pass --ref"
+    )
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:
@@ -179,8 +199,17 @@ def archive_path(args: argparse.Namespace) -> str:
 def create_commands(args: argparse.Namespace) -> list[list[str]]:
   kind = ["--spot"] if args.spot else ["--preemptible"] if args.preemptible else []
   account = [f"--service-account={args.service_account}"] if args.service_account else []
-  return [_tpu_vm(args, "create", [args.name], f"--accelerator-type={args.accelerator_type}",
-                  f"--version={args.runtime_version}", *kind, *account)]
+  return [
+    _tpu_vm(
+      args,
+      "create",
+      [args.name],
+      f"--accelerator-type={args.accelerator_type}",
+      f"--version={args.runtime_version}",
+      *kind,
+      *account,
+    )
+  ]
 
 
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -188,30 +217,47 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
   remote_archive = f"{REMOTE_DIR}.tar.gz"
   uv = "~/.local/bin/uv"
   commands = [
-      ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={archive}", args.ref],
-      _tpu_vm(args, "scp", [archive, f"{args.name}:{remote_archive}"], "--worker=all"),
-      _on_every_worker(args, f"mkdir -p {REMOTE_DIR}", f"tar -xzf {remote_archive} -C {REMOTE_DIR}",
-                       f"rm {remote_archive}"),
-      # A venv made once and kept: rerunning setup only reinstalls the (editable) project.
-      _on_every_worker(args, f"cd {REMOTE_DIR}",
-                       f"{{ test -x .venv/bin/python || {{ curl -LsSf {UV_INSTALLER} | "
-                       f"env UV_INSTALL_DIR=$HOME/.local/bin sh && "
-                       f"{uv} venv --seed --python={args.python} .venv; }}; }}",
-                       '.venv/bin/pip install -e ".[tpu]"'),
+    ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={archive}", args.ref],
+    _tpu_vm(args, "scp", [archive, f"{args.name}:{remote_archive}"], "--worker=all"),
+    _on_every_worker(
+      args, f"mkdir -p {REMOTE_DIR}", f"tar -xzf {remote_archive} -C {REMOTE_DIR}", f"rm {remote_archive}"
+    ),
+    # A venv made once and kept: rerunning setup only reinstalls the (editable) project.
+    _on_every_worker(
+      args,
+      f"cd {REMOTE_DIR}",
+      f"{{ test -x .venv/bin/python || {{ curl -LsSf {UV_INSTALLER} | "
+      f"env UV_INSTALL_DIR=$HOME/.local/bin sh && "
+      f"{uv} venv --seed --python={args.python} .venv; }}; }}",
+      '.venv/bin/pip install -e ".[tpu]"',
+    ),
   ]
   if args.data:
     # rsync, not cp: a rerun fetches only what is missing or changed.
-    commands.append(_on_every_worker(
-        args, f"mkdir -p {REMOTE_DIR}/data",
-        shlex.join(["gcloud", "storage", "rsync", "--recursive", args.data.rstrip("/"),
-                    f"{REMOTE_DIR}/data"])))
+    commands.append(
+      _on_every_worker(
+        args,
+        f"mkdir -p {REMOTE_DIR}/data",
+        shlex.join(
+          ["gcloud", "storage", "rsync", "--recursive", args.data.rstrip("/"), f"{REMOTE_DIR}/data"]
+        ),
+      )
+    )
   return commands
 
 
 def run_commands(args: argparse.Namespace) -> list[list[str]]:
   # L2VIT_DISTRIBUTED=1: every worker calls jax.distributed.initialize(), which finds its peers itself.
-  main = ["env", "L2VIT_DISTRIBUTED=1", ".venv/bin/python", "-m", "l2vit_jax.main", f"--config={args.config}", f"--workdir={args.workdir}",
-          *args.overrides]
+  main = [
+    "env",
+    "L2VIT_DISTRIBUTED=1",
+    ".venv/bin/python",
+    "-m",
+    "l2vit_jax.main",
+    f"--config={args.config}",
+    f"--workdir={args.workdir}",
+    *args.overrides,
+  ]
   return [_on_every_worker(args, f"cd {REMOTE_DIR}", shlex.join(main))]
 
 
@@ -219,8 +265,12 @@ def delete_commands(args: argparse.Namespace) -> list[list[str]]:
   return [_tpu_vm(args, "delete", [args.name], "--quiet")]
 
 
-STAGE_COMMANDS = {"create": create_commands, "setup": setup_commands, "run": run_commands,
-                  "delete": delete_commands}
+STAGE_COMMANDS = {
+  "create": create_commands,
+  "setup": setup_commands,
+  "run": run_commands,
+  "delete": delete_commands,
+}
 
 
 def plan(args: argparse.Namespace) -> tuple[list[tuple[str, list[str]]], list[list[str]]]:
@@ -243,8 +293,10 @@ def _execute(command: list[str]) -> None:
 
 def _warn_if_uncommitted(ref: str) -> None:
   if ref == "HEAD" and _git("status", "--porcelain", "--untracked-files=no").stdout.strip():
-    print("warning: uncommitted changes are not shipped; the workers get the last commit (git archive HEAD)",
-          file=sys.stderr)
+    print(
+      "warning: uncommitted changes are not shipped; the workers get the last commit (git archive HEAD)",
+      file=sys.stderr,
+    )
 
 
 def execute(args: argparse.Namespace) -> int:

@@ -28,8 +28,11 @@ ARRAY_ITEMS = ("model", "optimizer")
 
 def manager_dirs(directory: str) -> list[str]:
   """``checkpoints/`` and ``best/`` of a workdir, or ``directory`` itself when it holds steps."""
-  found = [paths.join(directory, sub) for sub in (naming.LATEST_DIR, naming.BEST_DIR)
-           if paths.is_dir(paths.join(directory, sub))]
+  found = [
+    paths.join(directory, sub)
+    for sub in (naming.LATEST_DIR, naming.BEST_DIR)
+    if paths.is_dir(paths.join(directory, sub))
+  ]
   return found or [directory]
 
 
@@ -40,8 +43,9 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> tuple[bool, str]:
     # The items to verify: those on disk and those the digests name (a torn copy may lack a folder).
     digests = integrity.restore_verified(manager, step)["meta"].get(integrity.DIGESTS)
     named = {name.split("/")[0] for name in digests} if isinstance(digests, dict) else set()
-    items = {name: ocp.args.StandardRestore() for name in ARRAY_ITEMS
-             if name in named or (step_dir / name).is_dir()}
+    items = {
+      name: ocp.args.StandardRestore() for name in ARRAY_ITEMS if name in named or (step_dir / name).is_dir()
+    }
     restored = integrity.restore_verified(manager, step, **items)
   except errors.CheckpointDamagedError as error:
     if not error.proven:
@@ -60,8 +64,9 @@ def verify(directory: str) -> tuple[int, int, int]:
   for manager_dir in manager_dirs(directory):
     if not paths.is_dir(manager_dir):
       continue
-    set_aside = sorted(p.name for p in paths.as_path(manager_dir).iterdir()
-                       if integrity.DAMAGED_SUFFIX in p.name)
+    set_aside = sorted(
+      p.name for p in paths.as_path(manager_dir).iterdir() if integrity.DAMAGED_SUFFIX in p.name
+    )
     with storage.open_manager(manager_dir, max_to_keep=None, read_only=True) as manager:
       for step in manager.all_steps():
         intact, verdict = check_step(manager, step)
@@ -89,8 +94,10 @@ def main(argv):
       print(f"{directory}: {damaged} of {checked} checkpoint(s) damaged", file=sys.stderr)
       status = 1 if status != 2 else status
     if unreadable:  # not damage: the storage did not answer; exit 3 unless worse was found
-      print(f"{directory}: {unreadable} of {checked} checkpoint(s) unreadable now (storage error)",
-            file=sys.stderr)
+      print(
+        f"{directory}: {unreadable} of {checked} checkpoint(s) unreadable now (storage error)",
+        file=sys.stderr,
+      )
       status = status or 3
   sys.exit(status)
 

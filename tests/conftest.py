@@ -37,8 +37,11 @@ def write_jet_file(path, num=40, size=25, *, labelled=True, seed=0, overrides=No
   arrays = {"jet": jet}
   if labelled:
     labels = (np.arange(num) % 2).astype(np.float32)
-    arrays.update(Y=labels[:, None], m=rng.uniform(50, 300, (num, 1)).astype(np.float32),
-                  pT=rng.normal(520, 100, (num, 1)).astype(np.float32))
+    arrays.update(
+      Y=labels[:, None],
+      m=rng.uniform(50, 300, (num, 1)).astype(np.float32),
+      pT=rng.normal(520, 100, (num, 1)).astype(np.float32),
+    )
   arrays.update(overrides or {})
   with h5py.File(path, "w") as f:
     for key, value in arrays.items():
@@ -55,6 +58,7 @@ def jet_file(tmp_path):
 def tiny_config(task, labelled_path="", unlabelled_path="", **overrides):
   """A config for a 25×25 image, depth-1, dim-32 model that trains in seconds on 2 CPU cores."""
   from l2vit_jax import config_lib
+
   config = config_lib.base_config()
   config.task = task
   config.model = config_lib.model_config("tiny")
@@ -80,6 +84,7 @@ def tiny_config(task, labelled_path="", unlabelled_path="", **overrides):
 def randomise_torch_module(module, generator):
   """Random values for every PyTorch parameter and BatchNorm statistic (not the zero-bias init)."""
   import torch  # pylint: disable=import-outside-toplevel
+
   with torch.no_grad():
     for name, parameter in module.named_parameters():
       parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
@@ -98,4 +103,5 @@ def flat_params(model, variable_type=None) -> dict:
   ``{"blocks/0/attn/temperature": (4, 1, 1)}``, as checkpoints name them."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from l2vit_jax.checkpoint import naming  # pylint: disable=import-outside-toplevel
+
   return naming.flatten_names(nnx.to_pure_dict(nnx.state(model, variable_type or nnx.Param)))

@@ -36,6 +36,7 @@ def test_elementwise_arithmetic_and_transcendentals_are_counted_apart():
 def test_a_loop_body_counts_once_per_trip_where_xla_counts_it_once():
   def five_matmuls(x, w):
     return jax.lax.scan(lambda x, _: (jnp.tanh(x @ w), None), x, None, length=5)[0]
+
   entries, cost = _entries_and_cost(five_matmuls, jnp.zeros((64, 128)), jnp.zeros((128, 128)))
   matmul_flops = 2 * 64 * 128 * 128
   assert cost["flops"] < 2 * matmul_flops  # XLA: the body once
@@ -50,6 +51,7 @@ def test_a_scan_moves_one_slice_of_its_stacked_inputs_and_outputs_per_trip():
   """Counted whole, the stacked arrays would count six times over; sliced, the scan moves about what
   the same computation unrolled moves (and the unrolled one's static slices are counted as XLA
   counts them)."""
+
   def scanned(xs, w):
     return jax.lax.scan(lambda carry, x: (carry, jnp.tanh(x @ w)), 0.0, xs)[1]
 
@@ -60,16 +62,21 @@ def test_a_scan_moves_one_slice_of_its_stacked_inputs_and_outputs_per_trip():
   entries, cost = _entries_and_cost(unrolled, *args)
   assert sum(e.bytes for e in entries) == cost["bytes accessed"]
   scan_entries, scan_cost = _entries_and_cost(scanned, *args)
-  executed = accounting.executed_cost(scan_entries, xla_flops=scan_cost["flops"],
-                                      xla_bytes=scan_cost["bytes accessed"])
+  executed = accounting.executed_cost(
+    scan_entries, xla_flops=scan_cost["flops"], xla_bytes=scan_cost["bytes accessed"]
+  )
   assert cost["bytes accessed"] <= executed["bytes_accessed"] < 1.25 * cost["bytes accessed"]
 
 
 def test_the_innermost_model_part_and_the_backward_pass_are_read_from_op_names():
-  assert accounting.scope_of("jit(train_step)/transpose(jvp(loss))/block0/lcm/norm/mul") == \
-      ("norm", "backward")
-  assert accounting.scope_of("jit(train_step)/jvp(loss)/block1/mlp/dropout/random_bits") == \
-      ("dropout", "forward")
+  assert accounting.scope_of("jit(train_step)/transpose(jvp(loss))/block0/lcm/norm/mul") == (
+    "norm",
+    "backward",
+  )
+  assert accounting.scope_of("jit(train_step)/jvp(loss)/block1/mlp/dropout/random_bits") == (
+    "dropout",
+    "forward",
+  )
   assert accounting.scope_of("jit(train_step)/optimizer/add") == ("optimizer", "forward")
   assert accounting.scope_of("jit(train_step)/is_finite") == ("other", "forward")
 
@@ -83,9 +90,11 @@ def tiny_step():
 
 
 def test_the_train_step_is_attributed_to_every_model_part_and_adds_up_to_xla(tiny_step):
-  summary = accounting.summarise(accounting.account(tiny_step.train_hlo),
-                                 xla_bytes=tiny_step.train["xla_bytes_accessed"],
-                                 xla_flops=tiny_step.train["xla_flops"])
+  summary = accounting.summarise(
+    accounting.account(tiny_step.train_hlo),
+    xla_bytes=tiny_step.train["xla_bytes_accessed"],
+    xla_flops=tiny_step.train["xla_flops"],
+  )
   parts = set(summary["by_part"])
   for part in ("patch_embed", "attention", "lcm", "mlp", "norm"):
     assert {f"{part}/forward", f"{part}/backward"} <= parts, parts
@@ -138,8 +147,9 @@ ENTRY %main (p: f32[16,128]) -> f32[16,128] {
 
 def test_a_batched_matmul_written_as_a_dilated_convolution_counts_one_tap_per_batch_element():
   conv = accounting.parse_instruction(
-      "  %c = f32[16,4,625,64]{2,3,1,0} convolution(%a, %b), window={size=16x4 stride=15x3 "
-      "lhs_dilate=16x4}, dim_labels=01bf_01oi->01bf")
+    "  %c = f32[16,4,625,64]{2,3,1,0} convolution(%a, %b), window={size=16x4 stride=15x3 "
+    "lhs_dilate=16x4}, dim_labels=01bf_01oi->01bf"
+  )
   conv.operand_types = ["f32[16,4,625,65]{2,3,1,0}", "f32[16,4,64,65]{3,2,1,0}"]
   assert accounting.instruction_flops(conv) == (2.0 * 16 * 4 * 625 * 64 * 65, 0.0)
 
@@ -148,27 +158,48 @@ def test_a_matmul_written_as_a_convolution_padded_over_an_input_of_extent_one_co
   """libtpu wrote the qkv matmul of a large SimCLR batch this way; counting the 625-wide window as
   taps made the step 70 times its FLOPs."""
   conv = accounting.parse_instruction(
-      "  %c = bf16[1024,625,768]{0,2,1} convolution(%a, %b), window={size=625 pad=624_624 "
-      "rhs_reversal=1}, dim_labels=fb0_o0i->f0b")
+    "  %c = bf16[1024,625,768]{0,2,1} convolution(%a, %b), window={size=625 pad=624_624 "
+    "rhs_reversal=1}, dim_labels=fb0_o0i->f0b"
+  )
   conv.operand_types = ["bf16[256,768,1]{0,1,2}", "bf16[1024,625,256]{0,2,1}"]
   assert accounting.instruction_flops(conv) == (2.0 * 1024 * 625 * 768 * 256, 0.0)
 
 
-def test_the_script_reports_a_tpu_steps_hbm_traffic_both_roofline_bounds_and_where_its_compile_went(
-    tmp_path):
-  tiny = ["--config.model.img_size=25", "--config.model.depth=1", "--config.model.embed_dim=32",
-          "--config.model.num_heads=2", "--config.batch_size=8", "--config.model.dtype=bfloat16"]
+def test_the_script_reports_a_tpu_steps_hbm_traffic_both_roofline_bounds_and_where_its_compile_went(tmp_path):
+  tiny = [
+    "--config.model.img_size=25",
+    "--config.model.depth=1",
+    "--config.model.embed_dim=32",
+    "--config.model.num_heads=2",
+    "--config.batch_size=8",
+    "--config.model.dtype=bfloat16",
+  ]
   hlo_out = tmp_path / "train.hlo"
-  result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "hlo_accounting.py"), "--topology=v5e:2x2",
-                           "--config=configs/finetune.py", *tiny, "--compile_profile=3", f"--hlo_out={hlo_out}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "scripts", "hlo_accounting.py"),
+      "--topology=v5e:2x2",
+      "--config=configs/finetune.py",
+      *tiny,
+      "--compile_profile=3",
+      f"--hlo_out={hlo_out}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert report["per_chip_batch"] == 2
   # Memory-space assignment puts some of the step's arrays on chip: less HBM traffic than XLA counts.
   assert 0 < report["hbm_bytes_per_image"] < report["bytes_accessed_per_image"]
   by_xla, by_hbm = report["roofline_xla_bytes"], report["roofline_hbm_bytes"]
-  assert by_hbm["memory_seconds"] < by_xla["memory_seconds"] and by_hbm["mfu_at_bound"] > by_xla["mfu_at_bound"]
+  assert (
+    by_hbm["memory_seconds"] < by_xla["memory_seconds"] and by_hbm["mfu_at_bound"] > by_xla["mfu_at_bound"]
+  )
   # The compile's code generation, per instruction of the train step's own optimized HLO, slowest first.
   profile = report["compile_profile"]
   slowest = profile["slowest"]

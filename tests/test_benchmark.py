@@ -29,8 +29,12 @@ def _tiny_args(*flags):
 
 
 def test_summarize_reports_median_and_range():
-  assert timing.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0,
-                                               "rounds": [3.0, 1.0, 2.0]}
+  assert timing.summarize([3.0, 1.0, 2.0]) == {
+    "median": 2.0,
+    "min": 1.0,
+    "max": 3.0,
+    "rounds": [3.0, 1.0, 2.0],
+  }
   assert timing.summarize([4.0, 1.0, 2.0, 3.0])["median"] == 2.5
 
 
@@ -47,8 +51,13 @@ def test_paired_rounds_alternate_order_and_pair_ratios():
 
 def test_load_monitor_marks_a_loaded_machine(monkeypatch):
   record = load.LoadMonitor().finish()
-  assert {"loadavg_1min_before", "loadavg_1min_after", "cpu_count", "loaded_fraction_threshold",
-          "loaded"} <= record.keys()
+  assert {
+    "loadavg_1min_before",
+    "loadavg_1min_after",
+    "cpu_count",
+    "loaded_fraction_threshold",
+    "loaded",
+  } <= record.keys()
   if os.path.exists("/proc/stat"):
     assert 0.0 <= record["other_processes_cpu_fraction"]
   # Any foreign CPU at all counts as load when the threshold is below zero, none when above one.
@@ -70,8 +79,16 @@ def test_profile_attributes_every_dropout_mask_draw_to_dropout():
   # The model's own Dropout (8-bit masks) once escaped the profile, which wrapped nnx.Dropout: its
   # mask draws counted as 'other'. The profile now reads the model's named scopes through
   # tpu/accounting.py: every random draw (drop path off: all are dropout's) must count as dropout.
-  model = l2vit.L2ViT(img_size=10, patch_size=5, embed_dim=8, depth=1, num_heads=2, drop_rate=0.5,
-                      drop_path_rate=0.0, rngs=nnx.Rngs(0))
+  model = l2vit.L2ViT(
+    img_size=10,
+    patch_size=5,
+    embed_dim=8,
+    depth=1,
+    num_heads=2,
+    drop_rate=0.5,
+    drop_path_rate=0.0,
+    rngs=nnx.Rngs(0),
+  )
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
   hlo = forward.lower(state, jax.numpy.ones((2, 10, 10, 8))).compile().as_text()
@@ -86,22 +103,26 @@ def test_profile_attributes_every_dropout_mask_draw_to_dropout():
 def test_trace_milliseconds_counts_leaf_thunks_by_part_per_step():
   parts = {"fusion.1": "norm/backward", "dot.2": "mlp/forward", "while.3": None}
   events = [
-      {"ph": "X", "name": "fusion.1", "dur": 3000, "args": {"hlo_op": "fusion.1"}},
-      {"ph": "X", "name": "fusion.1", "dur": 1000, "args": {"hlo_op": "fusion.1"}},
-      {"ph": "X", "name": "dot.2", "dur": 2000, "args": {"hlo_op": "dot.2"}},
-      {"ph": "X", "name": "while.3", "dur": 9000, "args": {"hlo_op": "while.3"}},  # encloses others
-      {"ph": "X", "name": "end: dot.2", "dur": 9000, "args": {"hlo_op": "dot.2"}},
-      {"ph": "i", "name": "dot.2", "dur": 9000, "args": {"hlo_op": "dot.2"}},
-      {"ph": "X", "name": "copy.9", "dur": 500, "args": {"hlo_op": "copy.9"}},  # unknown to the HLO
-      {"ph": "X", "name": "python", "dur": 9000, "args": {}},
+    {"ph": "X", "name": "fusion.1", "dur": 3000, "args": {"hlo_op": "fusion.1"}},
+    {"ph": "X", "name": "fusion.1", "dur": 1000, "args": {"hlo_op": "fusion.1"}},
+    {"ph": "X", "name": "dot.2", "dur": 2000, "args": {"hlo_op": "dot.2"}},
+    {"ph": "X", "name": "while.3", "dur": 9000, "args": {"hlo_op": "while.3"}},  # encloses others
+    {"ph": "X", "name": "end: dot.2", "dur": 9000, "args": {"hlo_op": "dot.2"}},
+    {"ph": "i", "name": "dot.2", "dur": 9000, "args": {"hlo_op": "dot.2"}},
+    {"ph": "X", "name": "copy.9", "dur": 500, "args": {"hlo_op": "copy.9"}},  # unknown to the HLO
+    {"ph": "X", "name": "python", "dur": 9000, "args": {}},
   ]
   assert profiling.trace_milliseconds(events, parts, steps=2) == {
-      "norm/backward": 2.0, "mlp/forward": 1.0, "other/forward": 0.25}
+    "norm/backward": 2.0,
+    "mlp/forward": 1.0,
+    "other/forward": 0.25,
+  }
 
 
 def _torch_event(name, parent=None, sequence_nr=-1, self_us=0.0):
-  return types.SimpleNamespace(name=name, cpu_parent=parent, sequence_nr=sequence_nr,
-                               self_cpu_time_total=self_us)
+  return types.SimpleNamespace(
+    name=name, cpu_parent=parent, sequence_nr=sequence_nr, self_cpu_time_total=self_us
+  )
 
 
 def test_torch_milliseconds_takes_the_most_specific_part_and_the_forward_part_for_backward_ops():
@@ -115,13 +136,18 @@ def test_torch_milliseconds_takes_the_most_specific_part_and_the_forward_part_fo
   loose = _torch_event("aten::empty", self_us=500)
   events = [loss, block_norm, layer_norm, residual, engine, backward, step, loose]
   assert profiling.torch_milliseconds(events, steps=1) == {
-      "norm/forward": 4.0, "loss/forward": 1.0, "norm/backward": 6.0, "optimizer/forward": 2.0,
-      "other/forward": 0.5}
+    "norm/forward": 4.0,
+    "loss/forward": 1.0,
+    "norm/backward": 6.0,
+    "optimizer/forward": 2.0,
+    "other/forward": 0.5,
+  }
 
 
 def test_torch_profile_names_the_reference_parts_as_ours_and_removes_its_hooks():
   pytest.importorskip("torch")
   from l2vit_jax.bench import pytorch  # pylint: disable=import-outside-toplevel
+
   args = _tiny_args()
   theirs = pytorch.TorchTrainer(args, ours.fake_batch(args))
   with profiling.torch_scopes(theirs):
@@ -157,10 +183,20 @@ def test_the_benchmarked_step_is_the_finetune_recipes_built_as_training_builds_i
 def test_command_line_defaults_and_explicit_options():
   args = benchmark.parse_args(["--accelerator", "--tiny", "--steps=2"])
   assert (args.sections, args.batch, args.dtype, args.steps, args.pairs) == (
-      ["model"], "fill", "bfloat16", 2, 2)
+    ["model"],
+    "fill",
+    "bfloat16",
+    2,
+    2,
+  )
   args = benchmark.parse_args(["--only=depthwise,profile", "--batch=8", "--dtype=bfloat16"])
   assert (args.sections, args.batch, args.dtype, args.steps, args.pairs) == (
-      ["depthwise", "profile"], 8, "bfloat16", 3, 5)
+    ["depthwise", "profile"],
+    8,
+    "bfloat16",
+    3,
+    5,
+  )
   assert benchmark.parse_args([]).sections == [s for s in benchmark.SECTIONS if s != "profile"]
   with pytest.raises(SystemExit):
     benchmark.parse_args(["--only=model,nonsense"])
@@ -173,22 +209,48 @@ def test_tiny_run_writes_every_section_with_paired_ratios_load_and_profile(tmp_p
   # costly part (≈ 20 s on 2 busy cores).
   out = tmp_path / "bench.json"
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--tiny", "--pairs=3",
-       "--out", str(out), "--only=matmul,model,depthwise,attention,pipeline,profile"],
-      capture_output=True, text=True, check=False, cwd=REPO, timeout=600)
+    [
+      sys.executable,
+      os.path.join(REPO, "scripts", "benchmark.py"),
+      "--tiny",
+      "--pairs=3",
+      "--out",
+      str(out),
+      "--only=matmul,model,depthwise,attention,pipeline,profile",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=REPO,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert json.loads(result.stdout) == report
-  assert {"date", "hardware", "matmul", "model", "depthwise", "attention", "pipeline",
-          "profile"} <= report.keys()
+  assert {
+    "date",
+    "hardware",
+    "matmul",
+    "model",
+    "depthwise",
+    "attention",
+    "pipeline",
+    "profile",
+  } <= report.keys()
   assert isinstance(report["loaded"], bool)
   for section in ("model", "profile"):
     assert isinstance(report[section]["loaded"], bool)
     assert report[section]["load"]["loaded_fraction_threshold"] == load.LOADED_FRACTION
   assert ("LOADED MACHINE" in result.stderr) == report["loaded"]
   model = report["model"]
-  for key in ("train_img_per_s", "inference_img_per_s", "train_compile_seconds",
-              "train_fraction_of_matmul_peak", "analytic_train_gflop_per_image", "peak_rss_mib"):
+  for key in (
+    "train_img_per_s",
+    "inference_img_per_s",
+    "train_compile_seconds",
+    "train_fraction_of_matmul_peak",
+    "analytic_train_gflop_per_image",
+    "peak_rss_mib",
+  ):
     assert model[key] > 0, key
   assert model["pairs"] == 3 and len(model["train_img_per_s_rounds"]["rounds"]) == 3
   assert set(report["depthwise"]["implementations"]) == set(depthwise.IMPLEMENTATIONS[1:])
@@ -198,8 +260,14 @@ def test_tiny_run_writes_every_section_with_paired_ratios_load_and_profile(tmp_p
   profile = report["profile"]
   # The named scopes of tpu/accounting.py attribute our operations in the trace, forward and backward.
   assert profile["categories"] == list(profiling.CATEGORIES)
-  assert {"attention/forward", "attention/backward", "mlp/forward", "norm/forward", "lcm/backward",
-          "optimizer/forward"} <= set(profile["ours"]["train"]["ms_per_step"])
+  assert {
+    "attention/forward",
+    "attention/backward",
+    "mlp/forward",
+    "norm/forward",
+    "lcm/backward",
+    "optimizer/forward",
+  } <= set(profile["ours"]["train"]["ms_per_step"])
   pytest.importorskip("torch", reason="no torch: no ours/PyTorch ratios")
   for kind in ("train", "inference"):
     ratio = model[f"ratio_{kind}_ours_over_torch_rounds"]
@@ -222,23 +290,28 @@ def test_fill_batch_is_the_largest_power_of_two_whose_plan_fits():
 
 
 def test_accelerator_run_fills_the_batch_reports_mfu_and_times_pytorch_under_bf16_autocast(
-    monkeypatch, tmp_path):
+  monkeypatch, tmp_path
+):
   # The GPU command on the CPU: a device memory limit and an H100's name stand in for the GPU's.
   from l2vit_jax.tpu import chips  # pylint: disable=import-outside-toplevel
+
   monkeypatch.setattr(fill, "device_bytes_limit", lambda: 4 * 2**30)
   monkeypatch.setattr(fill, "chip", lambda: chips.spec_for_device_kind("NVIDIA H100 80GB HBM3"))
-  report = benchmark.main(["--accelerator", "--tiny", "--max-batch=8", "--pairs=1",
-                           "--out", str(tmp_path / "gpu.json")])
+  report = benchmark.main(
+    ["--accelerator", "--tiny", "--max-batch=8", "--pairs=1", "--out", str(tmp_path / "gpu.json")]
+  )
   fill_record, model = report["batch_fill"], report["model"]
   assert fill_record["batch"] == 8
   assert fill_record["temp_bytes_per_image"] > 0 and fill_record["fixed_bytes"] > 0
   assert model["config"]["batch"] == 8 and model["config"]["dtype"] == "bfloat16"
   assert model["published_peak_bf16_flops"] == 989e12
   assert model["train_mfu"] == pytest.approx(
-      model["analytic_train_gflop_per_image"] * 1e9 * model["train_img_per_s"] / 989e12)
+    model["analytic_train_gflop_per_image"] * 1e9 * model["train_img_per_s"] / 989e12
+  )
   pytest.importorskip("torch", reason="no torch: no PyTorch reference")
   assert model["torch"]["autocast_dtype"] == "torch.bfloat16" and model["torch"]["device"] == "cpu"
   assert model["torch"]["batch"] == 8
   assert model["torch"]["inference_mfu"] == pytest.approx(
-      model["analytic_inference_gflop_per_image"] * 1e9 * model["torch"]["inference_img_per_s"] / 989e12)
+    model["analytic_inference_gflop_per_image"] * 1e9 * model["torch"]["inference_img_per_s"] / 989e12
+  )
   assert model["torch"]["train_mfu"] > 0

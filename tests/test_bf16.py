@@ -34,7 +34,7 @@ def _separable_jets(num=256, size=25, seed=0):
   for i in range(num):
     for _ in range(3 if labels[i] else 1):
       row, col = rng.integers(3, size - 3, 2)
-      images[i, row - 1:row + 2, col - 1:col + 2, rng.integers(0, 8)] += rng.exponential(20.0)
+      images[i, row - 1 : row + 2, col - 1 : col + 2, rng.integers(0, 8)] += rng.exponential(20.0)
   mass = (50 + 0.5 * images.sum((1, 2, 3)) + rng.normal(0, 5, num)).astype(np.float32)
   return images, labels, mass
 
@@ -57,8 +57,10 @@ def _loss_curve(dtype, param_dtype=jnp.float32) -> np.ndarray:
   losses = []
   for i in range(STEPS):
     start = (i * BATCH) % len(images)
-    batch = {k: jnp.asarray(v[start:start + BATCH]) for k, v in
-             (("image", images), ("label", labels), ("mass", mass))}
+    batch = {
+      k: jnp.asarray(v[start : start + BATCH])
+      for k, v in (("image", images), ("label", labels), ("mass", mass))
+    }
     params, stats, opt_state, metrics = step(params, stats, other, opt_state, jnp.int32(i), batch)
     losses.append(metrics["loss"])
   return np.asarray(jnp.stack(losses), np.float64)
@@ -68,7 +70,7 @@ def _late_window_gap(a: np.ndarray, b: np.ndarray) -> float:
   """Mean |difference| of the curves' window means over the second half of training."""
   windows = lambda c: c.reshape(-1, WINDOW).mean(axis=1)
   gaps = np.abs(windows(a) - windows(b))
-  return float(gaps[len(gaps) // 2:].mean())
+  return float(gaps[len(gaps) // 2 :].mean())
 
 
 @functools.cache

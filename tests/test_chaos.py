@@ -31,14 +31,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
 ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 # 25 × 25 images, one block: SimCLR 5 steps (1 epoch), finetune and scratch 10 steps (2 epochs).
-TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.generate.generator=synthetic",
-        "--config.generate.num_labelled=120",
-        "--config.generate.num_unlabelled=96", "--config.pretrain_simclr.num_epochs=1",
-        "--config.finetune.num_epochs=2", "--config.scratch.num_epochs=2",
-        "--config.pretrain_simclr.batch_size=16", "--config.finetune.batch_size=16",
-        "--config.scratch.batch_size=16", "--config.eval_batch_size=20",
-        "--config.bootstrap_samples=20", "--config.tensorboard=False",
-        "--config.online_probe.num_train=32", "--config.online_probe.num_val=16"]
+TINY = [
+  "--config.model.img_size=25",
+  "--config.model.depth=1",
+  "--config.generate.generator=synthetic",
+  "--config.generate.num_labelled=120",
+  "--config.generate.num_unlabelled=96",
+  "--config.pretrain_simclr.num_epochs=1",
+  "--config.finetune.num_epochs=2",
+  "--config.scratch.num_epochs=2",
+  "--config.pretrain_simclr.batch_size=16",
+  "--config.finetune.batch_size=16",
+  "--config.scratch.batch_size=16",
+  "--config.eval_batch_size=20",
+  "--config.bootstrap_samples=20",
+  "--config.tensorboard=False",
+  "--config.online_probe.num_train=32",
+  "--config.online_probe.num_val=16",
+]
 STAGES = {"data", "simclr", "finetune_simclr", "scratch", "evaluate"}
 
 
@@ -66,9 +76,21 @@ def env(tmp_path_factory, pytestconfig) -> dict:
 @pytest.fixture(scope="module")
 def chaos(tmp_path_factory, env) -> dict:
   workdir = tmp_path_factory.mktemp("chaos")
-  result = subprocess.run([sys.executable, os.path.join("scripts", "chaos_run.py"), f"--workdir={workdir}",
-                           "--kills=10", "--seed=0", *TINY], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join("scripts", "chaos_run.py"),
+      f"--workdir={workdir}",
+      "--kills=10",
+      "--seed=0",
+      *TINY,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   summary_path = workdir / "chaos_summary.json"
   assert summary_path.exists(), result.stderr[-3000:]
   return dict(json.loads(summary_path.read_text()), returncode=result.returncode, workdir=workdir)
@@ -88,8 +110,13 @@ def test_the_killed_run_ends_with_the_uninterrupted_runs_outputs(chaos):
   # Weights, BatchNorm statistics and optimizer state of every stage's latest and best checkpoints.
   assert set(comparison["checkpoints"].values()) == {"equal"}, comparison["checkpoints"]
   report = {path: verdict for path, verdict in comparison["files"].items() if path.startswith("report")}
-  assert {"report/report.md", "report/roc.png", "report/scratch/metrics.json",
-          "report/scratch/predictions.npz", "report/physics_bdt/observables-*.npz"} <= report.keys()
+  assert {
+    "report/report.md",
+    "report/roc.png",
+    "report/scratch/metrics.json",
+    "report/scratch/predictions.npz",
+    "report/physics_bdt/observables-*.npz",
+  } <= report.keys()
   assert set(report.values()) == {"identical"}, report  # byte for byte, PNGs included
   assert comparison["files"]["data/synthetic_labelled.h5"] == "identical"
 
@@ -100,11 +127,10 @@ def test_no_partial_data_file_is_left_behind(chaos):
 
 # Every writer of whole files, by the name it writes (each replaces its file through paths.replacing).
 WRITERS = {
-    "jets.h5": lambda path, tmp_path: synthetic.write_synthetic_hdf5(path, 3, image_size=5),
-    "jets.sparse": lambda path, tmp_path: sparse.convert_hdf5(write_jet_file(tmp_path / "in.h5", num=4),
-                                                              path),
-    "report.md": lambda path, tmp_path: paths.write_text(path, "# report\n"),
-    "metrics.json": lambda path, tmp_path: paths.write_json(path, {"accuracy": 0.9}),
+  "jets.h5": lambda path, tmp_path: synthetic.write_synthetic_hdf5(path, 3, image_size=5),
+  "jets.sparse": lambda path, tmp_path: sparse.convert_hdf5(write_jet_file(tmp_path / "in.h5", num=4), path),
+  "report.md": lambda path, tmp_path: paths.write_text(path, "# report\n"),
+  "metrics.json": lambda path, tmp_path: paths.write_json(path, {"accuracy": 0.9}),
 }
 
 
@@ -121,8 +147,11 @@ def test_a_new_write_deletes_only_the_partial_files_of_dead_writers_on_this_host
     return paths.temporary_name(name, pid=pid, host=on_host, token="0a1b2c3d")
 
   stale = [partial(path, dead.pid, host), partial(f"{path}.positions", dead.pid, host)]  # and a helper's
-  kept = [partial(path, os.getpid(), host), partial(path, dead.pid, "another-host"),
-          str(output / f".other.h5.{dead.pid}@{host}.0a1b2c3d.partial")]
+  kept = [
+    partial(path, os.getpid(), host),
+    partial(path, dead.pid, "another-host"),
+    str(output / f".other.h5.{dead.pid}@{host}.0a1b2c3d.partial"),
+  ]
   for temporary in [*stale, *kept]:
     open(temporary, "wb").close()
   WRITERS[name](path, tmp_path)
@@ -168,14 +197,29 @@ def test_the_chaos_comparison_reads_a_run_log_as_the_writer_and_the_plots_do(tmp
   assert metrics_log.read_metrics_jsonl(tmp_path / "metrics.jsonl") == rows
   assert len(metrics_log.complete_lines(text)) == 2
   assert _chaos_run()._log_rows(str(tmp_path / "metrics.jsonl")) == [  # pylint: disable=protected-access
-      {"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]  # without the wall-clock fields
+    {"step": 1, "train/loss": 2.0},
+    {"step": 2, "train/loss": 1.5},
+  ]  # without the wall-clock fields
 
 
 def test_a_stage_stopped_midway_pauses_the_pipeline_instead_of_feeding_the_next_stage(tmp_path, env):
   """``stop_after_steps`` ends a stage early without an error: the finetune must not start from it."""
-  result = subprocess.run([sys.executable, "-m", "l2vit_jax.main", "--config=configs/quickstart.py",
-                           f"--workdir={tmp_path / 'run'}", "--config.stop_after_steps=2", *TINY], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "l2vit_jax.main",
+      "--config=configs/quickstart.py",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.stop_after_steps=2",
+      *TINY,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Quickstart paused in stage simclr at step 2 of 5" in result.stderr, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "run")) == ["data", "simclr"]

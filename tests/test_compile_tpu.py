@@ -22,16 +22,29 @@ from l2vit_jax.training import recipes, steps
 from l2vit_jax.models import depthwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL_FLAGS = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
-                    "--config.model.mlp_ratio=2.0", "--config.model.img_size=25",
-                    "--config.model.dtype=bfloat16"]
+TINY_MODEL_FLAGS = [
+  "--config.model.embed_dim=32",
+  "--config.model.depth=2",
+  "--config.model.num_heads=2",
+  "--config.model.mlp_ratio=2.0",
+  "--config.model.img_size=25",
+  "--config.model.dtype=bfloat16",
+]
 
 
 def _compile_report(out_dir, topology: str) -> dict:
   out = out_dir / "report.json"
-  command = [sys.executable, os.path.join(REPO, "scripts", "compile_tpu.py"), f"--topology={topology}",
-             "--config=" + os.path.join(REPO, "configs", "finetune.py"), *TINY_MODEL_FLAGS,
-             "--config.batch_size=8", "--config.eval_batch_size=8", "--max_batch=false", f"--out={out}"]
+  command = [
+    sys.executable,
+    os.path.join(REPO, "scripts", "compile_tpu.py"),
+    f"--topology={topology}",
+    "--config=" + os.path.join(REPO, "configs", "finetune.py"),
+    *TINY_MODEL_FLAGS,
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--max_batch=false",
+    f"--out={out}",
+  ]
   done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(out.read_text())
@@ -96,14 +109,20 @@ def test_build_steps_with_rbg_keys_keeps_one_compilation_and_draws_by_step():
   config.model.update(drop_rate=0.5, drop_path_rate=0.5)
   model, loss = recipes.build_model_and_loss(config)
   mesh = sharding.make_mesh()
-  jitted, (params, batch_stats, other) = steps.build_steps(config, model, loss, mesh, steps_per_epoch=10,
-                                                           total_steps=100)
+  jitted, (params, batch_stats, other) = steps.build_steps(
+    config, model, loss, mesh, steps_per_epoch=10, total_steps=100
+  )
   assert (jitted.platform, jitted.prng_impl) == ("cpu", "rbg")
   assert jitted.depthwise_implementation == depthwise.resolve_implementation("auto", "cpu")
   rng = np.random.default_rng(0)
-  batch = sharding.global_batch({"image": rng.exponential(1.0, (8, 25, 25, 8)).astype(np.float32),
-                                 "label": np.arange(8, dtype=np.int32) % 2,
-                                 "mass": rng.uniform(50, 300, 8).astype(np.float32)}, mesh)
+  batch = sharding.global_batch(
+    {
+      "image": rng.exponential(1.0, (8, 25, 25, 8)).astype(np.float32),
+      "label": np.arange(8, dtype=np.int32) % 2,
+      "mass": rng.uniform(50, 300, 8).astype(np.float32),
+    },
+    mesh,
+  )
   opt_state = jitted.tx.init(params)
   copy = lambda tree: jax.tree.map(np.array, tree)
   losses = []
@@ -116,10 +135,19 @@ def test_build_steps_with_rbg_keys_keeps_one_compilation_and_draws_by_step():
 
 
 def test_cloud_accelerator_types_map_to_topologies():
-  expected = {"v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
-              "v5litepod-256": "v5e:16x16", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1",
-              "v5p-16": "v5p:2x2x2", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v4-128": "v4:4x4x4",
-              "v5e:4x8": "v5e:4x8"}
+  expected = {
+    "v5litepod-4": "v5e:2x2",
+    "v5litepod-8": "v5e:2x4",
+    "v5litepod-16": "v5e:4x4",
+    "v5litepod-256": "v5e:16x16",
+    "v6e-8": "v6e:2x4",
+    "v5p-8": "v5p:2x2x1",
+    "v5p-16": "v5p:2x2x2",
+    "v4-8": "v4:2x2x1",
+    "v4-32": "v4:2x2x4",
+    "v4-128": "v4:4x4x4",
+    "v5e:4x8": "v5e:4x8",
+  }
   assert {name: chips.topology_for_accelerator_type(name) for name in expected} == expected
   with pytest.raises(ValueError, match="power-of-two"):
     chips.topology_for_accelerator_type("v4-1536")
@@ -128,9 +156,18 @@ def test_cloud_accelerator_types_map_to_topologies():
 
 
 def test_device_kinds_as_jax_names_them_map_to_their_published_bf16_peaks():
-  peaks = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
-           "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "TPU v5 lite": 197e12,
-           "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v4": 275e12}
+  peaks = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v4": 275e12,
+  }
   assert {kind: chips.spec_for_device_kind(kind).peak_bf16_flops for kind in peaks} == peaks
   assert chips.spec_for_device_kind("cpu") is None
 
@@ -143,12 +180,14 @@ def test_largest_fitting_batch_search_is_bounded_and_exact_for_linear_memory():
     peak = 100 + 3 * batch
     return peak if peak <= hbm else None
 
-  found = compile_only.largest_fitting_batch(peak_memory_at, known=(8, 124), hbm_bytes=hbm, multiple=4,
-                                             max_compiles=6)
+  found = compile_only.largest_fitting_batch(
+    peak_memory_at, known=(8, 124), hbm_bytes=hbm, multiple=4, max_compiles=6
+  )
   assert (found["largest_fitting"], found["smallest_failing"], found["exact"]) == (300, 304, True)
   assert len(compiles) <= 6 and all(b % 4 == 0 for b in compiles)
-  bounded = compile_only.largest_fitting_batch(peak_memory_at, known=(8, 124), hbm_bytes=hbm, multiple=4,
-                                               max_compiles=1)
+  bounded = compile_only.largest_fitting_batch(
+    peak_memory_at, known=(8, 124), hbm_bytes=hbm, multiple=4, max_compiles=1
+  )
   assert bounded["largest_fitting"] == 16 and not bounded["exact"]
 
 
@@ -185,8 +224,10 @@ ENTRY %main (x: f32[32], a: bf16[3,2,16], b: f32[], y: f32[8], z: f32[16]) -> f3
 """
   # The loop's all-reduce runs 6 times: its counter goes from 0 in steps of 1 while < 6 (libtpu
   # leaves no known_trip_count on its loops).
-  assert compile_only.collectives(hlo) == {"all-reduce": {"count": 2 + 6, "bytes": 128 + 192 + 4 + 6 * 64},
-                                           "all-gather": {"count": 1, "bytes": 128}}
+  assert compile_only.collectives(hlo) == {
+    "all-reduce": {"count": 2 + 6, "bytes": 128 + 192 + 4 + 6 * 64},
+    "all-gather": {"count": 1, "bytes": 128},
+  }
   # A loop of another shape (here: counting from 2) cannot be read, and counts once.
   assert compile_only.collectives(hlo.replace("constant(0)", "constant(2)"))["all-reduce"]["count"] == 2 + 1
 
@@ -195,8 +236,12 @@ def test_compile_table_row_reads_the_report(v5e_report, tmp_path):
   """scripts/compile_table.py turns a report into the row of the compile table (docs/compile_only.md), cell for cell."""
   path = tmp_path / "report.json"
   path.write_text(json.dumps(v5e_report))
-  done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compile_table.py"), "--header",
-                         str(path)], capture_output=True, text=True, check=True)
+  done = subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", "compile_table.py"), "--header", str(path)],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   header, rule, row = done.stdout.splitlines()
   assert len(header.split("|")) == len(rule.split("|")) == len(row.split("|"))
   cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -10,22 +10,29 @@ from l2vit_jax import errors
 
 # --- validation -------------------------------------------------------------------------------------
 
+
 def _nan_image(num=40, size=25):
   jet = np.zeros((num, size, size, 8), np.float32)
   jet[-1, 3, 4, 5] = np.nan  # the last image is always among those checked
   return jet
 
 
-@pytest.mark.parametrize("kwargs, expected", [
+@pytest.mark.parametrize(
+  "kwargs, expected",
+  [
     (dict(drop=("m",)), "key 'm': missing"),
     (dict(overrides={"jet": np.zeros((40, 25, 25, 3), np.float32)}), "key 'jet': expected shape"),
     (dict(overrides={"jet": np.zeros((40, 25, 25, 8), np.float64)}), "expected dtype float32"),
     (dict(overrides={"jet": _nan_image()}), "NaN/Inf in image 39"),
     (dict(overrides={"jet": -np.ones((40, 25, 25, 8), np.float32)}), "expected pixels >= 0"),
-    (dict(overrides={"Y": np.full((40, 1), 2.0, np.float32)}), "key 'Y': expected class labels in {0, 1}, found 2.0"),
+    (
+      dict(overrides={"Y": np.full((40, 1), 2.0, np.float32)}),
+      "key 'Y': expected class labels in {0, 1}, found 2.0",
+    ),
     (dict(overrides={"m": np.zeros((40, 1), np.float32)}), "key 'm': expected finite positive masses"),
     (dict(overrides={"pT": np.zeros((39, 1), np.float32)}), "key 'pT': expected shape (40, 1)"),
-])
+  ],
+)
 def test_malformed_labelled_file_gives_one_line_error(tmp_path, kwargs, expected):
   path = write_jet_file(tmp_path / "bad.h5", **kwargs)
   with pytest.raises(errors.DataError) as error:
@@ -43,7 +50,7 @@ def test_not_hdf5_truncated_and_missing_files(tmp_path):
     hdf5.validate_file(str(tmp_path / "absent.h5"), labelled=False)
   good = write_jet_file(tmp_path / "good.h5")
   truncated = tmp_path / "truncated.h5"
-  truncated.write_bytes(open(good, "rb").read()[: 300_000])
+  truncated.write_bytes(open(good, "rb").read()[:300_000])
   with pytest.raises(errors.DataError, match="truncated"):
     hdf5.validate_file(str(truncated), labelled=True)
 
@@ -62,6 +69,7 @@ def test_valid_files_and_sampled_value_check(tmp_path, jet_file):
 
 def test_source_is_picklable_and_reads_records(jet_file):
   import pickle
+
   source = hdf5.HDF5Source(jet_file, labelled=True, indices=[3, 7])
   first = source[1]
   clone = pickle.loads(pickle.dumps(source))  # an open handle must not travel to workers
@@ -70,6 +78,7 @@ def test_source_is_picklable_and_reads_records(jet_file):
 
 
 # --- split ------------------------------------------------------------------------------------------
+
 
 def test_split_is_deterministic_stratified_and_disjoint():
   labels = np.array([1] * 5122 + [0] * 4878)
@@ -94,6 +103,7 @@ def test_mass_statistics_use_train_split_only():
 
 # --- augmentations ----------------------------------------------------------------------------------
 
+
 def _sparse_image(seed=0):
   rng = np.random.default_rng(seed)
   image = np.zeros((25, 25, 8), np.float32)
@@ -103,22 +113,26 @@ def _sparse_image(seed=0):
 
 def test_physics_augment_preserves_shape_sign_and_intensity():
   image = _sparse_image()
-  outputs = [augment.PhysicsAugment().random_map({"image": image[None]}, np.random.default_rng(s))["image"][0]
-             for s in range(20)]
+  outputs = [
+    augment.PhysicsAugment().random_map({"image": image[None]}, np.random.default_rng(s))["image"][0]
+    for s in range(20)
+  ]
   for out in outputs:
     assert out.shape == image.shape and out.min() >= 0
     np.testing.assert_allclose(out.sum(axis=(0, 1)), image.sum(axis=(0, 1)), rtol=1e-6)
     # η-profile is only ever mirrored (never mixed with φ): rows are a permutation of flipped rows.
     eta_profile = out.sum(axis=(1, 2))
-    assert np.allclose(eta_profile, image.sum(axis=(1, 2))) or \
-        np.allclose(eta_profile, image.sum(axis=(1, 2))[::-1])
+    assert np.allclose(eta_profile, image.sum(axis=(1, 2))) or np.allclose(
+      eta_profile, image.sum(axis=(1, 2))[::-1]
+    )
   assert len({o.tobytes() for o in outputs}) > 10
 
 
 def test_simclr_views_differ_and_keep_empty_pixels_empty():
   image = _sparse_image()
   record = augment.SimCLRViews(channel_dropout_probability=1.0).random_map(
-      {"image": image[None], "index": np.zeros(1, np.int64)}, np.random.default_rng(0))
+    {"image": image[None], "index": np.zeros(1, np.int64)}, np.random.default_rng(0)
+  )
   assert "image" not in record and record["index"][0] == 0
   for view in (record["view1"][0], record["view2"][0]):
     assert view.shape == image.shape and view.min() >= 0
@@ -134,9 +148,12 @@ def test_pixel_scale_divides_images_only():
 
 # --- pipeline ---------------------------------------------------------------------------------------
 
+
 def _records(n=37):
-  return [{"image": np.full((5, 5, 8), i, np.float32), "index": np.int64(i), "label": np.int32(i % 2)}
-          for i in range(n)]
+  return [
+    {"image": np.full((5, 5, 8), i, np.float32), "index": np.int64(i), "label": np.int32(i % 2)}
+    for i in range(n)
+  ]
 
 
 def test_restored_iterator_yields_the_same_batches():
@@ -165,8 +182,11 @@ def test_epochs_are_reshuffled_and_each_epoch_is_a_permutation():
 def test_process_shards_are_disjoint_and_cover_the_data():
   seen = []
   for process in range(2):
-    iterator = iter(pipeline.make_train_dataset(_records(37), batch_size=3, seed=0, augmentation="none",
-                                                process_index=process, process_count=2))
+    iterator = iter(
+      pipeline.make_train_dataset(
+        _records(37), batch_size=3, seed=0, augmentation="none", process_index=process, process_count=2
+      )
+    )
     seen.append(np.concatenate([next(iterator)["index"] for _ in range(6)]))
   assert set(seen[0]).isdisjoint(seen[1])
   assert len(set(seen[0]) | set(seen[1])) == 36  # 37 trimmed to equal shards of 18
@@ -177,9 +197,11 @@ def test_each_process_draws_its_own_augmentations_and_redraws_them_on_resume():
   with Grain's (seed, batch index) alone, every process would flip, roll, drop and jitter alike."""
   image = _sparse_image()
   records = [{"image": image, "index": np.int64(i)} for i in range(32)]
-  make = lambda process: iter(pipeline.make_train_dataset(records, batch_size=4, seed=0,
-                                                          augmentation="simclr", process_index=process,
-                                                          process_count=2))
+  make = lambda process: iter(
+    pipeline.make_train_dataset(
+      records, batch_size=4, seed=0, augmentation="simclr", process_index=process, process_count=2
+    )
+  )
   first, second = make(0), make(1)
   for _ in range(3):
     a, b = next(first), next(second)
@@ -199,8 +221,9 @@ def test_each_process_draws_its_own_augmentations_and_redraws_them_on_resume():
 def test_eval_pass_visits_every_example_once_with_masked_padding():
   masks, indices, batches = [], [], []
   for process in range(2):
-    batches.append(list(pipeline.make_eval_dataset(_records(37), batch_size=4, process_index=process,
-                                                   process_count=2)))
+    batches.append(
+      list(pipeline.make_eval_dataset(_records(37), batch_size=4, process_index=process, process_count=2))
+    )
     for batch in batches[-1]:
       assert batch["image"].shape[0] == 4
       masks.append(batch["mask"])
@@ -218,8 +241,9 @@ def test_train_dataset_rejects_too_few_examples():
 def test_multiprocess_workers_read_hdf5_lazily(jet_file):
   source = hdf5.HDF5Source(jet_file, labelled=True)
   single = iter(pipeline.make_train_dataset(source, batch_size=4, seed=1, augmentation="simclr"))
-  workers = iter(pipeline.make_train_dataset(source, batch_size=4, seed=1, augmentation="simclr",
-                                             worker_count=2))
+  workers = iter(
+    pipeline.make_train_dataset(source, batch_size=4, seed=1, augmentation="simclr", worker_count=2)
+  )
   for _ in range(3):
     a, b = next(single), next(workers)
     np.testing.assert_array_equal(a["view1"], b["view1"])

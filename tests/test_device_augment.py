@@ -37,21 +37,29 @@ def files(tmp_path_factory):
   unlabelled = write_jet_file(root / "unlabelled.h5", num=48, labelled=False, seed=2)
   for path in (labelled, unlabelled):
     sparse.convert_hdf5(path, path.replace(".h5", sparse.SUFFIX))
-  return {"labelled": labelled.replace(".h5", sparse.SUFFIX),
-          "unlabelled": unlabelled.replace(".h5", sparse.SUFFIX)}
+  return {
+    "labelled": labelled.replace(".h5", sparse.SUFFIX),
+    "unlabelled": unlabelled.replace(".h5", sparse.SUFFIX),
+  }
 
 
 def _bits(array):
   return np.asarray(array).view(np.uint32)
 
 
-@pytest.mark.parametrize("augmentation, pixel_scale", [("physics", 255.0), ("simclr", 7.3),
-                                                       ("simclr", 1.0)])
+@pytest.mark.parametrize("augmentation, pixel_scale", [("physics", 255.0), ("simclr", 7.3), ("simclr", 1.0)])
 def test_device_batches_equal_host_batches_bit_for_bit(files, augmentation, pixel_scale):
   source = sources.open_source(files["labelled"], labelled=True)
-  make = lambda on_device: iter(pipeline.make_train_dataset(
-      source, batch_size=8, seed=5, augmentation=augmentation, pixel_scale=pixel_scale,
-      device_augmentation=on_device))
+  make = lambda on_device: iter(
+    pipeline.make_train_dataset(
+      source,
+      batch_size=8,
+      seed=5,
+      augmentation=augmentation,
+      pixel_scale=pixel_scale,
+      device_augmentation=on_device,
+    )
+  )
   host, device = make(False), make(True)
   keys = device_augment.batch_keys(TASK_KEYS[augmentation], augmentation)
   prepare = jax.jit(device_augment.prepare_batch(augmentation, source.image_shape))
@@ -63,9 +71,11 @@ def test_device_batches_equal_host_batches_bit_for_bit(files, augmentation, pixe
     assert sorted(got) == sorted(TASK_KEYS[augmentation])
     for key in got:
       assert np.asarray(got[key]).dtype == want[key].dtype, key
-      np.testing.assert_array_equal(_bits(got[key]) if key.startswith(("image", "view")) else got[key],
-                                    _bits(want[key]) if key.startswith(("image", "view")) else want[key],
-                                    err_msg=key)
+      np.testing.assert_array_equal(
+        _bits(got[key]) if key.startswith(("image", "view")) else got[key],
+        _bits(want[key]) if key.startswith(("image", "view")) else want[key],
+        err_msg=key,
+      )
   dense = sum(want[view].nbytes for view in augment.VIEWS[augmentation]) * 10
   assert shipped < dense / 5  # 3 % non-zeros here; the real files ship ≈ 2 % of the dense bytes
 
@@ -80,8 +90,9 @@ def test_underflowing_pixels_are_dropped_so_noise_stays_aligned(files):
 
 def test_parameters_have_the_documented_distributions():
   rng = np.random.default_rng(0)
-  params = augment.draw_view_params(rng, 20000, (25, 25, 8), channel_dropout_probability=0.5,
-                                    noise_relative_std=0.05)
+  params = augment.draw_view_params(
+    rng, 20000, (25, 25, 8), channel_dropout_probability=0.5, noise_relative_std=0.05
+  )
   assert abs(params["flip_phi"].mean() - 0.5) < 0.02 and abs(params["flip_eta"].mean() - 0.5) < 0.02
   assert np.all(np.bincount(params["shift"], minlength=25) > 20000 / 25 * 0.8)  # uniform over φ
   dropped = (~params["keep_channels"]).sum(axis=1)
@@ -153,9 +164,13 @@ def test_training_on_device_equals_host_and_resumes(files, tmp_path, task):
   """The same run from a .sparse file with host and with device augmentation ends at the same
   parameters bit for bit; an interrupted finetuning run on the device resumes to them too (the
   iterator state is that of the host path: the same Grain map dataset of key batches)."""
-  config = lambda setting, **kw: tiny_config(task, files["labelled"], files["unlabelled"], num_epochs=1,
-                                             **{"data.device_augmentation": setting,
-                                                "data.pixel_scale": 3.0, **kw})
+  config = lambda setting, **kw: tiny_config(
+    task,
+    files["labelled"],
+    files["unlabelled"],
+    num_epochs=1,
+    **{"data.device_augmentation": setting, "data.pixel_scale": 3.0, **kw},
+  )
   loop.train_and_evaluate(config("off"), str(tmp_path / "host"))
   if task == "finetune":
     workdirs = ["resumed"]
@@ -175,8 +190,11 @@ def test_training_on_device_equals_host_and_resumes(files, tmp_path, task):
 
 def test_workers_ship_the_same_sparse_batches(files):
   source = sources.open_source(files["unlabelled"], labelled=False)
-  make = lambda workers: iter(pipeline.make_train_dataset(
-      source, batch_size=8, seed=1, augmentation="simclr", device_augmentation=True, worker_count=workers))
+  make = lambda workers: iter(
+    pipeline.make_train_dataset(
+      source, batch_size=8, seed=1, augmentation="simclr", device_augmentation=True, worker_count=workers
+    )
+  )
   single, workers = make(0), make(2)
   for _ in range(3):
     a, b = next(single), next(workers)
@@ -187,9 +205,17 @@ def test_workers_ship_the_same_sparse_batches(files):
 
 def test_each_process_ships_its_own_augmentation_parameters(files):
   source = sources.open_source(files["unlabelled"], labelled=False)
-  make = lambda process: iter(pipeline.make_train_dataset(
-      source, batch_size=8, seed=1, augmentation="simclr", device_augmentation=True,
-      process_index=process, process_count=2))
+  make = lambda process: iter(
+    pipeline.make_train_dataset(
+      source,
+      batch_size=8,
+      seed=1,
+      augmentation="simclr",
+      device_augmentation=True,
+      process_index=process,
+      process_count=2,
+    )
+  )
   first, second, again = make(0), make(1), make(1)
   names = augment.SimCLRViews().param_names()
   for _ in range(3):

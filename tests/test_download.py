@@ -40,8 +40,9 @@ class LocalServer:
     self._tags = itertools.count()
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
     self.httpd.daemon_threads = True
-    self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.05),
-                                   daemon=True)
+    self.thread = threading.Thread(
+      target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True
+    )
 
   def url(self, mode, kind="labelled"):
     return f"http://127.0.0.1:{self.httpd.server_address[1]}/{mode}/{kind}/{next(self._tags)}"
@@ -98,7 +99,7 @@ def _make_handler(server):
       self.end_headers()
       data = body[start:end]
       if mode in ("drop", "stall") and first:
-        self.wfile.write(data[:len(data) // 2])
+        self.wfile.write(data[: len(data) // 2])
         self.wfile.flush()
         if mode == "stall":
           server.release.wait(timeout=5)  # the client's read timeout fires long before this
@@ -130,8 +131,9 @@ def _requests(server, url):
 
 
 def _get(url, dest, **kwargs):
-  options = dict(labelled=True, chunk_size=16 << 10, timeout=2.0, max_retries=3, progress=False,
-                 retry_wait=0.0)
+  options = dict(
+    labelled=True, chunk_size=16 << 10, timeout=2.0, max_retries=3, progress=False, retry_wait=0.0
+  )
   options.update(kwargs)
   return download.download_file(url, str(dest), **options)
 
@@ -204,11 +206,14 @@ def test_short_range_replies_are_continued_without_backoff(server, tmp_path):
   assert _read(dest) == server.bodies["labelled"]
 
 
-@pytest.mark.parametrize("part_content, expected_ranges", [
+@pytest.mark.parametrize(
+  "part_content, expected_ranges",
+  [
     pytest.param(lambda body: body, lambda body: [f"bytes={len(body)}-"], id="complete_part"),
     pytest.param(lambda body: body + b"extra", lambda body: [f"bytes={len(body) + 5}-", None], id="too_long"),
     pytest.param(lambda body: b"garbage" * 100, lambda body: [None], id="not_hdf5"),
-])
+  ],
+)
 def test_leftover_part_file_is_finished_or_discarded(server, tmp_path, part_content, expected_ranges):
   url = server.url("normal")
   dest = tmp_path / "labelled.h5"
@@ -225,8 +230,9 @@ class _Terminal(io.StringIO):
     return True
 
 
-def test_the_byte_bar_is_drawn_only_on_a_terminal_from_the_resumed_byte_and_cleared(server, tmp_path,
-                                                                                     monkeypatch):
+def test_the_byte_bar_is_drawn_only_on_a_terminal_from_the_resumed_byte_and_cleared(
+  server, tmp_path, monkeypatch
+):
   """The one progress bar of every long pass (runtime.console.ProgressBar): a log file gets no bar."""
   log_file = io.StringIO()
   monkeypatch.setattr(sys, "stderr", log_file)
@@ -328,8 +334,15 @@ def test_insufficient_disk_space_fails_before_writing(server, tmp_path, monkeypa
 
 def test_main_downloads_both_files(server, tmp_path, capsys):
   data_dir = tmp_path / "data"
-  argv = ["--data-dir", str(data_dir), "--no-progress", "--labelled-url", server.url("normal"),
-          "--unlabelled-url", server.url("normal", kind="unlabelled")]
+  argv = [
+    "--data-dir",
+    str(data_dir),
+    "--no-progress",
+    "--labelled-url",
+    server.url("normal"),
+    "--unlabelled-url",
+    server.url("normal", kind="unlabelled"),
+  ]
   assert download.main(argv) == 0
   assert sorted(os.listdir(data_dir)) == sorted([download.LABELLED_FILENAME, download.UNLABELLED_FILENAME])
   hdf5.validate_file(str(data_dir / download.UNLABELLED_FILENAME), labelled=False)
@@ -356,13 +369,20 @@ def test_main_rejects_both_only_flags():
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, "scripts/download_data.py", *args], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=60, check=False)
+  return subprocess.run(
+    [sys.executable, "scripts/download_data.py", *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
 
 
 def test_cli_success(server, tmp_path):
-  result = _run_cli("--data-dir", str(tmp_path), "--labelled-only", "--timeout", "5",
-                    "--labelled-url", server.url("normal"))
+  result = _run_cli(
+    "--data-dir", str(tmp_path), "--labelled-only", "--timeout", "5", "--labelled-url", server.url("normal")
+  )
   assert result.returncode == 0, result.stderr
   assert os.listdir(tmp_path) == [download.LABELLED_FILENAME]
   assert _read(tmp_path / download.LABELLED_FILENAME) == server.bodies["labelled"]

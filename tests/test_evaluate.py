@@ -19,11 +19,22 @@ from l2vit_jax.data import hdf5, sources, split
 from l2vit_jax.evaluation import plots, report as report_lib
 
 # What every row of a report (checkpoint, probe, physics baseline) must carry beside the original metrics.
-PHYSICS_KEYS = ("sculpting_r50", "sculpting_r50_ci68", "sculpting_jsd50", "sculpting_inverse_jsd50",
-                "sculpting_inverse_jsd50_error", "sculpting_inverse_jsd50_null", "calibration_ece",
-                "calibration_brier", "reliability_signal_fraction", "mass_response_top_median",
-                "mass_response_qcd_resolution", "mass_response_binned_all_median",
-                "qcd_top_window_fraction_pred", "qcd_top_window_pileup")
+PHYSICS_KEYS = (
+  "sculpting_r50",
+  "sculpting_r50_ci68",
+  "sculpting_jsd50",
+  "sculpting_inverse_jsd50",
+  "sculpting_inverse_jsd50_error",
+  "sculpting_inverse_jsd50_null",
+  "calibration_ece",
+  "calibration_brier",
+  "reliability_signal_fraction",
+  "mass_response_top_median",
+  "mass_response_qcd_resolution",
+  "mass_response_binned_all_median",
+  "qcd_top_window_fraction_pred",
+  "qcd_top_window_pileup",
+)
 PHYSICS_PLOTS = ("mass_sculpting", "reliability", "mass_response")
 
 
@@ -36,6 +47,7 @@ def _assert_has_physics_checks(out, name, report_text):
       assert f.read(8) == PNG_SIGNATURE
     assert f"]({name}/{png}.png)" in report_text
   assert report_text.count(f"| **{name}** |") == 4  # results, sculpting, calibration, mass response
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -81,13 +93,27 @@ def test_another_split_seed_is_refused_in_one_line_with_nothing_written(finetune
   out = tmp_path / "report"
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS)
   result = subprocess.run(
-      [sys.executable, "-m", "l2vit_jax.main", "--config=configs/evaluate.py", f"--workdir={out}",
-       f"--config.checkpoints=tiny={run}", f"--config.data.labelled_path={labelled}",
-       "--config.data.split_seed=7"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "l2vit_jax.main",
+      "--config=configs/evaluate.py",
+      f"--workdir={out}",
+      f"--config.checkpoints=tiny={run}",
+      f"--config.data.labelled_path={labelled}",
+      "--config.data.split_seed=7",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: config.data.split_seed=7 gives another test split than the model of {run} was trained "
-      "with (seed 42); evaluate with --config.data.split_seed=42")
+    f"error: config.data.split_seed=7 gives another test split than the model of {run} was trained "
+    "with (seed 42); evaluate with --config.data.split_seed=42"
+  )
   assert not out.exists()
 
 
@@ -95,8 +121,11 @@ def test_another_labelled_file_is_refused_naming_it(finetuned_run, tmp_path):
   _, run = finetuned_run
   other = write_jet_file(tmp_path / "other.h5", num=80, seed=1)
   out = tmp_path / "report"
-  with pytest.raises(errors.DataError, match=rf"^{other}: not the labelled file the model of {run} was "
-                     r"trained on \(80 jets, .*; it trained on 80 jets, .*--config.split=all$"):
+  with pytest.raises(
+    errors.DataError,
+    match=rf"^{other}: not the labelled file the model of {run} was "
+    r"trained on \(80 jets, .*; it trained on 80 jets, .*--config.split=all$",
+  ):
     evaluate.evaluate_checkpoints(_evaluate_config(other, f"tiny={run}"), str(out))
   assert not out.exists()
 
@@ -111,8 +140,11 @@ def test_the_same_seed_splitting_otherwise_under_another_numpy_is_refused(finetu
   recorded = dict(meta["data_split"], numpy="1.0.0")  # as if an older NumPy had drawn another split
   recorded["indices_sha256"] = dict(recorded["indices_sha256"], val=split.indices_digest([0, 1]))
   config = _evaluate_config(labelled.path, "", split_name="val")
-  with pytest.raises(errors.DataError, match=r"split_seed=42 gives another val split under NumPy .* "
-                     r"trained with under NumPy 1\.0\.0 .*evaluate under NumPy 1\.0\.0"):
+  with pytest.raises(
+    errors.DataError,
+    match=r"split_seed=42 gives another val split under NumPy .* "
+    r"trained with under NumPy 1\.0\.0 .*evaluate under NumPy 1\.0\.0",
+  ):
     evaluate.check_model_split("run", dict(meta, data_split=recorded), labelled, config)
   config.split = "test"  # the test split it recorded is still this one
   evaluate.check_model_split("run", dict(meta, data_split=recorded), labelled, config)
@@ -136,15 +168,18 @@ def test_every_jet_is_scored_whatever_split_the_model_trained_with(finetuned_run
 
 def test_an_unknown_split_name_is_refused_naming_the_known_ones(finetuned_run):
   labelled, meta = _labelled_and_meta(finetuned_run)
-  with pytest.raises(errors.ConfigError, match="config.split='tset': expected one of train, val, test or all"):
+  with pytest.raises(
+    errors.ConfigError, match="config.split='tset': expected one of train, val, test or all"
+  ):
     evaluate.check_model_split("run", meta, labelled, _evaluate_config(labelled.path, "", split_name="tset"))
 
 
 def test_a_damaged_recorded_split_is_refused(finetuned_run):
   labelled, meta = _labelled_and_meta(finetuned_run)
   with pytest.raises(errors.CheckpointDamagedError, match="run: damaged checkpoint: meta 'data_split' is"):
-    evaluate.check_model_split("run", dict(meta, data_split=[1, 2]), labelled,
-                               _evaluate_config(labelled.path, ""))
+    evaluate.check_model_split(
+      "run", dict(meta, data_split=[1, 2]), labelled, _evaluate_config(labelled.path, "")
+    )
 
 
 def test_evaluating_a_trained_checkpoint_writes_every_output(finetuned_run, tmp_path):
@@ -180,8 +215,11 @@ def test_report_has_the_physics_baseline_beside_the_networks(finetuned_run, tmp_
   labelled, run = finetuned_run
   roc_curves = {}
   plot_roc = plots.plot_roc
-  monkeypatch.setattr(plots, "plot_roc", lambda curves, *args, **kwargs: (
-      roc_curves.update(curves), plot_roc(curves, *args, **kwargs)))
+  monkeypatch.setattr(
+    plots,
+    "plot_roc",
+    lambda curves, *args, **kwargs: (roc_curves.update(curves), plot_roc(curves, *args, **kwargs)),
+  )
   config = _evaluate_config(labelled, f"tiny={run}")
   config.physics_baseline = True
   out = str(tmp_path / "report")
@@ -191,7 +229,8 @@ def test_report_has_the_physics_baseline_beside_the_networks(finetuned_run, tmp_
   test_indices = split.stratified_split(hdf5.read_labels(labelled)["label"])["test"]
   baseline_dir = os.path.join(out, bdt.BASELINE_NAME)
   assert json.load(open(os.path.join(baseline_dir, "metrics.json"))) == json.loads(
-      json.dumps(results[bdt.BASELINE_NAME]))
+    json.dumps(results[bdt.BASELINE_NAME])
+  )
   predictions = np.load(os.path.join(baseline_dir, "predictions.npz"))
   np.testing.assert_array_equal(predictions["index"], test_indices)
   assert ((predictions["prob"] >= 0) & (predictions["prob"] <= 1)).all()
@@ -223,23 +262,28 @@ def test_imported_pytorch_checkpoint_predicts_like_the_original(tmp_path):
   from l2vit_jax.interop import torch_import, torch_reference  # pylint: disable=import-outside-toplevel
 
   torch_model = randomise_torch_module(
-      torch_reference.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2,
-                                        mlp_ratio=2.0), torch.Generator().manual_seed(0))
+    torch_reference.build_torch_l2vit(img_size=25, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    torch.Generator().manual_seed(0),
+  )
   weights = str(tmp_path / "best_model.pt")
-  torch.save({"model_state_dict": torch_model.state_dict(), "mass_mean": 142.46, "mass_std": 50.58,
-              "history": {}}, weights)
+  torch.save(
+    {"model_state_dict": torch_model.state_dict(), "mass_mean": 142.46, "mass_std": 50.58, "history": {}},
+    weights,
+  )
   model, _, meta = torch_import.import_checkpoint(weights)
   model_io.save_model_checkpoint(str(tmp_path / "imported"), model, meta)
 
   labelled = write_jet_file(tmp_path / "labelled.h5", num=30)
   out = str(tmp_path / "report")
   evaluate.evaluate_checkpoints(
-      _evaluate_config(labelled, f"imported={tmp_path / 'imported'}", split_name="all"), out)
+    _evaluate_config(labelled, f"imported={tmp_path / 'imported'}", split_name="all"), out
+  )
   predictions = np.load(os.path.join(out, "imported", "predictions.npz"))
   with hdf5.open_hdf5(labelled) as f:
     images = torch.from_numpy(f["jet"][...]).permute(0, 3, 1, 2)
   with torch.no_grad():
     logits, mass_z = torch_model(images)
   np.testing.assert_allclose(predictions["prob"], torch.softmax(logits, -1)[:, 1].numpy(), atol=1e-4)
-  np.testing.assert_allclose(predictions["mass_pred"], mass_z[:, 0].numpy() * 50.58 + 142.46,
-                             atol=1e-4 * 50.58)
+  np.testing.assert_allclose(
+    predictions["mass_pred"], mass_z[:, 0].numpy() * 50.58 + 142.46, atol=1e-4 * 50.58
+  )

@@ -29,6 +29,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # --- classification, by hand ------------------------------------------------------------------------
 
+
 def test_auc_of_tiny_example_worked_by_hand():
   # Signal 0.35 beats background 0.1 but not 0.4; signal 0.8 beats both: 3 of 4 pairs.
   assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
@@ -96,6 +97,7 @@ def test_background_rejection_takes_best_point_where_roc_is_flat_in_tpr():
 
 # --- classification vs sklearn ----------------------------------------------------------------------
 
+
 @needs_sklearn
 @pytest.mark.parametrize("seed", range(6))
 def test_auc_and_roc_curve_match_sklearn_with_ties(seed):
@@ -125,8 +127,10 @@ def test_auc_matches_sklearn_on_continuous_scores():
 
 # --- input errors -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fn", [metrics.roc_auc, metrics.roc_curve,
-                                lambda l, s: metrics.background_rejection(l, s, 0.5)])
+
+@pytest.mark.parametrize(
+  "fn", [metrics.roc_auc, metrics.roc_curve, lambda l, s: metrics.background_rejection(l, s, 0.5)]
+)
 def test_single_class_is_a_clear_error(fn):
   with pytest.raises(ValueError, match="needs both classes; labels contain only class 1"):
     fn([1, 1, 1], [0.2, 0.5, 0.9])
@@ -134,7 +138,9 @@ def test_single_class_is_a_clear_error(fn):
     fn([0, 0], [0.2, 0.5])
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize(
+  "call, message",
+  [
     (lambda: metrics.accuracy([0, 1, 1], [0.2, 0.8]), "same length, got labels=3, probs=2"),
     (lambda: metrics.roc_auc([0, 1], [0.2, 0.8, 0.1]), "same length"),
     (lambda: metrics.mass_errors([100.0, 120.0], [110.0]), "same length"),
@@ -145,7 +151,8 @@ def test_single_class_is_a_clear_error(fn):
     (lambda: metrics.accuracy([0, 2], [0.2, 0.8]), r"expected class labels in \{0, 1\}, found 2.0"),
     (lambda: metrics.mass_errors([100.0, 0.0], [1.0, 2.0]), "expected positive masses"),
     (lambda: metrics.roc_auc([0, 1], np.ones((2, 2))), r"probs\[:, 1\]"),
-])
+  ],
+)
 def test_bad_inputs_raise_value_error(call, message):
   with pytest.raises(ValueError, match=message):
     call()
@@ -157,6 +164,7 @@ def test_column_vectors_from_hdf5_are_accepted():
 
 
 # --- mass -------------------------------------------------------------------------------------------
+
 
 def test_mass_errors_on_constructed_residuals():
   # Relative residuals (k - 50)/500 for k = 0..100: linear percentiles land exactly on ±34/500.
@@ -183,6 +191,7 @@ def test_mass_resolution_is_sigma_for_gaussian_relative_errors():
 
 
 # --- bootstrap --------------------------------------------------------------------------------------
+
 
 def _fake_classifier(size, seed=0, separation=1.5):
   rng = np.random.default_rng(seed)
@@ -222,6 +231,7 @@ def test_bootstrap_skips_single_class_resamples():
 
 # --- mass sculpting ---------------------------------------------------------------------------------
 
+
 def test_jsd_of_identical_histograms_is_zero_and_of_disjoint_ones_is_one():
   assert metrics.jensen_shannon_divergence([1, 2, 3, 0], [1, 2, 3, 0]) == 0.0
   assert metrics.jensen_shannon_divergence([2, 4, 6], [1, 2, 3]) == pytest.approx(0.0, abs=1e-15)  # shapes
@@ -245,8 +255,9 @@ def test_signal_efficiency_threshold_keeps_at_least_the_requested_signal_fractio
   assert metrics.signal_efficiency_threshold(labels, scores, 0.5) == 0.8  # k = 2 of 4
   assert metrics.signal_efficiency_threshold(labels, scores, 0.25) == 0.9  # k = 1
   assert metrics.signal_efficiency_threshold(labels, scores, 0.3) == 0.8  # k = ⌈1.2⌉ = 2
-  assert metrics.signal_efficiency_threshold([1] * 10 + [0], [0.1 * k for k in range(10)] + [0.5],
-                                             0.3) == pytest.approx(0.7)  # 0.3·10 is 3, not 4
+  assert metrics.signal_efficiency_threshold(
+    [1] * 10 + [0], [0.1 * k for k in range(10)] + [0.5], 0.3
+  ) == pytest.approx(0.7)  # 0.3·10 is 3, not 4
   with pytest.raises(metrics.OneClassError):
     metrics.signal_efficiency_threshold([0, 0], [0.1, 0.2])
 
@@ -302,8 +313,9 @@ def test_no_background_passing_gives_unbounded_r50_and_undefined_jsd():
   assert np.isnan(sculpting["background_pass"]).all()
   with pytest.raises(metrics.UndefinedMetricError):
     metrics.sculpting_jsd(labels, scores, mass)
-  result = metrics.classification_and_mass_metrics(labels, scores, mass, [170, 170, 80, 90],
-                                                   bootstrap_samples=20)
+  result = metrics.classification_and_mass_metrics(
+    labels, scores, mass, [170, 170, 80, 90], bootstrap_samples=20
+  )
   assert result["sculpting_r50"] is None and result["sculpting_jsd50"] is None
   assert result["sculpting_jsd50_error"] is None and result["sculpting_inverse_jsd50_error"] is None
   assert result["sculpting_jsd50_null"] is None
@@ -311,6 +323,7 @@ def test_no_background_passing_gives_unbounded_r50_and_undefined_jsd():
 
 
 # --- calibration ------------------------------------------------------------------------------------
+
 
 def test_ece_of_a_perfectly_calibrated_binned_example_is_zero():
   # Four jets at P = 0.25 with one top, four at P = 0.75 with three: each bin's top fraction = its P.
@@ -340,6 +353,7 @@ def test_reliability_bins_are_half_open_with_the_last_one_closed():
 
 
 # --- mass response ----------------------------------------------------------------------------------
+
 
 def test_binned_response_median_and_resolution_on_a_constructed_sample():
   # 101 jets at 120 GeV with r = 1.1 + (k − 50)/500 (median 1.1, (q84 − q16)/2 = 0.068) and three at
@@ -389,12 +403,14 @@ def test_regression_that_predicts_the_top_mass_for_tagged_qcd_is_flagged():
   result = metrics.classification_and_mass_metrics(labels, probs, mass_true, mass_pred, bootstrap_samples=50)
   assert result["qcd_top_window_fraction_true"] == 0.0 and result["qcd_top_window_fraction_pred"] > 0.25
   assert result["qcd_top_window_pileup"] is True
-  honest = metrics.classification_and_mass_metrics(labels, probs, mass_true, mass_true * 1.01,
-                                                   bootstrap_samples=50)
+  honest = metrics.classification_and_mass_metrics(
+    labels, probs, mass_true, mass_true * 1.01, bootstrap_samples=50
+  )
   assert honest["qcd_top_window_pileup"] is False
 
 
 # --- mean images ------------------------------------------------------------------------------------
+
 
 def test_class_mean_images_average_each_class_separately():
   accumulator = metrics.ClassMeanImages()
@@ -422,6 +438,7 @@ def test_class_mean_images_refuse_a_missing_class_or_a_changed_shape():
 
 # --- everything at once -----------------------------------------------------------------------------
 
+
 def _fake_model(size=400, seed=0, separation=1.5):
   labels, probs = _fake_classifier(size, seed, separation)
   rng = np.random.default_rng(seed + 100)
@@ -432,25 +449,60 @@ def _fake_model(size=400, seed=0, separation=1.5):
 
 # The keys metrics.json has always had: later additions must leave every one of them in place.
 ORIGINAL_KEYS = {
-    "accuracy", "roc_auc", "mass_mae", "mass_mse", "mass_bias", "mass_resolution", "mass_relative_bias",
-    "rejection_at_eff_0.3", "rejection_at_eff_0.5", "accuracy_ci68", "roc_auc_ci68", "mass_mae_ci68",
-    "num_examples", "num_signal",
+  "accuracy",
+  "roc_auc",
+  "mass_mae",
+  "mass_mse",
+  "mass_bias",
+  "mass_resolution",
+  "mass_relative_bias",
+  "rejection_at_eff_0.3",
+  "rejection_at_eff_0.5",
+  "accuracy_ci68",
+  "roc_auc_ci68",
+  "mass_mae_ci68",
+  "num_examples",
+  "num_signal",
 }
 PHYSICS_KEYS = {
-    "sculpting_target_signal_efficiency", "sculpting_signal_efficiency", "sculpting_threshold",
-    "sculpting_background_efficiency", "sculpting_r50", "sculpting_r50_ci68", "sculpting_jsd50",
-    "sculpting_jsd50_error", "sculpting_inverse_jsd50", "sculpting_inverse_jsd50_error",
-    "sculpting_jsd50_null", "sculpting_inverse_jsd50_null",
-    "sculpting_num_background_pass", "sculpting_num_background_fail", "sculpting_mass_edges",
-    "sculpting_background_mass_all", "sculpting_background_mass_pass", "sculpting_background_mass_fail",
-    "calibration_ece", "calibration_ece_ci68", "calibration_brier", "calibration_brier_ci68",
-    "reliability_bin_edges", "reliability_count", "reliability_confidence", "reliability_signal_fraction",
-    "mass_response_bin_edges", "top_mass_window", "qcd_top_window_fraction_true",
-    "qcd_top_window_fraction_pred", "qcd_top_window_excess_ci68", "qcd_top_window_pileup",
-    *(f"mass_response_{group}_{stat}" for group in ("all", "top", "qcd")
-      for stat in ("median", "resolution")),
-    *(f"mass_response_binned_{group}_{stat}" for group in ("all", "top", "qcd")
-      for stat in ("count", "median", "resolution")),
+  "sculpting_target_signal_efficiency",
+  "sculpting_signal_efficiency",
+  "sculpting_threshold",
+  "sculpting_background_efficiency",
+  "sculpting_r50",
+  "sculpting_r50_ci68",
+  "sculpting_jsd50",
+  "sculpting_jsd50_error",
+  "sculpting_inverse_jsd50",
+  "sculpting_inverse_jsd50_error",
+  "sculpting_jsd50_null",
+  "sculpting_inverse_jsd50_null",
+  "sculpting_num_background_pass",
+  "sculpting_num_background_fail",
+  "sculpting_mass_edges",
+  "sculpting_background_mass_all",
+  "sculpting_background_mass_pass",
+  "sculpting_background_mass_fail",
+  "calibration_ece",
+  "calibration_ece_ci68",
+  "calibration_brier",
+  "calibration_brier_ci68",
+  "reliability_bin_edges",
+  "reliability_count",
+  "reliability_confidence",
+  "reliability_signal_fraction",
+  "mass_response_bin_edges",
+  "top_mass_window",
+  "qcd_top_window_fraction_true",
+  "qcd_top_window_fraction_pred",
+  "qcd_top_window_excess_ci68",
+  "qcd_top_window_pileup",
+  *(f"mass_response_{group}_{stat}" for group in ("all", "top", "qcd") for stat in ("median", "resolution")),
+  *(
+    f"mass_response_binned_{group}_{stat}"
+    for group in ("all", "top", "qcd")
+    for stat in ("count", "median", "resolution")
+  ),
 }
 EXPECTED_KEYS = ORIGINAL_KEYS | PHYSICS_KEYS
 
@@ -472,7 +524,8 @@ def test_classification_and_mass_metrics_is_flat_strict_json():
   assert 0 < result["sculpting_jsd50"] < 2 * result["sculpting_jsd50_null"]
   assert result["sculpting_jsd50_error"] > 0
   assert result["sculpting_inverse_jsd50_error"] == pytest.approx(
-      result["sculpting_jsd50_error"] / result["sculpting_jsd50"] ** 2)
+    result["sculpting_jsd50_error"] / result["sculpting_jsd50"] ** 2
+  )
   assert 0.5 <= result["sculpting_signal_efficiency"] < 0.52
   # The cut-based R50 and the ROC-interpolated one differ by at most the jets at the cut.
   assert result["sculpting_r50"] == pytest.approx(result["rejection_at_eff_0.5"], rel=0.1)
@@ -489,7 +542,7 @@ def test_the_physics_checks_leave_the_original_metrics_unchanged():
   assert result["mass_resolution"] == metrics.mass_errors(mass_true, mass_pred)["resolution"]
   expected = metrics.bootstrap_interval(metrics.roc_auc, labels, probs, num_samples=30, seed=0)
   assert result["roc_auc_ci68"] == list(expected)
-  assert list(result)[:len(ORIGINAL_KEYS)] == [key for key in result if key in ORIGINAL_KEYS]  # added after
+  assert list(result)[: len(ORIGINAL_KEYS)] == [key for key in result if key in ORIGINAL_KEYS]  # added after
 
 
 def test_bootstrap_skips_resamples_where_a_metric_is_undefined():
@@ -509,12 +562,14 @@ def test_bootstrap_skips_resamples_where_a_metric_is_undefined():
 
 def test_unbounded_rejection_is_none_in_json():
   labels = np.array([0, 0, 1, 1])
-  result = metrics.classification_and_mass_metrics(labels, [0.1, 0.2, 0.8, 0.9], [100.0] * 4,
-                                                   [101.0] * 4, bootstrap_samples=20)
+  result = metrics.classification_and_mass_metrics(
+    labels, [0.1, 0.2, 0.8, 0.9], [100.0] * 4, [101.0] * 4, bootstrap_samples=20
+  )
   assert result["rejection_at_eff_0.3"] is None and result["rejection_at_eff_0.5"] is None
 
 
 # --- plots and report -------------------------------------------------------------------------------
+
 
 def _assert_png(path):
   assert os.path.getsize(path) > 1000
@@ -525,8 +580,15 @@ def _assert_png(path):
 def _write_training_log(path, with_validation=True):
   lines = []
   for epoch in range(1, 4):
-    lines += [{"step": 16 * epoch - 8, "epoch": epoch - 0.5, "train/loss": 1.0 / epoch, "learning_rate": 3e-4,
-               "images_per_second": 55.1}]
+    lines += [
+      {
+        "step": 16 * epoch - 8,
+        "epoch": epoch - 0.5,
+        "train/loss": 1.0 / epoch,
+        "learning_rate": 3e-4,
+        "images_per_second": 55.1,
+      }
+    ]
     end = {"step": 16 * epoch, "epoch": epoch, "train/loss": 0.9 / epoch}
     if with_validation:
       end.update({"val/loss": 1.1 / epoch, "val/accuracy": 0.7 + 0.05 * epoch, "val/mass_mae": 30.0 - epoch})
@@ -562,23 +624,37 @@ def _fake_mean_images(seed=0):
 
 def _write_everything(out_dir):
   data = {"a": _fake_model(seed=3, separation=0.7)}
-  results = {name: report.write_model_outputs(out_dir, name, index=np.arange(400), bootstrap_samples=30,
-                                              **model) for name, model in data.items()}
-  report.write_report(out_dir, results, mean_images=_fake_mean_images(),
-                      predictions={name: (model["labels"], model["probs"]) for name, model in data.items()})
+  results = {
+    name: report.write_model_outputs(out_dir, name, index=np.arange(400), bootstrap_samples=30, **model)
+    for name, model in data.items()
+  }
+  report.write_report(
+    out_dir,
+    results,
+    mean_images=_fake_mean_images(),
+    predictions={name: (model["labels"], model["probs"]) for name, model in data.items()},
+  )
 
 
 def test_the_same_predictions_give_byte_identical_reports_and_plots(tmp_path):
   # What an interrupted and rerun evaluation relies on (tests/test_chaos.py compares the files).
   _write_everything(tmp_path / "first")
   _write_everything(tmp_path / "second")
-  files = sorted(str(path.relative_to(tmp_path / "first")) for path in (tmp_path / "first").rglob("*")
-                 if path.is_file())
-  assert {"report.md", "mean_images.png", "a/mass_sculpting.png", "a/reliability.png",
-          "a/mass_response.png", "a/metrics.json"} <= set(files)
+  files = sorted(
+    str(path.relative_to(tmp_path / "first")) for path in (tmp_path / "first").rglob("*") if path.is_file()
+  )
+  assert {
+    "report.md",
+    "mean_images.png",
+    "a/mass_sculpting.png",
+    "a/reliability.png",
+    "a/mass_response.png",
+    "a/metrics.json",
+  } <= set(files)
   for relative in files:
-    assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes(), \
-        relative
+    assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes(), (
+      relative
+    )
 
 
 def test_physics_plots_cope_with_edge_cases(tmp_path):
@@ -597,20 +673,38 @@ def test_physics_plots_cope_with_edge_cases(tmp_path):
 
 
 def test_report_shows_unbounded_r50_and_names_models_whose_qcd_piles_up(tmp_path):
-  perfect = {"sculpting_r50": None, "sculpting_r50_ci68": [None, None], "sculpting_jsd50": None,
-             "sculpting_inverse_jsd50": None, "sculpting_num_background_pass": 0,
-             "sculpting_num_background_fail": 10, "qcd_top_window_pileup": True,
-             "qcd_top_window_fraction_true": 0.1, "qcd_top_window_fraction_pred": 0.3}
-  flat = {"sculpting_r50": 4.0, "sculpting_r50_ci68": [3.0, None], "sculpting_jsd50": 0.0,
-          "sculpting_inverse_jsd50": None, "sculpting_jsd50_null": 0.02, "sculpting_inverse_jsd50_null": 50.0,
-          "qcd_top_window_pileup": False,
-          "qcd_top_window_fraction_true": 0.1, "qcd_top_window_fraction_pred": 0.1}
+  perfect = {
+    "sculpting_r50": None,
+    "sculpting_r50_ci68": [None, None],
+    "sculpting_jsd50": None,
+    "sculpting_inverse_jsd50": None,
+    "sculpting_num_background_pass": 0,
+    "sculpting_num_background_fail": 10,
+    "qcd_top_window_pileup": True,
+    "qcd_top_window_fraction_true": 0.1,
+    "qcd_top_window_fraction_pred": 0.3,
+  }
+  flat = {
+    "sculpting_r50": 4.0,
+    "sculpting_r50_ci68": [3.0, None],
+    "sculpting_jsd50": 0.0,
+    "sculpting_inverse_jsd50": None,
+    "sculpting_jsd50_null": 0.02,
+    "sculpting_inverse_jsd50_null": 50.0,
+    "qcd_top_window_pileup": False,
+    "qcd_top_window_fraction_true": 0.1,
+    "qcd_top_window_fraction_pred": 0.1,
+  }
   text = open(report.write_report(tmp_path, {"perfect": perfect, "flat": flat}, predictions={})).read()
   assert "| **perfect** | — | 0 / 10 | ∞ | — | — | — |" in text  # JSD undefined: no QCD jet passes
   # JSD 0: identical shapes.
   assert "| **flat** | — | — | 4.0 (+∞/−1.0) | 0.0000 | ∞ | 50.00 |" in text
-  sculpted = {"sculpting_jsd50": 0.25, "sculpting_jsd50_error": 0.05, "sculpting_inverse_jsd50": 4.0,
-              "sculpting_inverse_jsd50_error": 0.8}
+  sculpted = {
+    "sculpting_jsd50": 0.25,
+    "sculpting_jsd50_error": 0.05,
+    "sculpting_inverse_jsd50": 4.0,
+    "sculpting_inverse_jsd50_error": 0.8,
+  }
   row = report._sculpting_row("sculpted", sculpted)  # pylint: disable=protected-access
   assert row[4:6] == ["0.2500 ± 0.0500", "4.00 ± 0.80"]
   assert "| **yes** (×3.00) |" in text and "| no (×1.00) |" in text
@@ -624,8 +718,9 @@ def test_write_model_outputs_and_report_create_every_file(tmp_path):
   results = {}
   for name, data in models.items():
     index = np.arange(len(data["labels"])) * 3
-    results[name] = report.write_model_outputs(out_dir, name, index=index, metrics_jsonl=logs[name],
-                                               bootstrap_samples=50, **data)
+    results[name] = report.write_model_outputs(
+      out_dir, name, index=index, metrics_jsonl=logs[name], bootstrap_samples=50, **data
+    )
     model_dir = out_dir / name
     for plot in report.PER_MODEL_PLOTS:
       _assert_png(model_dir / plot)
@@ -641,8 +736,14 @@ def test_write_model_outputs_and_report_create_every_file(tmp_path):
   assert results["simclr"]["roc_auc"] > results["scratch"]["roc_auc"]
 
   predictions = {name: (data["labels"], data["probs"]) for name, data in models.items()}
-  path = report.write_report(out_dir, results, predictions=predictions, training_logs=logs,
-                             mean_images=_fake_mean_images(), notes="Fake data.")
+  path = report.write_report(
+    out_dir,
+    results,
+    predictions=predictions,
+    training_logs=logs,
+    mean_images=_fake_mean_images(),
+    notes="Fake data.",
+  )
   assert path == str(out_dir / "report.md")
   _assert_png(out_dir / "roc.png")
   _assert_png(out_dir / "training_curves.png")

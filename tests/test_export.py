@@ -30,11 +30,28 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="needs the export extra:
 pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '.[export]'")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_CONFIG = {"attention": "linear", "depth": 1, "drop_path_rate": 0.0, "drop_rate": 0.0,
-                "dtype": "float32", "embed_dim": 32, "img_size": 25, "in_channels": 8, "lcm_kernel": 7,
-                "mlp_ratio": 2.0, "num_classes": 2, "num_heads": 2, "patch_size": 5}
-META = {"task": "finetune", "model_config": MODEL_CONFIG, "pixel_scale": 4.0, "mass_mean": 150.0,
-        "mass_std": 40.0}
+MODEL_CONFIG = {
+  "attention": "linear",
+  "depth": 1,
+  "drop_path_rate": 0.0,
+  "drop_rate": 0.0,
+  "dtype": "float32",
+  "embed_dim": 32,
+  "img_size": 25,
+  "in_channels": 8,
+  "lcm_kernel": 7,
+  "mlp_ratio": 2.0,
+  "num_classes": 2,
+  "num_heads": 2,
+  "patch_size": 5,
+}
+META = {
+  "task": "finetune",
+  "model_config": MODEL_CONFIG,
+  "pixel_scale": 4.0,
+  "mass_mean": 150.0,
+  "mass_std": 40.0,
+}
 NUM_JETS = 13  # two batch sizes below: all 13 (not a multiple of the prediction batch) and 5
 TOLERANCE = 1e-4
 
@@ -58,8 +75,9 @@ def exported(tmp_path_factory):
   model_io.save_model_checkpoint(workdir, model, META)
   jets = write_jet_file(root / "jets.h5", num=NUM_JETS, size=25)
   restored, meta = model_io.restore_model_checkpoint(workdir)
-  ours = evaluate.predict(restored, hdf5.HDF5Source(jets, labelled=False), meta, batch_size=8,
-                          mesh=sharding.make_mesh())
+  ours = evaluate.predict(
+    restored, hdf5.HDF5Source(jets, labelled=False), meta, batch_size=8, mesh=sharding.make_mesh()
+  )
   output = str(root / "export")
   sidecar = export.export_checkpoint(workdir, output)
   return workdir, output, sidecar, jets, ours
@@ -72,8 +90,9 @@ def _images(jets: str) -> np.ndarray:
 
 def _assert_equals_ours(prob, mass, ours, n):
   np.testing.assert_allclose(np.asarray(prob), ours["prob"][:n], rtol=0, atol=TOLERANCE)
-  np.testing.assert_allclose(np.asarray(mass), ours["mass_pred"][:n], rtol=0,
-                             atol=TOLERANCE * META["mass_std"])
+  np.testing.assert_allclose(
+    np.asarray(mass), ours["mass_pred"][:n], rtol=0, atol=TOLERANCE * META["mass_std"]
+  )
 
 
 def test_our_predictions_are_not_trivial(exported):
@@ -96,8 +115,9 @@ def test_the_jax_export_artifact_predicts_like_us_at_two_batch_sizes(exported):
 
 def test_the_onnx_model_predicts_like_us_at_two_batch_sizes(exported):
   _, output, sidecar, jets, ours = exported
-  session = onnxruntime.InferenceSession(os.path.join(output, export.ONNX_FILE),
-                                         providers=["CPUExecutionProvider"])
+  session = onnxruntime.InferenceSession(
+    os.path.join(output, export.ONNX_FILE), providers=["CPUExecutionProvider"]
+  )
   (given,) = session.get_inputs()
   assert given.name == export.INPUT_NAME and given.shape == ["batch", 25, 25, 8]
   assert given.type == "tensor(float)"
@@ -112,6 +132,7 @@ def test_the_onnx_model_predicts_like_us_at_two_batch_sizes(exported):
 
 def test_the_exported_depthwise_convolutions_are_onnx_grouped_convolutions(exported):
   import onnx  # pylint: disable=import-outside-toplevel
+
   graph = onnx.load(os.path.join(exported[1], export.ONNX_FILE)).graph
   groups = [a.i for node in graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "group"]
   assert groups == [MODEL_CONFIG["embed_dim"]] * 2  # the LCM's two depthwise convolutions
@@ -122,9 +143,12 @@ def test_the_sidecar_records_the_meta_the_files_and_the_io(exported):
   with open(os.path.join(output, export.SIDECAR_FILE)) as f:
     assert json.load(f) == json.loads(json.dumps(sidecar))
   assert {k: sidecar[k] for k in ("pixel_scale", "mass_mean", "mass_std", "model_config")} == {
-      k: META[k] for k in ("pixel_scale", "mass_mean", "mass_std", "model_config")}
+    k: META[k] for k in ("pixel_scale", "mass_mean", "mass_std", "model_config")
+  }
   assert sidecar["checkpoint"] == workdir
-  assert sorted(sidecar["files"]) == ["jax", "onnx"] and sidecar["files"]["onnx"]["opset"] == export.ONNX_OPSET
+  assert (
+    sorted(sidecar["files"]) == ["jax", "onnx"] and sidecar["files"]["onnx"]["opset"] == export.ONNX_OPSET
+  )
   assert sidecar["input"]["shape"] == ["batch", 25, 25, 8]
   assert [o["name"] for o in sidecar["outputs"]] == list(export.OUTPUT_NAMES)
   assert sorted(os.listdir(output)) == sorted([export.JAX_FILE, export.ONNX_FILE, export.SIDECAR_FILE])
@@ -132,8 +156,9 @@ def test_the_sidecar_records_the_meta_the_files_and_the_io(exported):
 
 def test_a_pretraining_checkpoint_is_refused_in_one_line(tmp_path):
   workdir = str(tmp_path / "simclr-like")
-  model_io.save_model_checkpoint(workdir, build.build_l2vit(MODEL_CONFIG),
-                                 dict(META, task="simclr", mass_mean=None, mass_std=None))
+  model_io.save_model_checkpoint(
+    workdir, build.build_l2vit(MODEL_CONFIG), dict(META, task="simclr", mass_mean=None, mass_std=None)
+  )
   with pytest.raises(export.ExportError, match="not a finetuned checkpoint") as refused:
     export.export_checkpoint(workdir, str(tmp_path / "out"))
   assert "\n" not in str(refused.value)
@@ -141,7 +166,8 @@ def test_a_pretraining_checkpoint_is_refused_in_one_line(tmp_path):
 
 
 def test_without_the_converter_the_jax_artifact_is_still_written_and_the_error_is_one_line(
-    exported, tmp_path, monkeypatch):
+  exported, tmp_path, monkeypatch
+):
   monkeypatch.setitem(sys.modules, "jax2onnx", None)  # `import jax2onnx` raises ImportError
   output = tmp_path / "out"
   with pytest.raises(export.ExportError, match=r"needs jax2onnx .*\[export\]") as refused:
@@ -152,9 +178,13 @@ def test_without_the_converter_the_jax_artifact_is_still_written_and_the_error_i
 
 
 def test_the_export_script_reports_a_missing_checkpoint_in_one_line(tmp_path):
-  result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "export.py"),
-                           f"--workdir={tmp_path / 'nothing'}"], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  result = subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", "export.py"), f"--workdir={tmp_path / 'nothing'}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "no Orbax checkpoint found" in lines[0]

@@ -48,8 +48,13 @@ HANG_SECONDS = 120  # per example; they take milliseconds (a checkpoint restore:
 
 
 def fuzz_settings(max_examples: int):
-  return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+  return settings(
+    max_examples=max_examples,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  )
 
 
 @contextlib.contextmanager
@@ -62,8 +67,11 @@ def _no_hang():
 
 
 def _listing(directory: str) -> list[str]:
-  return sorted(os.path.relpath(os.path.join(root, name), directory)
-                for root, dirs, files in os.walk(directory) for name in dirs + files)
+  return sorted(
+    os.path.relpath(os.path.join(root, name), directory)
+    for root, dirs, files in os.walk(directory)
+    for name in dirs + files
+  )
 
 
 def _loads_or_refuses(path: str, load) -> str | None:
@@ -101,6 +109,7 @@ def _scratch_file(name: str, data: bytes):
 
 # --- .sparse files --------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def _template_directory() -> str:
   directory = tempfile.mkdtemp(prefix="l2vit-fuzz-")
@@ -116,8 +125,9 @@ def sparse_bytes(labelled: bool) -> bytes:
   the few values that matter.
   """
   directory = _template_directory()
-  h5 = write_jet_file(os.path.join(directory, f"{labelled}.h5"), num=NUM_IMAGES, size=IMAGE_SIZE,
-                      labelled=labelled)
+  h5 = write_jet_file(
+    os.path.join(directory, f"{labelled}.h5"), num=NUM_IMAGES, size=IMAGE_SIZE, labelled=labelled
+  )
   out = os.path.join(directory, f"{labelled}{sparse.SUFFIX}")
   sparse.convert_hdf5(h5, out)
   with open(out, "rb") as f:
@@ -135,11 +145,12 @@ def _load_sparse(labelled: bool):
       assert np.isfinite(image).all() and (image >= 0).all()
     batch = sparse.ReadPaddedBatch(source, pixel_scale=2.0).map(np.arange(len(source)))
     assert batch["positions"].shape[0] == len(source)
+
   return load
 
 
 def _header_end(data: bytes) -> int:
-  return len(sparse.MAGIC) + 8 + int(np.frombuffer(data[len(sparse.MAGIC):len(sparse.MAGIC) + 8], "<u8")[0])
+  return len(sparse.MAGIC) + 8 + int(np.frombuffer(data[len(sparse.MAGIC) : len(sparse.MAGIC) + 8], "<u8")[0])
 
 
 def _with_header(data: bytes, header, length: int | None = None) -> bytes:
@@ -149,22 +160,72 @@ def _with_header(data: bytes, header, length: int | None = None) -> bytes:
   start = len(sparse.MAGIC)
   length = len(encoded) if length is None else length
   prefix = data[:start] + np.uint64(length % (1 << 64)).astype("<u8").tobytes() + encoded
-  return prefix + data[len(prefix):]
+  return prefix + data[len(prefix) :]
 
 
 def _header(data: bytes) -> dict:
-  return json.loads(data[len(sparse.MAGIC) + 8:_header_end(data)])
+  return json.loads(data[len(sparse.MAGIC) + 8 : _header_end(data)])
 
 
 JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
-    st.sampled_from([0, 1, -1, 2, 7, 8, 63, 64, 65, 255, 256, 1 << 16, (1 << 31) - 1, 1 << 31, 1 << 32,
-                     (1 << 62), (1 << 63) - 1, 1 << 63, 1 << 64, 10 ** 30]),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
-    st.sampled_from(["<f4", "<i8", "<u2", "<i4", "|u1", "<f8", ">f4", ">i8", "|b1", "O", "|S3", "<c8",
-                     "V8", "<M8[s]", "<U2", "bogus", ""]))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=8)
+  st.none(),
+  st.booleans(),
+  st.integers(-(1 << 70), 1 << 70),
+  st.sampled_from(
+    [
+      0,
+      1,
+      -1,
+      2,
+      7,
+      8,
+      63,
+      64,
+      65,
+      255,
+      256,
+      1 << 16,
+      (1 << 31) - 1,
+      1 << 31,
+      1 << 32,
+      (1 << 62),
+      (1 << 63) - 1,
+      1 << 63,
+      1 << 64,
+      10**30,
+    ]
+  ),
+  st.floats(allow_nan=False, allow_infinity=False),
+  st.text(max_size=6),
+  st.sampled_from(
+    [
+      "<f4",
+      "<i8",
+      "<u2",
+      "<i4",
+      "|u1",
+      "<f8",
+      ">f4",
+      ">i8",
+      "|b1",
+      "O",
+      "|S3",
+      "<c8",
+      "V8",
+      "<M8[s]",
+      "<U2",
+      "bogus",
+      "",
+    ]
+  ),
+)
+JSON_VALUES = st.recursive(
+  JSON_SCALARS,
+  lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+  ),
+  max_leaves=8,
+)
 ARRAY_NAMES = ("offsets", "positions", "values", *sparse.LABEL_ARRAYS)
 HEADER_FIELDS = ("version", "num_examples", "image_shape", "labelled", "arrays", "format")
 
@@ -175,10 +236,14 @@ def forged_headers(draw):
   if draw(st.booleans()):
     where = (draw(st.sampled_from(HEADER_FIELDS)),)
   else:
-    where = ("arrays", draw(st.sampled_from(ARRAY_NAMES)),
-             draw(st.sampled_from(("offset", "shape", "dtype", None))))
-  value = draw(st.one_of(JSON_VALUES, st.just("delete"),
-                         st.lists(st.integers(-3, 1 << 40), min_size=0, max_size=4)))
+    where = (
+      "arrays",
+      draw(st.sampled_from(ARRAY_NAMES)),
+      draw(st.sampled_from(("offset", "shape", "dtype", None))),
+    )
+  value = draw(
+    st.one_of(JSON_VALUES, st.just("delete"), st.lists(st.integers(-3, 1 << 40), min_size=0, max_size=4))
+  )
   return where, value
 
 
@@ -198,8 +263,9 @@ def _forge(header: dict, where: tuple, value) -> dict:
 
 
 # Up to four (relative position, bit, inside the metadata/header?) flips of a file's bytes.
-BIT_FLIPS = st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7), st.booleans()),
-                     min_size=1, max_size=4)
+BIT_FLIPS = st.lists(
+  st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7), st.booleans()), min_size=1, max_size=4
+)
 
 
 @fuzz_settings(300)
@@ -216,8 +282,10 @@ def test_sparse_files_with_flipped_bits_load_or_fail_in_one_line(labelled, flips
 
 def _data_end(data: bytes) -> int:
   """Where the last array of a sparse file ends (the writer pads the file to 64 bytes past it)."""
-  return max(spec["offset"] + int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
-             for spec in _header(data)["arrays"].values())
+  return max(
+    spec["offset"] + int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+    for spec in _header(data)["arrays"].values()
+  )
 
 
 @fuzz_settings(60)
@@ -249,8 +317,11 @@ def test_truncated_sparse_files_fail_in_one_line_unless_only_padding_was_cut(lab
 @example(labelled=True, forged=[(("labelled",), "delete")], length=None)  # KeyError
 @example(labelled=False, forged=[(("image_shape",), [-5, -5, 8])], length=None)  # ValueError (reshape)
 @fuzz_settings(400)
-@given(labelled=st.booleans(), forged=st.lists(forged_headers(), min_size=1, max_size=3),
-       length=st.one_of(st.none(), st.integers(0, 1 << 64), st.sampled_from([0, 1, 1 << 63, (1 << 64) - 1])))
+@given(
+  labelled=st.booleans(),
+  forged=st.lists(forged_headers(), min_size=1, max_size=3),
+  length=st.one_of(st.none(), st.integers(0, 1 << 64), st.sampled_from([0, 1, 1 << 63, (1 << 64) - 1])),
+)
 def test_sparse_files_with_forged_headers_load_or_fail_in_one_line(labelled, forged, length):
   data = sparse_bytes(labelled)
   header = _header(data)
@@ -261,11 +332,18 @@ def test_sparse_files_with_forged_headers_load_or_fail_in_one_line(labelled, for
 
 
 @fuzz_settings(200)
-@given(labelled=st.booleans(), name=st.sampled_from(ARRAY_NAMES), index=st.integers(0, 1 << 20),
-       value=st.one_of(st.integers(-(1 << 63), (1 << 63) - 1),
-                       st.sampled_from([-1, 0, 1, 24, 25, 199, 200, 201, 1 << 16, (1 << 16) - 1, 1 << 40])))
+@given(
+  labelled=st.booleans(),
+  name=st.sampled_from(ARRAY_NAMES),
+  index=st.integers(0, 1 << 20),
+  value=st.one_of(
+    st.integers(-(1 << 63), (1 << 63) - 1),
+    st.sampled_from([-1, 0, 1, 24, 25, 199, 200, 201, 1 << 16, (1 << 16) - 1, 1 << 40]),
+  ),
+)
 def test_sparse_files_with_forged_offsets_positions_and_labels_load_or_fail_in_one_line(
-    labelled, name, index, value):
+  labelled, name, index, value
+):
   data = bytearray(sparse_bytes(labelled))
   spec = _header(bytes(data))["arrays"].get(name)
   if spec is None:
@@ -277,7 +355,7 @@ def test_sparse_files_with_forged_offsets_positions_and_labels_load_or_fail_in_o
   start = spec["offset"] + (index % count) * dtype.itemsize
   info = np.iinfo(dtype) if dtype.kind in "iu" else None
   forged = np.array(value if info is None else min(max(value, info.min), info.max)).astype(dtype)
-  data[start:start + dtype.itemsize] = forged.tobytes()
+  data[start : start + dtype.itemsize] = forged.tobytes()
   with _scratch_file("forged.sparse", bytes(data)) as path:
     _loads_or_refuses(path, _load_sparse(labelled))
 
@@ -285,8 +363,8 @@ def test_sparse_files_with_forged_offsets_positions_and_labels_load_or_fail_in_o
 def test_a_sparse_header_nested_deeper_than_python_recurses_fails_in_one_line():
   data = sparse_bytes(False)
   nested = b"[" * 100_000  # json.loads raises RecursionError, not ValueError
-  forged = data[:len(sparse.MAGIC)] + np.uint64(len(nested)).astype("<u8").tobytes() + nested
-  with _scratch_file("nested.sparse", forged + data[len(forged):]) as path:
+  forged = data[: len(sparse.MAGIC)] + np.uint64(len(nested)).astype("<u8").tobytes() + nested
+  with _scratch_file("nested.sparse", forged + data[len(forged) :]) as path:
     assert "unreadable header" in _loads_or_refuses(path, _load_sparse(False))
 
 
@@ -298,11 +376,16 @@ def test_the_unmutated_sparse_files_load():
 
 # --- HDF5 jet files ---------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def hdf5_bytes(labelled: bool) -> bytes:
   """A small valid HDF5 jet file (``write_jet_file``), made once."""
-  path = write_jet_file(os.path.join(_template_directory(), f"{labelled}-template.h5"), num=NUM_IMAGES,
-                        size=IMAGE_SIZE, labelled=labelled)
+  path = write_jet_file(
+    os.path.join(_template_directory(), f"{labelled}-template.h5"),
+    num=NUM_IMAGES,
+    size=IMAGE_SIZE,
+    labelled=labelled,
+  )
   with open(path, "rb") as f:
     return f.read()
 
@@ -324,6 +407,7 @@ def _load_hdf5(labelled: bool):
       assert np.isfinite(record["image"]).all() and (record["image"] >= 0).all()
       if labelled:
         assert record["label"] in (0, 1) and record["mass"] > 0
+
   return load
 
 
@@ -356,12 +440,25 @@ def test_hdf5_files_with_flipped_bits_load_or_fail_in_one_line(labelled, flips):
 @given(labelled=st.booleans(), keep=st.floats(0, 1, exclude_max=True))
 def test_truncated_hdf5_files_fail_in_one_line(labelled, keep):
   data = hdf5_bytes(labelled)
-  with _scratch_file("truncated.h5", data[:int(keep * len(data))]) as path:
+  with _scratch_file("truncated.h5", data[: int(keep * len(data))]) as path:
     assert _loads_or_refuses(path, _load_hdf5(labelled)) is not None
 
 
-DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int32, np.int64, np.uint8, np.bool_,
-                          np.complex64, "S4", ">f4", [("a", "<f4"), ("b", "<i4")]])
+DTYPES = st.sampled_from(
+  [
+    np.float32,
+    np.float64,
+    np.float16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.bool_,
+    np.complex64,
+    "S4",
+    ">f4",
+    [("a", "<f4"), ("b", "<i4")],
+  ]
+)
 
 
 @st.composite
@@ -372,8 +469,19 @@ def swapped_datasets(draw):
     n = draw(st.sampled_from([NUM_IMAGES, 0, 1, NUM_IMAGES + 1]))
     if key == "jet":
       side = draw(st.sampled_from([IMAGE_SIZE, 1, 4]))
-      shape = draw(st.sampled_from([(n, side, side, 8), (n, side, side + 1, 8), (n, side, side, 3),
-                                    (n, side, side), (n, side, side, 8, 1), (n,), ()]))
+      shape = draw(
+        st.sampled_from(
+          [
+            (n, side, side, 8),
+            (n, side, side + 1, 8),
+            (n, side, side, 3),
+            (n, side, side),
+            (n, side, side, 8, 1),
+            (n,),
+            (),
+          ]
+        )
+      )
     else:
       shape = draw(st.sampled_from([(n, 1), (n,), (n, 2), (n, 1, 1), ()]))
     values = draw(st.sampled_from([0.0, 1.0, 2.0, -1.0, np.nan, np.inf, 1e30]))
@@ -389,16 +497,25 @@ def swapped_datasets(draw):
 @given(labelled=st.booleans(), swapped=swapped_datasets())
 def test_hdf5_files_with_swapped_dtypes_and_shapes_load_or_fail_in_one_line(labelled, swapped):
   with tempfile.TemporaryDirectory() as directory:
-    path = write_jet_file(os.path.join(directory, "swapped.h5"), num=NUM_IMAGES, size=IMAGE_SIZE,
-                          labelled=labelled, overrides=swapped)
+    path = write_jet_file(
+      os.path.join(directory, "swapped.h5"),
+      num=NUM_IMAGES,
+      size=IMAGE_SIZE,
+      labelled=labelled,
+      overrides=swapped,
+    )
     _loads_or_refuses(path, _load_hdf5(labelled))
 
 
 def test_hdf5_labels_are_validated_at_the_float32_precision_they_are_read_with(tmp_path):
   """A float64 mass of 1e-75 is positive but reads as 0.0, and a pT of 1e300 as inf: both refused."""
   for key, value in (("m", 1e-75), ("pT", 1e300)):
-    path = write_jet_file(tmp_path / f"{key}.h5", num=NUM_IMAGES, size=IMAGE_SIZE,
-                          overrides={key: np.full((NUM_IMAGES, 1), value, np.float64)})
+    path = write_jet_file(
+      tmp_path / f"{key}.h5",
+      num=NUM_IMAGES,
+      size=IMAGE_SIZE,
+      overrides={key: np.full((NUM_IMAGES, 1), value, np.float64)},
+    )
     assert f"key '{key}': expected finite" in _loads_or_refuses(path, _load_hdf5(True))
 
 
@@ -410,9 +527,21 @@ def test_the_unmutated_hdf5_files_load():
 
 # --- checkpoint meta --------------------------------------------------------------------------------
 
-MODEL_CONFIG = {"attention": "linear", "depth": 1, "drop_path_rate": 0.0, "drop_rate": 0.0,
-                "dtype": "float32", "embed_dim": 32, "img_size": 25, "in_channels": 8, "lcm_kernel": 7,
-                "mlp_ratio": 2.0, "num_classes": 2, "num_heads": 2, "patch_size": 5}
+MODEL_CONFIG = {
+  "attention": "linear",
+  "depth": 1,
+  "drop_path_rate": 0.0,
+  "drop_rate": 0.0,
+  "dtype": "float32",
+  "embed_dim": 32,
+  "img_size": 25,
+  "in_channels": 8,
+  "lcm_kernel": 7,
+  "mlp_ratio": 2.0,
+  "num_classes": 2,
+  "num_heads": 2,
+  "patch_size": 5,
+}
 META_FILE = os.path.join("best", "0", "meta", "metadata")  # Orbax's JsonSave of the ``meta`` item
 
 
@@ -422,11 +551,20 @@ def checkpoint_template() -> tuple[str, dict]:
   arrays (what a correct load must give back)."""
   from l2vit_jax.checkpoint import naming  # pylint: disable=import-outside-toplevel
   from l2vit_jax.models import build  # pylint: disable=import-outside-toplevel
+
   model = build.build_l2vit(MODEL_CONFIG)
   directory = os.path.join(_template_directory(), "checkpoint")
-  model_io.save_model_checkpoint(directory, model, {
-      "task": "finetune", "model_config": MODEL_CONFIG, "pixel_scale": 2.0, "mass_mean": 150.0,
-      "mass_std": 40.0})
+  model_io.save_model_checkpoint(
+    directory,
+    model,
+    {
+      "task": "finetune",
+      "model_config": MODEL_CONFIG,
+      "pixel_scale": 2.0,
+      "mass_mean": 150.0,
+      "mass_std": 40.0,
+    },
+  )
   return directory, jax.tree.map(np.asarray, naming.model_arrays(model))
 
 
@@ -449,6 +587,7 @@ def _template_meta() -> dict:
 def _load_checkpoint(workdir):
   """What evaluation, export and the probes read: the whole model, the meta alone, the backbone."""
   from l2vit_jax.checkpoint import naming  # pylint: disable=import-outside-toplevel
+
   model, meta = model_io.restore_model_checkpoint(workdir)
   expected = checkpoint_template()[1]
   restored = naming.model_arrays(model)
@@ -463,14 +602,19 @@ def _load_checkpoint(workdir):
 
 
 META_KEYS = ("task", "model_config", "pixel_scale", "mass_mean", "mass_std", "digests")
-SIZES = st.sampled_from([0, -1, 1, 2, 3, 31, 33, 64, 1 << 20, 1 << 40, 10 ** 12, 2.5, True, None, "32"])
+SIZES = st.sampled_from([0, -1, 1, 2, 3, 31, 33, 64, 1 << 20, 1 << 40, 10**12, 2.5, True, None, "32"])
 
 
-DIGEST_NAMES = ("model/params/pos_embed", "model/params/cls_head/kernel", "model/batch_stats/blocks/0/lcm/bn/var")
+DIGEST_NAMES = (
+  "model/params/pos_embed",
+  "model/params/cls_head/kernel",
+  "model/batch_stats/blocks/0/lcm/bn/var",
+)
 FORGERIES = st.one_of(
-    st.tuples(st.just(()), st.sampled_from(META_KEYS)),
-    st.tuples(st.just(("model_config",)), st.sampled_from([*MODEL_CONFIG, "unknown_argument"])),
-    st.tuples(st.just(("digests",)), st.sampled_from(DIGEST_NAMES)))
+  st.tuples(st.just(()), st.sampled_from(META_KEYS)),
+  st.tuples(st.just(("model_config",)), st.sampled_from([*MODEL_CONFIG, "unknown_argument"])),
+  st.tuples(st.just(("digests",)), st.sampled_from(DIGEST_NAMES)),
+)
 
 
 def _forged_meta(forgeries) -> dict | object:
@@ -500,32 +644,36 @@ def _forged_meta(forgeries) -> dict | object:
 @example(forgeries=[((("model_config",), "unknown_argument"), None)])  # TypeError: unexpected argument
 @example(forgeries=[((("model_config",), "patch_size"), None)])  # TypeError in the constructor
 @example(forgeries=[((("model_config",), "attention"), None)])  # ValueError: unknown attention
-@example(forgeries=[((("model_config",), "depth"), 10 ** 12)])  # MemoryError: 7.28 TiB for np.linspace(depth)
-@example(forgeries=[((("model_config",), "num_classes"), 10 ** 12)])  # JaxRuntimeError: out of memory, 4 TB
+@example(forgeries=[((("model_config",), "depth"), 10**12)])  # MemoryError: 7.28 TiB for np.linspace(depth)
+@example(forgeries=[((("model_config",), "num_classes"), 10**12)])  # JaxRuntimeError: out of memory, 4 TB
 #   for the class head (XLA's allocator, which tracemalloc does not see)
 @example(forgeries=[(((), "pixel_scale"), None)])  # loaded, but predict would divide by None
 @example(forgeries=[(((), "mass_std"), "40")])  # loaded, but predict would multiply by a string
 @fuzz_settings(30)
-@given(forgeries=st.lists(st.tuples(FORGERIES, st.one_of(JSON_VALUES, SIZES, st.just("delete"))),
-                          min_size=1, max_size=3)
-       | st.lists(st.tuples(st.just(((), None)), JSON_VALUES), min_size=1, max_size=1))
+@given(
+  forgeries=st.lists(
+    st.tuples(FORGERIES, st.one_of(JSON_VALUES, SIZES, st.just("delete"))), min_size=1, max_size=3
+  )
+  | st.lists(st.tuples(st.just(((), None)), JSON_VALUES), min_size=1, max_size=1)
+)
 def test_checkpoints_with_forged_metas_load_or_fail_in_one_line(forgeries):
   with _checkpoint_with_meta(json.dumps(_forged_meta(forgeries)).encode()) as workdir:
     _loads_or_refuses(workdir, _load_checkpoint)
 
 
 @fuzz_settings(15)
-@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1,
-                      max_size=3), keep=st.one_of(st.none(), st.floats(0, 1)))
+@given(
+  flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1, max_size=3),
+  keep=st.one_of(st.none(), st.floats(0, 1)),
+)
 def test_checkpoints_with_damaged_meta_bytes_load_or_fail_in_one_line(flips, keep):
   data = bytearray(json.dumps(_template_meta()).encode())
   for where, bit in flips:
     data[int(where * len(data))] ^= 1 << bit
-  with _checkpoint_with_meta(bytes(data[:None if keep is None else int(keep * len(data))])) as workdir:
+  with _checkpoint_with_meta(bytes(data[: None if keep is None else int(keep * len(data))])) as workdir:
     _loads_or_refuses(workdir, _load_checkpoint)
 
 
 def test_the_unmutated_checkpoint_loads():
   with _checkpoint_with_meta(json.dumps(_template_meta()).encode()) as workdir:
     assert _loads_or_refuses(workdir, _load_checkpoint) is None
-

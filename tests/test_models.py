@@ -15,8 +15,7 @@ from l2vit_jax.models import l2vit
 
 # Odd sizes like the real 125×125 / patch 5 data, shrunk: a 5×5 token grid. One block keeps XLA
 # compiles short; models that share a config and mode also share nnx.jit's compiled forward.
-TINY = dict(in_channels=8, img_size=25, patch_size=5, embed_dim=32, depth=1, num_heads=2,
-            mlp_ratio=2.0)
+TINY = dict(in_channels=8, img_size=25, patch_size=5, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
 
 
 def _tiny_model(**overrides) -> models.L2ViT:
@@ -42,12 +41,13 @@ def _forward(model, images):
 
 # --- attention kernels -----------------------------------------------------------------------------
 
+
 def _naive_linear_attention(q, k, v, temperature, floor):
   """O(N²) form: explicit ReLU-kernel attention matrix and clamped row sums, in float64."""
   q = np.maximum(np.asarray(q, np.float64), 0.0)
   k = np.maximum(np.asarray(k, np.float64), 0.0)
   v = np.asarray(v, np.float64)
-  scores = np.einsum('bhnd,bhmd->bhnm', q, k)
+  scores = np.einsum("bhnd,bhmd->bhnm", q, k)
   denominator = np.maximum(scores.sum(-1, keepdims=True), floor)
   return np.asarray(temperature, np.float64) * (scores @ v) / denominator, denominator
 
@@ -79,7 +79,7 @@ def test_linear_attention_low_precision_inputs_are_computed_in_float32():
 
 def test_softmax_attention_matches_reference():
   q, k, v = (_normal(2, 2, 9, 4, seed=seed) for seed in range(3))
-  logits = np.einsum('bhnd,bhmd->bhnm', q, k) * 4**-0.5
+  logits = np.einsum("bhnd,bhmd->bhnm", q, k) * 4**-0.5
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   np.testing.assert_allclose(jax.jit(models.softmax_attention)(q, k, v), weights @ v, atol=1e-5)
@@ -87,14 +87,15 @@ def test_softmax_attention_matches_reference():
 
 # --- depthwise convolution -------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kernel_size', [3, 7])
+
+@pytest.mark.parametrize("kernel_size", [3, 7])
 def test_depthwise_implementations_agree(kernel_size):
   x = _normal(2, 5, 6, 16, seed=0)  # 7×7 taps on a 5×6 grid: padding dominates
   kernel = _normal(kernel_size, kernel_size, 1, 16, seed=1)
   bias = _normal(16, seed=2)
-  conv = jax.jit(models.depthwise_conv2d, static_argnames=('implementation', 'precision'))
-  lax_conv = conv(x, kernel, bias, implementation='lax', precision=jax.lax.Precision.HIGHEST)
-  shifted = conv(x, kernel, bias, implementation='shifted_adds')
+  conv = jax.jit(models.depthwise_conv2d, static_argnames=("implementation", "precision"))
+  lax_conv = conv(x, kernel, bias, implementation="lax", precision=jax.lax.Precision.HIGHEST)
+  shifted = conv(x, kernel, bias, implementation="shifted_adds")
   auto = conv(x, kernel, bias)
   assert lax_conv.shape == x.shape
   np.testing.assert_allclose(shifted, lax_conv, atol=1e-5, rtol=1e-5)
@@ -103,15 +104,16 @@ def test_depthwise_implementations_agree(kernel_size):
 
 def test_depthwise_rejects_bad_kernels():
   x = jnp.zeros((1, 5, 5, 4))
-  with pytest.raises(ValueError, match='odd'):
+  with pytest.raises(ValueError, match="odd"):
     models.depthwise_conv2d(x, jnp.zeros((4, 4, 1, 4)), None)
-  with pytest.raises(ValueError, match='unknown depthwise implementation'):
-    models.depthwise_conv2d(x, jnp.zeros((3, 3, 1, 4)), None, implementation='fft')
+  with pytest.raises(ValueError, match="unknown depthwise implementation"):
+    models.depthwise_conv2d(x, jnp.zeros((3, 3, 1, 4)), None, implementation="fft")
 
 
 # --- modules -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('attention', ['linear', 'softmax'])
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
 def test_attention_module_shape_and_finite(attention):
   module = l2vit.LinearAttention(32, 2, attention=attention, rngs=nnx.Rngs(0))
   out = nnx.jit(lambda m, x: m(x))(module, _normal(3, 25, 32))
@@ -119,7 +121,7 @@ def test_attention_module_shape_and_finite(attention):
   assert jnp.isfinite(out).all()
 
 
-@pytest.mark.parametrize('attention', ['linear', 'softmax'])
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
 def test_model_forward_shapes_and_finite(attention):
   model = _tiny_model(attention=attention)
   model.eval()
@@ -201,14 +203,13 @@ def test_position_embedding_is_interpolated_for_other_image_sizes():
   assert logits.shape == (4, 2) and jnp.isfinite(logits).all() and jnp.isfinite(mass).all()
 
 
-@pytest.mark.parametrize('target_grid', [(7, 6), (3, 2), (5, 5)])
+@pytest.mark.parametrize("target_grid", [(7, 6), (3, 2), (5, 5)])
 def test_position_interpolation_matches_torch_bilinear(target_grid):
-  torch = pytest.importorskip('torch', reason='torch not installed: pip install torch')
+  torch = pytest.importorskip("torch", reason="torch not installed: pip install torch")
   pos_embed = np.random.default_rng(0).normal(size=(1, 25, 4)).astype(np.float32)
   resized = models.interpolate_pos_embed(jnp.asarray(pos_embed), (5, 5), target_grid)
   grid = torch.from_numpy(pos_embed).reshape(1, 5, 5, 4).permute(0, 3, 1, 2)
-  expected = torch.nn.functional.interpolate(grid, size=target_grid, mode='bilinear',
-                                             align_corners=False)
+  expected = torch.nn.functional.interpolate(grid, size=target_grid, mode="bilinear", align_corners=False)
   expected = expected.permute(0, 2, 3, 1).reshape(1, -1, 4).numpy()
   np.testing.assert_allclose(resized, expected, atol=1e-6)
 
@@ -253,12 +254,13 @@ def test_training_steps_have_finite_gradients_and_lower_the_loss():
 def test_torch_is_optional(monkeypatch):
   from l2vit_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
   from l2vit_jax.interop import torch_import  # pylint: disable=import-outside-toplevel
-  monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` raise ImportError
+
+  monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
   importlib.reload(torch_reference)  # the module itself imports without torch
-  with pytest.raises(ImportError, match='pip install torch'):
+  with pytest.raises(ImportError, match="pip install torch"):
     torch_reference.build_torch_l2vit()
-  with pytest.raises(ImportError, match='pip install torch'):
-    torch_import.load_torch_checkpoint('model.pt')
+  with pytest.raises(ImportError, match="pip install torch"):
+    torch_import.load_torch_checkpoint("model.pt")
 
 
 def test_dropout_keeps_a_multiple_of_one_256th_scaled_to_stay_unbiased_and_is_the_identity_in_eval():
@@ -274,7 +276,7 @@ def test_dropout_keeps_a_multiple_of_one_256th_scaled_to_stay_unbiased_and_is_th
   assert float(l2vit.Dropout(1.0, rngs=nnx.Rngs(dropout=0))(x).sum()) == 0.0
 
 
-@pytest.mark.parametrize('shape', [(64, 1001), (3, 5, 7), (1,)])
+@pytest.mark.parametrize("shape", [(64, 1001), (3, 5, 7), (1,)])
 def test_random_bytes_are_uniform_and_independent_across_the_four_bytes_of_a_word(shape):
   key = jax.random.key(7)
   got = np.asarray(jax.jit(l2vit.random_bytes, static_argnums=1)(key, shape))
@@ -291,13 +293,14 @@ def test_random_bytes_are_uniform_and_independent_across_the_four_bytes_of_a_wor
     assert (flat[:, 0] != flat[:, lane]).mean() > 0.99
   # Another key draws other bytes; 'rbg' keys keep jax.random.bits.
   assert (np.asarray(l2vit.random_bytes(jax.random.key(8), shape)) != got).mean() > 0.99
-  rbg = jax.random.key(7, impl='rbg')
+  rbg = jax.random.key(7, impl="rbg")
   np.testing.assert_array_equal(l2vit.random_bytes(rbg, shape), jax.random.bits(rbg, shape, jnp.uint8))
 
 
 # --- blocks compiled as one lax.scan -----------------------------------------------------------------
 
-def _train_step_results(scan: bool, remat_policy: str = ''):
+
+def _train_step_results(scan: bool, remat_policy: str = ""):
   """Loss, BatchNorm statistics, parameter gradients and the dropout streams' counts after one
   reseeded training forward and backward pass of a 2-block model with dropout and drop path (the
   first block's drop-path rate is 0, the second's 0.2)."""
@@ -312,8 +315,8 @@ def _train_step_results(scan: bool, remat_policy: str = ''):
       model = nnx.merge(graphdef, params, rest, copy=True)
       nnx.reseed(model, dropout=jax.random.key(7))
       logits, mass = model(images)
-      return (logits ** 2).sum() + mass.sum(), (nnx.state(model, nnx.BatchStat),
-                                                 nnx.state(model, nnx.RngCount))
+      return (logits**2).sum() + mass.sum(), (nnx.state(model, nnx.BatchStat), nnx.state(model, nnx.RngCount))
+
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   (value, (batch_stats, counts)), grads = loss_and_grads(params, rest)
@@ -325,20 +328,20 @@ def test_scanned_blocks_compute_what_the_blocks_compute_one_after_another():
   statistics written back: loss, statistics and gradients agree with the unrolled blocks (to float
   rounding; XLA fuses the two programs differently)."""
   unrolled = _train_step_results(scan=False)
-  for remat_policy in ('', 'nothing_saveable', 'lcm_norm_saveable'):
+  for remat_policy in ("", "nothing_saveable", "lcm_norm_saveable"):
     scanned = _train_step_results(scan=True, remat_policy=remat_policy)
     np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-5)
     for ours, theirs in zip(jax.tree.leaves(scanned[1:3]), jax.tree.leaves(unrolled[1:3])):
       np.testing.assert_allclose(ours, theirs, rtol=2e-4, atol=1e-6)
   # Every block's statistics moved, and differently: each slice went back to its own block.
-  means = [np.asarray(block['lcm']['bn']['mean'][...]) for block in unrolled[1]['blocks'].values()]
+  means = [np.asarray(block["lcm"]["bn"]["mean"][...]) for block in unrolled[1]["blocks"].values()]
   assert all(np.abs(m).sum() > 0 for m in means) and not np.allclose(means[0], means[1])
 
 
 def test_scanning_changes_neither_the_parameters_nor_the_checkpointed_state():
   model = _tiny_model(depth=3)
   before = jax.tree.map(np.asarray, nnx.state(model, (nnx.Param, nnx.BatchStat)))
-  model.set_attributes(scan_blocks=True, remat_policy='dots_saveable')
+  model.set_attributes(scan_blocks=True, remat_policy="dots_saveable")
   model.eval()
   images = _images()
   scanned = _forward(model, images)
@@ -361,26 +364,29 @@ def test_a_scanned_drop_path_rate_of_zero_keeps_every_sample_unscaled():
 def test_the_lcm_norm_policy_keeps_only_the_lcm_batchnorm_output_for_the_backward_pass(capsys):
   block = _tiny_model(depth=1).blocks[0]
   graphdef, state = nnx.split(block)
-  tokens = jnp.asarray(_normal(2, 25, TINY['embed_dim']))
+  tokens = jnp.asarray(_normal(2, 25, TINY["embed_dim"]))
 
   def block_sum(state, tokens):
     return nnx.merge(graphdef, state)(tokens, (5, 5)).sum()
 
   saved = {}
-  for policy in ('nothing_saveable', 'lcm_norm_saveable'):
+  for policy in ("nothing_saveable", "lcm_norm_saveable"):
     remat = jax.checkpoint(block_sum, policy=l2vit.REMAT_POLICIES[policy])
     jax.ad_checkpoint.print_saved_residuals(remat, state, tokens)
     saved[policy] = capsys.readouterr().out
   # Besides the block's arguments, the one activation kept is the LCM's BatchNorm output.
-  activations = {policy: [line for line in printed.splitlines() if 'from the argument' not in line]
-                 for policy, printed in saved.items()}
-  assert activations['nothing_saveable'] == []
-  assert [line.split(' from ')[0] for line in activations['lcm_norm_saveable']] == [
-      f"f32[2,5,5,{TINY['embed_dim']}] named 'lcm_norm'"]
+  activations = {
+    policy: [line for line in printed.splitlines() if "from the argument" not in line]
+    for policy, printed in saved.items()
+  }
+  assert activations["nothing_saveable"] == []
+  assert [line.split(" from ")[0] for line in activations["lcm_norm_saveable"]] == [
+    f"f32[2,5,5,{TINY['embed_dim']}] named 'lcm_norm'"
+  ]
 
 
 def test_an_unknown_remat_policy_is_refused():
   model = _tiny_model(depth=2)
-  model.set_attributes(scan_blocks=True, remat_policy='everything')
-  with pytest.raises(ValueError, match='remat_policy'):
+  model.set_attributes(scan_blocks=True, remat_policy="everything")
+  with pytest.raises(ValueError, match="remat_policy"):
     model(_images())

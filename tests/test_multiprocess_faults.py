@@ -27,9 +27,14 @@ from l2vit_jax.training import metrics_log
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 PEER_TIMEOUT = 10  # seconds; L2VIT_PEER_TIMEOUT_SECONDS of every run here (small, yet above a busy CI stall)
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-           **{peers.TIMEOUT_VARIABLE: str(PEER_TIMEOUT)})
+ENV = dict(
+  os.environ,
+  PYTHONPATH=os.pathsep.join([REPO, TESTS]),
+  JAX_PLATFORMS="cpu",
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  **{peers.TIMEOUT_VARIABLE: str(PEER_TIMEOUT)},
+)
 ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 # 46 training jets, 2 per process and step: 11 steps an epoch, 44 in all. A step takes ~30 ms, and a
 # preemption notice needs a moment to reach every process: leave room for the sync point.
@@ -44,9 +49,11 @@ def config_file(tmp_path_factory):
   labelled = write_jet_file(root / "labelled.h5", num=65)
   unlabelled = write_jet_file(root / "unlabelled.h5", num=48, labelled=False)
   path = root / "config.py"
-  path.write_text(f"from conftest import tiny_config\n\n"
-                  f"def get_config():\n"
-                  f"  return tiny_config('finetune', {labelled!r}, {unlabelled!r}, **{CONFIG!r})\n")
+  path.write_text(
+    f"from conftest import tiny_config\n\n"
+    f"def get_config():\n"
+    f"  return tiny_config('finetune', {labelled!r}, {unlabelled!r}, **{CONFIG!r})\n"
+  )
   return str(path)
 
 
@@ -62,11 +69,20 @@ class Pair:
     for i in range(2):
       self.logs.append(f"{log_prefix}.process{i}.log")
       with open(self.logs[-1], "w") as out:
-        self.processes.append(subprocess.Popen(
+        self.processes.append(
+          subprocess.Popen(
             [sys.executable, *args],
-            env=dict(ENV, L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
-                     L2VIT_PROCESS_ID=str(i)),
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
+            env=dict(
+              ENV,
+              L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+              L2VIT_NUM_PROCESSES="2",
+              L2VIT_PROCESS_ID=str(i),
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+          )
+        )
 
   def output(self, i) -> str:
     with open(self.logs[i]) as f:
@@ -167,8 +183,9 @@ def _preempt(config_file, workdir, log_prefix, targets) -> int:
   return saved
 
 
-def test_sigterm_to_one_or_both_processes_saves_one_step_and_resumes_exactly(config_file, reference,
-                                                                             tmp_path):
+def test_sigterm_to_one_or_both_processes_saves_one_step_and_resumes_exactly(
+  config_file, reference, tmp_path
+):
   """SIGTERM to process 1 only (not the coordinator), then to both (a TPU VM maintenance event): both
   processes save the same step and exit with 143; the restarted pair ends as the uninterrupted run."""
   workdir = tmp_path / "run"
@@ -195,8 +212,7 @@ def _kill_one(config_file, workdir, log_prefix, victim) -> tuple[str, int, float
   return pair.output(1 - victim), survivor.returncode, seconds
 
 
-def test_a_lost_peer_ends_the_survivor_naming_it_and_the_restart_resumes(config_file, reference,
-                                                                          tmp_path):
+def test_a_lost_peer_ends_the_survivor_naming_it_and_the_restart_resumes(config_file, reference, tmp_path):
   """SIGKILL of process 1: process 0 exits with status 1 within the peer timeout, naming process 1.
   SIGKILL of process 0 (the coordinator): JAX aborts process 1 at once, naming the lost leader. Each
   restart resumes from the last complete checkpoint and the run ends as the uninterrupted one."""
@@ -303,19 +319,22 @@ def test_metrics_log_is_never_torn_by_a_kill(tmp_path):
   """SIGKILL of a process writing ``metrics.jsonl`` as fast as it can, at random moments: every line
   of what is left parses, and a log torn by an older (appending) version is repaired on open."""
   path = tmp_path / "metrics.jsonl"
-  writer_code = ("import os, sys\nfrom l2vit_jax.training import metrics_log\n"
-                 "writer = metrics_log.MetricWriter(sys.argv[1], tensorboard=False)\n"
-                 "log = os.path.join(sys.argv[1], 'metrics.jsonl')\n"
-                 "start = len(open(log).readlines()) if os.path.exists(log) else 0\n"
-                 "print('ready', flush=True)\n"
-                 "for step in range(start + 1, 10**9):\n"
-                 "  writer.write(step, {'train/loss': 1.0 / step, 'note': 'x' * 20000})\n")
+  writer_code = (
+    "import os, sys\nfrom l2vit_jax.training import metrics_log\n"
+    "writer = metrics_log.MetricWriter(sys.argv[1], tensorboard=False)\n"
+    "log = os.path.join(sys.argv[1], 'metrics.jsonl')\n"
+    "start = len(open(log).readlines()) if os.path.exists(log) else 0\n"
+    "print('ready', flush=True)\n"
+    "for step in range(start + 1, 10**9):\n"
+    "  writer.write(step, {'train/loss': 1.0 / step, 'note': 'x' * 20000})\n"
+  )
   # A line longer than Python's 8 KiB file buffer leaves in several write() calls: the appending writer
   # of earlier versions, killed between two of them, left a torn last line in 6 of 20 such kills.
   rng = np.random.default_rng(0)
   for _ in range(6):
-    process = subprocess.Popen([sys.executable, "-c", writer_code, str(tmp_path)], env=ENV,
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+      [sys.executable, "-c", writer_code, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "ready\n"
     time.sleep(rng.uniform(0.05, 0.3))
     process.kill()

@@ -21,17 +21,30 @@ from l2vit_jax.experiments import stages
 from l2vit_jax.runtime import peers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS,
-           **{peers.TIMEOUT_VARIABLE: "30"})
+ENV = dict(
+  os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS, **{peers.TIMEOUT_VARIABLE: "30"}
+)
 # 25 × 25 images, one block, synthetic jets, one epoch per stage in global batches of 16 (8 per
 # process), no physics baseline: the whole quickstart in about a minute and a half on 2 CPU cores.
-TINY = ["--config.model.img_size=25", "--config.model.depth=1", "--config.generate.generator=synthetic",
-        "--config.generate.num_labelled=80", "--config.generate.num_unlabelled=64",
-        "--config.pretrain_simclr.num_epochs=1", "--config.finetune.num_epochs=1",
-        "--config.scratch.num_epochs=1", "--config.pretrain_simclr.batch_size=16",
-        "--config.finetune.batch_size=16", "--config.scratch.batch_size=16", "--config.eval_batch_size=20",
-        "--config.bootstrap_samples=10", "--config.tensorboard=False", "--config.physics_baseline=False",
-        "--config.online_probe.num_train=32", "--config.online_probe.num_val=16"]
+TINY = [
+  "--config.model.img_size=25",
+  "--config.model.depth=1",
+  "--config.generate.generator=synthetic",
+  "--config.generate.num_labelled=80",
+  "--config.generate.num_unlabelled=64",
+  "--config.pretrain_simclr.num_epochs=1",
+  "--config.finetune.num_epochs=1",
+  "--config.scratch.num_epochs=1",
+  "--config.pretrain_simclr.batch_size=16",
+  "--config.finetune.batch_size=16",
+  "--config.scratch.batch_size=16",
+  "--config.eval_batch_size=20",
+  "--config.bootstrap_samples=10",
+  "--config.tensorboard=False",
+  "--config.physics_baseline=False",
+  "--config.online_probe.num_train=32",
+  "--config.online_probe.num_val=16",
+]
 
 
 def _run_two_processes(tmp_path, workdir, *flags) -> list[tuple[int, str]]:
@@ -44,12 +57,28 @@ def _run_two_processes(tmp_path, workdir, *flags) -> list[tuple[int, str]]:
   for i, log in enumerate(logs):
     # Output goes to files, not pipes: a full pipe would block one process at a barrier forever.
     with open(log, "w") as out:
-      processes.append(subprocess.Popen(
-          [sys.executable, "-m", "l2vit_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
-           *TINY, *flags],
-          env=dict(ENV, L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
-                   L2VIT_PROCESS_ID=str(i)),
-          cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
+      processes.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            "-m",
+            "l2vit_jax.main",
+            "--config=configs/quickstart.py",
+            f"--workdir={workdir}",
+            *TINY,
+            *flags,
+          ],
+          env=dict(
+            ENV,
+            L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            L2VIT_NUM_PROCESSES="2",
+            L2VIT_PROCESS_ID=str(i),
+          ),
+          cwd=REPO,
+          stdout=out,
+          stderr=subprocess.STDOUT,
+        )
+      )
   try:
     for process in processes:
       process.wait(timeout=400)
@@ -98,11 +127,11 @@ def test_a_generation_failure_on_another_process_stops_this_one_with_its_line(mo
   """Process 0 generated its files; process 1 (another host, its own disk) failed: process 0 stops too,
   with process 1's line, instead of going on to train alone."""
   monkeypatch.setattr(stages.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(stages, "multihost_utils", _FakeMultihost("/disk/data/synthetic_labelled.h5: "
-                                                                "No space left on device"))
+  monkeypatch.setattr(
+    stages, "multihost_utils", _FakeMultihost("/disk/data/synthetic_labelled.h5: No space left on device")
+  )
   with pytest.raises(errors.DataError) as error:
     stages.agree_on_outcome(None)
-  assert str(error.value) == ("/disk/data/synthetic_labelled.h5: No space left on device "
-                              "(process 1 of 2)")
+  assert str(error.value) == ("/disk/data/synthetic_labelled.h5: No space left on device (process 1 of 2)")
   monkeypatch.setattr(stages, "multihost_utils", _FakeMultihost(None))
   stages.agree_on_outcome(None)  # every process succeeded

@@ -66,8 +66,11 @@ def test_three_prongs_have_zero_tau3():
   prongs = [(20, 20, ECAL, 100.0), (14, 24, ECAL, 60.0), (25, 13, ECAL, 30.0)]
   (jet,) = _observe(_image(prongs))
   centres = [((row + 0.5) * CELL, (col + 0.5) * CELL, pt) for row, col, _, pt in prongs]
-  mass_squared = sum(_massless_pair_mass(a[2], b[2], a[0] - b[0], a[1] - b[1]) ** 2
-                     for i, a in enumerate(centres) for b in centres[i + 1:])
+  mass_squared = sum(
+    _massless_pair_mass(a[2], b[2], a[0] - b[0], a[1] - b[1]) ** 2
+    for i, a in enumerate(centres)
+    for b in centres[i + 1 :]
+  )
   assert jet["calo_mass"] == pytest.approx(np.sqrt(mass_squared), rel=1e-9)
   assert jet["calo_tau3"] == pytest.approx(0, abs=1e-12) and jet["calo_tau32"] == pytest.approx(0, abs=1e-10)
   assert jet["calo_tau1"] > jet["calo_tau2"] > 0
@@ -87,11 +90,25 @@ def test_tracks_and_calorimeter_are_separate_sets_and_hcal_is_weighted_per_tower
 
 
 def test_channel_counts_and_energy_fractions():
-  deposits = [(1, 1, TRACK, 2.0), (2, 2, TRACK, 2.0), (3, 3, ECAL, 6.0), (4, 4, HCAL, 5.0),
-              (5, 5, 5, 10.0), (6, 6, 7, 15.0)]
+  deposits = [
+    (1, 1, TRACK, 2.0),
+    (2, 2, TRACK, 2.0),
+    (3, 3, ECAL, 6.0),
+    (4, 4, HCAL, 5.0),
+    (5, 5, 5, 10.0),
+    (6, 6, 7, 15.0),
+  ]
   (jet,) = _observe(_image(deposits))
-  counts = {"track_pt": 2, "track_d0": 0, "track_dz": 0, "ecal": 1, "hcal": 1, "pixel_layer_1": 1,
-            "pixel_layer_2": 0, "pixel_layer_3": 1}
+  counts = {
+    "track_pt": 2,
+    "track_d0": 0,
+    "track_dz": 0,
+    "ecal": 1,
+    "hcal": 1,
+    "pixel_layer_1": 1,
+    "pixel_layer_2": 0,
+    "pixel_layer_3": 1,
+  }
   sums = {"track_pt": 4, "ecal": 6, "hcal": 5, "pixel_layer_1": 10, "pixel_layer_3": 15}
   for channel, count in counts.items():
     assert jet[f"active_pixels_{channel}"] == count
@@ -105,9 +122,17 @@ def test_phi_wraps_around_the_image_edges():
   assert edge["calo_mass"] == pytest.approx(_massless_pair_mass(30, 30, 0, CELL), rel=1e-9)
   # A jet rolled in φ until it straddles the edges keeps all its observables.
   rng = np.random.default_rng(0)
-  jet = _image([(18 + int(r), 18 + int(c), channel, float(v)) for r, c, channel, v in zip(
-      rng.integers(-5, 6, 30), rng.integers(-5, 6, 30), rng.choice([TRACK, ECAL, HCAL], 30),
-      rng.uniform(1, 50, 30))])
+  jet = _image(
+    [
+      (18 + int(r), 18 + int(c), channel, float(v))
+      for r, c, channel, v in zip(
+        rng.integers(-5, 6, 30),
+        rng.integers(-5, 6, 30),
+        rng.choice([TRACK, ECAL, HCAL], 30),
+        rng.uniform(1, 50, 30),
+      )
+    ]
+  )
   centred, rolled = _observe(jet, np.roll(jet, SIZE // 2, axis=1))
   assert rolled["calo_mass"] > 0
   np.testing.assert_allclose(list(rolled.values()), list(centred.values()), rtol=1e-9, atol=1e-12)
@@ -173,9 +198,12 @@ def test_boosted_trees_beat_chance_and_the_median_mass(synthetic_labelled, tmp_p
 
 def test_evaluation_and_quickstart_reports_include_the_baseline():
   from l2vit_jax.experiments import quickstart  # pylint: disable=import-outside-toplevel
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  configs = {name: runpy.run_path(os.path.join(repo, "configs", f"{name}.py"))["get_config"]()
-             for name in ("evaluate", "quickstart")}
+  configs = {
+    name: runpy.run_path(os.path.join(repo, "configs", f"{name}.py"))["get_config"]()
+    for name in ("evaluate", "quickstart")
+  }
   assert configs["evaluate"].physics_baseline
   files = {"labelled": "l.h5", "unlabelled": "u.h5"}
   assert quickstart.stage_configs(configs["quickstart"], "runs/q", files)["evaluate"].physics_baseline
@@ -183,6 +211,7 @@ def test_evaluation_and_quickstart_reports_include_the_baseline():
 
 def test_a_checkpoint_named_like_the_baseline_is_refused(tmp_path):
   from l2vit_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+
   config = tiny_config("evaluate", str(tmp_path / "labelled.h5"))
   config.checkpoints = f"{bdt.BASELINE_NAME}={tmp_path / 'run'}"
   config.physics_baseline = True
@@ -192,10 +221,12 @@ def test_a_checkpoint_named_like_the_baseline_is_refused(tmp_path):
 
 # --- N-subjettiness held against FastJet on Pythia jets ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pythia_jets(tmp_path_factory):
   pytest.importorskip("pythia8mc")
   from l2vit_jax.data import jet_files  # pylint: disable=import-outside-toplevel
+
   path = str(tmp_path_factory.mktemp("pythia") / "jets.h5")
   jet_files.write_pythia_hdf5(path, 240, labelled=True, seed=3, image_size=125, workers=2, progress=False)
   with h5py.File(path) as f:
@@ -215,15 +246,29 @@ def test_image_tau_n_equals_fastjet_njettiness_on_the_same_pixel_constituents(py
     jet = observables.find_constituents(deposits, weights, cell, detector.JET_RADIUS)
     counts = np.bincount(jet.image, minlength=jet.num_images)
     assert (counts > 0).all()
-    vectors = ak.unflatten(ak.Array({"px": jet.pt * np.cos(jet.phi), "py": jet.pt * np.sin(jet.phi),
-                                     "pz": jet.pt * np.sinh(jet.eta), "E": jet.pt * np.cosh(jet.eta)}),
-                           counts)
+    vectors = ak.unflatten(
+      ak.Array(
+        {
+          "px": jet.pt * np.cos(jet.phi),
+          "py": jet.pt * np.sin(jet.phi),
+          "pz": jet.pt * np.sinh(jet.eta),
+          "E": jet.pt * np.cosh(jet.eta),
+        }
+      ),
+      counts,
+    )
     sequence = fastjet.ClusterSequence(vectors, fastjet.JetDefinition(fastjet.antikt_algorithm, 10.0))
-    reference = sequence.njettiness(measure_definition="NormalizedMeasure", axes_definition="OnePass_KT_Axes",
-                                    njets=[1, 2, 3], beta=1.0, R0=0.8)
+    reference = sequence.njettiness(
+      measure_definition="NormalizedMeasure",
+      axes_definition="OnePass_KT_Axes",
+      njets=[1, 2, 3],
+      beta=1.0,
+      R0=0.8,
+    )
     reference = np.asarray(ak.to_numpy(reference), dtype=np.float64).reshape(len(counts), 3)  # (jet, N)
     for n in (1, 2, 3):
-      np.testing.assert_allclose(columns[:, names.index(f"{group}_tau{n}")], reference[:, n - 1],
-                                 rtol=1e-9, err_msg=f"{group} tau{n}")
+      np.testing.assert_allclose(
+        columns[:, names.index(f"{group}_tau{n}")], reference[:, n - 1], rtol=1e-9, err_msg=f"{group} tau{n}"
+      )
   tau32 = columns[:, names.index("calo_tau32")]
   assert 0.2 < np.median(tau32) < 0.95  # real substructure, not degenerate values

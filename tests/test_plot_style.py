@@ -17,14 +17,16 @@ from l2vit_jax.evaluation import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Draws one ROC figure to argv[1]; argv[2] == "block" makes `import mplhep` fail first.
-DRAW = ("import sys\n"
-        "if sys.argv[2] == 'block':\n"
-        "  sys.modules['mplhep'] = None\n"
-        "import numpy as np\n"
-        "from l2vit_jax.evaluation import plots\n"
-        "labels = np.arange(40) % 2\n"
-        "scores = np.linspace(0, 1, 40) ** 2 * (0.5 + labels)\n"
-        "plots.plot_roc({'net': (labels, scores)}, sys.argv[1])\n")
+DRAW = (
+  "import sys\n"
+  "if sys.argv[2] == 'block':\n"
+  "  sys.modules['mplhep'] = None\n"
+  "import numpy as np\n"
+  "from l2vit_jax.evaluation import plots\n"
+  "labels = np.arange(40) % 2\n"
+  "scores = np.linspace(0, 1, 40) ** 2 * (0.5 + labels)\n"
+  "plots.plot_roc({'net': (labels, scores)}, sys.argv[1])\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +38,7 @@ def default_style():
 
 def _draw(path, mplhep: str) -> bytes:
   env = {k: v for k, v in os.environ.items() if k != plots.STYLE_VARIABLE}
-  subprocess.run([sys.executable, "-c", DRAW, str(path), mplhep], check=True, timeout=300, env=env,
-                 cwd=REPO)
+  subprocess.run([sys.executable, "-c", DRAW, str(path), mplhep], check=True, timeout=300, env=env, cwd=REPO)
   with open(path, "rb") as f:
     return f.read()
 

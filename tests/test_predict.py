@@ -29,8 +29,9 @@ from l2vit_jax.models import build
 from l2vit_jax.runtime import peers, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS,
-           **{peers.TIMEOUT_VARIABLE: "30"})
+ENV = dict(
+  os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS, **{peers.TIMEOUT_VARIABLE: "30"}
+)
 NUM_JETS, BATCH, CHUNK = 80, 8, 16  # five chunks of two batches
 KEYS = ("index", "prob_top", "mass")
 
@@ -39,39 +40,50 @@ KEYS = ("index", "prob_top", "mass")
 # it starts chunk N + 1, i.e. after N chunks were saved. l2vit_jax.main is imported first: it sets up
 # XLA's flags and the platform before JAX is imported.
 PREDICT_CLI = (
-    "import os, signal, sys\n"
-    "from l2vit_jax import main\n"
-    "import jax\n"
-    "from absl import app\n"
-    "from l2vit_jax.evaluation import predict\n"
-    "main.OTHER_TASKS.setdefault('predict', ('l2vit_jax.evaluation.predict', 'predict_file'))\n"
-    "main.REPORT_DIRS.setdefault('predict', '')\n"
-    "kill_after, real, calls = int(sys.argv.pop(1)), predict.score_chunk, [0]\n"
-    "def scoring(score, plan, chunk):\n"
-    "  calls[0] += 1\n"
-    "  if kill_after and calls[0] > kill_after:\n"
-    "    os.kill(os.getpid(), signal.SIGKILL)\n"
-    "  start, stop = plan.rows(chunk)\n"
-    "  print(f'scoring rows {start}-{stop - 1}', flush=True)\n"
-    "  return real(score, plan, chunk)\n"
-    "predict.score_chunk = scoring\n"
-    "sys.argv[0] = 'l2vit_jax.main'\n"
-    "jax.config.config_with_absl()\n"
-    "app.run(main.main, flags_parser=main._parse_flags)\n")
+  "import os, signal, sys\n"
+  "from l2vit_jax import main\n"
+  "import jax\n"
+  "from absl import app\n"
+  "from l2vit_jax.evaluation import predict\n"
+  "main.OTHER_TASKS.setdefault('predict', ('l2vit_jax.evaluation.predict', 'predict_file'))\n"
+  "main.REPORT_DIRS.setdefault('predict', '')\n"
+  "kill_after, real, calls = int(sys.argv.pop(1)), predict.score_chunk, [0]\n"
+  "def scoring(score, plan, chunk):\n"
+  "  calls[0] += 1\n"
+  "  if kill_after and calls[0] > kill_after:\n"
+  "    os.kill(os.getpid(), signal.SIGKILL)\n"
+  "  start, stop = plan.rows(chunk)\n"
+  "  print(f'scoring rows {start}-{stop - 1}', flush=True)\n"
+  "  return real(score, plan, chunk)\n"
+  "predict.score_chunk = scoring\n"
+  "sys.argv[0] = 'l2vit_jax.main'\n"
+  "jax.config.config_with_absl()\n"
+  "app.run(main.main, flags_parser=main._parse_flags)\n"
+)
 
 
 def _randomise(model: nnx.Module) -> None:
   """Random parameters and BatchNorm statistics, so that no prediction is a trivial constant."""
   rng = np.random.default_rng(0)
-  nnx.update(model, jax.tree.map(lambda x: x + rng.normal(0, 0.3, x.shape).astype(x.dtype),
-                                 nnx.state(model, nnx.Param)))
-  nnx.update(model, jax.tree.map(lambda x: x + rng.uniform(0, 0.5, x.shape).astype(x.dtype),
-                                 nnx.state(model, nnx.BatchStat)))
+  nnx.update(
+    model,
+    jax.tree.map(lambda x: x + rng.normal(0, 0.3, x.shape).astype(x.dtype), nnx.state(model, nnx.Param)),
+  )
+  nnx.update(
+    model,
+    jax.tree.map(lambda x: x + rng.uniform(0, 0.5, x.shape).astype(x.dtype), nnx.state(model, nnx.BatchStat)),
+  )
 
 
 def _meta(config, **overrides) -> dict:
-  return {"task": "finetune", "model_config": config.model.to_dict(), "pixel_scale": 4.0,
-          "mass_mean": 150.0, "mass_std": 40.0, **overrides}
+  return {
+    "task": "finetune",
+    "model_config": config.model.to_dict(),
+    "pixel_scale": 4.0,
+    "mass_mean": 150.0,
+    "mass_std": 40.0,
+    **overrides,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +98,15 @@ def shared(tmp_path_factory):
   jets = write_jet_file(root / "jets.h5", num=NUM_JETS)
   summary = predict.predict_file(_config(checkpoint, jets), str(root / "reference"))
   arrays, attrs = _read(summary["path"])
-  return {"root": root, "checkpoint": checkpoint, "jets": jets, "arrays": arrays, "attrs": attrs,
-          "output": summary["path"], "model_config": model_config}
+  return {
+    "root": root,
+    "checkpoint": checkpoint,
+    "jets": jets,
+    "arrays": arrays,
+    "attrs": attrs,
+    "output": summary["path"],
+    "model_config": model_config,
+  }
 
 
 def _config(checkpoint, input_path, *, chunk_size=CHUNK):
@@ -111,22 +130,36 @@ def _assert_same_predictions(path, reference):
 
 
 def _cli_args(shared, workdir, *flags):
-  return ["--config=configs/predict.py", f"--workdir={workdir}", f"--config.checkpoint={shared['checkpoint']}",
-          f"--config.data.input_path={shared['jets']}", f"--config.eval_batch_size={BATCH}",
-          f"--config.chunk_size={CHUNK}", *flags]
+  return [
+    "--config=configs/predict.py",
+    f"--workdir={workdir}",
+    f"--config.checkpoint={shared['checkpoint']}",
+    f"--config.data.input_path={shared['jets']}",
+    f"--config.eval_batch_size={BATCH}",
+    f"--config.chunk_size={CHUNK}",
+    *flags,
+  ]
 
 
 def _cli(shared, workdir, *flags, kill_after=0) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-c", PREDICT_CLI, str(kill_after), *_cli_args(shared, workdir, *flags)],
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-c", PREDICT_CLI, str(kill_after), *_cli_args(shared, workdir, *flags)],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 # --- what it writes --------------------------------------------------------------------------------------
 
+
 def test_the_predictions_equal_the_evaluations_on_the_same_jets_in_file_order(shared):
   labelled = sources.open_labelled(shared["jets"], split_seed=split.SPLIT_SEED)
-  evaluated = evaluate.predict_checkpoint(shared["checkpoint"], labelled, np.arange(NUM_JETS),
-                                          batch_size=BATCH, mesh=sharding.make_mesh())
+  evaluated = evaluate.predict_checkpoint(
+    shared["checkpoint"], labelled, np.arange(NUM_JETS), batch_size=BATCH, mesh=sharding.make_mesh()
+  )
   arrays = shared["arrays"]
   np.testing.assert_array_equal(arrays["index"], np.arange(NUM_JETS))
   np.testing.assert_array_equal(arrays["prob_top"], evaluated["prob"])
@@ -139,7 +172,10 @@ def test_the_output_names_the_checkpoint_and_input_it_came_from_and_nothing_else
   attrs = shared["attrs"]
   path, step = model_io.find_model_checkpoint(shared["checkpoint"])
   assert (attrs["checkpoint"], attrs["checkpoint_path"], attrs["checkpoint_step"]) == (
-      shared["checkpoint"], path, step)
+    shared["checkpoint"],
+    path,
+    step,
+  )
   assert attrs["checkpoint_digest"].startswith("sha256:") and len(attrs["checkpoint_digest"]) == 71
   assert (attrs["input_path"], attrs["num_jets"]) == (os.path.abspath(shared["jets"]), NUM_JETS)
   assert json.loads(attrs["fingerprint"])["checkpoint_digest"] == attrs["checkpoint_digest"]
@@ -151,15 +187,17 @@ def test_the_output_names_the_checkpoint_and_input_it_came_from_and_nothing_else
 def test_a_sparse_file_gives_the_predictions_of_its_hdf5_original(shared, tmp_path):
   converted = str(tmp_path / "jets.sparse")
   sparse.convert_hdf5(shared["jets"], converted)
-  summary = predict.predict_file(_config(shared["checkpoint"], converted, chunk_size=NUM_JETS),
-                                 str(tmp_path / "out"))
+  summary = predict.predict_file(
+    _config(shared["checkpoint"], converted, chunk_size=NUM_JETS), str(tmp_path / "out")
+  )
   _assert_same_predictions(summary["path"], shared["arrays"])
 
 
 def test_a_rerun_on_a_complete_output_does_nothing(shared):
   before = os.stat(shared["output"]).st_mtime_ns
-  summary = predict.predict_file(_config(shared["checkpoint"], shared["jets"]),
-                                 os.path.dirname(shared["output"]))
+  summary = predict.predict_file(
+    _config(shared["checkpoint"], shared["jets"]), os.path.dirname(shared["output"])
+  )
   assert summary["resumed_jets"] == NUM_JETS
   assert os.stat(shared["output"]).st_mtime_ns == before
 
@@ -168,10 +206,15 @@ def test_chunks_left_by_a_run_on_another_input_are_not_reused(shared, tmp_path, 
   workdir = tmp_path / "out"
   chunks = workdir / predict.CHUNKS_DIR
   chunks.mkdir(parents=True)
-  (chunks / predict.MANIFEST_FILE).write_text(json.dumps({**json.loads(shared["attrs"]["fingerprint"]),
-                                                          "input_bytes": 1}))
-  np.savez(chunks / "chunk-000000.npz", index=np.arange(CHUNK), prob_top=np.zeros(CHUNK, np.float32),
-           mass=np.zeros(CHUNK, np.float32))
+  (chunks / predict.MANIFEST_FILE).write_text(
+    json.dumps({**json.loads(shared["attrs"]["fingerprint"]), "input_bytes": 1})
+  )
+  np.savez(
+    chunks / "chunk-000000.npz",
+    index=np.arange(CHUNK),
+    prob_top=np.zeros(CHUNK, np.float32),
+    mass=np.zeros(CHUNK, np.float32),
+  )
   summary = predict.predict_file(_config(shared["checkpoint"], shared["jets"]), str(workdir))
   assert summary["resumed_jets"] == 0
   assert "another input_bytes; starting over" in caplog.text
@@ -211,8 +254,21 @@ def test_memory_stays_bounded_on_a_file_far_larger_than_a_batch(shared, tmp_path
   big = write_jet_file(tmp_path / "big.h5", num=4000, labelled=False)
   size = os.path.getsize(big)
   result = subprocess.run(
-      [sys.executable, "-c", MEMORY_SCRIPT.format(tests=os.path.join(REPO, "tests")), shared["checkpoint"],
-       small, big, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-c",
+      MEMORY_SCRIPT.format(tests=os.path.join(REPO, "tests")),
+      shared["checkpoint"],
+      small,
+      big,
+      str(tmp_path),
+    ],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   measured = json.loads(result.stdout.strip().splitlines()[-1])
   assert measured["traced_peak"] < size / 10, measured
@@ -223,13 +279,17 @@ def test_memory_stays_bounded_on_a_file_far_larger_than_a_batch(shared, tmp_path
 
 # --- resuming after a kill ---------------------------------------------------------------------------------
 
+
 def test_a_rerun_after_a_kill_scores_only_the_missing_chunks_and_writes_the_same_file(shared, tmp_path):
   workdir = tmp_path / "out"
   killed = _cli(shared, workdir, kill_after=2)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert not (workdir / predict.PREDICTIONS_FILE).exists()
   assert sorted(os.listdir(workdir / predict.CHUNKS_DIR)) == [
-      "chunk-000000.npz", "chunk-000001.npz", predict.MANIFEST_FILE]
+    "chunk-000000.npz",
+    "chunk-000001.npz",
+    predict.MANIFEST_FILE,
+  ]
   rerun = _cli(shared, workdir)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.split("\n")[:3] == ["scoring rows 32-47", "scoring rows 48-63", "scoring rows 64-79"]
@@ -242,6 +302,7 @@ def test_a_rerun_after_a_kill_scores_only_the_missing_chunks_and_writes_the_same
 
 # --- several processes -------------------------------------------------------------------------------------
 
+
 def test_two_processes_of_two_devices_each_write_one_file_equal_to_one_process(shared, tmp_path):
   workdir = tmp_path / "out"
   with socket.socket() as probe:  # a free port for the coordinator
@@ -251,12 +312,21 @@ def test_two_processes_of_two_devices_each_write_one_file_equal_to_one_process(s
   processes = []
   for i, log in enumerate(logs):
     with open(log, "w") as out:  # files, not pipes: a full pipe would block a process at a barrier
-      processes.append(subprocess.Popen(
+      processes.append(
+        subprocess.Popen(
           [sys.executable, "-c", PREDICT_CLI, "0", *_cli_args(shared, workdir)],
-          env=dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
-                   L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
-                   L2VIT_PROCESS_ID=str(i)),
-          cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
+          env=dict(
+            ENV,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
+            L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            L2VIT_NUM_PROCESSES="2",
+            L2VIT_PROCESS_ID=str(i),
+          ),
+          cwd=REPO,
+          stdout=out,
+          stderr=subprocess.STDOUT,
+        )
+      )
   try:
     for process in processes:
       process.wait(timeout=300)
@@ -277,6 +347,7 @@ def test_two_processes_of_two_devices_each_write_one_file_equal_to_one_process(s
 
 # --- bad input ---------------------------------------------------------------------------------------------
 
+
 def _nan_outside_the_validated_sample(tmp_path) -> tuple[str, int]:
   """A 100-jet file with one NaN pixel in an image ``validate_file`` does not read, in the second
   chunk: the first is saved before the NaN is met."""
@@ -292,18 +363,30 @@ def _bad_inputs(shared, tmp_path, case):
   checkpoint, jets = shared["checkpoint"], shared["jets"]
   if case == "wrong image size":
     jets = write_jet_file(tmp_path / "big_images.h5", num=8, size=30)
-    return checkpoint, jets, errors.DataError, (
-        rf"^{jets}: key 'jet': expected shape \(N, 25, 25, 8\) float32, found \(8, 30, 30, 8\)$")
+    return (
+      checkpoint,
+      jets,
+      errors.DataError,
+      (rf"^{jets}: key 'jet': expected shape \(N, 25, 25, 8\) float32, found \(8, 30, 30, 8\)$"),
+    )
   if case == "NaN pixel in the validated sample":
     jet = np.zeros((8, 25, 25, 8), np.float32)
     jet[3, 0, 0, 0] = np.nan
     jets = write_jet_file(tmp_path / "nan.h5", num=8, overrides={"jet": jet})
-    return checkpoint, jets, errors.DataError, (
-        rf"^{jets}: key 'jet': expected finite pixels, found NaN/Inf in image 3$")
+    return (
+      checkpoint,
+      jets,
+      errors.DataError,
+      (rf"^{jets}: key 'jet': expected finite pixels, found NaN/Inf in image 3$"),
+    )
   if case == "NaN pixel outside the validated sample":
     jets, row = _nan_outside_the_validated_sample(tmp_path)
-    return checkpoint, jets, errors.DataError, (
-        rf"^{jets}: key 'jet': expected finite pixels, found NaN/Inf in image {row}$")
+    return (
+      checkpoint,
+      jets,
+      errors.DataError,
+      (rf"^{jets}: key 'jet': expected finite pixels, found NaN/Inf in image {row}$"),
+    )
   if case == "not an HDF5 file":
     jets = str(tmp_path / "page.h5")
     with open(jets, "w") as f:
@@ -312,20 +395,35 @@ def _bad_inputs(shared, tmp_path, case):
   if case == "pretraining checkpoint":
     checkpoint = str(tmp_path / "simclr")
     model = build.build_l2vit(shared["model_config"].model.to_dict())
-    model_io.save_model_checkpoint(checkpoint, model, _meta(shared["model_config"], task="simclr",
-                                                            mass_mean=None, mass_std=None))
-    return checkpoint, jets, errors.CheckpointMismatchError, (
+    model_io.save_model_checkpoint(
+      checkpoint, model, _meta(shared["model_config"], task="simclr", mass_mean=None, mass_std=None)
+    )
+    return (
+      checkpoint,
+      jets,
+      errors.CheckpointMismatchError,
+      (
         rf"^{checkpoint}: a pretraining \(SimCLR/MAE\) checkpoint has no class or mass head; expected a "
-        "finetuned workdir")
+        "finetuned workdir"
+      ),
+    )
   assert case == "no checkpoint"
   checkpoint = str(tmp_path / "empty")
   os.makedirs(checkpoint)
   return checkpoint, jets, errors.MissingCheckpointError, rf"^{checkpoint}: no Orbax checkpoint found"
 
 
-@pytest.mark.parametrize("case", ["wrong image size", "NaN pixel in the validated sample",
-                                  "NaN pixel outside the validated sample", "not an HDF5 file",
-                                  "pretraining checkpoint", "no checkpoint"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "wrong image size",
+    "NaN pixel in the validated sample",
+    "NaN pixel outside the validated sample",
+    "not an HDF5 file",
+    "pretraining checkpoint",
+    "no checkpoint",
+  ],
+)
 def test_bad_input_is_refused_in_one_line_naming_the_file_and_writes_nothing(shared, tmp_path, case):
   checkpoint, jets, error_type, pattern = _bad_inputs(shared, tmp_path, case)
   workdir = tmp_path / "out"
@@ -338,9 +436,12 @@ def test_bad_input_is_refused_in_one_line_naming_the_file_and_writes_nothing(sha
 def test_settings_that_cannot_work_are_refused_together_before_anything_is_read(shared, tmp_path):
   config = _config(shared["checkpoint"], "", chunk_size=0)
   config.eval_batch_size = -8
-  with pytest.raises(errors.ConfigError, match=r"^config.data.input_path is empty; .*; config.chunk_size=0: "
-                     r"expected a positive number of jets; config.eval_batch_size=-8: expected a positive "
-                     r"multiple of the 1 device\(s\)$"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"^config.data.input_path is empty; .*; config.chunk_size=0: "
+    r"expected a positive number of jets; config.eval_batch_size=-8: expected a positive "
+    r"multiple of the 1 device\(s\)$",
+  ):
     predict.predict_file(config, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 

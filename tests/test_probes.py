@@ -36,11 +36,14 @@ def test_ridge_equals_sklearn_ridge(num, dim):
   rng = np.random.default_rng(0)
   features, labels, mass_z = _regression_data(rng, num, dim)
   for l2 in (0.1, 3.0, 300.0):
-    probe = probes.fit_linear_probe(features, labels, mass_z, features[:6], labels[:6], mass_z[:6],
-                                    l2_grid=(l2,))
+    probe = probes.fit_linear_probe(
+      features, labels, mass_z, features[:6], labels[:6], mass_z[:6], l2_grid=(l2,)
+    )
     x = probe.standardise(features)
-    for target, weights, bias in ((labels, probe.class_weights, probe.class_bias),
-                                  (mass_z, probe.mass_weights, probe.mass_bias)):
+    for target, weights, bias in (
+      (labels, probe.class_weights, probe.class_bias),
+      (mass_z, probe.mass_weights, probe.mass_bias),
+    ):
       reference = linear_model.Ridge(alpha=l2).fit(x, target)
       np.testing.assert_allclose(weights, reference.coef_, atol=1e-5, rtol=1e-5)
       np.testing.assert_allclose(bias, reference.intercept_, atol=1e-5)
@@ -52,12 +55,14 @@ def test_ridge_strength_is_chosen_by_validation_for_each_target():
   features, labels, mass_z = _regression_data(rng, 140, 30, noise=1.5)
   fit, val = slice(0, 60), slice(60, None)  # few examples per feature: the strength matters
   grid = (0.01, 1.0, 30.0, 1000.0, 1e5)
-  probe = probes.fit_linear_probe(features[fit], labels[fit], mass_z[fit], features[val], labels[val],
-                                  mass_z[val], l2_grid=grid)
+  probe = probes.fit_linear_probe(
+    features[fit], labels[fit], mass_z[fit], features[val], labels[val], mass_z[val], l2_grid=grid
+  )
   aucs, maes = [], []
   for l2 in grid:  # each strength fitted on its own
-    single = probes.fit_linear_probe(features[fit], labels[fit], mass_z[fit], features[val],
-                                     labels[val], mass_z[val], l2_grid=(l2,))
+    single = probes.fit_linear_probe(
+      features[fit], labels[fit], mass_z[fit], features[val], labels[val], mass_z[val], l2_grid=(l2,)
+    )
     aucs.append(metrics.roc_auc(labels[val], single.class_score(features[val])))
     maes.append(np.mean(np.abs(single.predict(features[val])[1] - mass_z[val])))
   np.testing.assert_allclose(probe.val_auc, aucs, atol=1e-12)
@@ -75,8 +80,9 @@ def test_linear_probe_on_separable_features_beats_chance():
   features[:, 0] += 3.0 * labels
   features[:, 1] += (mass - 130.0) / 20.0
   mass_z = (mass - mass[:400].mean()) / mass[:400].std()
-  probe = probes.fit_linear_probe(features[:300], labels[:300], mass_z[:300], features[300:400],
-                                  labels[300:400], mass_z[300:400])
+  probe = probes.fit_linear_probe(
+    features[:300], labels[:300], mass_z[:300], features[300:400], labels[300:400], mass_z[300:400]
+  )
   prob, predicted_z = probe.predict(features[400:])
   assert ((prob >= 0) & (prob <= 1)).all()
   assert metrics.accuracy(labels[400:], prob) > 0.9
@@ -94,15 +100,15 @@ def test_knn_probabilities_on_two_clusters_are_exact():
   got = probes.knn_class_probability(bank, labels, queries[:2], k=4)
   np.testing.assert_allclose(got, [3 * e / (3 * e + 1), 2 / (2 * e + 2)], rtol=1e-6)
   # (1, 1) is equally similar to all five: weights are equal, so 3 of the 5 (k ≥ N is clipped to N).
-  np.testing.assert_allclose(probes.knn_class_probability(bank, labels, queries[2:], k=10), [0.6],
-                             rtol=1e-6)
+  np.testing.assert_allclose(probes.knn_class_probability(bank, labels, queries[2:], k=10), [0.6], rtol=1e-6)
   # A huge temperature makes it the plain neighbour fraction.
   plain = probes.knn_class_probability(bank, labels, queries[:2], k=4, temperature=1e9)
   np.testing.assert_allclose(plain, [0.75, 0.5], rtol=1e-6)
   # Blocks of queries give the same answer as one block.
   many = np.repeat(queries[:2], 1500, axis=0)
-  np.testing.assert_allclose(probes.knn_class_probability(bank, labels, many, k=4),
-                             np.repeat(got, 1500), rtol=1e-12)
+  np.testing.assert_allclose(
+    probes.knn_class_probability(bank, labels, many, k=4), np.repeat(got, 1500), rtol=1e-12
+  )
 
 
 def test_features_cover_every_record_once_in_index_order(jet_file):
@@ -112,8 +118,7 @@ def test_features_cover_every_record_once_in_index_order(jet_file):
 
   def features(chosen):
     source = sources.open_source(jet_file, labelled=True, indices=chosen)
-    return probes.extract_features(backbone, source, pixel_scale=2.0, batch_size=4,
-                                   mesh=sharding.make_mesh())
+    return probes.extract_features(backbone, source, pixel_scale=2.0, batch_size=4, mesh=sharding.make_mesh())
 
   out = features(indices)
   np.testing.assert_array_equal(out["index"], indices)
@@ -170,8 +175,9 @@ def test_online_probe_is_off_without_a_labelled_path_and_skips_epochs(simclr_run
 def test_probe_checkpoint_of_a_simclr_run(simclr_run):
   labelled = sources.open_labelled(simclr_run["labelled"], split_seed=split.SPLIT_SEED)
   labels, splits = labelled.labels, labelled.parts
-  out = probes.probe_checkpoint(simclr_run["workdir"], labelled, splits, batch_size=16,
-                                mesh=sharding.make_mesh(), k=5)
+  out = probes.probe_checkpoint(
+    simclr_run["workdir"], labelled, splits, batch_size=16, mesh=sharding.make_mesh(), k=5
+  )
   assert set(out) == {"index", "prob", "mass_pred", "knn_prob", "knn_mass_pred"}
   np.testing.assert_array_equal(out["index"], splits["test"])
   for key in ("prob", "knn_prob"):

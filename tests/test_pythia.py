@@ -29,14 +29,21 @@ from l2vit_jax.runtime import paths  # pylint: disable=wrong-import-position
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = 25  # one pixel per HCAL tower
 # The file every determinism and resume test compares against: 4 chunks of 4 jets.
-REFERENCE = {"num": 16, "labelled": True, "seed": 3, "image_size": SMALL, "chunk_size": 4,
-             "progress": False}
+REFERENCE = {"num": 16, "labelled": True, "seed": 3, "image_size": SMALL, "chunk_size": 4, "progress": False}
 # Random effects off, so single particles give exact, predictable images.
 EXACT = dataclasses.replace(
-    detector.CMS, track_efficiency=1.0, track_pt_resolution=(0.0, 0.0), d0_resolution_um=(0.0, 0.0),
-    dz_resolution_um=(0.0, 0.0), ecal_resolution=(0.0, 0.0, 0.0), hcal_resolution=(0.0, 0.0),
-    hadron_early_shower_probability=0.0, pixel_hit_efficiency=1.0, pixel_cluster_width_mm=0.0,
-    pixel_noise_hits_at_125=(0.0, 0.0, 0.0))
+  detector.CMS,
+  track_efficiency=1.0,
+  track_pt_resolution=(0.0, 0.0),
+  d0_resolution_um=(0.0, 0.0),
+  dz_resolution_um=(0.0, 0.0),
+  ecal_resolution=(0.0, 0.0, 0.0),
+  hcal_resolution=(0.0, 0.0),
+  hadron_early_shower_probability=0.0,
+  pixel_hit_efficiency=1.0,
+  pixel_cluster_width_mm=0.0,
+  pixel_noise_hits_at_125=(0.0, 0.0, 0.0),
+)
 
 
 def _file_bytes(path: str) -> bytes:
@@ -47,8 +54,9 @@ def _file_bytes(path: str) -> bytes:
 def _read(path: str) -> dict[str, np.ndarray]:
   with h5py.File(path, "r") as f:
     out = {}
-    f.visititems(lambda name, item: out.__setitem__(name, item[...])
-                 if isinstance(item, h5py.Dataset) else None)
+    f.visititems(
+      lambda name, item: out.__setitem__(name, item[...]) if isinstance(item, h5py.Dataset) else None
+    )
     return out
 
 
@@ -115,7 +123,7 @@ def test_every_top_jet_contains_its_b_q_and_q_prime(truth):
 
   assert top.sum() == 8 and np.all(distance < 0.8)
   total = partons.sum(axis=1)
-  mass = np.sqrt(total[:, 0]**2 - np.sum(total[:, 1:]**2, axis=1))
+  mass = np.sqrt(total[:, 0] ** 2 - np.sum(total[:, 1:] ** 2, axis=1))
   assert np.all(np.abs(mass - 172.5) < 25.0)  # the three are one top's decay, not any three partons
 
 
@@ -145,8 +153,18 @@ def test_sidecar_constituents_add_up_to_their_jets(truth):
 def test_unlabelled_file_has_only_images_at_the_requested_signal_fraction(tmp_path):
   path = str(tmp_path / "unlabelled.h5")
 
-  jet_files.write_pythia_hdf5(path, 8, labelled=False, seed=5, image_size=SMALL, workers=1,
-                              chunk_size=8, signal_fraction=0.25, sparse=True, progress=False)
+  jet_files.write_pythia_hdf5(
+    path,
+    8,
+    labelled=False,
+    seed=5,
+    image_size=SMALL,
+    workers=1,
+    chunk_size=8,
+    signal_fraction=0.25,
+    sparse=True,
+    progress=False,
+  )
 
   sources.validate_file(path, labelled=False, image_size=SMALL)
   sources.validate_file(jet_files.sparse_path(path), labelled=False, image_size=SMALL)
@@ -164,8 +182,7 @@ def test_chunk_plan_holds_exactly_the_requested_number_of_tops():
   assert jet_files.chunk_plan(20, 10, 0.5) == [(0, 10, 5), (10, 10, 5)]
 
 
-def test_a_killed_run_resumes_from_its_chunks_and_writes_the_same_bytes(reference, tmp_path,
-                                                                        monkeypatch):
+def test_a_killed_run_resumes_from_its_chunks_and_writes_the_same_bytes(reference, tmp_path, monkeypatch):
   path = str(tmp_path / "jets.h5")
   with open(path, "wb") as f:
     f.write(b"an older good file")
@@ -184,7 +201,9 @@ def test_a_killed_run_resumes_from_its_chunks_and_writes_the_same_bytes(referenc
   chunks = jet_files.chunk_directory(path)
   assert _file_bytes(path) == b"an older good file"
   assert sorted(e for e in os.listdir(chunks) if e.startswith("chunk-")) == [
-      "chunk-000000.npz", "chunk-000001.npz"]
+    "chunk-000000.npz",
+    "chunk-000001.npz",
+  ]
   half_chunk = paths.temporary_name(os.path.join(chunks, "chunk-000002.npz"), pid=999)
   with open(half_chunk, "wb") as f:
     f.write(b"half a chunk")  # what a kill during np.savez leaves
@@ -217,14 +236,14 @@ def test_stored_chunks_of_other_arguments_are_refused_and_kept(tmp_path):
 
 
 BAD_ARGUMENTS = [
-    ({"pt_range": (600.0, 400.0)}, "pt_range"),
-    ({"pt_range": (500.0, 500.0)}, "pt_range"),
-    ({"image_size": 30}, "image_size"),
-    ({"num": 0}, "num"),
-    ({"workers": 0}, "workers"),
-    ({"signal_fraction": 1.5}, "signal_fraction"),
-    ({"signal_fraction": -0.1}, "signal_fraction"),
-    ({"chunk_size": 0}, "chunk_size"),
+  ({"pt_range": (600.0, 400.0)}, "pt_range"),
+  ({"pt_range": (500.0, 500.0)}, "pt_range"),
+  ({"image_size": 30}, "image_size"),
+  ({"num": 0}, "num"),
+  ({"workers": 0}, "workers"),
+  ({"signal_fraction": 1.5}, "signal_fraction"),
+  ({"signal_fraction": -0.1}, "signal_fraction"),
+  ({"chunk_size": 0}, "chunk_size"),
 ]
 
 
@@ -248,9 +267,30 @@ def test_command_line_writes_valid_files(tmp_path):
   path = str(tmp_path / "sub" / "cli.h5")
 
   result = subprocess.run(
-      [sys.executable, "scripts/make_pythia.py", "--out", path, "--num", "4", "--seed", "2",
-       "--image-size", str(SMALL), "--workers", "1", "--chunk-size", "4", "--sparse", "--no-progress"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      "scripts/make_pythia.py",
+      "--out",
+      path,
+      "--num",
+      "4",
+      "--seed",
+      "2",
+      "--image-size",
+      str(SMALL),
+      "--workers",
+      "1",
+      "--chunk-size",
+      "4",
+      "--sparse",
+      "--no-progress",
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
 
   assert result.returncode == 0, result.stderr
   assert path in result.stdout and "FastJet" not in result.stdout
@@ -259,14 +299,22 @@ def test_command_line_writes_valid_files(tmp_path):
   assert os.path.exists(jet_files.sidecar_path(path))
 
 
-@pytest.mark.parametrize("arguments, start", [
+@pytest.mark.parametrize(
+  "arguments, start",
+  [
     (["--pt-min", "600", "--pt-max", "400"], "error: pt_range: got (600.0, 400.0)"),
     (["--num", "many"], "error: argument --num"),
-])
+  ],
+)
 def test_command_line_rejects_bad_arguments_with_one_error_line(arguments, start, tmp_path):
   result = subprocess.run(
-      [sys.executable, "scripts/make_pythia.py", "--out", str(tmp_path / "x.h5"), "--num", "4",
-       *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    [sys.executable, "scripts/make_pythia.py", "--out", str(tmp_path / "x.h5"), "--num", "4", *arguments],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
 
   assert result.returncode == 2
   assert result.stderr.startswith(start) and result.stderr.count("\n") == 1
@@ -283,9 +331,10 @@ def _particles(*rows: dict) -> detector.Particles:
   for row in rows:
     pt, eta, phi, mass = row["pt"], row["eta"], row["phi"], row.get("mass", 0.0)
     px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
-    for name, value in zip(("px", "py", "pz", "e", "charge", "pdg_id"),
-                           (px, py, pz, np.sqrt(px**2 + py**2 + pz**2 + mass**2), row["charge"],
-                            row["pdg_id"])):
+    for name, value in zip(
+      ("px", "py", "pz", "e", "charge", "pdg_id"),
+      (px, py, pz, np.sqrt(px**2 + py**2 + pz**2 + mass**2), row["charge"], row["pdg_id"]),
+    ):
       columns[name].append(value)
     for name, value in zip(("x", "y", "z"), row.get("vertex", (0.0, 0.0, 0.0))):
       columns[name].append(value)
@@ -298,8 +347,10 @@ def _render(particles, size=detector.REAL_IMAGE_SIZE, axis=(0.0, 0.0), model=EXA
 
 def _pixel(eta: float, phi: float, size: int = detector.REAL_IMAGE_SIZE) -> tuple[int, int]:
   cell = detector.pixel_size(size)
-  return (int(np.floor((eta + detector.WINDOW_HALF_WIDTH) / cell)),
-          int(np.floor((phi + detector.WINDOW_HALF_WIDTH) / cell)))
+  return (
+    int(np.floor((eta + detector.WINDOW_HALF_WIDTH) / cell)),
+    int(np.floor((phi + detector.WINDOW_HALF_WIDTH) / cell)),
+  )
 
 
 def _channels_hit(image: np.ndarray) -> set[int]:
@@ -311,10 +362,15 @@ def test_displaced_charged_pion_has_a_track_and_hits_only_the_layers_outside_its
   r0, offset, z0, eta, phi = 40.0, 0.05, 3.0, 0.1, 0.2
   vertex = (r0 * np.cos(phi + offset), r0 * np.sin(phi + offset), z0)
   model = dataclasses.replace(EXACT, d0_gain=0.01, dz_gain=0.01)  # no saturation: exact values
-  displaced = _render(_particles({"pt": 50.0, "eta": eta, "phi": phi, "mass": 0.1396, "charge": 1,
-                                  "pdg_id": 211, "vertex": vertex}), model=model)
-  prompt = _render(_particles({"pt": 50.0, "eta": eta, "phi": phi, "mass": 0.1396, "charge": 1,
-                               "pdg_id": 211}), model=model)
+  displaced = _render(
+    _particles(
+      {"pt": 50.0, "eta": eta, "phi": phi, "mass": 0.1396, "charge": 1, "pdg_id": 211, "vertex": vertex}
+    ),
+    model=model,
+  )
+  prompt = _render(
+    _particles({"pt": 50.0, "eta": eta, "phi": phi, "mass": 0.1396, "charge": 1, "pdg_id": 211}), model=model
+  )
 
   assert _channels_hit(displaced) == {0, 1, 2, 3, 4, 6, 7}  # not layer 1 (channel 5)
   assert _channels_hit(prompt) == {0, 3, 4, 5, 6, 7}  # no impact parameters above threshold
@@ -338,13 +394,14 @@ def test_photon_deposits_only_in_the_ecal_around_its_crystal():
 
 
 def test_neutral_hadron_deposits_only_in_the_hcal_spread_over_its_tower():
-  image = _render(_particles({"pt": 30.0, "eta": -0.3, "phi": 0.25, "mass": 0.4976, "charge": 0,
-                              "pdg_id": 130}))
+  image = _render(
+    _particles({"pt": 30.0, "eta": -0.3, "phi": 0.25, "mass": 0.4976, "charge": 0, "pdg_id": 130})
+  )
 
   assert _channels_hit(image) == {4}
   hcal = image[..., 4]
   row, col = (5 * (index // 5) for index in _pixel(-0.3, 0.25))  # the tower's first crystal
-  tower = hcal[row:row + 5, col:col + 5]
+  tower = hcal[row : row + 5, col : col + 5]
   assert np.all(tower == tower[0, 0]) and tower[0, 0] == hcal.max() > 0
   # Every tower is uniform over its 5 × 5 crystals, as in the real files.
   towers = hcal.reshape(25, 5, 25, 5)
@@ -362,8 +419,9 @@ def test_image_size_that_splits_hcal_towers_is_refused():
 
 def test_phi_wraps_around_at_pi():
   axis = (0.0, np.pi - 0.01)
-  image = _render(_particles({"pt": 20.0, "eta": 0.0, "phi": -np.pi + 0.03, "charge": 0, "pdg_id": 22}),
-                  axis=axis)
+  image = _render(
+    _particles({"pt": 20.0, "eta": 0.0, "phi": -np.pi + 0.03, "charge": 0, "pdg_id": 22}), axis=axis
+  )
 
   ecal = image[..., 3]
   assert np.unravel_index(np.argmax(ecal), ecal.shape) == _pixel(0.0, 0.04)  # Δφ = +0.04, not −6.24
@@ -371,8 +429,9 @@ def test_phi_wraps_around_at_pi():
 
 def test_charged_particles_bend_clockwise_and_soft_ones_never_reach_the_calorimeter():
   def render(pt, charge):
-    return _render(_particles({"pt": pt, "eta": 0.0, "phi": 0.0, "mass": 0.1396, "charge": charge,
-                               "pdg_id": 211 * charge}))
+    return _render(
+      _particles({"pt": pt, "eta": 0.0, "phi": 0.0, "mass": 0.1396, "charge": charge, "pdg_id": 211 * charge})
+    )
 
   positive, negative, curler = render(2.0, 1), render(2.0, -1), render(0.5, 1)
 

@@ -29,8 +29,13 @@ from l2vit_jax.data import download, hdf5
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+ENV = dict(
+  os.environ,
+  PYTHONPATH=os.pathsep.join([REPO, TESTS]),
+  JAX_PLATFORMS="cpu",
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+)
 ENV["XLA_FLAGS"] = TEST_XLA_FLAGS  # one CPU device per process
 # Every run of one config compiles the same train step: subprocesses share a compilation cache, so only
 # the first pays (a cached executable is the same code, so results stay bit-identical).
@@ -46,31 +51,42 @@ def compilation_cache(tmp_path_factory):
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
   # 65 images: one more than validation samples (see nan_outside_the_sample); 46 train, 5 steps an epoch
-  return {"labelled": write_jet_file(root / "labelled.h5", num=65),
-          "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False)}
+  return {
+    "labelled": write_jet_file(root / "labelled.h5", num=65),
+    "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False),
+  }
 
 
 def _write_config(path, task, labelled="", unlabelled="", **overrides) -> str:
   """A config file for ``--config=`` that builds ``conftest.tiny_config(task, ...)``."""
-  path.write_text(f"from conftest import tiny_config\n\n"
-                  f"def get_config():\n"
-                  f"  return tiny_config({task!r}, {str(labelled)!r}, {str(unlabelled)!r}, "
-                  f"**{overrides!r})\n")
+  path.write_text(
+    f"from conftest import tiny_config\n\n"
+    f"def get_config():\n"
+    f"  return tiny_config({task!r}, {str(labelled)!r}, {str(unlabelled)!r}, "
+    f"**{overrides!r})\n"
+  )
   return str(path)
 
 
 def _cli(config_file, workdir, *flags, env=None, timeout=300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}",
-                         f"--workdir={workdir}", *flags], env=env or ENV, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}", *flags],
+    env=env or ENV,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _launch(config_file, workdir, log, *flags) -> subprocess.Popen:
   # Output goes to a file, not a pipe: nobody reads it while the run goes, and a full pipe would block.
   with open(log, "w") as out:
-    return subprocess.Popen([sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}",
-                             f"--workdir={workdir}", *flags], env=ENV, stdout=out,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}", *flags],
+      env=ENV,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def _assert_one_line_error(result, *fragments, alone=True):
@@ -93,9 +109,14 @@ def _snapshot(directory) -> dict | None:
   """Every file under ``directory`` with its size and mtime; None if it does not exist."""
   if not os.path.exists(directory):
     return None
-  return {os.path.join(root, name): (os.stat(os.path.join(root, name)).st_size,
-                                     os.stat(os.path.join(root, name)).st_mtime_ns)
-          for root, dirs, names in os.walk(directory) for name in names + dirs}
+  return {
+    os.path.join(root, name): (
+      os.stat(os.path.join(root, name)).st_size,
+      os.stat(os.path.join(root, name)).st_mtime_ns,
+    )
+    for root, dirs, names in os.walk(directory)
+    for name in names + dirs
+  }
 
 
 def _latest_arrays(workdir):
@@ -113,8 +134,11 @@ def _complete_steps(workdir) -> list[int]:
 
 def _tmp_steps(workdir) -> list[int]:
   """Steps of Orbax temporary directories: saves under way, or left by a killed process."""
-  return sorted(int(name.split(".")[0]) for name in _checkpoint_entries(workdir)
-                if "tmp" in name and name.split(".")[0].isdigit())
+  return sorted(
+    int(name.split(".")[0])
+    for name in _checkpoint_entries(workdir)
+    if "tmp" in name and name.split(".")[0].isdigit()
+  )
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -141,16 +165,19 @@ def _wait_for(condition, process, timeout=240.0, poll=0.003):
 
 # --- 1. preemption: SIGKILL and SIGTERM ---------------------------------------------------------------
 
+
 def test_killed_and_preempted_run_resumes_to_the_same_parameters(files, tmp_path):
   """SIGKILL three times (twice while an asynchronous save is being written), then SIGTERM, then run to
   the end: the final parameters equal an uninterrupted run's, bit for bit."""
-  config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"],
-                              **CONFIG)
+  config_file = _write_config(
+    tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"], **CONFIG
+  )
   uninterrupted = _cli(config_file, tmp_path / "uninterrupted")
   assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-  reference = {"total_steps": max(_logged_steps(tmp_path / "uninterrupted")),
-               "best_val_loss": _latest_arrays(tmp_path / "uninterrupted")[1]["early_stopping"][
-                   "best_val_loss"]}
+  reference = {
+    "total_steps": max(_logged_steps(tmp_path / "uninterrupted")),
+    "best_val_loss": _latest_arrays(tmp_path / "uninterrupted")[1]["early_stopping"]["best_val_loss"],
+  }
   workdir = str(tmp_path / "interrupted")
   rng = random.Random(0)
   left_behind = []
@@ -181,8 +208,10 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(files, tmp_path
   process = _launch(config_file, workdir, log)
   try:
     # Rows past `start` left by the last kill are dropped on resume, before "Resumed" is logged.
-    _wait_for(lambda: "Resumed finetune" in log.read_text()
-              and any(s > start for s in _logged_steps(workdir)), process)
+    _wait_for(
+      lambda: "Resumed finetune" in log.read_text() and any(s > start for s in _logged_steps(workdir)),
+      process,
+    )
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
   finally:
@@ -216,6 +245,7 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(files, tmp_path
 
 
 # --- 2. bad input files -------------------------------------------------------------------------------
+
 
 def _nan_images(num, size=25):
   jet = np.zeros((num, size, size, 8), np.float32)
@@ -259,8 +289,15 @@ def _rows_without_timings(workdir) -> list[dict]:
 def test_a_run_stopped_between_log_rows_logs_what_an_uninterrupted_run_logs(files, tmp_path):
   """Saves off the log interval (every 2 steps, rows every 3): the stopped and resumed run must not
   log a row whose train/* means cover only the steps since the resume."""
-  config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"],
-                              num_epochs=2, log_every_steps=3, checkpoint_every_steps=2)
+  config_file = _write_config(
+    tmp_path / "config.py",
+    "finetune",
+    files["labelled"],
+    files["unlabelled"],
+    num_epochs=2,
+    log_every_steps=3,
+    checkpoint_every_steps=2,
+  )
   assert _cli(config_file, tmp_path / "uninterrupted").returncode == 0
   stopped = _cli(config_file, tmp_path / "stopped", "--config.stop_after_steps=4")
   assert stopped.returncode == 0, stopped.stderr[-3000:]
@@ -269,9 +306,18 @@ def test_a_run_stopped_between_log_rows_logs_what_an_uninterrupted_run_logs(file
   assert _rows_without_timings(tmp_path / "stopped") == _rows_without_timings(tmp_path / "uninterrupted")
 
 
-@pytest.mark.parametrize("case, workdir_exists", [
-    ("missing", False), ("not_hdf5", False), ("truncated", True), ("nan_pixels", False),
-    ("labels_not_binary", True), ("wrong_image_size", False), ("train_split_under_one_batch", False)])
+@pytest.mark.parametrize(
+  "case, workdir_exists",
+  [
+    ("missing", False),
+    ("not_hdf5", False),
+    ("truncated", True),
+    ("nan_pixels", False),
+    ("labels_not_binary", True),
+    ("wrong_image_size", False),
+    ("train_split_under_one_batch", False),
+  ],
+)
 def test_bad_input_file_fails_in_one_line_and_writes_nothing(tmp_path, case, workdir_exists):
   task, path, overrides, fragments = _bad_file(tmp_path, case)
   paths = {"labelled": path} if task == "finetune" else {"unlabelled": path}
@@ -284,13 +330,14 @@ def test_bad_input_file_fails_in_one_line_and_writes_nothing(tmp_path, case, wor
   assert _snapshot(workdir) == ({} if workdir_exists else None)
 
 
-@pytest.mark.parametrize("kwargs, expected", [
+@pytest.mark.parametrize(
+  "kwargs, expected",
+  [
     (dict(drop=("jet",)), "key 'jet': missing; expected dataset of shape (N, H, W, 8)"),
     (dict(drop=("pT",)), "key 'pT': missing"),
     (dict(overrides={"jet": np.zeros((40, 25, 25), np.float32)}), "key 'jet': expected shape"),
     (dict(overrides={"jet": np.zeros((40, 25, 24, 8), np.float32)}), "key 'jet': expected shape"),
-    (dict(overrides={"jet": np.zeros((40, 25, 25, 8), np.int16)}),
-     "expected dtype float32, found int16"),
+    (dict(overrides={"jet": np.zeros((40, 25, 25, 8), np.int16)}), "expected dtype float32, found int16"),
     (dict(overrides={"jet": np.full((40, 25, 25, 8), np.inf, np.float32)}), "NaN/Inf in image 0"),
     (dict(overrides={"jet": -np.ones((40, 25, 25, 8), np.float32)}), "expected pixels >= 0, found -1.0"),
     (dict(overrides={"Y": np.full((40, 1), np.nan, np.float32)}), "key 'Y': expected class labels"),
@@ -299,7 +346,8 @@ def test_bad_input_file_fails_in_one_line_and_writes_nothing(tmp_path, case, wor
     (dict(overrides={"m": -np.ones((40, 1), np.float32)}), "key 'm': expected finite positive masses"),
     (dict(overrides={"m": np.full((40, 1), np.nan, np.float32)}), "key 'm': expected finite positive"),
     (dict(overrides={"pT": np.full((40, 1), np.inf, np.float32)}), "key 'pT': expected finite values"),
-])
+  ],
+)
 def test_every_schema_violation_is_named(tmp_path, kwargs, expected):
   path = write_jet_file(tmp_path / "bad.h5", **kwargs)
   with pytest.raises(errors.DataError) as error:
@@ -330,6 +378,7 @@ def test_validation_reads_a_fixed_sample_of_pixels_whatever_the_file_size(tmp_pa
 
 # --- 3. divergence ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def nan_outside_the_sample(files, tmp_path_factory):
   """The labelled file with a NaN pixel in every image that validation does not sample (one of them is in
@@ -351,20 +400,28 @@ def nan_outside_the_sample(files, tmp_path_factory):
 def _checkpoint_at(workdir, step) -> dict:
   """The named model arrays of ``WORKDIR/checkpoints/<step>``."""
   with storage.open_manager(
-      os.path.join(workdir, naming.LATEST_DIR), max_to_keep=None, read_only=True) as manager:
+    os.path.join(workdir, naming.LATEST_DIR), max_to_keep=None, read_only=True
+  ) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-  return {group: {name: np.asarray(value) for name, value in arrays.items()}
-          for group, arrays in restored["model"].items()}
+  return {
+    group: {name: np.asarray(value) for name, value in arrays.items()}
+    for group, arrays in restored["model"].items()
+  }
 
 
-def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(files, tmp_path,
-                                                                               nan_outside_the_sample):
-  config_file = _write_config(tmp_path / "config.py", "finetune", nan_outside_the_sample,
-                              files["unlabelled"], **CONFIG)
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+  files, tmp_path, nan_outside_the_sample
+):
+  config_file = _write_config(
+    tmp_path / "config.py", "finetune", nan_outside_the_sample, files["unlabelled"], **CONFIG
+  )
   workdir = str(tmp_path / "run")
-  line = _assert_one_line_error(_cli(config_file, workdir, "--config.checkpoint_every_steps=1"),
-                                "non-finite loss or gradient at step",
-                                "stopped without saving that state", alone=False)
+  line = _assert_one_line_error(
+    _cli(config_file, workdir, "--config.checkpoint_every_steps=1"),
+    "non-finite loss or gradient at step",
+    "stopped without saving that state",
+    alone=False,
+  )
   failed_step = int(line.split("at step ")[1].split(";")[0])
   complete = _complete_steps(workdir)
   assert complete == list(range(1, failed_step))[-3:]  # every good step (the last 3 kept), no more
@@ -377,20 +434,30 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(fil
 
 
 def test_skip_nonfinite_steps_discards_exactly_that_update(files, tmp_path, nan_outside_the_sample):
-  config_file = _write_config(tmp_path / "config.py", "finetune", nan_outside_the_sample,
-                              files["unlabelled"], **CONFIG)
+  config_file = _write_config(
+    tmp_path / "config.py", "finetune", nan_outside_the_sample, files["unlabelled"], **CONFIG
+  )
   workdir = str(tmp_path / "run")
-  result = _cli(config_file, workdir, "--config.skip_nonfinite_steps=True",
-                "--config.stop_after_steps=8", "--config.checkpoint_every_steps=1",
-                "--config.keep_checkpoints=10")
+  result = _cli(
+    config_file,
+    workdir,
+    "--config.skip_nonfinite_steps=True",
+    "--config.stop_after_steps=8",
+    "--config.checkpoint_every_steps=1",
+    "--config.keep_checkpoints=10",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  skipped = [row["step"] for row, before in zip(rows, [{"skipped_steps": 0}] + rows)
-             if row["skipped_steps"] > before["skipped_steps"]]
+  skipped = [
+    row["step"]
+    for row, before in zip(rows, [{"skipped_steps": 0}] + rows)
+    if row["skipped_steps"] > before["skipped_steps"]
+  ]
   assert skipped and rows[-1]["skipped_steps"] == len(skipped), rows  # the NaN image, once an epoch
   for step in skipped:
-    assert (f"Skipped 1 step(s) with a non-finite loss or gradient (steps {step}); their updates were "
-            "discarded") in result.stderr
+    assert (
+      f"Skipped 1 step(s) with a non-finite loss or gradient (steps {step}); their updates were discarded"
+    ) in result.stderr
     if step > 1:  # parameters and BatchNorm statistics exactly as they were before the NaN batch
       before, after = _checkpoint_at(workdir, step - 1), _checkpoint_at(workdir, step)
       for group in before:
@@ -402,16 +469,23 @@ def test_skip_nonfinite_steps_discards_exactly_that_update(files, tmp_path, nan_
 
 # --- 4. wrong resumes and busy workdirs ---------------------------------------------------------------
 
+
 def test_resuming_with_another_architecture_is_refused_naming_the_fields(files, tmp_path):
-  config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"],
-                              **CONFIG)
+  config_file = _write_config(
+    tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"], **CONFIG
+  )
   trained_workdir = str(tmp_path / "run")
   first = _cli(config_file, trained_workdir, "--config.stop_after_steps=1")
   assert first.returncode == 0, first.stderr[-3000:]
   before = _snapshot(trained_workdir)
   result = _cli(config_file, trained_workdir, "--config.model.embed_dim=48", "--config.model.depth=2")
-  _assert_one_line_error(result, "does not match this run", "depth: checkpoint 1 vs config 2",
-                         "embed_dim: checkpoint 32 vs config 48", "Use a new --workdir")
+  _assert_one_line_error(
+    result,
+    "does not match this run",
+    "depth: checkpoint 1 vs config 2",
+    "embed_dim: checkpoint 32 vs config 48",
+    "Use a new --workdir",
+  )
   assert _snapshot(trained_workdir) == before  # config.json and checkpoints untouched, lock released
 
 
@@ -424,8 +498,12 @@ def test_a_second_run_on_a_busy_workdir_is_refused(files, tmp_path):
     json.dump(holder, f)  # held by this test's own process: alive, so the lock is not stale
   before = _snapshot(workdir)
   config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"])
-  _assert_one_line_error(_cli(config_file, workdir), "workdir is in use by",
-                         f"process {os.getpid()} on host {holder['host']}", lock_path)
+  _assert_one_line_error(
+    _cli(config_file, workdir),
+    "workdir is in use by",
+    f"process {os.getpid()} on host {holder['host']}",
+    lock_path,
+  )
   assert _snapshot(workdir) == before
 
 
@@ -453,24 +531,36 @@ def test_workdir_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path, ca
 
   with open(tmp_path / "lock", "w") as f:
     json.dump({"host": "another-host", "pid": 1}, f)
-  with pytest.raises(errors.WorkdirLockedError,
-                     match="process 1 on host another-host.*if that run is dead, delete the lock file"):
+  with pytest.raises(
+    errors.WorkdirLockedError,
+    match="process 1 on host another-host.*if that run is dead, delete the lock file",
+  ):
     workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   assert json.load(open(tmp_path / "lock"))["host"] == "another-host"  # someone else's: left alone
 
 
 # --- 6. config errors ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, fragments, env_extra", [
+
+@pytest.mark.parametrize(
+  "flags, fragments, env_extra",
+  [
     (["--config.not_a_field=1"], ["--config.not_a_field=1", "no field 'not_a_field'"], {}),
     (["--config.model.not_a_field=1"], ["no field 'not_a_field'"], {}),
     (["--config.batch_size=abc"], ["--config.batch_size=abc", "invalid literal for int()"], {}),
     (["--config.task=bogus"], ["config.task='bogus'", "expected one of"], {}),
-    (["--config.model.attention=quadratic", "--config.log_every_steps=0"],
-     ["model.attention='quadratic': expected one of ['linear', 'softmax']", "log_every_steps=0"], {}),
-    (["--config.batch_size=12"], ["batch_size=12: expected a positive multiple of the 8 device(s)"],
-     {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"}),
-])
+    (
+      ["--config.model.attention=quadratic", "--config.log_every_steps=0"],
+      ["model.attention='quadratic': expected one of ['linear', 'softmax']", "log_every_steps=0"],
+      {},
+    ),
+    (
+      ["--config.batch_size=12"],
+      ["batch_size=12: expected a positive multiple of the 8 device(s)"],
+      {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"},
+    ),
+  ],
+)
 def test_config_errors_fail_before_any_work(files, tmp_path, flags, fragments, env_extra):
   config_file = _write_config(tmp_path / "config.py", "finetune", files["labelled"], files["unlabelled"])
   workdir = tmp_path / "run"
@@ -481,21 +571,28 @@ def test_config_errors_fail_before_any_work(files, tmp_path, flags, fragments, e
 
 def test_check_config_accepts_the_shipped_recipes():
   # In a subprocess: importing l2vit_jax.main defines its absl flags, which this process should not.
-  code = ("import importlib.util, sys\n"
-          "from l2vit_jax import main\n"
-          "for name in sys.argv[1:]:\n"
-          "  spec = importlib.util.spec_from_file_location(name, f'configs/{name}.py')\n"
-          "  module = importlib.util.module_from_spec(spec)\n"
-          "  spec.loader.exec_module(module)\n"
-          "  main.check_config(module.get_config())\n")
-  names = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "configs")) if name.endswith(".py")
-                 and not name.startswith("_"))
-  result = subprocess.run([sys.executable, "-c", code, *names], env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+  code = (
+    "import importlib.util, sys\n"
+    "from l2vit_jax import main\n"
+    "for name in sys.argv[1:]:\n"
+    "  spec = importlib.util.spec_from_file_location(name, f'configs/{name}.py')\n"
+    "  module = importlib.util.module_from_spec(spec)\n"
+    "  spec.loader.exec_module(module)\n"
+    "  main.check_config(module.get_config())\n"
+  )
+  names = sorted(
+    name[:-3]
+    for name in os.listdir(os.path.join(REPO, "configs"))
+    if name.endswith(".py") and not name.startswith("_")
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code, *names], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --- 5. download faults not covered by test_download.py ------------------------------------------------
+
 
 class _ScriptedServer:
   """Serves ``bodies[i]`` to request i (the last one thereafter); ``drop_after`` cuts the first reply

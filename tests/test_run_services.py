@@ -30,12 +30,19 @@ from l2vit_jax.runtime import compilation, console, process_setup
 from l2vit_jax.training import loop, metrics_log
 from test_reliability import ENV, _assert_one_line_error, _write_config
 
-LIBTPU_NOISE = ("libtpu", "host bounds", "InitGoogle", "backend 'tpu'", "TPU_WORKER_HOSTNAMES",
-                "common_lib.cc")
+LIBTPU_NOISE = (
+  "libtpu",
+  "host bounds",
+  "InitGoogle",
+  "backend 'tpu'",
+  "TPU_WORKER_HOSTNAMES",
+  "common_lib.cc",
+)
 
 
 def _masked_crc(data: bytes) -> int:
   from tensorboardX.crc32c import crc32c  # pylint: disable=import-outside-toplevel
+
   crc = crc32c(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -43,13 +50,14 @@ def _masked_crc(data: bytes) -> int:
 def read_events(data: bytes) -> list:
   """The ``Event`` protos of one event file's bytes, every record's two CRCs checked."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   events, position = [], 0
   while position < len(data):
-    header = data[position:position + 8]
+    header = data[position : position + 8]
     (length,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", data[position + 8:position + 12])[0] == _masked_crc(header)
-    body = data[position + 12:position + 12 + length]
-    assert struct.unpack("<I", data[position + 12 + length:position + 16 + length])[0] == _masked_crc(body)
+    assert struct.unpack("<I", data[position + 8 : position + 12])[0] == _masked_crc(header)
+    body = data[position + 12 : position + 12 + length]
+    assert struct.unpack("<I", data[position + 12 + length : position + 16 + length])[0] == _masked_crc(body)
     events.append(event_pb2.Event.FromString(body))
     position += 16 + length
   return events
@@ -58,6 +66,7 @@ def read_events(data: bytes) -> list:
 def event_scalars(files: list[bytes]) -> dict[str, list[tuple[int, float]]]:
   """Tag → [(step, value)] over event files in the order written, as TensorBoard would show them."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   scalars: dict[str, list[tuple[int, float]]] = {}
   for data in files:
     for event in read_events(data):
@@ -96,9 +105,13 @@ def runs(tmp_path_factory):
   workdir = root / "run"
 
   def cli(*flags):
-    result = subprocess.run([sys.executable, "-m", "l2vit_jax.main", f"--config={config}",
-                             f"--workdir={workdir}", *flags], env=env, capture_output=True, text=True,
-                            timeout=400)
+    result = subprocess.run(
+      [sys.executable, "-m", "l2vit_jax.main", f"--config={config}", f"--workdir={workdir}", *flags],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -113,8 +126,9 @@ def test_every_scalar_of_metrics_jsonl_is_in_tensorboard_at_its_step(runs):
   files = _event_files(os.path.join(runs["workdir"], metrics_log.TENSORBOARD_DIR))
   assert len(files) == 2  # one per run
   scalars = event_scalars(files)
-  expected_tags = {key for row in rows for key, value in row.items()
-                   if key != "step" and isinstance(value, (int, float))}
+  expected_tags = {
+    key for row in rows for key, value in row.items() if key != "step" and isinstance(value, (int, float))
+  }
   assert {"train/loss", "val/loss", "learning_rate", "images_per_second"} <= expected_tags
   assert set(scalars) == expected_tags
   for tag in expected_tags:
@@ -126,8 +140,12 @@ def test_every_scalar_of_metrics_jsonl_is_in_tensorboard_at_its_step(runs):
 def test_the_resolved_config_is_in_tensorboard_as_text_once_per_run(runs):
   texts = []
   for data in _event_files(os.path.join(runs["workdir"], metrics_log.TENSORBOARD_DIR)):
-    texts += [value.tensor.string_val[0].decode() for event in read_events(data)
-              for value in event.summary.value if value.tag == "config/text_summary"]
+    texts += [
+      value.tensor.string_val[0].decode()
+      for event in read_events(data)
+      for value in event.summary.value
+      if value.tag == "config/text_summary"
+    ]
   assert len(texts) == 2
   with open(os.path.join(runs["workdir"], "config.json")) as f:
     saved = json.load(f)
@@ -136,7 +154,9 @@ def test_the_resolved_config_is_in_tensorboard_as_text_once_per_run(runs):
 
 
 def test_profile_steps_leave_a_trace_of_those_steps_in_the_workdir(runs):
-  traces = glob.glob(os.path.join(runs["workdir"], loop.PROFILE_DIR, "plugins", "profile", "*", "*.xplane.pb"))
+  traces = glob.glob(
+    os.path.join(runs["workdir"], loop.PROFILE_DIR, "plugins", "profile", "*", "*.xplane.pb")
+  )
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   assert "Profile of steps 2-3 in" in runs["first"].stderr
   assert "Profile of steps" not in runs["second"].stderr  # the resumed run is past those steps
@@ -159,9 +179,20 @@ def test_without_jax_platforms_a_config_error_is_still_the_only_line(tmp_path):
   labelled = write_jet_file(tmp_path / "labelled.h5", num=20)
   config = _write_config(tmp_path / "config.py", "finetune", labelled)
   env = {k: v for k, v in ENV.items() if k != "JAX_PLATFORMS"}
-  result = subprocess.run([sys.executable, "-m", "l2vit_jax.main", f"--config={config}",
-                           f"--workdir={tmp_path / 'run'}", "--config.profile_steps=9,2"], env=env,
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "l2vit_jax.main",
+      f"--config={config}",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.profile_steps=9,2",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   _assert_one_line_error(result, "profile_steps='9,2'", "START,END")  # no libtpu lines before it
   assert not os.path.exists(tmp_path / "run")
 
@@ -183,17 +214,25 @@ def test_a_resumed_writer_hides_the_rows_it_redoes_in_tensorboard_as_in_metrics_
 
 def test_tensorboard_events_are_written_without_importing_torch_which_still_imports_after(tmp_path):
   # tensorboardX imports torch whenever it is installed: 2.4 s of every run's start-up here.
-  code = ("import importlib.util, sys\n"
-          "from l2vit_jax.training import metrics_log\n"
-          "writer = metrics_log.EventWriter(sys.argv[1])\n"
-          "writer.scalars(1, {'train/loss': 0.5})\n"
-          "writer.close()\n"
-          "print('torch' in sys.modules)\n"
-          "if importlib.util.find_spec('torch'):\n"
-          "  import torch\n"
-          "  print(torch.ones(2).sum().item())\n")
-  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=ENV, capture_output=True,
-                          text=True, check=False, timeout=120)
+  code = (
+    "import importlib.util, sys\n"
+    "from l2vit_jax.training import metrics_log\n"
+    "writer = metrics_log.EventWriter(sys.argv[1])\n"
+    "writer.scalars(1, {'train/loss': 0.5})\n"
+    "writer.close()\n"
+    "print('torch' in sys.modules)\n"
+    "if importlib.util.find_spec('torch'):\n"
+    "  import torch\n"
+    "  print(torch.ones(2).sum().item())\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code, str(tmp_path)],
+    env=ENV,
+    capture_output=True,
+    text=True,
+    check=False,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.split()
   assert lines[0] == "False"
@@ -220,8 +259,10 @@ def test_tensorboard_false_writes_no_events(tmp_path):
 
 def _png(color) -> bytes:
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+
   figure = pyplot.figure(figsize=(1, 1), dpi=20)
   figure.patch.set_facecolor(color)
   buffer = io.BytesIO()
@@ -235,14 +276,21 @@ def test_the_figures_a_report_links_become_tensorboard_images(tmp_path):
   figures = {"roc.png": _png("red"), "ft/confusion_matrix.png": _png("blue")}
   for name, data in figures.items():
     (tmp_path / name).write_bytes(data)
-  (tmp_path / "report.md").write_text("# Report\n\n![ROC](roc.png)\n\n![ft: confusion](ft/confusion_matrix.png)\n"
-                                      "![missing](gone.png) [see](https://example.org/x.png)\n")
+  (tmp_path / "report.md").write_text(
+    "# Report\n\n![ROC](roc.png)\n\n![ft: confusion](ft/confusion_matrix.png)\n"
+    "![missing](gone.png) [see](https://example.org/x.png)\n"
+  )
   assert metrics_log.write_report_images(str(tmp_path)) == 2
-  images = {value.tag: value.image for data in _event_files(tmp_path / metrics_log.TENSORBOARD_DIR)
-            for event in read_events(data) for value in event.summary.value if value.HasField("image")}
+  images = {
+    value.tag: value.image
+    for data in _event_files(tmp_path / metrics_log.TENSORBOARD_DIR)
+    for event in read_events(data)
+    for value in event.summary.value
+    if value.HasField("image")
+  }
   assert set(images) == {"roc", "ft/confusion_matrix"}
   for name, data in figures.items():
-    image = images[name[:-len(".png")]]
+    image = images[name[: -len(".png")]]
     assert image.encoded_image_string == data  # the PNG as the report has it
     assert (image.width, image.height) == metrics_log.png_size(data)[:2] == (20, 20)
 
@@ -307,6 +355,7 @@ def test_without_a_tpu_jax_gets_every_platform_but_the_tpu(tmp_path):
 
 # --- progress of long passes -----------------------------------------------------------------------------
 
+
 class _Terminal(io.StringIO):
   def isatty(self):
     return True
@@ -349,6 +398,7 @@ def test_without_a_terminal_a_pass_draws_no_bar_but_logs_its_rate(monkeypatch, i
   caplog = info_log
   from l2vit_jax.baselines import observables  # pylint: disable=import-outside-toplevel
   from l2vit_jax.data import sources  # pylint: disable=import-outside-toplevel
+
   log_file = io.StringIO()  # what stderr is under a scheduler: a file
   monkeypatch.setattr(sys, "stderr", log_file)
   features = observables.source_observables(sources.open_source(jet_file, labelled=False), chunk_size=16)
@@ -357,8 +407,9 @@ def test_without_a_terminal_a_pass_draws_no_bar_but_logs_its_rate(monkeypatch, i
   assert re.search(r"jet observables: 40 jet\(s\) in [\d.]+ s", caplog.text)
   caplog.clear()
   done = []
-  observables.source_observables(sources.open_source(jet_file, labelled=False), chunk_size=16,
-                                 progress=done.append)
+  observables.source_observables(
+    sources.open_source(jet_file, labelled=False), chunk_size=16, progress=done.append
+  )
   assert done == [16, 32, 40] and "jet observables" not in caplog.text  # the caller reports progress
 
 
@@ -368,8 +419,14 @@ def test_inference_over_a_file_logs_its_rate(jet_file, info_log):
   from l2vit_jax.data import sources  # pylint: disable=import-outside-toplevel
   from l2vit_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   from l2vit_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+
   source = sources.open_source(jet_file, labelled=True, indices=np.arange(11))
-  out = inference.map_source(jax.jit(lambda images: {"total": images.sum(axis=(1, 2, 3))}), source,
-                             pixel_scale=1.0, batch_size=4, mesh=sharding.make_mesh())
+  out = inference.map_source(
+    jax.jit(lambda images: {"total": images.sum(axis=(1, 2, 3))}),
+    source,
+    pixel_scale=1.0,
+    batch_size=4,
+    mesh=sharding.make_mesh(),
+  )
   np.testing.assert_array_equal(out["index"], np.arange(11))
   assert re.search(r"inference: 11 jet\(s\) in [\d.]+ s", caplog.text)

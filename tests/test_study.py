@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- nested subsets ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def imbalanced_labels():
   return (np.random.default_rng(3).random(2000) < 0.3).astype(np.float32)
@@ -64,11 +65,14 @@ def test_nested_subsets_refuse_counts_outside_the_train_split(imbalanced_labels)
 
 # --- the train-subset option ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("study_data")
-  return {"labelled": write_jet_file(root / "labelled.h5", num=80),
-          "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False)}
+  return {
+    "labelled": write_jet_file(root / "labelled.h5", num=80),
+    "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False),
+  }
 
 
 def test_finetune_trains_on_the_subset_with_fixed_validation_and_test(files, tmp_path):
@@ -96,8 +100,9 @@ def test_finetune_trains_on_the_subset_with_fixed_validation_and_test(files, tmp
 
 
 def test_cell_schedule_keeps_batches_within_the_subset_and_a_minimum_of_steps():
-  base = ml_collections.ConfigDict(dict(batch_size=32, num_epochs=6, warmup_epochs=1,
-                                        early_stopping_patience=15))
+  base = ml_collections.ConfigDict(
+    dict(batch_size=32, num_epochs=6, warmup_epochs=1, early_stopping_patience=15)
+  )
   small = study.cell_schedule(base, 10, devices=1, min_steps=60)
   assert small == {"batch_size": 10, "data.train_repeats": 10}  # 6 epochs × 10 steps
   large = study.cell_schedule(base, 3200, devices=1, min_steps=60)
@@ -106,6 +111,7 @@ def test_cell_schedule_keeps_batches_within_the_subset_and_a_minimum_of_steps():
 
 
 # --- the study end to end ---------------------------------------------------------------------------
+
 
 def _study_config(files, arms="finetune_simclr,physics_bdt", counts=(16, 1.0)):
   spec = importlib.util.spec_from_file_location("study_config", os.path.join(REPO, "configs", "study.py"))
@@ -126,8 +132,9 @@ def _study_config(files, arms="finetune_simclr,physics_bdt", counts=(16, 1.0)):
 
 
 def _results(workdir):
-  return sorted(os.path.join(root, f) for root, _, names in os.walk(workdir) for f in names
-                if f == study.RESULT_FILE)
+  return sorted(
+    os.path.join(root, f) for root, _, names in os.walk(workdir) for f in names if f == study.RESULT_FILE
+  )
 
 
 def test_study_writes_outputs_and_a_rerun_skips_done_cells(files, tmp_path, monkeypatch):
@@ -146,6 +153,7 @@ def test_study_writes_outputs_and_a_rerun_skips_done_cells(files, tmp_path, monk
 
   def no_training(*args, **kwargs):
     raise AssertionError("a done cell was trained again")
+
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)
   again = study.run_study(_study_config(files), workdir)
   assert [os.path.getmtime(p) for p in results] == mtimes
@@ -173,8 +181,17 @@ def test_a_recorded_result_of_a_half_trained_cell_is_not_taken_for_done(files, t
   cell = os.path.join(workdir, "seed0", "n16", "scratch")
   os.makedirs(cell)
   with open(os.path.join(cell, study.RESULT_FILE), "w") as f:  # as older versions recorded a pause
-    json.dump({"arm": "scratch", "seed": 0, "count": 16, "seconds": 1.0, "metrics": {},
-               "train_summary": {"step": 1, "total_steps": 2, "stopped_early": False}}, f)
+    json.dump(
+      {
+        "arm": "scratch",
+        "seed": 0,
+        "count": 16,
+        "seconds": 1.0,
+        "metrics": {},
+        "train_summary": {"step": 1, "total_steps": 2, "stopped_early": False},
+      },
+      f,
+    )
   study.run_study(_study_config(files, arms="scratch", counts=(16,)), workdir)
   recorded = json.load(open(os.path.join(cell, study.RESULT_FILE)))
   assert recorded["train_summary"]["step"] == 2 and recorded["metrics"]["accuracy"] >= 0
@@ -182,10 +199,17 @@ def test_a_recorded_result_of_a_half_trained_cell_is_not_taken_for_done(files, t
 
 def test_a_file_too_small_for_the_smallest_label_count_fails_before_training(files, tmp_path):
   workdir = tmp_path / "study"
-  command = [sys.executable, "-m", "l2vit_jax.main", "--config=configs/study.py", f"--workdir={workdir}",
-             f"--config.data.labelled_path={files['labelled']}",
-             f"--config.data.unlabelled_path={files['unlabelled']}",
-             "--config.model.img_size=25", "--config.study.arms=scratch"]
+  command = [
+    sys.executable,
+    "-m",
+    "l2vit_jax.main",
+    "--config=configs/study.py",
+    f"--workdir={workdir}",
+    f"--config.data.labelled_path={files['labelled']}",
+    f"--config.data.unlabelled_path={files['unlabelled']}",
+    "--config.model.img_size=25",
+    "--config.study.arms=scratch",
+  ]
   completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   lines = [l for l in completed.stderr.splitlines() if l.startswith("error:")]
   assert completed.returncode == 1 and len(lines) == 1
@@ -197,5 +221,7 @@ def test_unknown_arms_are_refused_by_name():
   config = ml_collections.ConfigDict(dict(study=dict(arms="scratch,finetune_byol")))
   with pytest.raises(errors.ConfigError, match="finetune_byol"):
     study.selected_arms(config)
-  assert study.selected_arms(ml_collections.ConfigDict(dict(study=dict(arms="scratch, physics_bdt")))) == \
-      ("scratch", "physics_bdt")
+  assert study.selected_arms(ml_collections.ConfigDict(dict(study=dict(arms="scratch, physics_bdt")))) == (
+    "scratch",
+    "physics_bdt",
+  )

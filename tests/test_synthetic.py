@@ -79,7 +79,8 @@ def test_generate_jets_shapes_and_dtypes():
 
   assert labelled["jet"].shape == (5, SMALL, SMALL, 8) and labelled["jet"].dtype == np.float32
   assert {k: (v.shape, v.dtype) for k, v in labelled.items() if k != "jet"} == {
-      k: ((5, 1), np.float32) for k in ("Y", "m", "pT")}
+    k: ((5, 1), np.float32) for k in ("Y", "m", "pT")
+  }
   assert set(unlabelled) == {"jet"}
 
 
@@ -136,25 +137,29 @@ def test_top_decay_partons_have_top_and_w_masses():
   partons = synthetic._top_decays(np.random.default_rng(2), np.full(200, 520.0))  # (200, 3, 4): b q q'
 
   def invariant_mass(p4):
-    return np.sqrt(p4[..., 0]**2 - np.sum(p4[..., 1:]**2, axis=-1))
+    return np.sqrt(p4[..., 0] ** 2 - np.sum(p4[..., 1:] ** 2, axis=-1))
 
   np.testing.assert_allclose(invariant_mass(partons.sum(axis=1)).mean(), synthetic.TOP_MASS, atol=2.0)
-  np.testing.assert_allclose(invariant_mass(partons[:, 1:].sum(axis=1)).mean(), synthetic.W_MASS,
-                             atol=1.5)
+  np.testing.assert_allclose(invariant_mass(partons[:, 1:].sum(axis=1)).mean(), synthetic.W_MASS, atol=1.5)
   np.testing.assert_allclose(np.hypot(partons.sum(axis=1)[:, 1], partons.sum(axis=1)[:, 2]), 520.0)
 
 
 def test_jet_mass_is_the_invariant_mass_of_the_constituents():
   # Two massless particles: m² = 2 pT1 pT2 (cosh Δη − cos Δφ); the third lies outside the jet (ΔR > 0.8).
-  particles = {"image": np.array([0, 0, 0]), "pt": np.array([300.0, 200.0, 50.0]),
-               "eta": np.array([0.1, -0.2, 0.9]), "phi": np.array([0.05, -0.1, 0.0])}
+  particles = {
+    "image": np.array([0, 0, 0]),
+    "pt": np.array([300.0, 200.0, 50.0]),
+    "eta": np.array([0.1, -0.2, 0.9]),
+    "phi": np.array([0.05, -0.1, 0.0]),
+  }
 
   mass, pt = synthetic._jet_mass_and_pt(particles, 1)
 
   expected = np.sqrt(2 * 300.0 * 200.0 * (np.cosh(0.3) - np.cos(0.15)))
   np.testing.assert_allclose(mass, [expected], rtol=1e-9)
-  np.testing.assert_allclose(pt, [np.hypot(300 * np.cos(0.05) + 200 * np.cos(0.1),
-                                           300 * np.sin(0.05) - 200 * np.sin(0.1))], rtol=1e-9)
+  np.testing.assert_allclose(
+    pt, [np.hypot(300 * np.cos(0.05) + 200 * np.cos(0.1), 300 * np.sin(0.05) - 200 * np.sin(0.1))], rtol=1e-9
+  )
 
 
 def _pixel_features(jet: np.ndarray) -> dict[str, np.ndarray]:
@@ -163,24 +168,35 @@ def _pixel_features(jet: np.ndarray) -> dict[str, np.ndarray]:
   pixel = detector.pixel_size(size)
   centres = (np.arange(size) + 0.5) * pixel - detector.WINDOW_HALF_WIDTH
   eta, phi = np.meshgrid(centres, centres, indexing="ij")  # rows are η, columns φ
-  pixels_per_tower = max((detector.HCAL_TOWER_SIZE / pixel)**2, 1.0)
-  energy = (jet[..., 3] / synthetic.ECAL_GAIN
-            + jet[..., 4] / (synthetic.HCAL_GAIN * pixels_per_tower)).astype(np.float64)
+  pixels_per_tower = max((detector.HCAL_TOWER_SIZE / pixel) ** 2, 1.0)
+  energy = (
+    jet[..., 3] / synthetic.ECAL_GAIN + jet[..., 4] / (synthetic.HCAL_GAIN * pixels_per_tower)
+  ).astype(np.float64)
   energy *= np.hypot(eta, phi) < detector.JET_RADIUS
-  total = [np.sum(energy * f, axis=(1, 2))
-           for f in (np.cosh(eta), np.cos(phi), np.sin(phi), np.sinh(eta))]
-  mass = np.sqrt(np.maximum(total[0]**2 - total[1]**2 - total[2]**2 - total[3]**2, 0.0))
+  total = [np.sum(energy * f, axis=(1, 2)) for f in (np.cosh(eta), np.cos(phi), np.sin(phi), np.sinh(eta))]
+  mass = np.sqrt(np.maximum(total[0] ** 2 - total[1] ** 2 - total[2] ** 2 - total[3] ** 2, 0.0))
   weight = energy / energy.sum(axis=(1, 2), keepdims=True)
-  spread = np.sqrt(sum(np.sum(weight * c**2, axis=(1, 2)) - np.sum(weight * c, axis=(1, 2))**2
-                       for c in (eta, phi)))
+  spread = np.sqrt(
+    sum(np.sum(weight * c**2, axis=(1, 2)) - np.sum(weight * c, axis=(1, 2)) ** 2 for c in (eta, phi))
+  )
   # Local maxima of the tracker + ECAL image: one per hard prong, roughly.
   core = jet[..., 0] + jet[..., 3]
   padded = np.pad(core, ((0, 0), (1, 1), (1, 1)))
-  neighbours = np.stack([padded[:, 1 + dr:1 + dr + size, 1 + dc:1 + dc + size]
-                         for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
+  neighbours = np.stack(
+    [
+      padded[:, 1 + dr : 1 + dr + size, 1 + dc : 1 + dc + size]
+      for dr in (-1, 0, 1)
+      for dc in (-1, 0, 1)
+      if (dr, dc) != (0, 0)
+    ]
+  )
   peaks = ((core > neighbours.max(axis=0)) & (core > 20.0)).sum(axis=(1, 2))
-  return {"mass": mass, "spread": spread, "log_pixels": np.log1p((jet > 0).sum(axis=(1, 2, 3))),
-          "peaks": peaks.astype(np.float64)}
+  return {
+    "mass": mass,
+    "spread": spread,
+    "log_pixels": np.log1p((jet > 0).sum(axis=(1, 2, 3))),
+    "peaks": peaks.astype(np.float64),
+  }
 
 
 def test_pixel_mass_estimate_tracks_the_mass_label(small_jets):
@@ -229,52 +245,82 @@ def test_command_line_writes_a_valid_file(tmp_path):
   path = str(tmp_path / "sub" / "cli.h5")
 
   result = subprocess.run(
-      [sys.executable, "scripts/make_synthetic.py", "--out", path, "--num", "12", "--unlabelled",
-       "--seed", "2", "--image-size", str(SMALL), "--chunk-size", "5"],
-      cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120)
+    [
+      sys.executable,
+      "scripts/make_synthetic.py",
+      "--out",
+      path,
+      "--num",
+      "12",
+      "--unlabelled",
+      "--seed",
+      "2",
+      "--image-size",
+      str(SMALL),
+      "--chunk-size",
+      "5",
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=120,
+  )
 
   assert path in result.stdout
   hdf5.validate_file(path, labelled=False, image_size=SMALL)
-  expected = synthetic.generate_jets(synthetic._block_rng(2, 0), synthetic.IMAGES_PER_SEED_BLOCK,
-                                     image_size=SMALL, labelled=False)["jet"][:12]
+  expected = synthetic.generate_jets(
+    synthetic._block_rng(2, 0), synthetic.IMAGES_PER_SEED_BLOCK, image_size=SMALL, labelled=False
+  )["jet"][:12]
   np.testing.assert_array_equal(_read(path)["jet"], expected)
 
 
 # --- generated data of the multi-stage runs (experiments.stages.data_files) -------------------------
 
+
 def _generated_data_config(**generate):
   import runpy  # pylint: disable=import-outside-toplevel
+
   config = runpy.run_path(os.path.join(REPO_ROOT, "configs", "quickstart.py"))["get_config"]()
   config.model.img_size = SMALL
   config.generate.update({"generator": "synthetic", "num_labelled": 40, "num_unlabelled": 32, **generate})
   return config
 
 
-@pytest.mark.parametrize("field, value", [("pt_min", 300.0), ("pt_max", 900.0), ("signal_fraction", 0.2),
-                                          ("workers", 4)])
+@pytest.mark.parametrize(
+  "field, value", [("pt_min", 300.0), ("pt_max", 900.0), ("signal_fraction", 0.2), ("workers", 4)]
+)
 def test_the_synthetic_generator_refuses_the_settings_it_would_ignore(tmp_path, field, value):
   from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
-  with pytest.raises(errors.ConfigError, match=rf"^config\.generate\.{field}={value!r}: the synthetic "
-                                               "generator ignores it"):
+
+  with pytest.raises(
+    errors.ConfigError,
+    match=rf"^config\.generate\.{field}={value!r}: the synthetic "
+    "generator ignores it",
+  ):
     stages.data_files(_generated_data_config(**{field: value}), str(tmp_path))
   assert not os.listdir(tmp_path)  # refused before anything is written
 
 
 def test_a_generated_file_made_with_other_settings_is_refused_not_reused(tmp_path):
   from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+
   files = stages.data_files(_generated_data_config(), str(tmp_path))
   made = {kind: _file_bytes(path) for kind, path in files.items()}
   assert stages.data_files(_generated_data_config(), str(tmp_path)) == files  # the same settings: reused
-  for fields, kind, named in [(dict(num_labelled=48), "labelled", "generate.num_labelled=40"),
-                              (dict(num_unlabelled=40), "unlabelled", "generate.num_unlabelled=32"),
-                              (dict(data_seed=3), "labelled", "generate.data_seed=0")]:
+  for fields, kind, named in [
+    (dict(num_labelled=48), "labelled", "generate.num_labelled=40"),
+    (dict(num_unlabelled=40), "unlabelled", "generate.num_unlabelled=32"),
+    (dict(data_seed=3), "labelled", "generate.data_seed=0"),
+  ]:
     with pytest.raises(errors.ConfigError) as error:
       stages.data_files(_generated_data_config(**fields), str(tmp_path))
     assert str(error.value).startswith(f"{files[kind]}: generated with {named}, but this run has ")
   config = _generated_data_config()
   config.model.img_size = 50
-  with pytest.raises(errors.ConfigError, match="generated with model.img_size=25, but this run has "
-                                               "model.img_size=50"):
+  with pytest.raises(
+    errors.ConfigError, match="generated with model.img_size=25, but this run has model.img_size=50"
+  ):
     stages.data_files(config, str(tmp_path))
   assert {kind: _file_bytes(path) for kind, path in files.items()} == made
   assert sorted(os.listdir(tmp_path / "data")) == ["synthetic_labelled.h5", "synthetic_unlabelled.h5"]
@@ -286,12 +332,14 @@ def test_a_run_waits_while_another_generates_the_data_then_uses_its_files(tmp_pa
   import threading  # pylint: disable=import-outside-toplevel
   from l2vit_jax.checkpoint import workdir_lock  # pylint: disable=import-outside-toplevel
   from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+
   (tmp_path / "data").mkdir()
   other = workdir_lock.WorkdirLock(str(tmp_path / "data"))  # the other run, generating
   other.acquire()
   result = {}
-  waiting = threading.Thread(target=lambda: result.update(
-      files=stages.data_files(_generated_data_config(), str(tmp_path))))
+  waiting = threading.Thread(
+    target=lambda: result.update(files=stages.data_files(_generated_data_config(), str(tmp_path)))
+  )
   waiting.start()
   waiting.join(timeout=3)
   assert waiting.is_alive() and os.listdir(tmp_path / "data") == ["lock"]  # waits, writes nothing
@@ -302,16 +350,20 @@ def test_a_run_waits_while_another_generates_the_data_then_uses_its_files(tmp_pa
   assert result["files"]["labelled"] == str(tmp_path / "data" / "synthetic_labelled.h5")
 
 
-def test_a_full_disk_while_generating_is_one_line_naming_the_directory_and_frees_the_lock(tmp_path,
-                                                                                          monkeypatch):
+def test_a_full_disk_while_generating_is_one_line_naming_the_directory_and_frees_the_lock(
+  tmp_path, monkeypatch
+):
   from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
 
   def full_disk(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(synthetic, "write_synthetic_hdf5", full_disk)
-  with pytest.raises(errors.DataError, match=rf"^{tmp_path / 'data'}: could not write the generated jet "
-                                             r"files: \[Errno 28\] No space left on device$"):
+  with pytest.raises(
+    errors.DataError,
+    match=rf"^{tmp_path / 'data'}: could not write the generated jet "
+    r"files: \[Errno 28\] No space left on device$",
+  ):
     stages.data_files(_generated_data_config(), str(tmp_path))
   assert not os.listdir(tmp_path / "data")  # the next run does not wait for a lock left behind
 
@@ -321,6 +373,7 @@ def test_a_data_lock_that_never_expires_is_refused_in_one_line_instead_of_waited
   """An unparsable lock, or one of an older version without a refresh time, would keep every process
   waiting for ever (and the others waiting for it in a collective)."""
   from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "lock").write_text(lock_text)
   with pytest.raises(errors.DataError, match=r"data/lock: a lock that never expires .* delete it and rerun"):
@@ -330,11 +383,13 @@ def test_a_data_lock_that_never_expires_is_refused_in_one_line_instead_of_waited
 
 def test_a_generated_file_the_storage_cannot_read_now_is_kept_not_called_damaged(tmp_path, monkeypatch):
   from l2vit_jax.experiments import stages  # pylint: disable=import-outside-toplevel
+
   files = stages.data_files(_generated_data_config(), str(tmp_path))
   made = _file_bytes(files["labelled"])
 
   def failing_open(*args, **kwargs):
     raise OSError(5, "Input/output error")
+
   monkeypatch.setattr(stages.h5py, "File", failing_open)
   with pytest.raises(errors.DataError, match=r"cannot be read now .*the file is kept") as error:
     stages.data_files(_generated_data_config(), str(tmp_path))

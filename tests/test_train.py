@@ -27,8 +27,10 @@ TESTS = os.path.join(REPO, "tests")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
-  return {"labelled": write_jet_file(root / "labelled.h5", num=64),
-          "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False)}
+  return {
+    "labelled": write_jet_file(root / "labelled.h5", num=64),
+    "unlabelled": write_jet_file(root / "unlabelled.h5", num=48, labelled=False),
+  }
 
 
 def _config(task, files, **overrides):
@@ -38,8 +40,13 @@ def _config(task, files, **overrides):
 def _step_on_fixed_batch(config, num_steps=2):
   """Losses of ``steps`` consecutive updates on one batch: entry i is the loss before update i."""
   task = recipes.build_task(config)
-  batch = next(iter(pipeline.make_train_dataset(task.train_source, batch_size=config.batch_size, seed=0,
-                                                augmentation=task.augmentation)))
+  batch = next(
+    iter(
+      pipeline.make_train_dataset(
+        task.train_source, batch_size=config.batch_size, seed=0, augmentation=task.augmentation
+      )
+    )
+  )
   mesh = sharding.make_mesh()
   batch = sharding.global_batch({k: batch[k] for k in task.batch_keys}, mesh)
   task.model.train()
@@ -49,8 +56,9 @@ def _step_on_fixed_batch(config, num_steps=2):
   step_fn = steps.make_train_step(graphdef, task.loss, tx, jax.random.key(0))
   losses, before = [], jax.tree.map(np.asarray, params)
   for step in range(num_steps):
-    params, batch_stats, opt_state, metrics = step_fn(params, batch_stats, other, opt_state,
-                                                      np.int32(step), batch)
+    params, batch_stats, opt_state, metrics = step_fn(
+      params, batch_stats, other, opt_state, np.int32(step), batch
+    )
     losses.append(float(metrics["loss"]))
   return losses, before, jax.tree.map(np.asarray, params)
 
@@ -62,8 +70,9 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(files, task):
 
 
 def test_differential_learning_rates_move_backbone_and_heads_at_their_rates(files):
-  config = _config("finetune", files, warmup_epochs=0, learning_rate=1e-3, backbone_learning_rate=1e-5,
-                   weight_decay=0.0)
+  config = _config(
+    "finetune", files, warmup_epochs=0, learning_rate=1e-3, backbone_learning_rate=1e-5, weight_decay=0.0
+  )
   _, before, after = _step_on_fixed_batch(config, num_steps=1)
   change = jax.tree.map(lambda a, b: float(np.abs(a - b).mean()), before, after)
   flat = naming.flatten_names(nnx.to_pure_dict(change))
@@ -97,7 +106,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(files, tmp_path):
   assert second["best_val_loss"] == straight["best_val_loss"]
 
 
-def test_a_run_with_scanned_blocks_trains_as_the_unrolled_run_and_writes_the_same_checkpoints(files, tmp_path):
+def test_a_run_with_scanned_blocks_trains_as_the_unrolled_run_and_writes_the_same_checkpoints(
+  files, tmp_path
+):
   runs = {}
   for scan in ("off", "on"):
     config = _config("finetune", files, scan_blocks=scan)
@@ -138,14 +149,17 @@ def test_bridge_refuses_a_backbone_of_another_size(files, tmp_path):
   loop.train_and_evaluate(_config("simclr", files, num_epochs=1), simclr_dir)
   config = _config("finetune", files, init_from=simclr_dir)
   config.model.embed_dim = 48
-  with pytest.raises(errors.CheckpointMismatchError, match=r"mis-shaped: blocks/0/attn/proj/bias \(32,\) vs model \(48,\)"):
+  with pytest.raises(
+    errors.CheckpointMismatchError, match=r"mis-shaped: blocks/0/attn/proj/bias \(32,\) vs model \(48,\)"
+  ):
     recipes.build_task(config)
 
 
 def _run_script(code, env_extra, timeout=300):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu", **env_extra)
-  result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+  result = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -155,7 +169,7 @@ def test_eight_devices_give_the_same_losses_as_one(files, tmp_path):
       import json, jax
       from conftest import tiny_config
       from l2vit_jax.training import loop
-      config = tiny_config("finetune", {files['labelled']!r}, {files['unlabelled']!r}, num_epochs=1)
+      config = tiny_config("finetune", {files["labelled"]!r}, {files["unlabelled"]!r}, num_epochs=1)
       workdir = {str(tmp_path)!r} + "/devices" + str(jax.device_count())
       loop.train_and_evaluate(config, workdir)
       rows = [json.loads(l) for l in open(workdir + "/metrics.jsonl")]
@@ -170,11 +184,13 @@ def test_eight_devices_give_the_same_losses_as_one(files, tmp_path):
 
 def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
   config_file = tmp_path / "two_process_config.py"
-  config_file.write_text(textwrap.dedent(f"""
+  config_file.write_text(
+    textwrap.dedent(f"""
       from conftest import tiny_config
       def get_config():
-        return tiny_config("finetune", {files['labelled']!r}, {files['unlabelled']!r})
-  """))
+        return tiny_config("finetune", {files["labelled"]!r}, {files["unlabelled"]!r})
+  """)
+  )
   workdir = tmp_path / "two_process"
 
   def launch(*overrides):
@@ -186,13 +202,28 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
     for i, log in enumerate(logs):
       # Output goes to files, not pipes: a full pipe would block one process at a barrier forever.
       with open(log, "w") as out:
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "l2vit_jax.main", f"--config={config_file}", f"--workdir={workdir}",
-             *overrides],
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu",
-                     L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2",
-                     L2VIT_PROCESS_ID=str(i)),
-            stdout=out, stderr=subprocess.STDOUT))
+        processes.append(
+          subprocess.Popen(
+            [
+              sys.executable,
+              "-m",
+              "l2vit_jax.main",
+              f"--config={config_file}",
+              f"--workdir={workdir}",
+              *overrides,
+            ],
+            env=dict(
+              os.environ,
+              PYTHONPATH=os.pathsep.join([REPO, TESTS]),
+              JAX_PLATFORMS="cpu",
+              L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+              L2VIT_NUM_PROCESSES="2",
+              L2VIT_PROCESS_ID=str(i),
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
     try:
       for process in processes:
         process.wait(timeout=300)
@@ -224,8 +255,11 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tm
 
   def make_slow_train_step(*args, **kwargs):
     train_step = make_train_step(*args, **kwargs)
-    slow = jax.jit(lambda x: jax.pure_callback(lambda value: (time.sleep(0.2), value)[1],
-                                               jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+    slow = jax.jit(
+      lambda x: jax.pure_callback(
+        lambda value: (time.sleep(0.2), value)[1], jax.ShapeDtypeStruct(x.shape, x.dtype), x
+      )
+    )
     last = {}
 
     def slow_train_step(*step_args):
@@ -234,10 +268,12 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_previous_one_ended(files, tm
       params, batch_stats, opt_state, metrics = train_step(*step_args)
       last.update(metrics, slow=slow(metrics["loss"]))
       return params, batch_stats, opt_state, dict(last)
+
     return slow_train_step
 
   monkeypatch.setattr(steps, "make_train_step", make_slow_train_step)
   monkeypatch.setattr(process_setup, "_allocator_tuned", True)  # as main.py leaves it on Linux
-  loop.train_and_evaluate(_config("finetune", files, num_epochs=1, log_every_steps=1000),
-                           str(tmp_path))  # no log row between steps: nothing else waits for them
+  loop.train_and_evaluate(
+    _config("finetune", files, num_epochs=1, log_every_steps=1000), str(tmp_path)
+  )  # no log row between steps: nothing else waits for them
   assert len(previous_ended) >= 3 and all(previous_ended), previous_ended

@@ -63,8 +63,16 @@ Details: `l2vit_jax/baselines/observables.py`."""
 
 def _cache_path(labelled_path: str, cache_dir: str) -> str:
   stat = os.stat(labelled_path)
-  identity = json.dumps([os.path.abspath(labelled_path), stat.st_size, stat.st_mtime_ns, OBSERVABLES_VERSION,
-                         substructure.AXES, observables.observable_names()])
+  identity = json.dumps(
+    [
+      os.path.abspath(labelled_path),
+      stat.st_size,
+      stat.st_mtime_ns,
+      OBSERVABLES_VERSION,
+      substructure.AXES,
+      observables.observable_names(),
+    ]
+  )
   return paths.join(cache_dir, f"observables-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.npz")
 
 
@@ -106,38 +114,55 @@ def _at_best_stage(staged_val, staged_test, val_loss) -> np.ndarray:
   return best
 
 
-def fit_and_predict(features: np.ndarray, labels: np.ndarray, masses: np.ndarray,
-                    splits: dict[str, np.ndarray], *, seed: int = 0) -> dict[str, np.ndarray]:
+def fit_and_predict(
+  features: np.ndarray,
+  labels: np.ndarray,
+  masses: np.ndarray,
+  splits: dict[str, np.ndarray],
+  *,
+  seed: int = 0,
+) -> dict[str, np.ndarray]:
   """Fits the trees on ``splits['train']``, picks iterations on 'val', predicts 'test' (see module doc)."""
   train, test = (np.asarray(splits[name], dtype=np.int64) for name in ("train", "test"))
   val = np.asarray(splits.get("val", ()), dtype=np.int64)
   test = np.sort(test)
   if len(np.unique(labels[train])) < 2:
-    raise ValueError("splits['train']: the boosted trees need examples of both classes, found "
-                     f"{np.unique(labels[train]).tolist()}")
-  options = dict(max_iter=MAX_ITERATIONS, learning_rate=LEARNING_RATE, early_stopping=False,
-                 random_state=seed)
+    raise ValueError(
+      "splits['train']: the boosted trees need examples of both classes, found "
+      f"{np.unique(labels[train]).tolist()}"
+    )
+  options = dict(
+    max_iter=MAX_ITERATIONS, learning_rate=LEARNING_RATE, early_stopping=False, random_state=seed
+  )
   classifier = ensemble.HistGradientBoostingClassifier(**options)
   regressor = ensemble.HistGradientBoostingRegressor(loss="absolute_error", **options)
   with threadpool_limits(limits=NUM_THREADS, user_api="openmp"):
     classifier.fit(features[train], labels[train])
     regressor.fit(features[train], masses[train])
     if len(val):
-      prob = _at_best_stage(classifier.staged_predict_proba(features[val]),
-                            classifier.staged_predict_proba(features[test]),
-                            lambda p: metrics.log_loss(labels[val], p, labels=classifier.classes_))
-      mass_pred = _at_best_stage(regressor.staged_predict(features[val]),
-                                 regressor.staged_predict(features[test]),
-                                 lambda m: metrics.mean_absolute_error(masses[val], m))
+      prob = _at_best_stage(
+        classifier.staged_predict_proba(features[val]),
+        classifier.staged_predict_proba(features[test]),
+        lambda p: metrics.log_loss(labels[val], p, labels=classifier.classes_),
+      )
+      mass_pred = _at_best_stage(
+        regressor.staged_predict(features[val]),
+        regressor.staged_predict(features[test]),
+        lambda m: metrics.mean_absolute_error(masses[val], m),
+      )
     else:
       prob, mass_pred = classifier.predict_proba(features[test]), regressor.predict(features[test])
   class_one = list(classifier.classes_).index(1)
-  return {"index": test, "prob": prob[:, class_one].astype(np.float64),
-          "mass_pred": mass_pred.astype(np.float64)}
+  return {
+    "index": test,
+    "prob": prob[:, class_one].astype(np.float64),
+    "mass_pred": mass_pred.astype(np.float64),
+  }
 
 
-def physics_baseline_predictions(labelled_path: str, splits: dict[str, np.ndarray], *, seed: int = 0,
-                                 cache_dir: str | None = None) -> dict[str, np.ndarray]:
+def physics_baseline_predictions(
+  labelled_path: str, splits: dict[str, np.ndarray], *, seed: int = 0, cache_dir: str | None = None
+) -> dict[str, np.ndarray]:
   """Boosted-tree predictions for ``splits['test']`` of a labelled file (signature in the module doc)."""
   labels = sources.read_labels(labelled_path)
   features = file_observables(labelled_path, cache_dir=cache_dir)

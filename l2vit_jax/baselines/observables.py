@@ -59,8 +59,16 @@ import numpy as np
 from l2vit_jax.data import detector, hdf5, substructure
 from l2vit_jax.runtime import console
 
-CHANNEL_NAMES = ("track_pt", "track_d0", "track_dz", "ecal", "hcal", "pixel_layer_1", "pixel_layer_2",
-                 "pixel_layer_3")
+CHANNEL_NAMES = (
+  "track_pt",
+  "track_d0",
+  "track_dz",
+  "ecal",
+  "hcal",
+  "pixel_layer_1",
+  "pixel_layer_2",
+  "pixel_layer_3",
+)
 TRACK_PT, ECAL, HCAL = 0, 3, 4
 # The geometry (125 crystals of 0.0174, HCAL towers of 5 × 5 crystals, AK8 jets) is data/detector.py's,
 # the one definition the generators render too.
@@ -72,9 +80,12 @@ _SET_OBSERVABLES = ("mass", "pt", "girth", "tau1", "tau2", "tau3", "tau21", "tau
 
 def observable_names() -> tuple[str, ...]:
   """Names of the columns ``compute_observables`` returns, in order."""
-  return (tuple(f"{group}_{name}" for group in CONSTITUENT_SETS for name in _SET_OBSERVABLES)
-          + tuple(f"active_pixels_{channel}" for channel in CHANNEL_NAMES)
-          + tuple(f"fraction_{channel}" for channel in CHANNEL_NAMES) + ("total_intensity",))
+  return (
+    tuple(f"{group}_{name}" for group in CONSTITUENT_SETS for name in _SET_OBSERVABLES)
+    + tuple(f"active_pixels_{channel}" for channel in CHANNEL_NAMES)
+    + tuple(f"fraction_{channel}" for channel in CHANNEL_NAMES)
+    + ("total_intensity",)
+  )
 
 
 def default_cell_size(image_width: int) -> float:
@@ -91,6 +102,7 @@ def constituent_weights(cell_size: float) -> dict[str, dict[int, float]]:
 @dataclasses.dataclass(frozen=True)
 class Deposits:
   """The positive pixel values of a chunk of images (N, H, W, C), flat and sorted by image."""
+
   image: np.ndarray
   row: np.ndarray
   col: np.ndarray
@@ -105,14 +117,21 @@ class Deposits:
     pixel, channel = np.divmod(flat, num_channels)
     image, pixel = np.divmod(pixel, height * width)
     row, col = np.divmod(pixel, width)
-    return cls(image=image, row=row, col=col, channel=channel,
-               value=images.reshape(-1)[flat].astype(np.float64), shape=images.shape)
+    return cls(
+      image=image,
+      row=row,
+      col=col,
+      channel=channel,
+      value=images.reshape(-1)[flat].astype(np.float64),
+      shape=images.shape,
+    )
 
   def per_image_channel(self, values: np.ndarray | None = None) -> np.ndarray:
     """(N, C) sums of ``values`` (default: counts) over each image's deposits in each channel."""
     num_images, _, _, num_channels = self.shape
-    return np.bincount(self.image * num_channels + self.channel, weights=values,
-                       minlength=num_images * num_channels).reshape(num_images, num_channels)
+    return np.bincount(
+      self.image * num_channels + self.channel, weights=values, minlength=num_images * num_channels
+    ).reshape(num_images, num_channels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +140,7 @@ class Constituents:
 
   ``eta`` and ``phi`` are Δη and Δφ to the jet axis of their image.
   """
+
   image: np.ndarray
   eta: np.ndarray
   phi: np.ndarray
@@ -140,8 +160,9 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
   return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
 
 
-def find_constituents(deposits: Deposits, weights: dict[int, float], cell_size: float,
-                      jet_radius: float) -> Constituents:
+def find_constituents(
+  deposits: Deposits, weights: dict[int, float], cell_size: float, jet_radius: float
+) -> Constituents:
   """The deposits of the ``weights``' channels within ``jet_radius`` of each jet axis, as constituents.
 
   Each deposit is a constituent with pT = weight × value; deposits of two channels in one cell are two
@@ -159,14 +180,20 @@ def find_constituents(deposits: Deposits, weights: dict[int, float], cell_size: 
   total = np.bincount(image, weights=pt, minlength=num_images)
   eta_axis = _safe_divide(np.bincount(image, weights=pt * eta, minlength=num_images), total)
   angle = 2 * np.pi * phi / period
-  phi_axis = period / (2 * np.pi) * np.arctan2(
+  phi_axis = (
+    period
+    / (2 * np.pi)
+    * np.arctan2(
       np.bincount(image, weights=pt * np.sin(angle), minlength=num_images),
-      np.bincount(image, weights=pt * np.cos(angle), minlength=num_images))
+      np.bincount(image, weights=pt * np.cos(angle), minlength=num_images),
+    )
+  )
   d_eta = eta - eta_axis[image]
   d_phi = _wrap(phi - phi_axis[image], period)
   inside = np.hypot(d_eta, d_phi) < jet_radius
-  return Constituents(image=image[inside], eta=d_eta[inside], phi=d_phi[inside], pt=pt[inside],
-                      num_images=num_images)
+  return Constituents(
+    image=image[inside], eta=d_eta[inside], phi=d_phi[inside], pt=pt[inside], num_images=num_images
+  )
 
 
 def jet_kinematics(jet: Constituents) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -179,26 +206,39 @@ def jet_kinematics(jet: Constituents) -> tuple[np.ndarray, np.ndarray, np.ndarra
   return mass, np.hypot(x_sum, y_sum), girth
 
 
-def n_subjettiness(jet: Constituents, *, jet_radius: float, max_subjets: int = MAX_SUBJETS
-                   ) -> np.ndarray:
+def n_subjettiness(jet: Constituents, *, jet_radius: float, max_subjets: int = MAX_SUBJETS) -> np.ndarray:
   """(num_images, max_subjets) normalised τ_1 … τ_max_subjets (``data.substructure``: FastJet's
   Nsubjettiness, β = 1, R0 = ``jet_radius``, OnePass_KT_Axes) of each jet's massless constituents at
   their (Δη, Δφ) to the jet axis (τ_N depends only on ΔR, so the offset does not matter)."""
-  return substructure.njettiness(jet.pt * np.cos(jet.phi), jet.pt * np.sin(jet.phi),
-                                 jet.pt * np.sinh(jet.eta), jet.pt * np.cosh(jet.eta),
-                                 np.bincount(jet.image, minlength=jet.num_images), r0=jet_radius,
-                                 max_subjets=max_subjets)
+  return substructure.njettiness(
+    jet.pt * np.cos(jet.phi),
+    jet.pt * np.sin(jet.phi),
+    jet.pt * np.sinh(jet.eta),
+    jet.pt * np.cosh(jet.eta),
+    np.bincount(jet.image, minlength=jet.num_images),
+    r0=jet_radius,
+    max_subjets=max_subjets,
+  )
 
 
 def _set_observables(jet: Constituents, jet_radius: float) -> list[np.ndarray]:
   mass, pt, girth = jet_kinematics(jet)
   tau = n_subjettiness(jet, jet_radius=jet_radius)
-  return [mass, pt, girth, tau[:, 0], tau[:, 1], tau[:, 2], _safe_divide(tau[:, 1], tau[:, 0]),
-          _safe_divide(tau[:, 2], tau[:, 1])]
+  return [
+    mass,
+    pt,
+    girth,
+    tau[:, 0],
+    tau[:, 1],
+    tau[:, 2],
+    _safe_divide(tau[:, 1], tau[:, 0]),
+    _safe_divide(tau[:, 2], tau[:, 1]),
+  ]
 
 
-def compute_observables(images: np.ndarray, *, cell_size: float | None = None,
-                        jet_radius: float = detector.JET_RADIUS) -> np.ndarray:
+def compute_observables(
+  images: np.ndarray, *, cell_size: float | None = None, jet_radius: float = detector.JET_RADIUS
+) -> np.ndarray:
   """Observables (N, len(observable_names())) float64 of raw images (N, H, W, 8) channels-last.
 
   Args:
@@ -223,9 +263,14 @@ def compute_observables(images: np.ndarray, *, cell_size: float | None = None,
   return np.stack(columns, axis=1).astype(np.float64)
 
 
-def source_observables(source: Sequence[dict], *, chunk_size: int = 128, cell_size: float | None = None,
-                       jet_radius: float = detector.JET_RADIUS,
-                       progress: Callable[[int], None] | None = None) -> np.ndarray:
+def source_observables(
+  source: Sequence[dict],
+  *,
+  chunk_size: int = 128,
+  cell_size: float | None = None,
+  jet_radius: float = detector.JET_RADIUS,
+  progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
   """``compute_observables`` of every record's ``image`` in a source, ``chunk_size`` images at a time.
 
   ``source`` is any random-access sequence of records (``data.sources.open_source``); memory stays near

@@ -33,8 +33,7 @@ def chip() -> chips.ChipSpec | None:
   return chips.spec_for_device_kind(jax.devices()[0].device_kind)
 
 
-def choose_fill_batch(fixed_bytes: float, bytes_per_image: float, budget_bytes: float,
-                      max_batch: int) -> int:
+def choose_fill_batch(fixed_bytes: float, bytes_per_image: float, budget_bytes: float, max_batch: int) -> int:
   """The largest power of two b ≤ ``max_batch`` with fixed + b · per-image bytes ≤ budget (at
   least 1)."""
   batch = 1
@@ -60,7 +59,12 @@ def fill_batch(args, default_batch: int, probe_batch: int = 8) -> dict:
   fixed = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
   per_image = memory.temp_size_in_bytes / probe_batch
   budget = args.fill_fraction * limit
-  return {"batch": choose_fill_batch(fixed, per_image, budget, args.max_batch),
-          "device_bytes_limit": limit, "fill_fraction": args.fill_fraction,
-          "probe_batch": probe_batch, "fixed_bytes": fixed, "temp_bytes_per_image": per_image,
-          "max_batch": args.max_batch}
+  return {
+    "batch": choose_fill_batch(fixed, per_image, budget, args.max_batch),
+    "device_bytes_limit": limit,
+    "fill_fraction": args.fill_fraction,
+    "probe_batch": probe_batch,
+    "fixed_bytes": fixed,
+    "temp_bytes_per_image": per_image,
+    "max_batch": args.max_batch,
+  }

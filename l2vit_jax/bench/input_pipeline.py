@@ -48,8 +48,11 @@ def time_input_path(dataset, keys: tuple[str, ...], batches: int, batch: int) ->
   wait_until_idle()
   cpu = time.process_time() - cpu
   images = batches * batch
-  return {"img_per_s": images / seconds, "host_cpu_us_per_image": 1e6 * cpu / images,
-          "host_to_device_bytes_per_image": sum(np.asarray(last[k]).nbytes for k in keys) / batch}, last
+  return {
+    "img_per_s": images / seconds,
+    "host_cpu_us_per_image": 1e6 * cpu / images,
+    "host_to_device_bytes_per_image": sum(np.asarray(last[k]).nbytes for k in keys) / batch,
+  }, last
 
 
 def time_device_augmentation(augmentation: str, image_shape, shipped: dict, batch: int) -> float:
@@ -66,8 +69,12 @@ def time_device_augmentation(augmentation: str, image_shape, shipped: dict, batc
 
 def bench_pipeline(args) -> dict:
   batch = args.batch if args.tiny else FULL_BATCH
-  results = {"images": args.pipeline_images, "image_size": args.img_size, "batch": batch,
-             "timed_batches": args.pipeline_batches}
+  results = {
+    "images": args.pipeline_images,
+    "image_size": args.img_size,
+    "batch": batch,
+    "timed_batches": args.pipeline_batches,
+  }
   with tempfile.TemporaryDirectory(prefix="l2vit_benchmark_") as directory:
     h5_path = os.path.join(directory, "jets.h5")
     sparse_path = os.path.join(directory, "jets" + sparse.SUFFIX)
@@ -80,24 +87,31 @@ def bench_pipeline(args) -> dict:
     results["nonzero_fraction"] = summary["nonzeros"] / (args.pipeline_images * args.img_size**2 * 8)
     for task, augmentation in (("finetune", "physics"), ("simclr", "simclr")):
       keys = recipes.BATCH_KEYS[task]
-      paths = {"hdf5": (h5_path, False, keys), "sparse": (sparse_path, False, keys),
-               "sparse_device": (sparse_path, True, device_augment.batch_keys(keys, augmentation))}
+      paths = {
+        "hdf5": (h5_path, False, keys),
+        "sparse": (sparse_path, False, keys),
+        "sparse_device": (sparse_path, True, device_augment.batch_keys(keys, augmentation)),
+      }
       measured = {}
       for name, (path, on_device, shipped_keys) in paths.items():
         source = sources.open_source(path, labelled=True)
-        dataset = pipeline.make_train_dataset(source, batch_size=batch, seed=0, augmentation=augmentation,
-                                              device_augmentation=on_device)
+        dataset = pipeline.make_train_dataset(
+          source, batch_size=batch, seed=0, augmentation=augmentation, device_augmentation=on_device
+        )
         measured[name], last = time_input_path(dataset, shipped_keys, args.pipeline_batches, batch)
         if on_device:
           measured[name]["device_densify_augment_us_per_image"] = time_device_augmentation(
-              augmentation, source.image_shape, {k: last[k] for k in shipped_keys}, batch)
+            augmentation, source.image_shape, {k: last[k] for k in shipped_keys}, batch
+          )
       device = measured.pop("sparse_device")
-      device["bytes_fraction_of_dense"] = (device["host_to_device_bytes_per_image"]
-                                           / measured["sparse"]["host_to_device_bytes_per_image"])
+      device["bytes_fraction_of_dense"] = (
+        device["host_to_device_bytes_per_image"] / measured["sparse"]["host_to_device_bytes_per_image"]
+      )
       if augmentation == "physics":  # 'formats' keeps the layout earlier reports had
         results.update(augmentation=augmentation, formats=measured, sparse_device=device)
       else:
         results[augmentation] = {**measured, "sparse_device": device}
-  results["sparse_speedup_over_hdf5"] = (results["formats"]["sparse"]["img_per_s"]
-                                         / results["formats"]["hdf5"]["img_per_s"])
+  results["sparse_speedup_over_hdf5"] = (
+    results["formats"]["sparse"]["img_per_s"] / results["formats"]["hdf5"]["img_per_s"]
+  )
   return results

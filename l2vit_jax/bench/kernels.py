@@ -40,13 +40,18 @@ def bench_depthwise(args) -> dict:
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
   kernel = 0.1 * jax.random.normal(jax.random.key(1), (7, 7, 1, args.embed_dim), jnp.float32)
   weights = jnp.cos(x)  # a non-trivial output cotangent
-  results = {"shape": list(shape), "kernel": [7, 7],
-             "auto_resolves_to": depthwise.resolve_implementation("auto"), "implementations": {}}
+  results = {
+    "shape": list(shape),
+    "kernel": [7, 7],
+    "auto_resolves_to": depthwise.resolve_implementation("auto"),
+    "implementations": {},
+  }
   patch_bytes = 4 * int(np.prod(shape)) * 49
   for name in depthwise.IMPLEMENTATIONS[1:]:
     if name == "patches" and patch_bytes > args.max_patch_mib * 2**20:
       results["implementations"][name] = {
-          "skipped": f"patch tensor {patch_bytes / 2**20:.0f} MiB > --max-patch-mib={args.max_patch_mib}"}
+        "skipped": f"patch tensor {patch_bytes / 2**20:.0f} MiB > --max-patch-mib={args.max_patch_mib}"
+      }
       continue
     conv = lambda x, k, name=name: depthwise.depthwise_conv2d(x, k, None, implementation=name)
     forward = jax.jit(conv)
@@ -62,9 +67,9 @@ def bench_depthwise(args) -> dict:
     run_forward = lambda f=forward_compiled: f(x, kernel).block_until_ready()
     run_gradient = lambda g=gradient_compiled: jax.block_until_ready(g(x, kernel))
     results["implementations"][name] = {
-        "forward_ms": 1e3 * timing.best_time(run_forward, repeats),
-        "gradient_ms": 1e3 * timing.best_time(run_gradient, repeats),
-        "compile_seconds": compile_seconds,
+      "forward_ms": 1e3 * timing.best_time(run_forward, repeats),
+      "gradient_ms": 1e3 * timing.best_time(run_gradient, repeats),
+      "compile_seconds": compile_seconds,
     }
   return results
 
@@ -87,5 +92,10 @@ def bench_attention(args) -> dict:
     row["softmax_over_linear"] = row["softmax_ms"] / row["linear_ms"]
     rows.append(row)
   slower = [r["tokens"] for r in rows if r["softmax_ms"] > r["linear_ms"]]
-  return {"batch": 1, "heads": heads, "head_dim": head_dim, "forward": rows,
-          "softmax_slower_from_tokens": slower[0] if slower else None}
+  return {
+    "batch": 1,
+    "heads": heads,
+    "head_dim": head_dim,
+    "forward": rows,
+    "softmax_slower_from_tokens": slower[0] if slower else None,
+  }

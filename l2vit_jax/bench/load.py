@@ -28,8 +28,12 @@ class LoadMonitor:
   def finish(self) -> dict:
     wall = time.perf_counter() - self.start
     cores = os.cpu_count() or 1
-    result = {"loadavg_1min_before": self.load_before[0], "loadavg_1min_after": os.getloadavg()[0],
-              "cpu_count": cores, "loaded_fraction_threshold": LOADED_FRACTION}
+    result = {
+      "loadavg_1min_before": self.load_before[0],
+      "loadavg_1min_after": os.getloadavg()[0],
+      "cpu_count": cores,
+      "loaded_fraction_threshold": LOADED_FRACTION,
+    }
     busy_after = machine_busy_seconds()
     if self.busy_before is not None and busy_after is not None and wall > 0:
       other = (busy_after - self.busy_before) - (own_cpu_seconds() - self.own_before)

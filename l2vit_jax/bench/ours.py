@@ -51,8 +51,11 @@ def fake_batch(args, size: int | None = None) -> dict[str, np.ndarray]:
   images = np.zeros((size, args.img_size, args.img_size, 8), np.float32)
   hits = rng.random(images.shape) < 0.01
   images[hits] = rng.exponential(5.0, int(hits.sum()))
-  return {"image": images, "label": (np.arange(size) % 2).astype(np.int32),
-          "mass": rng.uniform(50, 300, size).astype(np.float32)}
+  return {
+    "image": images,
+    "label": (np.arange(size) % 2).astype(np.int32),
+    "mass": rng.uniform(50, 300, size).astype(np.float32),
+  }
 
 
 def mass_statistics(batch: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -64,6 +67,7 @@ def mass_statistics(batch: dict[str, np.ndarray]) -> tuple[float, float]:
 class Built:
   """The jitted train step with its placed state and batch, and the eval-mode forward with its own
   copy of the parameters (the train step donates, and so deletes, the buffers it is given)."""
+
   train: Callable  # jit(params, batch_stats, other, opt_state, step, batch)
   state: list  # [params, batch_stats, other, opt_state]
   batch: dict[str, jax.Array]
@@ -83,7 +87,8 @@ def build(args, dtype: str, batch: dict[str, np.ndarray]) -> Built:
   # The schedules' length only sets the learning rate's value, not a step's work.
   per_epoch = compile_only.NOMINAL_STEPS_PER_EPOCH
   built, (params, batch_stats, other) = steps.build_steps(
-      config, model, loss, mesh, steps_per_epoch=per_epoch, total_steps=int(config.num_epochs * per_epoch))
+    config, model, loss, mesh, steps_per_epoch=per_epoch, total_steps=int(config.num_epochs * per_epoch)
+  )
   model.eval()
   eval_graphdef, eval_state = nnx.split(model)
   eval_state = jax.tree.map(lambda a: a.copy(), eval_state)  # the train step donates the originals
@@ -93,8 +98,14 @@ def build(args, dtype: str, batch: dict[str, np.ndarray]) -> Built:
 
   params, batch_stats, other = sharding.replicate((params, batch_stats, other), mesh)
   state = [params, batch_stats, other, sharding.replicate(built.tx.init(params), mesh)]
-  return Built(train=built.train, state=state, batch=sharding.global_batch(batch, mesh),
-               forward=jax.jit(forward), eval_state=eval_state, steps=built)
+  return Built(
+    train=built.train,
+    state=state,
+    batch=sharding.global_batch(batch, mesh),
+    forward=jax.jit(forward),
+    eval_state=eval_state,
+    steps=built,
+  )
 
 
 def xla_flops(compiled) -> float | None:
@@ -146,7 +157,8 @@ class JaxTrainer:
     params, batch_stats, other, opt_state = self.state
     for _ in range(count):
       params, batch_stats, opt_state, metrics = self.train_step(
-          params, batch_stats, other, opt_state, jnp.int32(self.step_count), self.batch)
+        params, batch_stats, other, opt_state, jnp.int32(self.step_count), self.batch
+      )
       if self.one_step_in_flight:
         jax.block_until_ready(metrics)
       self.step_count += 1

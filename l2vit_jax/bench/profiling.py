@@ -39,10 +39,23 @@ ENCLOSING_OPCODES = ("while", "call", "conditional")
 # Submodules of interop/torch_reference.py by attribute name -> the scope their JAX twins run under
 # (models/l2vit.py). Submodules not named (qkv, proj, conv1, act, ...) take their parent's part, as
 # the ops inside a JAX scope do.
-TORCH_PARTS = {"patch_embed": "patch_embed", "pos_drop": "dropout", "proj_drop": "dropout",
-               "drop": "dropout", "drop_path": "drop_path", "norm": "norm", "norm1": "norm",
-               "norm_lcm": "norm", "norm2": "norm", "bn": "norm", "attn": "attention", "lcm": "lcm",
-               "mlp": "mlp", "cls_head": "head", "reg_head": "head"}
+TORCH_PARTS = {
+  "patch_embed": "patch_embed",
+  "pos_drop": "dropout",
+  "proj_drop": "dropout",
+  "drop": "dropout",
+  "drop_path": "drop_path",
+  "norm": "norm",
+  "norm1": "norm",
+  "norm_lcm": "norm",
+  "norm2": "norm",
+  "bn": "norm",
+  "attn": "attention",
+  "lcm": "lcm",
+  "mlp": "mlp",
+  "cls_head": "head",
+  "reg_head": "head",
+}
 RANGE_PREFIX = "part:"  # profiler ranges torch_scopes opens
 
 
@@ -54,11 +67,13 @@ def instruction_parts(hlo_text: str) -> dict[str, str | None]:
   """HLO instruction name -> 'part/direction' of every instruction the module executes; None for
   the loops, calls and conditionals whose thunks enclose others."""
   computations, _ = accounting.parse_module(hlo_text)
-  parts: dict[str, str | None] = {instruction.name: None for instructions in computations.values()
-                                  for instruction in instructions
-                                  if instruction.opcode in ENCLOSING_OPCODES}
-  parts.update({entry.name: part_key(entry.scope, entry.direction)
-                for entry in accounting.account(hlo_text)})
+  parts: dict[str, str | None] = {
+    instruction.name: None
+    for instructions in computations.values()
+    for instruction in instructions
+    if instruction.opcode in ENCLOSING_OPCODES
+  }
+  parts.update({entry.name: part_key(entry.scope, entry.direction) for entry in accounting.account(hlo_text)})
   return parts
 
 
@@ -102,6 +117,7 @@ def torch_scopes(trainer: pytorch.TorchTrainer) -> Iterator[None]:
       scope = torch.profiler.record_function(RANGE_PREFIX + part)
       scope.__enter__()
       open_ranges.setdefault(module, []).append(scope)
+
     return hook
 
   def leave(module, _inputs, _output):
@@ -127,7 +143,7 @@ def _range_path(event) -> str:
   names = []
   while event is not None:
     if event.name.startswith(RANGE_PREFIX):
-      names.append(event.name[len(RANGE_PREFIX):])
+      names.append(event.name[len(RANGE_PREFIX) :])
     event = event.cpu_parent
   return "/".join(reversed(names))
 
@@ -178,13 +194,18 @@ def bench_profile(args) -> dict:
   result = {"categories": list(CATEGORIES), "steps": args.steps}
   with tempfile.TemporaryDirectory(prefix="l2vit_profile_") as directory:
     result["ours"] = {
-        "train": jax_profile(trainer.run_train, trainer.train_step, args.steps,
-                             os.path.join(directory, "train")),
-        "inference": jax_profile(trainer.run_inference, trainer.forward, args.steps,
-                                 os.path.join(directory, "inference"))}
+      "train": jax_profile(
+        trainer.run_train, trainer.train_step, args.steps, os.path.join(directory, "train")
+      ),
+      "inference": jax_profile(
+        trainer.run_inference, trainer.forward, args.steps, os.path.join(directory, "inference")
+      ),
+    }
   if not args.no_torch:
     theirs = pytorch.TorchTrainer(args, batch, args.dtype)
     with torch_scopes(theirs):
-      result["torch"] = {"train": torch_profile(theirs.run_train, args.steps),
-                         "inference": torch_profile(theirs.run_inference, args.steps)}
+      result["torch"] = {
+        "train": torch_profile(theirs.run_train, args.steps),
+        "inference": torch_profile(theirs.run_inference, args.steps),
+      }
   return result

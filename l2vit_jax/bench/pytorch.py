@@ -24,8 +24,19 @@ from l2vit_jax.interop import torch_reference
 from l2vit_jax.models import build
 
 # Constructor arguments of the reference model, read from ``config.model``.
-TORCH_MODEL_FIELDS = ("in_channels", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                      "mlp_ratio", "num_classes", "drop_rate", "drop_path_rate", "lcm_kernel")
+TORCH_MODEL_FIELDS = (
+  "in_channels",
+  "img_size",
+  "patch_size",
+  "embed_dim",
+  "depth",
+  "num_heads",
+  "mlp_ratio",
+  "num_classes",
+  "drop_rate",
+  "drop_path_rate",
+  "lcm_kernel",
+)
 
 
 def _no_scope(_: str) -> ContextManager:
@@ -47,15 +58,21 @@ class TorchTrainer:
     self.scope: Callable[[str], ContextManager] = _no_scope
     config = ours.bench_config(args, dtype)
     self.model = torch_reference.build_torch_l2vit(
-        **{field: config.model[field] for field in TORCH_MODEL_FIELDS}).to(self.device)
+      **{field: config.model[field] for field in TORCH_MODEL_FIELDS}
+    ).to(self.device)
     groups = {"head": [], "backbone": []}
     for name, parameter in self.model.named_parameters():
       groups["head" if name.split(".")[0] in build.HEAD_NAMES else "backbone"].append(parameter)
     backbone_rate = config.backbone_learning_rate or config.learning_rate
     self.optimizer = torch.optim.AdamW(
-        [{"params": groups["head"], "lr": config.learning_rate},
-         {"params": groups["backbone"], "lr": backbone_rate}],
-        betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+      [
+        {"params": groups["head"], "lr": config.learning_rate},
+        {"params": groups["backbone"], "lr": backbone_rate},
+      ],
+      betas=(0.9, 0.999),
+      eps=1e-8,
+      weight_decay=config.weight_decay,
+    )
     self.grad_clip_norm = config.grad_clip_norm
     self.loss_weights = (config.loss.classification_weight, config.loss.regression_weight)
     mean, std = ours.mass_statistics(batch)
@@ -82,8 +99,9 @@ class TorchTrainer:
     for _ in range(count):
       with self.scope("loss"), self._precision():
         logits, mass = self.model(self.images)
-        loss = (classification * functional.cross_entropy(logits.float(), self.labels)
-                + regression * functional.smooth_l1_loss(mass[:, 0].float(), self.mass))
+        loss = classification * functional.cross_entropy(
+          logits.float(), self.labels
+        ) + regression * functional.smooth_l1_loss(mass[:, 0].float(), self.mass)
       loss.backward()
       with self.scope("optimizer"):
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
@@ -120,5 +138,6 @@ def fitting_torch_trainer(args, batch: dict[str, np.ndarray], dtype: str, device
       gc.collect()
       torch.cuda.empty_cache()
       size //= 2
-      print(f"[benchmark] PyTorch ran out of device memory; retrying at batch {size}",
-            file=sys.stderr, flush=True)
+      print(
+        f"[benchmark] PyTorch ran out of device memory; retrying at batch {size}", file=sys.stderr, flush=True
+      )

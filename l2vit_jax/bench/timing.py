@@ -21,14 +21,18 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
   return best
 
 
-def paired_rounds(runners: dict[str, Callable[[int], None]], steps: int, pairs: int,
-                  page_faults: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+def paired_rounds(
+  runners: dict[str, Callable[[int], None]],
+  steps: int,
+  pairs: int,
+  page_faults: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
   """Seconds per step of every runner in each of ``pairs`` rounds. A round runs each runner once,
   in reverse order every other round, so that a drift in machine speed hits ours and theirs alike.
   ``page_faults``, if given, receives each runner's minor page faults per step, round by round."""
   seconds = {name: [] for name in runners}
   for round_index in range(pairs):
-    for name in (list(runners) if round_index % 2 == 0 else list(runners)[::-1]):
+    for name in list(runners) if round_index % 2 == 0 else list(runners)[::-1]:
       faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       runners[name](steps)

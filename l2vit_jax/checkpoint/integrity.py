@@ -32,6 +32,8 @@ DIGESTS = "digests"  # the meta key holding {"item/path/of/array": "sha256:<hex>
 DAMAGED_SUFFIX = ".damaged"  # a damaged step set aside: not an integer, so Orbax ignores it
 # Meta keys that only versions saving digests write: a meta holding one but no digests was edited.
 WRITTEN_WITH_DIGESTS = ("input_layout", "data_split")
+
+
 def _key_name(entry) -> str:
   for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
     if hasattr(entry, attribute):
@@ -75,9 +77,12 @@ def structure_differences(items: dict[str, Any], meta: dict) -> list[str]:
   saved = meta.get(DIGESTS)
   if not isinstance(saved, dict):
     return []
-  wanted = {"/".join([item] + [_key_name(entry) for entry in path])
-            for item, tree in items.items()
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "dtype")}
+  wanted = {
+    "/".join([item] + [_key_name(entry) for entry in path])
+    for item, tree in items.items()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if hasattr(leaf, "dtype")
+  }
   stored = {name for name in saved if name.split("/")[0] in items}
   return sorted(wanted ^ stored)
 
@@ -107,18 +112,24 @@ def check_restored(where: str, items: dict[str, Any], meta: dict) -> None:
   ``{name: "sha256:..."}`` object (a damaged or edited meta) verify nothing: refused too."""
   saved = meta.get(DIGESTS)
   if saved is not None and not (isinstance(saved, dict) and all(isinstance(d, str) for d in saved.values())):
-    raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta's '{DIGESTS}' is not a "
-                                 "{name: digest} object")
+    raise CheckpointDamagedError(
+      f"{where}: damaged checkpoint: its meta's '{DIGESTS}' is not a {{name: digest}} object"
+    )
   damaged = damaged_arrays(items, meta)
   if damaged is None and any(key in meta for key in WRITTEN_WITH_DIGESTS):
-    raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta has no '{DIGESTS}', yet it was "
-                                 "written by a version that saves them")
+    raise CheckpointDamagedError(
+      f"{where}: damaged checkpoint: its meta has no '{DIGESTS}', yet it was "
+      "written by a version that saves them"
+    )
   if damaged is None:
-    logging.warning("%s: checkpoint has no array digests (written before integrity checks); "
-                    "loading it unverified", where)
+    logging.warning(
+      "%s: checkpoint has no array digests (written before integrity checks); loading it unverified", where
+    )
   elif damaged:
-    raise CheckpointDamagedError(f"{where}: damaged checkpoint: {len(damaged)} array(s) differ from "
-                                 f"the digests saved with them: {shown_names(damaged)}")
+    raise CheckpointDamagedError(
+      f"{where}: damaged checkpoint: {len(damaged)} array(s) differ from "
+      f"the digests saved with them: {shown_names(damaged)}"
+    )
 
 
 def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict:
@@ -133,21 +144,26 @@ def restore_verified(manager: ocp.CheckpointManager, step: int, **items) -> dict
   where = paths.join(os.fspath(manager.directory), str(step))
   try:
     items = {name: item(where) if callable(item) else item for name, item in items.items()}
-    restored = storage.read_retrying(where, lambda: manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)))
+    restored = storage.read_retrying(
+      where, lambda: manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
+    )
   except StorageError:
     raise
   except Exception as error:  # pylint: disable=broad-except  # tensorstore, JSON, msgpack: all unreadable
     if storage.damage_evidence(error) is not None:
-      raise CheckpointDamagedError(f"{where}: damaged checkpoint: cannot be read "
-                                   f"({storage.one_line(error)})") from error
+      raise CheckpointDamagedError(
+        f"{where}: damaged checkpoint: cannot be read ({storage.one_line(error)})"
+      ) from error
     raise CheckpointDamagedError(
-        f"{where}: checkpoint cannot be read ({storage.one_line(error)}); no sign of damage in its files, "
-        "so it is left in place (short of memory? another library version?)", proven=False) from error
+      f"{where}: checkpoint cannot be read ({storage.one_line(error)}); no sign of damage in its files, "
+      "so it is left in place (short of memory? another library version?)",
+      proven=False,
+    ) from error
   restored = {name: restored[name] for name in ["meta", *items]}
   if not isinstance(restored["meta"], dict):  # valid JSON, but not the object every checkpoint saves
-    raise CheckpointDamagedError(f"{where}: damaged checkpoint: its meta is a JSON "
-                                 f"{type(restored['meta']).__name__}, expected an object")
+    raise CheckpointDamagedError(
+      f"{where}: damaged checkpoint: its meta is a JSON {type(restored['meta']).__name__}, expected an object"
+    )
   verifiable = {name: restored[name] for name in items if name != "data"}  # Grain state: JSON, no digest
   if verifiable:
     check_restored(where, verifiable, dict(restored["meta"]))

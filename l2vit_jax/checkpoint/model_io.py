@@ -13,8 +13,13 @@ from flax import nnx
 
 from l2vit_jax import errors, models
 from l2vit_jax.checkpoint import integrity, storage
-from l2vit_jax.checkpoint.naming import (BEST_DIR, LATEST_DIR, describe_mismatch, load_model_arrays,
-                                         model_arrays)
+from l2vit_jax.checkpoint.naming import (
+  BEST_DIR,
+  LATEST_DIR,
+  describe_mismatch,
+  load_model_arrays,
+  model_arrays,
+)
 from l2vit_jax.errors import CheckpointDamagedError, CheckpointMismatchError, MissingCheckpointError
 from l2vit_jax.models import build
 from l2vit_jax.runtime import paths
@@ -31,14 +36,21 @@ def save_model_checkpoint(directory: str, model: nnx.Module, meta: dict, *, step
   arrays = model_arrays(model)
   best = paths.join(directory, BEST_DIR)
   with storage.reporting_storage_faults(best), storage.open_manager(best, max_to_keep=1) as manager:
-    manager.save(step, args=ocp.args.Composite(
+    manager.save(
+      step,
+      args=ocp.args.Composite(
         model=ocp.args.StandardSave(arrays),
-        meta=ocp.args.JsonSave(integrity.with_digests(meta, {"model": arrays}))), force=True)
+        meta=ocp.args.JsonSave(integrity.with_digests(meta, {"model": arrays})),
+      ),
+      force=True,
+    )
     manager.wait_until_finished()
 
 
-def find_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR),
-                          ) -> tuple[str, int]:
+def find_model_checkpoint(
+  directory: str,
+  prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR),
+) -> tuple[str, int]:
   """The (manager directory, step) to restore: by default ``best/`` first, else the latest."""
   for sub in prefer:
     path = paths.join(directory, sub)
@@ -48,12 +60,15 @@ def find_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, L
       if step is not None:
         return path, step
   raise MissingCheckpointError(
-      f"{directory}: no Orbax checkpoint found (looked in {BEST_DIR}/ and {LATEST_DIR}/); train with "
-      "configs/finetune.py or import PyTorch weights with scripts/convert_torch_checkpoint.py")
+    f"{directory}: no Orbax checkpoint found (looked in {BEST_DIR}/ and {LATEST_DIR}/); train with "
+    "configs/finetune.py or import PyTorch weights with scripts/convert_torch_checkpoint.py"
+  )
 
 
-def read_model_checkpoint(directory: str, prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR),
-                          ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+def read_model_checkpoint(
+  directory: str,
+  prefer: tuple[str, ...] = (BEST_DIR, LATEST_DIR),
+) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
   """Named arrays and meta of the checkpoint ``find_model_checkpoint`` picks, as host numpy arrays.
 
   Raises:
@@ -81,10 +96,15 @@ def _checked_meta(where: str, meta: dict) -> dict:
     if key not in meta or (meta[key] is None and key in MAY_BE_NONE):
       continue
     value = meta[key]
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and (kind == "finite" or value > 0)):
-      raise CheckpointDamagedError(f"{where}: damaged checkpoint: meta '{key}' is {str(value)[:60]!r}, "
-                                   f"expected a {kind} number")
+    if not (
+      isinstance(value, (int, float))
+      and not isinstance(value, bool)
+      and math.isfinite(value)
+      and (kind == "finite" or value > 0)
+    ):
+      raise CheckpointDamagedError(
+        f"{where}: damaged checkpoint: meta '{key}' is {str(value)[:60]!r}, expected a {kind} number"
+      )
   return dict(meta)
 
 
@@ -92,8 +112,9 @@ def _element_count(arrays: dict[str, dict]) -> int:
   return sum(math.prod(value.shape) for named in arrays.values() for value in named.values())
 
 
-def build_from_meta(directory: str, meta: dict, arrays: dict[str, dict], *,
-                    select=lambda name: True) -> models.L2ViT:
+def build_from_meta(
+  directory: str, meta: dict, arrays: dict[str, dict], *, select=lambda name: True
+) -> models.L2ViT:
   """The L2ViT of ``meta["model_config"]``, built only once it is known to fit ``arrays``.
 
   A meta is JSON that a damaged or edited checkpoint can make anything, and a constructor run on
@@ -116,24 +137,30 @@ def build_from_meta(directory: str, meta: dict, arrays: dict[str, dict], *,
     raise CheckpointDamagedError(f"{where} is {str(config)[:60]!r}, expected an object of L2ViT arguments")
   depth, num_arrays = config.get("depth", 0), sum(len(named) for named in arrays.values())
   if not (isinstance(depth, int) and not isinstance(depth, bool) and 0 <= depth <= num_arrays):
-    raise CheckpointDamagedError(f"{where} has depth {str(depth)[:40]!r}, expected an integer from 0 "
-                                 f"to {num_arrays} (the checkpoint's number of arrays)")
+    raise CheckpointDamagedError(
+      f"{where} has depth {str(depth)[:40]!r}, expected an integer from 0 "
+      f"to {num_arrays} (the checkpoint's number of arrays)"
+    )
   try:
     abstract = nnx.eval_shape(lambda: build.build_l2vit(config))
   except (TypeError, ValueError, KeyError, ZeroDivisionError) as error:
-    raise CheckpointDamagedError(f"{where} describes no model: {type(error).__name__}: "
-                                 f"{errors.one_line(error, 200)}") from None
+    raise CheckpointDamagedError(
+      f"{where} describes no model: {type(error).__name__}: {errors.one_line(error, 200)}"
+    ) from None
   shapes = model_arrays(abstract)
   for group in shapes:
     problem = describe_mismatch(
-        {k: v for k, v in shapes[group].items() if select(k)},
-        {k: v for k, v in arrays.get(group, {}).items() if select(k)},
-        context=f"{directory}: checkpoint does not fit the model in its meta ({group})")
+      {k: v for k, v in shapes[group].items() if select(k)},
+      {k: v for k, v in arrays.get(group, {}).items() if select(k)},
+      context=f"{directory}: checkpoint does not fit the model in its meta ({group})",
+    )
     if problem:
       raise CheckpointMismatchError(problem)
   if _element_count(shapes) > 2 * _element_count(arrays):
-    raise CheckpointDamagedError(f"{where} describes a model of {_element_count(shapes)} elements, more "
-                                 f"than twice the checkpoint's {_element_count(arrays)}")
+    raise CheckpointDamagedError(
+      f"{where} describes a model of {_element_count(shapes)} elements, more "
+      f"than twice the checkpoint's {_element_count(arrays)}"
+    )
   return build.build_l2vit(config)
 
 
@@ -170,8 +197,10 @@ def _backbone_arrays(arrays: dict[str, dict]) -> dict[str, dict]:
   ContrastiveModel's encoder."""
   prefix = "encoder/"
   if any(name.startswith(prefix) for name in arrays["params"]):
-    arrays = {group: {name[len(prefix):]: value for name, value in named.items() if name.startswith(prefix)}
-              for group, named in arrays.items()}
+    arrays = {
+      group: {name[len(prefix) :]: value for name, value in named.items() if name.startswith(prefix)}
+      for group, named in arrays.items()
+    }
   return arrays
 
 
@@ -181,9 +210,12 @@ def _is_backbone(name: str) -> bool:
 
 def _load_backbone(model: models.L2ViT, directory: str, arrays: dict[str, dict], meta: dict) -> None:
   load_model_arrays(
-      model, arrays, select=_is_backbone,
-      context=f"{directory}: pretrained backbone (model_config {meta.get('model_config')}) does not fit "
-      "the model being finetuned")
+    model,
+    arrays,
+    select=_is_backbone,
+    context=f"{directory}: pretrained backbone (model_config {meta.get('model_config')}) does not fit "
+    "the model being finetuned",
+  )
   logging.info("Initialised the backbone from %s (heads left fresh).", directory)
 
 

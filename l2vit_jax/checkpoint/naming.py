@@ -39,8 +39,10 @@ def flatten_names(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def named_arrays(params: nnx.State, batch_stats: nnx.State) -> dict[str, dict[str, jax.Array]]:
   """The checkpoint layout of a model's state: ``{"params": {name: array}, "batch_stats": {...}}``."""
-  return {"params": flatten_names(nnx.to_pure_dict(params)),
-          "batch_stats": flatten_names(nnx.to_pure_dict(batch_stats))}
+  return {
+    "params": flatten_names(nnx.to_pure_dict(params)),
+    "batch_stats": flatten_names(nnx.to_pure_dict(batch_stats)),
+  }
 
 
 def model_arrays(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
@@ -51,11 +53,16 @@ def describe_mismatch(expected: dict[str, Any], found: dict[str, Any], *, contex
   """One line listing missing, unexpected and mis-shaped names, or None when everything fits."""
   missing = sorted(set(expected) - set(found))
   unexpected = sorted(set(found) - set(expected))
-  misshaped = [f"{k} {tuple(np.shape(found[k]))} vs model {tuple(np.shape(expected[k]))}"
-               for k in sorted(set(expected) & set(found))
-               if tuple(np.shape(expected[k])) != tuple(np.shape(found[k]))]
-  problems = [f"{label}: {shown_names(names)}" for label, names in
-              (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+  misshaped = [
+    f"{k} {tuple(np.shape(found[k]))} vs model {tuple(np.shape(expected[k]))}"
+    for k in sorted(set(expected) & set(found))
+    if tuple(np.shape(expected[k])) != tuple(np.shape(found[k]))
+  ]
+  problems = [
+    f"{label}: {shown_names(names)}"
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+    if names
+  ]
   return f"{context}: " + "; ".join(problems) if problems else None
 
 
@@ -64,8 +71,13 @@ def shown_names(names: list[str], limit: int = 8) -> str:
   return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_model_arrays(model: nnx.Module, arrays: dict[str, dict[str, Any]], *, context: str,
-                      select: Callable[[str], bool] = lambda name: True) -> None:
+def load_model_arrays(
+  model: nnx.Module,
+  arrays: dict[str, dict[str, Any]],
+  *,
+  context: str,
+  select: Callable[[str], bool] = lambda name: True,
+) -> None:
   """Writes named arrays into ``model`` in place; names outside ``select`` are left untouched.
 
   Raises:

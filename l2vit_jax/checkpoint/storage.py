@@ -29,18 +29,45 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports
 # tensorstore reports a failed read with the absl status code first ("UNAVAILABLE: Error reading ...",
 # also after a "while ...: " prefix); a status of the storage, not of the bytes. (Undecodable data is
 # FAILED_PRECONDITION, INVALID_ARGUMENT or DATA_LOSS; a missing file NOT_FOUND: damage.)
-_STORAGE_STATUS = re.compile(r"(?:^|: )(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|"
-                             r"PERMISSION_DENIED|UNAUTHENTICATED): ")
+_STORAGE_STATUS = re.compile(
+  r"(?:^|: )(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|"
+  r"PERMISSION_DENIED|UNAUTHENTICATED): "
+)
 # Exception classes (or their bases) of the clients under gcsfs and google-cloud: gcsfs's HttpError and
 # ChecksumError, requests' and aiohttp's client errors, google-auth's TransportError, api_core's.
-_STORAGE_ERROR_TYPES = {"HttpError", "ChecksumError", "RequestException", "ClientError", "TransportError",
-                        "RefreshError", "ServerError", "TooManyRequests", "Forbidden", "Unauthorized",
-                        "DeadlineExceeded", "RetryError"}
+_STORAGE_ERROR_TYPES = {
+  "HttpError",
+  "ChecksumError",
+  "RequestException",
+  "ClientError",
+  "TransportError",
+  "RefreshError",
+  "ServerError",
+  "TooManyRequests",
+  "Forbidden",
+  "Unauthorized",
+  "DeadlineExceeded",
+  "RetryError",
+}
 # Errors of the file system or the network, not of the file's bytes. EIO (a bad block) is among them:
 # a flaky disk is reported and retried, never costs a checkpoint.
-_STORAGE_ERRNOS = {errnos.EIO, errnos.EAGAIN, errnos.EINTR, errnos.ETIMEDOUT, errnos.ECONNRESET,
-                   errnos.ECONNREFUSED, errnos.ECONNABORTED, errnos.EHOSTUNREACH, errnos.ENETUNREACH,
-                   errnos.ENETDOWN, errnos.ESTALE, errnos.EACCES, errnos.EPERM, errnos.EMFILE, errnos.ENFILE}
+_STORAGE_ERRNOS = {
+  errnos.EIO,
+  errnos.EAGAIN,
+  errnos.EINTR,
+  errnos.ETIMEDOUT,
+  errnos.ECONNRESET,
+  errnos.ECONNREFUSED,
+  errnos.ECONNABORTED,
+  errnos.EHOSTUNREACH,
+  errnos.ENETUNREACH,
+  errnos.ENETDOWN,
+  errnos.ESTALE,
+  errnos.EACCES,
+  errnos.EPERM,
+  errnos.EMFILE,
+  errnos.ENFILE,
+}
 # A read failing in the storage is tried this often, waiting RETRY_SECONDS * 2**attempt in between
 # (GCS asks clients to back off exponentially; gcsfs has already retried each request by then).
 READ_ATTEMPTS = 3
@@ -105,10 +132,24 @@ def read_failure(error: BaseException) -> BaseException | None:
 
 # What a read raises for bytes that are there but wrong, or missing: the evidence that sets a step
 # aside. tensorstore's status codes for undecodable or missing data; the JSON and msgpack decoders'.
-_DAMAGE_STATUS = re.compile(r"(?:^|: )(DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|NOT_FOUND|OUT_OF_RANGE): ")
-_DAMAGE_ERROR_TYPES = {"JSONDecodeError", "UnicodeDecodeError", "EOFError", "FileNotFoundError",
-                       "NotADirectoryError", "IsADirectoryError", "ExtraData", "FormatError", "OutOfData",
-                       "StackError", "UnpackValueError", "BadZipFile", "error"}  # zlib.error is "error"
+_DAMAGE_STATUS = re.compile(
+  r"(?:^|: )(DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|NOT_FOUND|OUT_OF_RANGE): "
+)
+_DAMAGE_ERROR_TYPES = {
+  "JSONDecodeError",
+  "UnicodeDecodeError",
+  "EOFError",
+  "FileNotFoundError",
+  "NotADirectoryError",
+  "IsADirectoryError",
+  "ExtraData",
+  "FormatError",
+  "OutOfData",
+  "StackError",
+  "UnpackValueError",
+  "BadZipFile",
+  "error",
+}  # zlib.error is "error"
 
 
 def damage_evidence(error: BaseException) -> BaseException | None:
@@ -117,8 +158,9 @@ def damage_evidence(error: BaseException) -> BaseException | None:
   another reason (memory, a bug, a library version) says nothing about the checkpoint, which is then
   refused but kept."""
   for link in _chain(error):
-    if any(cls.__name__ in _DAMAGE_ERROR_TYPES for cls in type(link).__mro__[:1]) or \
-        _DAMAGE_STATUS.search(str(link)):
+    if any(cls.__name__ in _DAMAGE_ERROR_TYPES for cls in type(link).__mro__[:1]) or _DAMAGE_STATUS.search(
+      str(link)
+    ):
       return link
   return None
 
@@ -143,11 +185,13 @@ def read_retrying(where: str, read):
       if cause is None:
         raise
       if attempt + 1 == READ_ATTEMPTS:
-        raise StorageError(f"{where}: the storage failed {READ_ATTEMPTS} reads of this checkpoint "
-                           f"({one_line(cause)}); nothing was changed or set aside: rerun the same "
-                           "command once the storage answers") from error
+        raise StorageError(
+          f"{where}: the storage failed {READ_ATTEMPTS} reads of this checkpoint "
+          f"({one_line(cause)}); nothing was changed or set aside: rerun the same "
+          "command once the storage answers"
+        ) from error
       logging.warning("%s: reading failed in the storage (%s); retrying", where, one_line(cause, 200))
-      time.sleep(RETRY_SECONDS * 2 ** attempt)
+      time.sleep(RETRY_SECONDS * 2**attempt)
   raise AssertionError("unreachable")
 
 
@@ -172,10 +216,12 @@ class _QuietOrbaxTracebacks(logging.logging.Filter):
 def _ignore_closed_event_loop(previous):
   """After a failed write, tensorstore completes the other writes' futures into Orbax's event loop,
   already closed: Python would print each as an 'unraisable' traceback. Only those are dropped."""
+
   def hook(unraisable):
     error = unraisable.exc_value
     if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
       previous(unraisable)
+
   hook.quiets_closed_event_loop = True
   return hook
 
@@ -199,15 +245,18 @@ def reporting_storage_faults(directory, on_error: Callable[[CheckpointSaveError]
     if cause is None:
       raise
     failure = CheckpointSaveError(
-        f"{directory}: checkpoint save failed: {cause}. Earlier checkpoints are intact and nothing "
-        "of this one is taken for a checkpoint; free space and rerun the same command to resume")
+      f"{directory}: checkpoint save failed: {cause}. Earlier checkpoints are intact and nothing "
+      "of this one is taken for a checkpoint; free space and rerun the same command to resume"
+    )
     if on_error is not None:
       on_error(failure)
     _QuietOrbaxTracebacks.failure_reported = True
     raise failure from error
 
-def open_manager(directory: str, *, max_to_keep: int | None, asynchronous: bool = False,
-             read_only: bool = False) -> ocp.CheckpointManager:
+
+def open_manager(
+  directory: str, *, max_to_keep: int | None, asynchronous: bool = False, read_only: bool = False
+) -> ocp.CheckpointManager:
   # A save killed midway (SIGKILL, OOM, preemption without notice) leaves an
   # ``<step>.orbax-checkpoint-tmp-*`` directory; writers delete those on start so they never pile up
   # or collide with the step being saved again. Readers leave them alone: a writer may own them.
@@ -216,8 +265,13 @@ def open_manager(directory: str, *, max_to_keep: int | None, asynchronous: bool 
   # at once would collide ('Barrier _async_commit_complete.11 is already ongoing') without a prefix.
   prefix = paths.as_path(directory).name
   return ocp.CheckpointManager(
-      paths.as_path(directory),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-          cleanup_tmp_directories=not read_only, enable_async_checkpointing=asynchronous,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)))
+    paths.as_path(directory),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=asynchronous,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix),
+    ),
+  )

@@ -13,11 +13,16 @@ from absl import logging
 
 from l2vit_jax.checkpoint import integrity, storage
 from l2vit_jax.checkpoint.naming import BEST_DIR, LATEST_DIR, shown_names
-from l2vit_jax.errors import (CheckpointDamagedError, CheckpointMismatchError, CheckpointSaveError,
-                              StorageError)
+from l2vit_jax.errors import (
+  CheckpointDamagedError,
+  CheckpointMismatchError,
+  CheckpointSaveError,
+  StorageError,
+)
 from l2vit_jax.runtime import paths
 
 DATA_ITEM = "data"  # Grain's iterator state, one JSON file per process
+
 
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -51,12 +56,19 @@ class TrainingCheckpointer:
 
   def save(self, step: int, *, model: dict, optimizer: dict, meta: dict, data_iterator) -> None:
     import grain  # pylint: disable=import-outside-toplevel
+
     meta = integrity.with_digests(meta, {"model": model, "optimizer": optimizer})
     with self._guard(self.latest):
-      self.latest.save(step, args=ocp.args.Composite(
-          model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
-          meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator)),
-          force=True)
+      self.latest.save(
+        step,
+        args=ocp.args.Composite(
+          model=ocp.args.StandardSave(model),
+          optimizer=ocp.args.StandardSave(optimizer),
+          meta=ocp.args.JsonSave(meta),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+        ),
+        force=True,
+      )
 
   def save_best(self, step: int, *, model: dict, meta: dict) -> None:
     # A run killed after saving ``best/<step>`` but before the latest checkpoint of that step resumes
@@ -66,9 +78,14 @@ class TrainingCheckpointer:
     with self._guard(self.best):
       for stale in [s for s in self.best.all_steps() if s >= step]:
         self.best.delete(stale)
-      self.best.save(step, args=ocp.args.Composite(
+      self.best.save(
+        step,
+        args=ocp.args.Composite(
           model=ocp.args.StandardSave(model),
-          meta=ocp.args.JsonSave(integrity.with_digests(meta, {"model": model}))), force=True)
+          meta=ocp.args.JsonSave(integrity.with_digests(meta, {"model": model})),
+        ),
+        force=True,
+      )
 
   def _restore_arrays(self, step: int, meta: dict, *, model: dict, optimizer: dict) -> tuple[dict, dict]:
     """``model`` and ``optimizer`` of ``step``, verified. A step whose digests name other arrays than
@@ -77,15 +94,22 @@ class TrainingCheckpointer:
     # Only the optimizer's structure can differ legitimately: the model's follows the architecture,
     # which check_meta compared, so digests naming other model arrays are damage (found below).
     differing = integrity.structure_differences({"optimizer": optimizer}, meta)
-    if differing and integrity.structure_differences({"model": model}, meta) == [] and any(
-        name.startswith("optimizer/") for name in meta.get(integrity.DIGESTS, {})):
+    if (
+      differing
+      and integrity.structure_differences({"model": model}, meta) == []
+      and any(name.startswith("optimizer/") for name in meta.get(integrity.DIGESTS, {}))
+    ):
       raise CheckpointMismatchError(
-          f"{self.latest_dir}/{step}: holds other arrays than this version of the code restores into "
-          f"({len(differing)} differ: {shown_names(differing)}); it was written by another version of "
-          "l2vit_jax or its libraries: resume with that version, or use a new --workdir")
+        f"{self.latest_dir}/{step}: holds other arrays than this version of the code restores into "
+        f"({len(differing)} differ: {shown_names(differing)}); it was written by another version of "
+        "l2vit_jax or its libraries: resume with that version, or use a new --workdir"
+      )
     restored = integrity.restore_verified(
-        self.latest, step, model=ocp.args.StandardRestore(_abstract(model)),
-        optimizer=ocp.args.StandardRestore(_abstract(optimizer)))
+      self.latest,
+      step,
+      model=ocp.args.StandardRestore(_abstract(model)),
+      optimizer=ocp.args.StandardRestore(_abstract(optimizer)),
+    )
     return dict(restored["model"]), restored["optimizer"]
 
   def _restore_data(self, step: int, meta: dict, data_iterator) -> None:
@@ -97,25 +121,32 @@ class TrainingCheckpointer:
     Only a state that cannot be read or decoded is damage.
     """
     import grain  # pylint: disable=import-outside-toplevel
+
     where = paths.join(self.latest_dir, str(step), DATA_ITEM)
     try:
-      storage.read_retrying(where, lambda: self.latest.restore(step, args=ocp.args.Composite(
-          **{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)})))
+      storage.read_retrying(
+        where,
+        lambda: self.latest.restore(
+          step, args=ocp.args.Composite(**{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)})
+        ),
+      )
     except StorageError:
       raise
     except Exception as error:  # pylint: disable=broad-except
       if not storage.read_retrying(where, lambda: _json_files_decode(where)):
-        raise CheckpointDamagedError(f"{where}: damaged checkpoint: the input position cannot be read "
-                                     f"({storage.one_line(error)})") from error
+        raise CheckpointDamagedError(
+          f"{where}: damaged checkpoint: the input position cannot be read ({storage.one_line(error)})"
+        ) from error
       raise CheckpointMismatchError(
-          f"{where}: the saved input position does not fit this run's input pipeline "
-          f"({storage.one_line(error, 120)}); resume with the settings and Grain version the run was "
-          "started with (config.data.worker_count, config.batch_size, the number of processes) or use a "
-          "new --workdir"
+        f"{where}: the saved input position does not fit this run's input pipeline "
+        f"({storage.one_line(error, 120)}); resume with the settings and Grain version the run was "
+        "started with (config.data.worker_count, config.batch_size, the number of processes) or use a "
+        "new --workdir"
       ) from error
 
-  def restore_latest(self, *, model: dict, optimizer: dict, data_iterator,
-                     check_meta: Callable[[dict], None]) -> tuple[dict, dict, dict] | None:
+  def restore_latest(
+    self, *, model: dict, optimizer: dict, data_iterator, check_meta: Callable[[dict], None]
+  ) -> tuple[dict, dict, dict] | None:
     """Restores the newest checkpoint that verifies, or returns None when there is none at all.
 
     ``check_meta(meta)`` runs before any array is read and may refuse the checkpoint (another
@@ -135,11 +166,15 @@ class TrainingCheckpointer:
     set_aside_steps = []
     while (step := self.latest.latest_step()) is not None:
       found = {}
-      phases = (("meta", lambda step, found: self.read_meta(step)),
-                ("checked", lambda step, found: check_meta(found["meta"])),
-                ("arrays", lambda step, found: self._restore_arrays(step, found["meta"], model=model,
-                                                                    optimizer=optimizer)),
-                ("data", lambda step, found: self._restore_data(step, found["meta"], data_iterator)))
+      phases = (
+        ("meta", lambda step, found: self.read_meta(step)),
+        ("checked", lambda step, found: check_meta(found["meta"])),
+        (
+          "arrays",
+          lambda step, found: self._restore_arrays(step, found["meta"], model=model, optimizer=optimizer),
+        ),
+        ("data", lambda step, found: self._restore_data(step, found["meta"], data_iterator)),
+      )
       for name, phase in phases:
         damage = refusal = None
         try:
@@ -155,21 +190,27 @@ class TrainingCheckpointer:
         if outcome not in (_RESTORED, _DAMAGED):  # every process stops, the checkpoints left as they are
           if refusal is not None:
             raise refusal
-          raise StorageError(f"{self.latest_dir}/{step}: another process could not restore this "
-                             "checkpoint (its error is in that process's log); nothing was changed")
+          raise StorageError(
+            f"{self.latest_dir}/{step}: another process could not restore this "
+            "checkpoint (its error is in that process's log); nothing was changed"
+          )
         if outcome == _DAMAGED:
           break
       else:
         return (*found["arrays"], found["meta"])
       target = self._set_aside(step)
-      logging.warning("%s; set aside as %s, resuming from an older checkpoint if one verifies",
-                      damage or f"{self.latest_dir}/{step}: damaged as read by another process", target)
+      logging.warning(
+        "%s; set aside as %s, resuming from an older checkpoint if one verifies",
+        damage or f"{self.latest_dir}/{step}: damaged as read by another process",
+        target,
+      )
       set_aside_steps.append(step)
     if set_aside_steps:
       raise CheckpointDamagedError(
-          f"{self.latest_dir}: no checkpoint verifies: step(s) {', '.join(map(str, set_aside_steps))} "
-          f"are damaged and were set aside as <step>{integrity.DAMAGED_SUFFIX}; rerunning starts from step 0 "
-          "(or put back a good copy)")
+        f"{self.latest_dir}: no checkpoint verifies: step(s) {', '.join(map(str, set_aside_steps))} "
+        f"are damaged and were set aside as <step>{integrity.DAMAGED_SUFFIX}; rerunning starts from step 0 "
+        "(or put back a good copy)"
+      )
     return None
 
   def _set_aside(self, step: int) -> str:
@@ -179,6 +220,7 @@ class TrainingCheckpointer:
       target = integrity.set_aside(self.latest_dir, step)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
       multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.latest.reload()
     return target
@@ -215,6 +257,7 @@ def _worst_outcome(outcome: int) -> int:
   if jax.process_count() == 1:
     return outcome
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
 
 

@@ -101,8 +101,11 @@ def machine_identity() -> dict:
     namespace = os.readlink("/proc/self/ns/pid")
   except OSError:
     namespace = None
-  return {"host": socket.gethostname(), "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
-          "pid_namespace": namespace}
+  return {
+    "host": socket.gethostname(),
+    "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
+    "pid_namespace": namespace,
+  }
 
 
 def _token(data: bytes) -> str | None:
@@ -115,8 +118,11 @@ def _token(data: bytes) -> str | None:
 
 
 def describe(holder: dict) -> str:
-  return (f"process {holder.get('pid')} on host {holder.get('host')} (started {holder.get('since')})"
-          if holder else "an unknown run (unreadable lock file)")
+  return (
+    f"process {holder.get('pid')} on host {holder.get('host')} (started {holder.get('since')})"
+    if holder
+    else "an unknown run (unreadable lock file)"
+  )
 
 
 class _LocalLockFile:
@@ -303,8 +309,14 @@ class WorkdirLock:
     self._last_refresh_wall = 0.0  # and time.time() then: what a taker compares with (its "refreshed")
 
   def _content(self) -> bytes:
-    holder = dict(self.owner, since=self._since, refreshed=round(time.time(), 3),
-                  lease_seconds=self.lease, refreshes=self._refreshes, token=self._token)
+    holder = dict(
+      self.owner,
+      since=self._since,
+      refreshed=round(time.time(), 3),
+      lease_seconds=self.lease,
+      refreshes=self._refreshes,
+      token=self._token,
+    )
     text = json.dumps(holder)
     return (text + " " * max(LOCK_BYTES - 1 - len(text), 0) + "\n").encode()
 
@@ -326,13 +338,20 @@ class WorkdirLock:
   def _same_machine(self, holder: dict) -> bool:
     """Whether ``holder`` ran on this kernel, this boot, in this PID namespace, so that its PID means
     here what it meant there (a lock of an older version, without those fields, never does)."""
-    return all(self.owner[key] is not None and holder.get(key) == self.owner[key]
-               for key in ("host", "boot_id", "pid_namespace"))
+    return all(
+      self.owner[key] is not None and holder.get(key) == self.owner[key]
+      for key in ("host", "boot_id", "pid_namespace")
+    )
 
   def _stale_reason(self, holder: dict) -> str | None:
     """Why ``holder``'s lock may be taken over, or None while it may be alive."""
     pid = holder.get("pid")
-    if self._same_machine(holder) and isinstance(pid, int) and pid != self.owner["pid"] and not paths.process_alive(pid):
+    if (
+      self._same_machine(holder)
+      and isinstance(pid, int)
+      and pid != self.owner["pid"]
+      and not paths.process_alive(pid)
+    ):
       return "which is no longer running (killed?)"
     refreshed, lease = holder.get("refreshed"), holder.get("lease_seconds", self.lease)
     if isinstance(refreshed, (int, float)) and isinstance(lease, (int, float)):
@@ -363,12 +382,16 @@ class WorkdirLock:
   def _refuse(self, holder: dict) -> None:
     if holder and isinstance(holder.get("refreshed"), (int, float)):
       lease = holder.get("lease_seconds", self.lease)
-      hint = (f"; it was refreshed {max(time.time() - holder['refreshed'], 0):.0f} s ago and is taken over "
-              f"once not refreshed for {lease:g} s")
+      hint = (
+        f"; it was refreshed {max(time.time() - holder['refreshed'], 0):.0f} s ago and is taken over "
+        f"once not refreshed for {lease:g} s"
+      )
     else:  # an older version's lock, or garbage: it never expires
       hint = "" if self._same_machine(holder) else "; if that run is dead, delete the lock file"
-    raise WorkdirLockedError(f"{self.workdir}: workdir is in use by {describe(holder)}; use another "
-                             f"--workdir or wait for it to finish (lock: {self.path}{hint})")
+    raise WorkdirLockedError(
+      f"{self.workdir}: workdir is in use by {describe(holder)}; use another "
+      f"--workdir or wait for it to finish (lock: {self.path}{hint})"
+    )
 
   def _mark_refresh_start(self) -> None:
     self._last_refresh, self._last_refresh_wall = _clock(), time.time()
@@ -398,8 +421,12 @@ class WorkdirLock:
             return
         except Exception as error:  # pylint: disable=broad-except
           if not failing:
-            logging.warning("%s: could not refresh the workdir lock (%s: %s); retrying", self.path,
-                            type(error).__name__, error)
+            logging.warning(
+              "%s: could not refresh the workdir lock (%s: %s); retrying",
+              self.path,
+              type(error).__name__,
+              error,
+            )
           failing = True
           continue
         failing = False
@@ -412,8 +439,13 @@ class WorkdirLock:
     except Exception as error:  # pylint: disable=broad-except  # lost all the same; only the name is missing
       holder = f"another run (the lock cannot be read: {type(error).__name__})"
     self.lost = self.lost or f"{holder} took over this workdir's lock"
-    logging.error("%s: %s (this run had not refreshed it for longer than its %g s lease); it stops before "
-                  "it writes anything more", self.path, self.lost, self.lease)
+    logging.error(
+      "%s: %s (this run had not refreshed it for longer than its %g s lease); it stops before "
+      "it writes anything more",
+      self.path,
+      self.lost,
+      self.lease,
+    )
 
   def check(self) -> str | None:
     """None while this run may go on writing, judged in memory (cheap enough for every metrics row):
@@ -442,8 +474,12 @@ class WorkdirLock:
       try:
         ours = self._file.still_ours()
       except Exception as error:  # pylint: disable=broad-except
-        logging.warning("%s: could not read the workdir lock (%s: %s); relying on its last refresh",
-                        self.path, type(error).__name__, error)
+        logging.warning(
+          "%s: could not read the workdir lock (%s: %s); relying on its last refresh",
+          self.path,
+          type(error).__name__,
+          error,
+        )
         ours = True
       if not ours:
         self._mark_lost()
@@ -478,11 +514,13 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
       lock, error = None, e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not locked and error is None:
       error = WorkdirLockedError(
-          f"{workdir}: process 0 could not lock this workdir (its error is in its log: another run "
-          "using it, or the storage)")
+        f"{workdir}: process 0 could not lock this workdir (its error is in its log: another run "
+        "using it, or the storage)"
+      )
   if error is not None:
     raise error
   return lock

@@ -57,14 +57,24 @@ def predictor(model: nnx.Module, meta: dict, *, mesh) -> Callable[..., dict]:
   @jax.jit
   def forward(state, images):
     logits, mass_z = nnx.merge(graphdef, state)(images)
-    return {"prob": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1],
-            "mass_z": mass_z[:, 0].astype(jnp.float32)}
+    return {
+      "prob": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1],
+      "mass_z": mass_z[:, 0].astype(jnp.float32),
+    }
 
   def run(source, *, batch_size: int) -> dict:
-    out = inference.map_source(lambda images: forward(state, images), source,
-                               pixel_scale=meta.get("pixel_scale", 1.0), batch_size=batch_size, mesh=mesh)
-    return {"index": out["index"], "prob": out["prob"],
-            "mass_pred": split.destandardise_mass(out.pop("mass_z"), meta["mass_mean"], meta["mass_std"])}
+    out = inference.map_source(
+      lambda images: forward(state, images),
+      source,
+      pixel_scale=meta.get("pixel_scale", 1.0),
+      batch_size=batch_size,
+      mesh=mesh,
+    )
+    return {
+      "index": out["index"],
+      "prob": out["prob"],
+      "mass_pred": split.destandardise_mass(out.pop("mass_z"), meta["mass_mean"], meta["mass_std"]),
+    }
 
   return run
 
@@ -74,8 +84,9 @@ def predict(model: nnx.Module, source, meta: dict, *, batch_size: int, mesh) -> 
   return predictor(model, meta, mesh=mesh)(source, batch_size=batch_size)
 
 
-def predict_checkpoint(directory: str, labelled: sources.LabelledFile, indices: np.ndarray, *,
-                       batch_size: int, mesh) -> dict:
+def predict_checkpoint(
+  directory: str, labelled: sources.LabelledFile, indices: np.ndarray, *, batch_size: int, mesh
+) -> dict:
   """``predict`` of the finetuned checkpoint in ``directory`` on the labelled jets ``indices``."""
   model, meta = model_io.restore_model_checkpoint(directory)
   labelled.check_image_size(meta["model_config"], directory)
@@ -104,12 +115,16 @@ def _recorded_split(directory: str, meta: dict) -> dict | None:
   if recorded is None:
     return None
   fields = ("num_jets", "image_size", "labels_sha256", "split_seed", "numpy")
-  if not (isinstance(recorded, dict) and all(field in recorded for field in fields)
-          and isinstance(recorded.get("indices_sha256"), dict)
-          and all(isinstance(recorded["indices_sha256"].get(name), str) for name in split.SPLIT_NAMES)):
+  if not (
+    isinstance(recorded, dict)
+    and all(field in recorded for field in fields)
+    and isinstance(recorded.get("indices_sha256"), dict)
+    and all(isinstance(recorded["indices_sha256"].get(name), str) for name in split.SPLIT_NAMES)
+  ):
     raise errors.CheckpointDamagedError(
-        f"{directory}: damaged checkpoint: meta 'data_split' is {str(recorded)[:60]!r}, expected the "
-        f"object of split.split_fingerprint ({', '.join(fields)}, indices_sha256)")
+      f"{directory}: damaged checkpoint: meta 'data_split' is {str(recorded)[:60]!r}, expected the "
+      f"object of split.split_fingerprint ({', '.join(fields)}, indices_sha256)"
+    )
   return recorded
 
 
@@ -136,30 +151,36 @@ def check_model_split(directory: str, meta: dict, labelled: sources.LabelledFile
     return
   if recorded is None:
     if meta.get("mass_mean") is not None:
-      logging.warning("%s: its checkpoint records no data split (saved before checkpoints recorded "
-                      "it, or imported): cannot check that config.split=%r holds no jet it trained on",
-                      directory, name)
+      logging.warning(
+        "%s: its checkpoint records no data split (saved before checkpoints recorded "
+        "it, or imported): cannot check that config.split=%r holds no jet it trained on",
+        directory,
+        name,
+      )
     return
   current = labelled.fingerprint()
   if any(recorded[key] != current[key] for key in ("num_jets", "labels_sha256")):
     raise errors.DataError(
-        f"{labelled.path}: not the labelled file the model of {directory} was trained on "
-        f"({current['num_jets']} jets, labels {current['labels_sha256'][:19]}…; it trained on "
-        f"{recorded['num_jets']} jets, labels {str(recorded['labels_sha256'])[:19]}…), so its {name} split "
-        "may hold jets the model trained on; evaluate on that file, or on every jet of an independent "
-        "file with --config.split=all")
+      f"{labelled.path}: not the labelled file the model of {directory} was trained on "
+      f"({current['num_jets']} jets, labels {current['labels_sha256'][:19]}…; it trained on "
+      f"{recorded['num_jets']} jets, labels {str(recorded['labels_sha256'])[:19]}…), so its {name} split "
+      "may hold jets the model trained on; evaluate on that file, or on every jet of an independent "
+      "file with --config.split=all"
+    )
   if recorded["indices_sha256"][name] == current["indices_sha256"][name]:
     return
   if recorded["split_seed"] != labelled.split_seed:
     raise errors.ConfigError(
-        f"config.data.split_seed={labelled.split_seed} gives another {name} split than the model of "
-        f"{directory} was trained with (seed {recorded['split_seed']}); evaluate with "
-        f"--config.data.split_seed={recorded['split_seed']}")
+      f"config.data.split_seed={labelled.split_seed} gives another {name} split than the model of "
+      f"{directory} was trained with (seed {recorded['split_seed']}); evaluate with "
+      f"--config.data.split_seed={recorded['split_seed']}"
+    )
   raise errors.DataError(
-      f"{labelled.path}: data.split_seed={labelled.split_seed} gives another {name} split under NumPy "
-      f"{current['numpy']} than the model of {directory} was trained with under NumPy {recorded['numpy']} "
-      "(numpy.random.Generator changed its stream?); evaluate under NumPy "
-      f"{recorded['numpy']}, whose split it was")
+    f"{labelled.path}: data.split_seed={labelled.split_seed} gives another {name} split under NumPy "
+    f"{current['numpy']} than the model of {directory} was trained with under NumPy {recorded['numpy']} "
+    "(numpy.random.Generator changed its stream?); evaluate under NumPy "
+    f"{recorded['numpy']}, whose split it was"
+  )
 
 
 def _training_log(directory: str) -> str | None:
@@ -169,19 +190,33 @@ def _training_log(directory: str) -> str | None:
 
 def evaluate_checkpoint(name: str, directory: str, config, out_dir: str, mesh) -> tuple[dict, dict]:
   labelled = _labelled_file(config)
-  predictions = predict_checkpoint(directory, labelled, evaluated_indices(config, labelled),
-                                   batch_size=config.eval_batch_size, mesh=mesh)
+  predictions = predict_checkpoint(
+    directory, labelled, evaluated_indices(config, labelled), batch_size=config.eval_batch_size, mesh=mesh
+  )
   index = predictions["index"]
   label, mass_true = labelled.labels["label"][index], labelled.labels["mass"][index]
   jsonl = _training_log(directory)
   metrics = {}
   if jax.process_index() == 0:
     metrics = report.write_model_outputs(
-        out_dir, name, index=index, labels=label, probs=predictions["prob"], mass_true=mass_true,
-        mass_pred=predictions["mass_pred"], metrics_jsonl=jsonl,
-        bootstrap_samples=config.bootstrap_samples)
-    logging.info("%s (%s): accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV", name, directory,
-                 metrics["accuracy"], metrics["roc_auc"], metrics["mass_mae"])
+      out_dir,
+      name,
+      index=index,
+      labels=label,
+      probs=predictions["prob"],
+      mass_true=mass_true,
+      mass_pred=predictions["mass_pred"],
+      metrics_jsonl=jsonl,
+      bootstrap_samples=config.bootstrap_samples,
+    )
+    logging.info(
+      "%s (%s): accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV",
+      name,
+      directory,
+      metrics["accuracy"],
+      metrics["roc_auc"],
+      metrics["mass_mae"],
+    )
   return metrics, {"labels": label, "probs": predictions["prob"], "jsonl": jsonl}
 
 
@@ -201,19 +236,30 @@ def evaluate_probes(name: str, directory: str, config, out_dir: str, mesh) -> tu
   and scored on ``config.split``; the kNN row's mass is the neighbours' weighted mean mass.
   """
   labelled, splits = _fitting_splits(config)
-  outputs = probes.probe_checkpoint(directory, labelled, splits, batch_size=config.eval_batch_size,
-                                    mesh=mesh, k=config.get("probe_k", 20))
+  outputs = probes.probe_checkpoint(
+    directory, labelled, splits, batch_size=config.eval_batch_size, mesh=mesh, k=config.get("probe_k", 20)
+  )
   index = outputs["index"]
   label, mass_true = labelled.labels["label"][index], labelled.labels["mass"][index]
   jsonl = _training_log(directory)
-  rows = {f"{name}_linear_probe": (outputs["prob"], outputs["mass_pred"], jsonl),
-          f"{name}_knn": (outputs["knn_prob"], outputs["knn_mass_pred"], None)}
+  rows = {
+    f"{name}_linear_probe": (outputs["prob"], outputs["mass_pred"], jsonl),
+    f"{name}_knn": (outputs["knn_prob"], outputs["knn_mass_pred"], None),
+  }
   results = {}
   for row, (prob, mass_pred, row_log) in rows.items():
     if jax.process_index() == 0:
       results[row] = report.write_model_outputs(
-          out_dir, row, index=index, labels=label, probs=prob, mass_true=mass_true, mass_pred=mass_pred,
-          metrics_jsonl=row_log, bootstrap_samples=config.bootstrap_samples)
+        out_dir,
+        row,
+        index=index,
+        labels=label,
+        probs=prob,
+        mass_true=mass_true,
+        mass_pred=mass_pred,
+        metrics_jsonl=row_log,
+        bootstrap_samples=config.bootstrap_samples,
+      )
   return results, {"curves": {row: (label, prob) for row, (prob, _, _) in rows.items()}, "jsonl": jsonl}
 
 
@@ -226,21 +272,34 @@ def evaluate_physics_baseline(config, out_dir: str) -> tuple[dict, tuple]:
   """
   labelled, splits = _fitting_splits(config)
   labels = labelled.labels
-  predictions = bdt.physics_baseline_predictions(labelled.path, splits, seed=config.seed,
-                                                 cache_dir=paths.join(out_dir, bdt.BASELINE_NAME))
+  predictions = bdt.physics_baseline_predictions(
+    labelled.path, splits, seed=config.seed, cache_dir=paths.join(out_dir, bdt.BASELINE_NAME)
+  )
   index = predictions["index"]
   label = labels["label"][index]
   metrics = report.write_model_outputs(
-      out_dir, bdt.BASELINE_NAME, index=index, labels=label, probs=predictions["prob"],
-      mass_true=labels["mass"][index], mass_pred=predictions["mass_pred"],
-      bootstrap_samples=config.bootstrap_samples)
-  logging.info("%s: accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV", bdt.BASELINE_NAME,
-               metrics["accuracy"], metrics["roc_auc"], metrics["mass_mae"])
+    out_dir,
+    bdt.BASELINE_NAME,
+    index=index,
+    labels=label,
+    probs=predictions["prob"],
+    mass_true=labels["mass"][index],
+    mass_pred=predictions["mass_pred"],
+    bootstrap_samples=config.bootstrap_samples,
+  )
+  logging.info(
+    "%s: accuracy %.4f, ROC-AUC %.4f, mass MAE %.2f GeV",
+    bdt.BASELINE_NAME,
+    metrics["accuracy"],
+    metrics["roc_auc"],
+    metrics["mass_mae"],
+  )
   return metrics, (label, predictions["prob"])
 
 
-def class_mean_images(labelled: sources.LabelledFile, indices: np.ndarray, *,
-                      progress: bool = True) -> metrics_lib.ClassMeanImages:
+def class_mean_images(
+  labelled: sources.LabelledFile, indices: np.ndarray, *, progress: bool = True
+) -> metrics_lib.ClassMeanImages:
   """Per-class sums of the raw images of the jets ``indices``, read in one streamed pass.
 
   One record at a time, in index order, into two float64 sums: memory stays two images whatever the
@@ -254,8 +313,12 @@ def class_mean_images(labelled: sources.LabelledFile, indices: np.ndarray, *,
       record = source[position]
       accumulator.add(record["image"], record["label"])
       bar.update(1)
-  logging.info("Mean images of %d evaluated jets (%d top, %d QCD)", len(source), accumulator.counts[1],
-               accumulator.counts[0])
+  logging.info(
+    "Mean images of %d evaluated jets (%d top, %d QCD)",
+    len(source),
+    accumulator.counts[1],
+    accumulator.counts[0],
+  )
   return accumulator
 
 
@@ -277,16 +340,19 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
   baseline = config.get("physics_baseline", False)
   checkpoints = parse_checkpoints(config.checkpoints)
   if baseline and bdt.BASELINE_NAME in checkpoints:
-    raise ValueError(f"config.checkpoints: {bdt.BASELINE_NAME!r} is the physics baseline's row; name the "
-                     "checkpoint differently or set --config.physics_baseline=False")
+    raise ValueError(
+      f"config.checkpoints: {bdt.BASELINE_NAME!r} is the physics baseline's row; name the "
+      "checkpoint differently or set --config.physics_baseline=False"
+    )
   metas = {name: model_io.read_model_meta(directory) for name, directory in checkpoints.items()}
   pretraining = {name: _is_pretraining_checkpoint(meta) for name, meta in metas.items()}
   labelled = _labelled_file(config)
   for name, directory in checkpoints.items():  # refused before any evaluation runs or file is written
     if pretraining[name] and not probe:
       raise errors.CheckpointMismatchError(
-          f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; probe its "
-          "frozen features with --config.probe=True, or evaluate a finetuned workdir")
+        f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; probe its "
+        "frozen features with --config.probe=True, or evaluate a finetuned workdir"
+      )
     check_model_split(directory, metas[name], labelled, config)
   paths.makedirs(workdir)
   for name, directory in checkpoints.items():
@@ -307,7 +373,14 @@ def evaluate_checkpoints(config, workdir: str) -> dict:
     notes = f"{notes}\n\n## Physics baseline\n\n{bdt.REPORT_DESCRIPTION}"
   if jax.process_index() == 0:
     mean_images = class_mean_images(labelled, evaluated_indices(config, labelled))
-    path = report.write_report(workdir, results, predictions=curves, training_logs=logs or None,
-                               mean_images=mean_images, title=config.report_title, notes=notes)
+    path = report.write_report(
+      workdir,
+      results,
+      predictions=curves,
+      training_logs=logs or None,
+      mean_images=mean_images,
+      title=config.report_title,
+      notes=notes,
+    )
     logging.info("Report written to %s", path)
   return results

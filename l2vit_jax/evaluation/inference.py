@@ -15,9 +15,15 @@ from l2vit_jax.runtime import console, sharding
 from l2vit_jax.data import pipeline
 
 
-def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Sequence[dict], *,
-               pixel_scale: float, batch_size: int, mesh, description: str = "inference"
-               ) -> dict[str, np.ndarray]:
+def map_source(
+  forward: Callable[[jax.Array], dict[str, jax.Array]],
+  source: Sequence[dict],
+  *,
+  pixel_scale: float,
+  batch_size: int,
+  mesh,
+  description: str = "inference",
+) -> dict[str, np.ndarray]:
   """Applies ``forward`` to the images of ``source`` and returns its outputs per record.
 
   Args:
@@ -35,9 +41,13 @@ def map_source(forward: Callable[[jax.Array], dict[str, jax.Array]], source: Seq
     once, sorted by index, identical on every process.
   """
   per_process = batch_size // jax.process_count()
-  dataset = pipeline.make_eval_dataset(source, batch_size=per_process, pixel_scale=pixel_scale,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+  dataset = pipeline.make_eval_dataset(
+    source,
+    batch_size=per_process,
+    pixel_scale=pixel_scale,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   gathered: dict[str, list[np.ndarray]] = {}
   with console.ProgressBar(len(source), description, "jet") as bar:
     for batch in dataset:

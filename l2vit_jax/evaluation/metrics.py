@@ -39,6 +39,7 @@ class OneClassError(UndefinedMetricError):
 
 # --- input validation -------------------------------------------------------------------------------
 
+
 def _as_1d(name: str, values: np.ndarray | Sequence[float]) -> np.ndarray:
   """Returns ``values`` as a finite float64 vector; (N, 1) columns (the HDF5 layout) are flattened."""
   array = np.asarray(values, dtype=np.float64)
@@ -51,8 +52,10 @@ def _as_1d(name: str, values: np.ndarray | Sequence[float]) -> np.ndarray:
     raise ValueError(f"{name}: empty input")
   bad = np.flatnonzero(~np.isfinite(array))
   if bad.size:
-    raise ValueError(f"{name}: values must be finite, found {array[bad[0]]} at index {bad[0]}"
-                     f" ({bad.size} non-finite in total)")
+    raise ValueError(
+      f"{name}: values must be finite, found {array[bad[0]]} at index {bad[0]}"
+      f" ({bad.size} non-finite in total)"
+    )
   return array
 
 
@@ -72,8 +75,7 @@ def _check_same_length(**arrays: np.ndarray) -> None:
     raise ValueError(f"inputs must have the same length, got {listed}")
 
 
-def validate_labels_and_scores(labels, scores, scores_name: str = "scores"
-                               ) -> tuple[np.ndarray, np.ndarray]:
+def validate_labels_and_scores(labels, scores, scores_name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
   """Checked (int64 labels in {0, 1}, float64 scores) vectors of equal, non-zero length."""
   labels = _as_labels(labels)
   scores = _as_1d(scores_name, scores)
@@ -88,6 +90,7 @@ def _require_both_classes(labels: np.ndarray, what: str) -> None:
 
 
 # --- classification ---------------------------------------------------------------------------------
+
 
 def predict_classes(probs: np.ndarray | Sequence[float], threshold: float = 0.5) -> np.ndarray:
   """Hard class predictions: 1 where ``probs > threshold``.
@@ -145,8 +148,7 @@ def _cumulative_counts(labels: np.ndarray, scores: np.ndarray):
   return false_pos, true_pos, scores[last_of_group]
 
 
-def roc_curve(labels, scores, *, drop_intermediate: bool = True
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels, scores, *, drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """ROC curve as ``(fpr, tpr, thresholds)``, the same points as ``sklearn.metrics.roc_curve``.
 
   Each threshold classifies ``scores >= threshold`` as signal; tied scores enter together. The first
@@ -197,6 +199,7 @@ def background_rejection(labels, scores, signal_efficiency: float) -> float:
 
 # --- mass regression --------------------------------------------------------------------------------
 
+
 def validate_masses(mass_true, mass_pred) -> tuple[np.ndarray, np.ndarray]:
   """Checked float64 (true, predicted) mass vectors of equal length; true masses must be positive."""
   mass_true = _as_1d("mass_true", mass_true)
@@ -204,8 +207,10 @@ def validate_masses(mass_true, mass_pred) -> tuple[np.ndarray, np.ndarray]:
   _check_same_length(mass_true=mass_true, mass_pred=mass_pred)
   if np.any(mass_true <= 0):
     index = int(np.flatnonzero(mass_true <= 0)[0])
-    raise ValueError(f"mass_true: expected positive masses (relative errors divide by them), "
-                     f"found {mass_true[index]} at index {index}")
+    raise ValueError(
+      f"mass_true: expected positive masses (relative errors divide by them), "
+      f"found {mass_true[index]} at index {index}"
+    )
   return mass_true, mass_pred
 
 
@@ -221,11 +226,11 @@ def mass_errors(mass_true, mass_pred) -> dict[str, float]:
   relative = residual / mass_true
   low, high = np.percentile(relative, [16.0, 84.0])
   return {
-      "mae": float(np.mean(np.abs(residual))),
-      "mse": float(np.mean(residual ** 2)),
-      "bias": float(np.median(residual)),
-      "resolution": float((high - low) / 2.0),
-      "relative_bias": float(np.median(relative)),
+    "mae": float(np.mean(np.abs(residual))),
+    "mse": float(np.mean(residual**2)),
+    "bias": float(np.median(residual)),
+    "resolution": float((high - low) / 2.0),
+    "relative_bias": float(np.median(relative)),
   }
 
 
@@ -307,8 +312,14 @@ def _sculpting_inputs(labels, scores, mass_true):
   return labels, scores, mass_true
 
 
-def mass_sculpting(labels, scores, mass_true, *, signal_efficiency: float = SCULPTING_EFFICIENCY,
-                   edges: np.ndarray = SCULPTING_MASS_EDGES) -> dict:
+def mass_sculpting(
+  labels,
+  scores,
+  mass_true,
+  *,
+  signal_efficiency: float = SCULPTING_EFFICIENCY,
+  edges: np.ndarray = SCULPTING_MASS_EDGES,
+) -> dict:
   """How much a cut on the score reshapes the background's true-mass distribution.
 
   The score is cut at ``signal_efficiency_threshold`` (ε_S = 0.5 by default: half the signal passes).
@@ -333,18 +344,18 @@ def mass_sculpting(labels, scores, mass_true, *, signal_efficiency: float = SCUL
   hist_fail = normalised_histogram(mass_fail, edges) if mass_fail.size else empty
   jsd = jensen_shannon_divergence(hist_pass, hist_fail) if mass_pass.size and mass_fail.size else np.nan
   return {
-      "threshold": threshold,
-      "signal_efficiency": float(np.mean(passed[labels == 1])),
-      "background_efficiency": float(efficiency),
-      "rejection": float("inf") if efficiency == 0 else 1.0 / efficiency,
-      "jsd": float(jsd),
-      "inverse_jsd": float("nan") if np.isnan(jsd) else (float("inf") if jsd == 0 else 1.0 / jsd),
-      "num_pass": int(mass_pass.size),
-      "num_fail": int(mass_fail.size),
-      "edges": edges,
-      "background_all": normalised_histogram(mass_true[background], edges),
-      "background_pass": hist_pass,
-      "background_fail": hist_fail,
+    "threshold": threshold,
+    "signal_efficiency": float(np.mean(passed[labels == 1])),
+    "background_efficiency": float(efficiency),
+    "rejection": float("inf") if efficiency == 0 else 1.0 / efficiency,
+    "jsd": float(jsd),
+    "inverse_jsd": float("nan") if np.isnan(jsd) else (float("inf") if jsd == 0 else 1.0 / jsd),
+    "num_pass": int(mass_pass.size),
+    "num_fail": int(mass_fail.size),
+    "edges": edges,
+    "background_all": normalised_histogram(mass_true[background], edges),
+    "background_pass": hist_pass,
+    "background_fail": hist_fail,
   }
 
 
@@ -381,8 +392,12 @@ def sculpting_jsd_null(labels, scores, mass_true, *, num_samples: int = 200, see
   values = []
   for _ in range(num_samples):
     shuffled = rng.permutation(background)
-    values.append(jensen_shannon_divergence(normalised_histogram(shuffled[:num_pass], sculpting["edges"]),
-                                            normalised_histogram(shuffled[num_pass:], sculpting["edges"])))
+    values.append(
+      jensen_shannon_divergence(
+        normalised_histogram(shuffled[:num_pass], sculpting["edges"]),
+        normalised_histogram(shuffled[num_pass:], sculpting["edges"]),
+      )
+    )
   return float(np.median(values))
 
 
@@ -395,8 +410,9 @@ def _validate_probabilities(labels, probs) -> tuple[np.ndarray, np.ndarray]:
   labels, probs = validate_labels_and_scores(labels, probs, "probs")
   outside = np.flatnonzero((probs < 0) | (probs > 1))
   if outside.size:
-    raise ValueError(f"probs: calibration needs probabilities in [0, 1], found {probs[outside[0]]} at "
-                     f"index {outside[0]}")
+    raise ValueError(
+      f"probs: calibration needs probabilities in [0, 1], found {probs[outside[0]]} at index {outside[0]}"
+    )
   return labels, probs
 
 
@@ -466,8 +482,9 @@ def response_median_and_resolution(response: np.ndarray) -> tuple[float, float]:
   return float(median), float((high - low) / 2.0)
 
 
-def binned_mass_response(mass_true, mass_pred, *, edges: np.ndarray | None = None,
-                         min_count: int = RESPONSE_MIN_COUNT) -> dict[str, np.ndarray]:
+def binned_mass_response(
+  mass_true, mass_pred, *, edges: np.ndarray | None = None, min_count: int = RESPONSE_MIN_COUNT
+) -> dict[str, np.ndarray]:
   """Median and resolution of r = m_pred/m_true in bins [lo, hi) of the true mass.
 
   ``edges`` default to ``mass_response_edges`` (50 GeV). Returns ``edges``, ``count`` (int) and
@@ -494,8 +511,9 @@ def _in_window(mass: np.ndarray, window: tuple[float, float]) -> np.ndarray:
   return (mass >= window[0]) & (mass < window[1])
 
 
-def top_window_fractions(labels, mass_true, mass_pred, window: tuple[float, float] = TOP_MASS_WINDOW
-                         ) -> tuple[float, float]:
+def top_window_fractions(
+  labels, mass_true, mass_pred, window: tuple[float, float] = TOP_MASS_WINDOW
+) -> tuple[float, float]:
   """(true, predicted) fraction of QCD (label 0) jets whose mass lies in ``window`` = [lo, hi) GeV.
 
   A predicted fraction well above the true one means QCD predictions pile up at the top mass: the
@@ -507,8 +525,10 @@ def top_window_fractions(labels, mass_true, mass_pred, window: tuple[float, floa
   background = labels == 0
   if not background.any():
     raise OneClassError("the QCD top-window fraction needs QCD jets; labels contain only class 1")
-  return (float(np.mean(_in_window(mass_true[background], window))),
-          float(np.mean(_in_window(mass_pred[background], window))))
+  return (
+    float(np.mean(_in_window(mass_true[background], window))),
+    float(np.mean(_in_window(mass_pred[background], window))),
+  )
 
 
 def top_window_excess(labels, mass_true, mass_pred) -> float:
@@ -517,8 +537,9 @@ def top_window_excess(labels, mass_true, mass_pred) -> float:
   return fraction_pred - fraction_true
 
 
-def piles_up_at_top_mass(fraction_true: float, fraction_pred: float,
-                         excess_interval: Sequence[float] | None) -> bool:
+def piles_up_at_top_mass(
+  fraction_true: float, fraction_pred: float, excess_interval: Sequence[float] | None
+) -> bool:
   """The report's verdict: QCD predictions pile up at the top mass.
 
   True when the predicted fraction is at least ``PILEUP_RATIO`` times the true one (an effect large
@@ -531,6 +552,7 @@ def piles_up_at_top_mass(fraction_true: float, fraction_pred: float,
 
 
 # --- mean images ------------------------------------------------------------------------------------
+
 
 class ClassMeanImages:
   """Running per-class sums of images, for the mean image of each class and channel in one pass.
@@ -569,8 +591,10 @@ class ClassMeanImages:
 
 # --- uncertainties ----------------------------------------------------------------------------------
 
-def bootstrap_interval(metric_fn: Callable[..., float], *arrays, num_samples: int = 1000, seed: int = 0,
-                       level: float = 0.68) -> tuple[float, float]:
+
+def bootstrap_interval(
+  metric_fn: Callable[..., float], *arrays, num_samples: int = 1000, seed: int = 0, level: float = 0.68
+) -> tuple[float, float]:
   """Percentile bootstrap interval of ``metric_fn(*arrays)`` at the given confidence ``level``.
 
   Every array is resampled with the same indices (examples stay paired). Resamples for which
@@ -599,13 +623,16 @@ def bootstrap_interval(metric_fn: Callable[..., float], *arrays, num_samples: in
     except UndefinedMetricError:
       continue
   if len(values) < 2:
-    raise UndefinedMetricError(f"bootstrap_interval: only {len(values)} of {num_samples} resamples gave "
-                               "a value (the metric was undefined on the others, e.g. a single class)")
+    raise UndefinedMetricError(
+      f"bootstrap_interval: only {len(values)} of {num_samples} resamples gave "
+      "a value (the metric was undefined on the others, e.g. a single class)"
+    )
   low, high = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
   return float(low), float(high)
 
 
 # --- everything at once -----------------------------------------------------------------------------
+
 
 def _rejection_key(efficiency: float) -> str:
   return f"rejection_at_eff_{efficiency:g}"
@@ -646,53 +673,55 @@ def _inverse_interval(interval: list[float] | None) -> list[float | None] | None
 
 def _sculpting_metrics(labels, probs, mass_true, bootstrap: dict) -> dict:
   sculpting = mass_sculpting(labels, probs, mass_true)
-  efficiency_interval = _interval_or_none(sculpting_background_efficiency, labels, probs, mass_true,
-                                          **bootstrap)
+  efficiency_interval = _interval_or_none(
+    sculpting_background_efficiency, labels, probs, mass_true, **bootstrap
+  )
   # JSD50 is biased upward on finite samples and a resample (with its repeated jets) is noisier still, so
   # the resamples' JSDs sit above the value, often entirely: their percentile interval is no interval
   # around it. Their spread is still the statistical error, quoted as σ = half the 68 % width. No error
   # where the JSD itself is undefined: resamples that happen to define it are not its spread.
   jsd = sculpting["jsd"]
-  jsd_interval = (None if np.isnan(jsd)
-                  else _interval_or_none(sculpting_jsd, labels, probs, mass_true, **bootstrap))
+  jsd_interval = (
+    None if np.isnan(jsd) else _interval_or_none(sculpting_jsd, labels, probs, mass_true, **bootstrap)
+  )
   jsd_error = None if jsd_interval is None else (jsd_interval[1] - jsd_interval[0]) / 2.0
-  null = sculpting_jsd_null(labels, probs, mass_true, num_samples=bootstrap["num_samples"],
-                            seed=bootstrap["seed"])
+  null = sculpting_jsd_null(
+    labels, probs, mass_true, num_samples=bootstrap["num_samples"], seed=bootstrap["seed"]
+  )
   return {
-      "sculpting_target_signal_efficiency": SCULPTING_EFFICIENCY,
-      "sculpting_signal_efficiency": sculpting["signal_efficiency"],
-      "sculpting_threshold": sculpting["threshold"],
-      "sculpting_background_efficiency": sculpting["background_efficiency"],
-      "sculpting_r50": _json_number(sculpting["rejection"]),
-      "sculpting_r50_ci68": _inverse_interval(efficiency_interval),
-      "sculpting_jsd50": _json_number(sculpting["jsd"]),
-      "sculpting_jsd50_error": jsd_error,
-      "sculpting_inverse_jsd50": _json_number(sculpting["inverse_jsd"]),
-      # σ(1/J) = σ(J)/J², propagated to first order.
-      "sculpting_inverse_jsd50_error": None if jsd_error is None or jsd == 0 else jsd_error / jsd ** 2,
-      "sculpting_jsd50_null": _json_number(null),
-      "sculpting_inverse_jsd50_null": None if not null > 0 else 1.0 / null,  # NaN or 0: None
-      "sculpting_num_background_pass": sculpting["num_pass"],
-      "sculpting_num_background_fail": sculpting["num_fail"],
-      "sculpting_mass_edges": _json_list(sculpting["edges"]),
-      "sculpting_background_mass_all": _json_list(sculpting["background_all"]),
-      "sculpting_background_mass_pass": _json_list(sculpting["background_pass"]),
-      "sculpting_background_mass_fail": _json_list(sculpting["background_fail"]),
+    "sculpting_target_signal_efficiency": SCULPTING_EFFICIENCY,
+    "sculpting_signal_efficiency": sculpting["signal_efficiency"],
+    "sculpting_threshold": sculpting["threshold"],
+    "sculpting_background_efficiency": sculpting["background_efficiency"],
+    "sculpting_r50": _json_number(sculpting["rejection"]),
+    "sculpting_r50_ci68": _inverse_interval(efficiency_interval),
+    "sculpting_jsd50": _json_number(sculpting["jsd"]),
+    "sculpting_jsd50_error": jsd_error,
+    "sculpting_inverse_jsd50": _json_number(sculpting["inverse_jsd"]),
+    # σ(1/J) = σ(J)/J², propagated to first order.
+    "sculpting_inverse_jsd50_error": None if jsd_error is None or jsd == 0 else jsd_error / jsd**2,
+    "sculpting_jsd50_null": _json_number(null),
+    "sculpting_inverse_jsd50_null": None if not null > 0 else 1.0 / null,  # NaN or 0: None
+    "sculpting_num_background_pass": sculpting["num_pass"],
+    "sculpting_num_background_fail": sculpting["num_fail"],
+    "sculpting_mass_edges": _json_list(sculpting["edges"]),
+    "sculpting_background_mass_all": _json_list(sculpting["background_all"]),
+    "sculpting_background_mass_pass": _json_list(sculpting["background_pass"]),
+    "sculpting_background_mass_fail": _json_list(sculpting["background_fail"]),
   }
 
 
 def _calibration_metrics(labels, probs, bootstrap: dict) -> dict:
   bins = reliability_bins(labels, probs)
   return {
-      "calibration_ece": expected_calibration_error(labels, probs),
-      "calibration_ece_ci68": list(bootstrap_interval(expected_calibration_error, labels, probs,
-                                                      **bootstrap)),
-      "calibration_brier": brier_score(labels, probs),
-      "calibration_brier_ci68": list(bootstrap_interval(brier_score, labels, probs, **bootstrap)),
-      "reliability_bin_edges": _json_list(bins["edges"]),
-      "reliability_count": _json_list(bins["count"]),
-      "reliability_confidence": _json_list(bins["confidence"]),
-      "reliability_signal_fraction": _json_list(bins["signal_fraction"]),
+    "calibration_ece": expected_calibration_error(labels, probs),
+    "calibration_ece_ci68": list(bootstrap_interval(expected_calibration_error, labels, probs, **bootstrap)),
+    "calibration_brier": brier_score(labels, probs),
+    "calibration_brier_ci68": list(bootstrap_interval(brier_score, labels, probs, **bootstrap)),
+    "reliability_bin_edges": _json_list(bins["edges"]),
+    "reliability_count": _json_list(bins["count"]),
+    "reliability_confidence": _json_list(bins["confidence"]),
+    "reliability_signal_fraction": _json_list(bins["signal_fraction"]),
   }
 
 
@@ -706,27 +735,32 @@ def _response_metrics(labels, mass_true, mass_pred, bootstrap: dict) -> dict:
     chosen = np.ones(labels.size, bool) if cls is None else labels == cls
     median, resolution = response_median_and_resolution(mass_pred[chosen] / mass_true[chosen])
     binned = binned_mass_response(mass_true[chosen], mass_pred[chosen], edges=edges)
-    result.update({
+    result.update(
+      {
         f"mass_response_{group}_median": median,
         f"mass_response_{group}_resolution": resolution,
         f"mass_response_binned_{group}_count": _json_list(binned["count"]),
         f"mass_response_binned_{group}_median": _json_list(binned["median"]),
         f"mass_response_binned_{group}_resolution": _json_list(binned["resolution"]),
-    })
+      }
+    )
   fraction_true, fraction_pred = top_window_fractions(labels, mass_true, mass_pred)
   excess_interval = _interval_or_none(top_window_excess, labels, mass_true, mass_pred, **bootstrap)
-  result.update({
+  result.update(
+    {
       "top_mass_window": list(TOP_MASS_WINDOW),
       "qcd_top_window_fraction_true": fraction_true,
       "qcd_top_window_fraction_pred": fraction_pred,
       "qcd_top_window_excess_ci68": excess_interval,
       "qcd_top_window_pileup": piles_up_at_top_mass(fraction_true, fraction_pred, excess_interval),
-  })
+    }
+  )
   return result
 
 
-def classification_and_mass_metrics(labels, probs, mass_true, mass_pred, *, bootstrap_samples: int = 1000,
-                                    seed: int = 0) -> dict:
+def classification_and_mass_metrics(
+  labels, probs, mass_true, mass_pred, *, bootstrap_samples: int = 1000, seed: int = 0
+) -> dict:
   """All report metrics as a flat, JSON-ready dict (Python floats, ints, bools, lists and None only).
 
   Keys: ``accuracy``, ``roc_auc``, ``mass_mae``, ``mass_mse``, ``mass_bias``, ``mass_resolution``,
@@ -761,9 +795,9 @@ def classification_and_mass_metrics(labels, probs, mass_true, mass_pred, *, boot
   _check_same_length(labels=labels, mass_true=mass_true)
   mass = mass_errors(mass_true, mass_pred)
   result = {
-      "accuracy": accuracy(labels, probs),
-      "roc_auc": roc_auc(labels, probs),
-      **{f"mass_{key}": value for key, value in mass.items()},
+    "accuracy": accuracy(labels, probs),
+    "roc_auc": roc_auc(labels, probs),
+    **{f"mass_{key}": value for key, value in mass.items()},
   }
   for efficiency in REJECTION_EFFICIENCIES:
     result[_rejection_key(efficiency)] = _json_number(background_rejection(labels, probs, efficiency))

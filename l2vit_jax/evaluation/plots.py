@@ -43,6 +43,7 @@ EPS_B = r"$\varepsilon_\mathrm{B}$"
 
 # --- shared helpers ---------------------------------------------------------------------------------
 
+
 def set_style(name: str) -> None:
   """Chooses the look of every figure made from now on: one of STYLES (checked here)."""
   global _chosen_style  # pylint: disable=global-statement
@@ -62,11 +63,14 @@ def _style_sheets(name: str) -> list:
     try:
       import mplhep  # pylint: disable=import-outside-toplevel
     except ImportError:
-      raise ConfigError("plot style 'cms' needs mplhep: pip install -e \".[hep]\" (or use the default "
-                        f"style: unset {STYLE_VARIABLE})") from None
+      raise ConfigError(
+        "plot style 'cms' needs mplhep: pip install -e \".[hep]\" (or use the default "
+        f"style: unset {STYLE_VARIABLE})"
+      ) from None
     return ["default", mplhep.style.CMS]
-  raise ConfigError(f"unknown plot style {name!r} ({STYLE_VARIABLE} or plots.set_style); use one of "
-                    f"{list(STYLES)}")
+  raise ConfigError(
+    f"unknown plot style {name!r} ({STYLE_VARIABLE} or plots.set_style); use one of {list(STYLES)}"
+  )
 
 
 @contextlib.contextmanager
@@ -95,6 +99,7 @@ def _save(figure: matplotlib.figure.Figure, path: str | os.PathLike) -> str:
 
 # --- classification ---------------------------------------------------------------------------------
 
+
 def plot_confusion_matrix(labels, probs, path, *, title: str = "Confusion matrix") -> str:
   """Confusion matrix coloured by row-normalised fraction, each cell annotated with count and fraction."""
   counts = metrics.confusion_matrix(labels, probs)
@@ -109,8 +114,9 @@ def plot_confusion_matrix(labels, probs, path, *, title: str = "Confusion matrix
     ax.set_yticks([0, 1], CLASS_NAMES)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"{title}\naccuracy {np.trace(counts) / counts.sum():.4f} (N = {counts.sum()})",
-                 fontsize="medium")
+    ax.set_title(
+      f"{title}\naccuracy {np.trace(counts) / counts.sum():.4f} (N = {counts.sum()})", fontsize="medium"
+    )
     figure.colorbar(image, ax=ax, label="fraction of true class")
     return _save(figure, path)
 
@@ -132,15 +138,17 @@ def plot_roc(curves: Mapping[str, tuple], path, *, title: str = "ROC") -> str:
       finite = fpr > 0
       rejection_ax.plot(tpr[finite], 1.0 / fpr[finite], color=line.get_color(), label=name)
     roc_ax.plot([0, 1], [0, 1], ls=":", color="grey", label="random")
-    roc_ax.set(xlabel=f"false positive rate {EPS_B}", ylabel=f"true positive rate {EPS_S}", xlim=(0, 1),
-               ylim=(0, 1.01))
+    roc_ax.set(
+      xlabel=f"false positive rate {EPS_B}", ylabel=f"true positive rate {EPS_S}", xlim=(0, 1), ylim=(0, 1.01)
+    )
     efficiency = np.linspace(0.01, 1.0, 100)
     rejection_ax.plot(efficiency, 1.0 / efficiency, ls=":", color="grey", label="random")
     for working_point in metrics.REJECTION_EFFICIENCIES:
       rejection_ax.axvline(working_point, color="lightgrey", lw=0.8, zorder=0)
     rejection_ax.set_yscale("log")
-    rejection_ax.set(xlabel=f"signal efficiency {EPS_S}", ylabel=f"background rejection 1/{EPS_B}",
-                     xlim=(0, 1))
+    rejection_ax.set(
+      xlabel=f"signal efficiency {EPS_S}", ylabel=f"background rejection 1/{EPS_B}", xlim=(0, 1)
+    )
     roc_ax.legend(loc="lower right", fontsize="small")
     rejection_ax.legend(loc="upper right", fontsize="small")
     figure.suptitle(title)
@@ -148,6 +156,7 @@ def plot_roc(curves: Mapping[str, tuple], path, *, title: str = "ROC") -> str:
 
 
 # --- mass regression --------------------------------------------------------------------------------
+
 
 def _mass_range(*arrays: np.ndarray) -> tuple[float, float]:
   """Common axis range that ignores the extreme 0.5 % tails so a few outliers do not squash the plot."""
@@ -173,8 +182,9 @@ def plot_mass_2d(mass_true, mass_pred, path, *, title: str = "Jet mass", bins: i
     ax.set(xlabel="true mass (GeV)", ylabel="predicted mass (GeV)", xlim=(low, high), ylim=(low, high))
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize="small")
-    ax.set_title(f"{title}\nMAE {errors['mae']:.2f} GeV, resolution {errors['resolution']:.1%}",
-                 fontsize="medium")
+    ax.set_title(
+      f"{title}\nMAE {errors['mae']:.2f} GeV, resolution {errors['resolution']:.1%}", fontsize="medium"
+    )
     figure.colorbar(mesh, ax=ax, label="jets per bin")
     return _save(figure, path)
 
@@ -210,13 +220,20 @@ def plot_mass_residual(mass_true, mass_pred, path, *, title: str = "Mass residua
       ax.plot(centres, p50, marker="o", ms=4, drawstyle="steps-mid", label="median")
       ax.legend(loc="best", fontsize="small")
     else:
-      ax.text(0.5, 0.5, f"fewer than {MIN_PER_BIN} jets in every mass bin", transform=ax.transAxes,
-              ha="center", va="center")
+      ax.text(
+        0.5,
+        0.5,
+        f"fewer than {MIN_PER_BIN} jets in every mass bin",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+      )
     ax.set(xlabel="true mass (GeV)", ylabel="predicted − true mass (GeV)", title=title)
     return _save(figure, path)
 
 
 # --- physics checks ---------------------------------------------------------------------------------
+
 
 def plot_mass_sculpting(labels, scores, mass_true, path, *, title: str = "Mass sculpting") -> str:
   """Background (QCD) true-mass shape before the ε_S = 0.5 cut, and of the jets passing and failing it.
@@ -229,10 +246,11 @@ def plot_mass_sculpting(labels, scores, mass_true, path, *, title: str = "Mass s
   widths = np.diff(edges)
   with _style():
     figure, (ax,) = _new_figure(width=7.0, height=5.0)
-    curves = (("background_all", "all QCD (before the cut)", dict(color="black", lw=1.5)),
-              ("background_pass", f"passing ({sculpting['num_pass']} jets)", dict(color="C1", lw=1.5)),
-              ("background_fail", f"failing ({sculpting['num_fail']} jets)",
-               dict(color="C0", lw=1.2, ls="--")))
+    curves = (
+      ("background_all", "all QCD (before the cut)", dict(color="black", lw=1.5)),
+      ("background_pass", f"passing ({sculpting['num_pass']} jets)", dict(color="C1", lw=1.5)),
+      ("background_fail", f"failing ({sculpting['num_fail']} jets)", dict(color="C0", lw=1.2, ls="--")),
+    )
     for key, label, style in curves:
       fractions = sculpting[key]
       if np.isfinite(fractions).all():
@@ -247,8 +265,11 @@ def plot_mass_sculpting(labels, scores, mass_true, path, *, title: str = "Mass s
     ax.set(xlabel="true jet mass (GeV)", ylabel="fraction of QCD jets per GeV", xlim=(edges[0], edges[-1]))
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper right", fontsize="small")
-    ax.set_title(f"{title}: cut at {EPS_S} = {sculpting['signal_efficiency']:.2f}\n"
-                 f"R50 = 1/{EPS_B} = {r50}, 1/JSD50 = {jsd_text}", fontsize="medium")
+    ax.set_title(
+      f"{title}: cut at {EPS_S} = {sculpting['signal_efficiency']:.2f}\n"
+      f"R50 = 1/{EPS_B} = {r50}, 1/JSD50 = {jsd_text}",
+      fontsize="medium",
+    )
     return _save(figure, path)
 
 
@@ -265,8 +286,9 @@ def plot_reliability(labels, probs, path, *, title: str = "Calibration") -> str:
     figure, (diagram_ax, histogram_ax) = _new_figure(ncols=2, width=5.5, height=5.0)
     diagram_ax.plot([0, 1], [0, 1], ls=":", color="grey", label="calibrated")
     diagram_ax.plot(bins["confidence"][used], bins["signal_fraction"][used], marker="o", label="model")
-    diagram_ax.set(xlabel="mean predicted P(top) in bin", ylabel="fraction of top jets in bin",
-                   xlim=(0, 1), ylim=(0, 1))
+    diagram_ax.set(
+      xlabel="mean predicted P(top) in bin", ylabel="fraction of top jets in bin", xlim=(0, 1), ylim=(0, 1)
+    )
     diagram_ax.set_aspect("equal")
     diagram_ax.legend(loc="upper left", fontsize="small")
     for cls, name in enumerate(CLASS_NAMES):
@@ -289,8 +311,11 @@ def plot_mass_response(labels, mass_true, mass_pred, path, *, title: str = "Mass
   mass_true, mass_pred = metrics.validate_masses(mass_true, mass_pred)
   edges = metrics.mass_response_edges(mass_true)
   centres = (edges[:-1] + edges[1:]) / 2
-  groups = (("all jets", None, dict(color="black")), ("top (1)", 1, dict(color="C1")),
-            ("QCD (0)", 0, dict(color="C0")))
+  groups = (
+    ("all jets", None, dict(color="black")),
+    ("top (1)", 1, dict(color="C1")),
+    ("QCD (0)", 0, dict(color="C0")),
+  )
   window = metrics.TOP_MASS_WINDOW
   with _style():
     figure, (scale_ax, resolution_ax, qcd_ax) = _new_figure(ncols=3, width=5.0, height=4.5)
@@ -304,8 +329,11 @@ def plot_mass_response(labels, mass_true, mass_pred, path, *, title: str = "Mass
       resolution_ax.plot(centres[drawn], binned["resolution"][drawn], marker="o", ms=4, label=name, **style)
     scale_ax.axhline(1.0, color="grey", ls=":", lw=1)
     scale_ax.set(xlabel="true mass (GeV)", ylabel="median of m_pred / m_true", xlim=(edges[0], edges[-1]))
-    resolution_ax.set(xlabel="true mass (GeV)", ylabel="resolution (q84 − q16)/2 of m_pred / m_true",
-                      xlim=(edges[0], edges[-1]))
+    resolution_ax.set(
+      xlabel="true mass (GeV)",
+      ylabel="resolution (q84 − q16)/2 of m_pred / m_true",
+      xlim=(edges[0], edges[-1]),
+    )
     resolution_ax.set_ylim(bottom=0)
     for ax in (scale_ax, resolution_ax):
       ax.legend(loc="best", fontsize="small")
@@ -314,13 +342,17 @@ def plot_mass_response(labels, mass_true, mass_pred, path, *, title: str = "Mass
       low, high = _mass_range(mass_true[background], mass_pred[background])
       mass_edges = np.linspace(min(low, window[0] - 20), max(high, window[1] + 20), 41)
       # The 0.5 % tails beyond the range are not drawn (clipping them would fake a peak at the edge).
-      qcd_ax.hist(mass_true[background], bins=mass_edges, histtype="step", lw=1.5, color="black",
-                  label="true")
-      qcd_ax.hist(mass_pred[background], bins=mass_edges, histtype="step", lw=1.5, color="C0",
-                  label="predicted")
+      qcd_ax.hist(
+        mass_true[background], bins=mass_edges, histtype="step", lw=1.5, color="black", label="true"
+      )
+      qcd_ax.hist(
+        mass_pred[background], bins=mass_edges, histtype="step", lw=1.5, color="C0", label="predicted"
+      )
       fraction_true, fraction_pred = metrics.top_window_fractions(labels, mass_true, mass_pred)
-      qcd_ax.set_title(f"QCD in {window[0]:g}–{window[1]:g} GeV: true {fraction_true:.1%}, "
-                       f"predicted {fraction_pred:.1%}", fontsize="small")
+      qcd_ax.set_title(
+        f"QCD in {window[0]:g}–{window[1]:g} GeV: true {fraction_true:.1%}, predicted {fraction_pred:.1%}",
+        fontsize="small",
+      )
       qcd_ax.legend(loc="upper right", fontsize="small")
     else:
       qcd_ax.text(0.5, 0.5, "no QCD jets", transform=qcd_ax.transAxes, ha="center", va="center")
@@ -331,8 +363,16 @@ def plot_mass_response(labels, mass_true, mass_pred, path, *, title: str = "Mass
 
 
 # Channel order of the CMS end-to-end images (docs/design.md, Physics conventions).
-CHANNEL_NAMES = ("track pT", "track d0", "track dz", "ECAL", "HCAL", "pixel layer 1", "pixel layer 2",
-                 "pixel layer 3")
+CHANNEL_NAMES = (
+  "track pT",
+  "track d0",
+  "track dz",
+  "ECAL",
+  "HCAL",
+  "pixel layer 1",
+  "pixel layer 2",
+  "pixel layer 3",
+)
 # The log colour scale of a channel spans at most this many decades below its brightest mean pixel, so
 # a handful of nearly empty pixels does not wash out the jet core.
 MEAN_IMAGE_DECADES = 6
@@ -350,8 +390,11 @@ def plot_mean_images(means: np.ndarray, counts, path, *, title: str = "Mean jet 
   if means.ndim != 4 or means.shape[0] != 2:
     raise ValueError(f"means: expected (2, H, W, C), got shape {means.shape}")
   num_channels = means.shape[-1]
-  names = CHANNEL_NAMES if num_channels == len(CHANNEL_NAMES) else tuple(
-      f"channel {c}" for c in range(num_channels))
+  names = (
+    CHANNEL_NAMES
+    if num_channels == len(CHANNEL_NAMES)
+    else tuple(f"channel {c}" for c in range(num_channels))
+  )
   with _style():
     scale = max(1.0, float(matplotlib.rcParams["font.size"]) / 12.0)
     figure = matplotlib.figure.Figure(figsize=(2.3 * num_channels * scale, 5.4 * scale), layout="constrained")
@@ -362,15 +405,18 @@ def plot_mean_images(means: np.ndarray, counts, path, *, title: str = "Mean jet 
       norm = None
       if positive.size:
         vmax = float(positive.max())
-        norm = matplotlib.colors.LogNorm(vmin=max(float(positive.min()), vmax * 10.0 ** -MEAN_IMAGE_DECADES),
-                                         vmax=vmax if vmax > positive.min() else vmax * 10.0)
+        norm = matplotlib.colors.LogNorm(
+          vmin=max(float(positive.min()), vmax * 10.0**-MEAN_IMAGE_DECADES),
+          vmax=vmax if vmax > positive.min() else vmax * 10.0,
+        )
       for row, cls in enumerate((1, 0)):
         ax = axes[row, channel]
         if norm is None:
           ax.text(0.5, 0.5, "all zero", transform=ax.transAxes, ha="center", va="center")
         else:
-          image = ax.imshow(np.ma.masked_less_equal(values[cls], 0), norm=norm, cmap="viridis",
-                            interpolation="nearest")
+          image = ax.imshow(
+            np.ma.masked_less_equal(values[cls], 0), norm=norm, cmap="viridis", interpolation="nearest"
+          )
         ax.set_xticks([])
         ax.set_yticks([])
         if row == 0:
@@ -387,12 +433,12 @@ def plot_mean_images(means: np.ndarray, counts, path, *, title: str = "Mean jet 
 
 # (y-axis label, predicate on the metric key); a panel is drawn only if some run logged a matching key.
 _PANELS = (
-    ("loss", lambda key: key.endswith("loss")),
-    ("accuracy", lambda key: key.endswith("/accuracy")),
-    ("mass MAE (GeV)", lambda key: key.endswith("mass_mae")),
-    # Frozen-feature probes logged during pretraining (probes.OnlineProbe); their mass MAE joins the
-    # panel above.
-    ("probe accuracy / ROC-AUC", lambda key: key.startswith("probe/") and key.endswith(("accuracy", "auc"))),
+  ("loss", lambda key: key.endswith("loss")),
+  ("accuracy", lambda key: key.endswith("/accuracy")),
+  ("mass MAE (GeV)", lambda key: key.endswith("mass_mae")),
+  # Frozen-feature probes logged during pretraining (probes.OnlineProbe); their mass MAE joins the
+  # panel above.
+  ("probe accuracy / ROC-AUC", lambda key: key.startswith("probe/") and key.endswith(("accuracy", "auc"))),
 )
 
 
@@ -417,8 +463,9 @@ def _line_style(key: str) -> dict:
   return dict(ls=":")
 
 
-def plot_training_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike], path, *,
-                         title: str = "Training curves") -> str:
+def plot_training_curves(
+  metrics_jsonl_paths: Mapping[str, str | os.PathLike], path, *, title: str = "Training curves"
+) -> str:
   """Loss, accuracy and mass-MAE curves vs epoch for one or more runs' JSON-lines metrics files.
 
   Every key ending in ``loss`` goes in the loss panel (train solid, val dashed); accuracy and mass-MAE
@@ -435,8 +482,14 @@ def plot_training_curves(metrics_jsonl_paths: Mapping[str, str | os.PathLike], p
   with _style():
     figure, axes = _new_figure(ncols=max(len(panels), 1), width=5.5, height=4.5)
     if not panels:
-      axes[0].text(0.5, 0.5, "no loss, accuracy or mass-MAE metrics found", ha="center", va="center",
-                   transform=axes[0].transAxes)
+      axes[0].text(
+        0.5,
+        0.5,
+        "no loss, accuracy or mass-MAE metrics found",
+        ha="center",
+        va="center",
+        transform=axes[0].transAxes,
+      )
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     for ax, (label, panel_keys) in zip(axes, panels):
       for run_index, (name, records) in enumerate(runs.items()):

@@ -65,26 +65,36 @@ FORMAT_VERSION = 1
 
 # --- what the predictions are computed from --------------------------------------------------------------
 
+
 def checkpoint_identity(directory: str, meta: dict) -> dict:
   """The checkpoint as ``directory`` names it, the Orbax directory and step restored, and
   ``checkpoint_digest``: SHA-256 of its meta (the array digests, pixel scale and mass statistics
   included), which names the weights and the numbers the predictions were computed with."""
   path, step = model_io.find_model_checkpoint(directory)
   canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
-  return {"checkpoint": str(directory), "checkpoint_path": str(path), "checkpoint_step": int(step),
-          "checkpoint_digest": "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()}
+  return {
+    "checkpoint": str(directory),
+    "checkpoint_path": str(path),
+    "checkpoint_step": int(step),
+    "checkpoint_digest": "sha256:" + hashlib.sha256(canonical.encode()).hexdigest(),
+  }
 
 
 def input_identity(path: str, num_jets: int) -> dict:
   """The input file by absolute path, size and modification time: a rewritten file is another input."""
   stat = os.stat(path)
-  return {"input_path": os.path.abspath(path), "input_bytes": int(stat.st_size),
-          "input_mtime_ns": int(stat.st_mtime_ns), "num_jets": int(num_jets)}
+  return {
+    "input_path": os.path.abspath(path),
+    "input_bytes": int(stat.st_size),
+    "input_mtime_ns": int(stat.st_mtime_ns),
+    "num_jets": int(num_jets),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What one predict run computes: the rows of the input in chunks of whole global batches."""
+
   input_path: str
   num_jets: int
   batch_size: int
@@ -100,11 +110,16 @@ class Plan:
 
   def fingerprint(self) -> dict:
     """Everything the chunks and the output depend on; a rerun resumes only under the same one."""
-    return {"format_version": FORMAT_VERSION, **self.identity, "batch_size": self.batch_size,
-            "chunk_size": self.chunk_size}
+    return {
+      "format_version": FORMAT_VERSION,
+      **self.identity,
+      "batch_size": self.batch_size,
+      "chunk_size": self.chunk_size,
+    }
 
 
 # --- checks before anything is written -------------------------------------------------------------------
+
 
 def _check_config(config, mesh) -> None:
   problems = []
@@ -115,10 +130,15 @@ def _check_config(config, mesh) -> None:
   if not (isinstance(config.chunk_size, int) and config.chunk_size > 0):
     problems.append(f"config.chunk_size={config.chunk_size!r}: expected a positive number of jets")
   devices = mesh.devices.size
-  if not (isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0
-          and config.eval_batch_size % devices == 0):
-    problems.append(f"config.eval_batch_size={config.eval_batch_size!r}: expected a positive multiple of "
-                    f"the {devices} device(s)")
+  if not (
+    isinstance(config.eval_batch_size, int)
+    and config.eval_batch_size > 0
+    and config.eval_batch_size % devices == 0
+  ):
+    problems.append(
+      f"config.eval_batch_size={config.eval_batch_size!r}: expected a positive multiple of "
+      f"the {devices} device(s)"
+    )
   if problems:
     raise errors.ConfigError("; ".join(problems))
 
@@ -135,8 +155,9 @@ def restore_finetuned(directory: str):
   meta = model_io.read_model_meta(directory)
   if evaluate._is_pretraining_checkpoint(meta):  # pylint: disable=protected-access  # one rule for both tasks
     raise errors.CheckpointMismatchError(
-        f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; expected a "
-        "finetuned workdir (configs/finetune.py) or an imported finetuned checkpoint")
+      f"{directory}: a pretraining (SimCLR/MAE) checkpoint has no class or mass head; expected a "
+      "finetuned workdir (configs/finetune.py) or an imported finetuned checkpoint"
+    )
   return model_io.restore_model_checkpoint(directory)
 
 
@@ -146,6 +167,7 @@ def _image_size(meta: dict) -> int | None:
 
 
 # --- process 0 writes, every process learns the outcome --------------------------------------------------
+
 
 def _on_process_0(action, what: str):
   """Runs ``action()`` on process 0 and returns its result there (None elsewhere); every process raises
@@ -159,6 +181,7 @@ def _on_process_0(action, what: str):
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if failed and error is None:
       error = errors.StorageError(f"{what}: process 0 failed (its error is in its log)")
@@ -172,6 +195,7 @@ def _broadcast(value: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
@@ -179,10 +203,12 @@ def _check_lock_held(lock: workdir_lock.WorkdirLock | None, workdir: str) -> Non
   """Before every write: a run that lost its lock (taken over, or not refreshed within its lease) stops
   without writing anything more (``training.loop`` does the same before checkpoints)."""
   from l2vit_jax.training import loop  # pylint: disable=import-outside-toplevel
+
   loop._check_lock_held(lock, workdir)  # pylint: disable=protected-access
 
 
 # --- the chunks of an unfinished run ---------------------------------------------------------------------
+
 
 class ChunkStore:
   """``WORKDIR/.predictions.h5.chunks/``: ``manifest.json`` (the plan's fingerprint) and one
@@ -213,8 +239,11 @@ class ChunkStore:
         found = None
       if found != wanted:
         changed = sorted(k for k in wanted if not isinstance(found, dict) or found.get(k) != wanted[k])
-        logging.warning("%s: chunks of an earlier run with another %s; starting over", self.directory,
-                        ", ".join(changed) or "manifest")
+        logging.warning(
+          "%s: chunks of an earlier run with another %s; starting over",
+          self.directory,
+          ", ".join(changed) or "manifest",
+        )
         self.remove()
     if not paths.exists(manifest):
       paths.makedirs(self.directory)
@@ -244,6 +273,7 @@ class ChunkStore:
 
 # --- scoring ---------------------------------------------------------------------------------------------
 
+
 def _check_finite(path: str, source, out: dict[str, np.ndarray]) -> None:
   """Refuses the first jet whose prediction is not finite, naming its bad pixel (NaN/Inf: the file's
   values outside the sample ``validate_file`` read) or, with finite pixels, their range.
@@ -258,9 +288,11 @@ def _check_finite(path: str, source, out: dict[str, np.ndarray]) -> None:
   key = "values" if sources.is_sparse(path) else hdf5.IMAGE_KEY
   image = source[position]["image"]  # the source's rows are the chunk's, in the predictions' order
   hdf5.check_pixel_values(path, key, image, row)
-  raise errors.DataError(f"{path}: key '{key}': image {row} (pixels {float(image.min()):g} to "
-                         f"{float(image.max()):g}) gives a non-finite prediction; expected pixel values "
-                         "the checkpoint's model can take (the CMS files' are at most ~255)")
+  raise errors.DataError(
+    f"{path}: key '{key}': image {row} (pixels {float(image.min()):g} to "
+    f"{float(image.max()):g}) gives a non-finite prediction; expected pixel values "
+    "the checkpoint's model can take (the CMS files' are at most ~255)"
+  )
 
 
 def scorer(model, meta: dict, plan: Plan, mesh) -> Callable[[Sequence[dict]], dict[str, np.ndarray]]:
@@ -277,11 +309,15 @@ def score_chunk(score, plan: Plan, chunk: int) -> dict[str, np.ndarray]:
   source = sources.open_source(plan.input_path, labelled=False, indices=np.arange(start, stop))
   out = score(source)
   _check_finite(plan.input_path, source, out)
-  return {"index": out["index"].astype(np.int64), "prob_top": out["prob"].astype(np.float32),
-          "mass": np.asarray(out["mass_pred"], np.float32)}
+  return {
+    "index": out["index"].astype(np.int64),
+    "prob_top": out["prob"].astype(np.float32),
+    "mass": np.asarray(out["mass_pred"], np.float32),
+  }
 
 
 # --- the output ------------------------------------------------------------------------------------------
+
 
 def write_predictions(path: str, arrays: dict[str, np.ndarray], plan: Plan) -> None:
   """Replaces ``path`` (whole, in one rename) with the HDF5 file of ``arrays``:
@@ -293,6 +329,7 @@ def write_predictions(path: str, arrays: dict[str, np.ndarray], plan: Plan) -> N
     ``checkpoint_path``, ``checkpoint_step``, ``checkpoint_digest``; batch and chunk sizes) and, as one
     JSON string, ``fingerprint`` (what a rerun compares).
   """
+
   def write(file_object) -> None:
     with h5py.File(file_object, "w") as f:
       f.create_dataset("index", data=arrays["index"])
@@ -320,14 +357,20 @@ def _assemble(store: ChunkStore, output: str) -> None:
   parts = [store.read(chunk) for chunk in range(store.plan.num_chunks)]
   missing = [chunk for chunk, part in enumerate(parts) if part is None]
   if missing:
-    raise errors.StorageError(f"{store.directory}: chunk(s) {missing[:5]} vanished before the output "
-                              "was assembled; run the same command again")
-  write_predictions(output, {key: np.concatenate([part[key] for part in parts])
-                             for key in ("index", "prob_top", "mass")}, store.plan)
+    raise errors.StorageError(
+      f"{store.directory}: chunk(s) {missing[:5]} vanished before the output "
+      "was assembled; run the same command again"
+    )
+  write_predictions(
+    output,
+    {key: np.concatenate([part[key] for part in parts]) for key in ("index", "prob_top", "mass")},
+    store.plan,
+  )
   store.remove()
 
 
 # --- the task --------------------------------------------------------------------------------------------
+
 
 def predict_file(config, workdir: str) -> dict:
   """Tags every jet of ``config.data.input_path`` with ``config.checkpoint`` into
@@ -338,10 +381,13 @@ def predict_file(config, workdir: str) -> dict:
   path = config.data.input_path
   info = sources.validate_file(path, labelled=False, image_size=_image_size(meta))
   batch_size = config.eval_batch_size
-  plan = Plan(input_path=path, num_jets=info.num_examples, batch_size=batch_size,
-              chunk_size=math.ceil(config.chunk_size / batch_size) * batch_size,
-              identity={**input_identity(path, info.num_examples),
-                        **checkpoint_identity(config.checkpoint, meta)})
+  plan = Plan(
+    input_path=path,
+    num_jets=info.num_examples,
+    batch_size=batch_size,
+    chunk_size=math.ceil(config.chunk_size / batch_size) * batch_size,
+    identity={**input_identity(path, info.num_examples), **checkpoint_identity(config.checkpoint, meta)},
+  )
   output = paths.join(workdir, PREDICTIONS_FILE)
   created = not paths.exists(workdir)
   paths.makedirs(workdir)
@@ -380,8 +426,14 @@ def _run(plan: Plan, store: ChunkStore, output: str, model, meta: dict, mesh, lo
   done = _broadcast(np.zeros(plan.num_chunks, np.int32) if done is None else done.astype(np.int32))
   resumed = sum(stop - start for start, stop in map(plan.rows, np.flatnonzero(done)))
   if resumed:
-    logging.info("%s: %d of %d chunks (%d of %d jets) were tagged by an earlier run; resuming",
-                 store.directory, int(done.sum()), plan.num_chunks, resumed, plan.num_jets)
+    logging.info(
+      "%s: %d of %d chunks (%d of %d jets) were tagged by an earlier run; resuming",
+      store.directory,
+      int(done.sum()),
+      plan.num_chunks,
+      resumed,
+      plan.num_jets,
+    )
   score = scorer(model, meta, plan, mesh)
   with console.ProgressBar(plan.num_jets - resumed, "predict", "jet") as bar:
     bar.update(0)  # the bar (and its ETA) from the start, not after the first chunk

@@ -47,7 +47,7 @@ from l2vit_jax.data import sources, split
 from l2vit_jax.evaluation import metrics
 
 # Ridge strengths in units of the standardised features: λ ≈ N penalises as much as the data pulls.
-DEFAULT_L2_GRID = tuple(float(10.0 ** e) for e in np.arange(-2.0, 5.01, 0.5))
+DEFAULT_L2_GRID = tuple(float(10.0**e) for e in np.arange(-2.0, 5.01, 0.5))
 # Feature standard deviations get this added (as big_vision): constant features do not blow up.
 STD_EPSILON = 1e-5
 # kNN similarity temperature: weights exp(cos / T), as the kNN monitor of Wu et al. (2018) and
@@ -61,14 +61,16 @@ ONLINE_SELECTION_FRACTION = 0.25
 
 # --- features ---------------------------------------------------------------------------------------
 
+
 # The graph definition is hashable and static: one compilation per architecture, reused every epoch.
 @functools.partial(jax.jit, static_argnums=0)
 def _pooled_features(graphdef, state, images):
   return nnx.merge(graphdef, state).features(images).astype(jnp.float32)
 
 
-def extract_features(backbone: models.L2ViT, source: Sequence[dict], *, pixel_scale: float,
-                     batch_size: int, mesh) -> dict[str, np.ndarray]:
+def extract_features(
+  backbone: models.L2ViT, source: Sequence[dict], *, pixel_scale: float, batch_size: int, mesh
+) -> dict[str, np.ndarray]:
   """Pooled features of ``backbone`` (set to eval mode) for every record of ``source``.
 
   Returns:
@@ -77,18 +79,25 @@ def extract_features(backbone: models.L2ViT, source: Sequence[dict], *, pixel_sc
   backbone.eval()
   graphdef, state = nnx.split(backbone)
   state = sharding.replicate(state, mesh)
-  return inference.map_source(lambda images: {"features": _pooled_features(graphdef, state, images)},
-                              source, pixel_scale=pixel_scale, batch_size=batch_size, mesh=mesh)
+  return inference.map_source(
+    lambda images: {"features": _pooled_features(graphdef, state, images)},
+    source,
+    pixel_scale=pixel_scale,
+    batch_size=batch_size,
+    mesh=mesh,
+  )
 
 
 # --- linear probe: closed-form ridge ----------------------------------------------------------------
+
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
   return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def fit_platt_scaling(scores: np.ndarray, labels: np.ndarray, *, iterations: int = 100
-                      ) -> tuple[float, float]:
+def fit_platt_scaling(
+  scores: np.ndarray, labels: np.ndarray, *, iterations: int = 100
+) -> tuple[float, float]:
   """(a, b) of P(y=1 | s) = sigmoid(a·s + b) by maximum likelihood (Platt, 1999).
 
   Platt's smoothed targets ((N₊+1)/(N₊+2) and 1/(N₋+2) instead of 1 and 0) keep the optimum finite
@@ -129,6 +138,7 @@ class LinearProbe:
   sigmoid(platt_slope · s + platt_offset), Platt-scaled on the validation scores: monotone in s (the
   ROC is the score's) and calibrated, where clipping s to [0, 1] would tie many jets at 0 and 1.
   """
+
   mean: np.ndarray  # (D,) train feature means
   std: np.ndarray  # (D,) train feature standard deviations (+ STD_EPSILON)
   class_weights: np.ndarray  # (D,)
@@ -178,9 +188,16 @@ def ridge_path(x: np.ndarray, targets: np.ndarray, l2_grid: Sequence[float]) -> 
   return [lhs @ (rhs / (eigenvalues + l2)[:, None]) for l2 in l2_grid]
 
 
-def fit_linear_probe(train_features: np.ndarray, train_labels: np.ndarray, train_mass_z: np.ndarray,
-                     val_features: np.ndarray, val_labels: np.ndarray, val_mass_z: np.ndarray, *,
-                     l2_grid: Sequence[float] = DEFAULT_L2_GRID) -> LinearProbe:
+def fit_linear_probe(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  train_mass_z: np.ndarray,
+  val_features: np.ndarray,
+  val_labels: np.ndarray,
+  val_mass_z: np.ndarray,
+  *,
+  l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+) -> LinearProbe:
   """Closed-form L2-regularised least squares for class (0/1 targets) and standardised mass.
 
   Features are standardised with the train statistics. Their train means are then zero, so the bias
@@ -196,8 +213,10 @@ def fit_linear_probe(train_features: np.ndarray, train_labels: np.ndarray, train
   mean = train_features.mean(axis=0)
   std = train_features.std(axis=0) + STD_EPSILON
   x = (train_features - mean) / std
-  targets = np.stack([np.asarray(train_labels, np.float64).reshape(-1),
-                      np.asarray(train_mass_z, np.float64).reshape(-1)], axis=1)
+  targets = np.stack(
+    [np.asarray(train_labels, np.float64).reshape(-1), np.asarray(train_mass_z, np.float64).reshape(-1)],
+    axis=1,
+  )
   bias = targets.mean(axis=0)
   weights = ridge_path(x, targets - bias, grid)
 
@@ -212,21 +231,38 @@ def fit_linear_probe(train_features: np.ndarray, train_labels: np.ndarray, train
   mass_choice = last - int(np.argmin(val_mae[::-1]))
   slope, offset = fit_platt_scaling(val_predictions[class_choice][:, 0], val_labels)
   return LinearProbe(
-      mean=mean, std=std, class_weights=weights[class_choice][:, 0], class_bias=float(bias[0]),
-      mass_weights=weights[mass_choice][:, 1], mass_bias=float(bias[1]), platt_slope=slope,
-      platt_offset=offset, class_l2=grid[class_choice], mass_l2=grid[mass_choice], l2_grid=grid,
-      val_auc=tuple(val_auc), val_mass_mae=tuple(val_mae))
+    mean=mean,
+    std=std,
+    class_weights=weights[class_choice][:, 0],
+    class_bias=float(bias[0]),
+    mass_weights=weights[mass_choice][:, 1],
+    mass_bias=float(bias[1]),
+    platt_slope=slope,
+    platt_offset=offset,
+    class_l2=grid[class_choice],
+    mass_l2=grid[mass_choice],
+    l2_grid=grid,
+    val_auc=tuple(val_auc),
+    val_mass_mae=tuple(val_mae),
+  )
 
 
 # --- kNN ----------------------------------------------------------------------------------------------
+
 
 def _unit_rows(features: np.ndarray) -> np.ndarray:
   features = np.asarray(features, np.float32)
   return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def knn_mean(train_features: np.ndarray, train_values: np.ndarray, query_features: np.ndarray, *,
-             k: int = 20, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+def knn_mean(
+  train_features: np.ndarray,
+  train_values: np.ndarray,
+  query_features: np.ndarray,
+  *,
+  k: int = 20,
+  temperature: float = KNN_TEMPERATURE,
+) -> np.ndarray:
   """Similarity-weighted mean of ``train_values`` over each query's k nearest training examples.
 
   Neighbours are by cosine similarity (features L2-normalised); neighbour i weighs exp(cos_i / T),
@@ -244,18 +280,23 @@ def knn_mean(train_features: np.ndarray, train_values: np.ndarray, query_feature
     raise ValueError(f"kNN needs k ≥ 1 and a non-empty training set (k={k}, N={len(bank)})")
   out = np.empty((len(queries),) + values.shape[1:], np.float64)
   for start in range(0, len(queries), KNN_CHUNK):
-    similarity = queries[start:start + KNN_CHUNK] @ bank.T
+    similarity = queries[start : start + KNN_CHUNK] @ bank.T
     nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
     top = np.take_along_axis(similarity, nearest, axis=1).astype(np.float64)
     weights = np.exp((top - top.max(axis=1, keepdims=True)) / temperature)  # the max cancels out
     weights /= weights.sum(axis=1, keepdims=True)
-    out[start:start + KNN_CHUNK] = np.einsum("qk,qk...->q...", weights, values[nearest])
+    out[start : start + KNN_CHUNK] = np.einsum("qk,qk...->q...", weights, values[nearest])
   return out
 
 
-def knn_class_probability(train_features: np.ndarray, train_labels: np.ndarray,
-                          query_features: np.ndarray, *, k: int = 20,
-                          temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+def knn_class_probability(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  query_features: np.ndarray,
+  *,
+  k: int = 20,
+  temperature: float = KNN_TEMPERATURE,
+) -> np.ndarray:
   """(Q,) class-1 probability: the similarity-weighted fraction of class-1 among the k neighbours."""
   labels = (np.asarray(train_labels).reshape(-1) == 1).astype(np.float64)
   return knn_mean(train_features, labels, query_features, k=k, temperature=temperature)
@@ -263,30 +304,53 @@ def knn_class_probability(train_features: np.ndarray, train_labels: np.ndarray,
 
 # --- probing a checkpoint -----------------------------------------------------------------------------
 
-def _labelled_features(backbone, labelled: sources.LabelledFile, indices: np.ndarray, *,
-                       mass_mean: float, mass_std: float, pixel_scale: float, batch_size: int,
-                       mesh) -> dict:
+
+def _labelled_features(
+  backbone,
+  labelled: sources.LabelledFile,
+  indices: np.ndarray,
+  *,
+  mass_mean: float,
+  mass_std: float,
+  pixel_scale: float,
+  batch_size: int,
+  mesh,
+) -> dict:
   """Features of the labelled jets ``indices`` with their label, mass (GeV) and standardised mass."""
-  out = extract_features(backbone, labelled.source(indices), pixel_scale=pixel_scale,
-                         batch_size=batch_size, mesh=mesh)
+  out = extract_features(
+    backbone, labelled.source(indices), pixel_scale=pixel_scale, batch_size=batch_size, mesh=mesh
+  )
   out["label"] = labelled.labels["label"][out["index"]]
   out["mass"] = labelled.labels["mass"][out["index"]].astype(np.float64)
   out["mass_z"] = (out["mass"] - mass_mean) / mass_std
   return out
 
 
-def _fit_and_predict(fit: Mapping, select: Mapping, query: Mapping, *, k: int,
-                     mass_mean: float, mass_std: float) -> dict[str, np.ndarray]:
-  probe = fit_linear_probe(fit["features"], fit["label"], fit["mass_z"], select["features"],
-                           select["label"], select["mass_z"])
+def _fit_and_predict(
+  fit: Mapping, select: Mapping, query: Mapping, *, k: int, mass_mean: float, mass_std: float
+) -> dict[str, np.ndarray]:
+  probe = fit_linear_probe(
+    fit["features"], fit["label"], fit["mass_z"], select["features"], select["label"], select["mass_z"]
+  )
   prob, mass_z = probe.predict(query["features"])
-  return {"index": query["index"], "prob": prob, "mass_pred": split.destandardise_mass(mass_z, mass_mean, mass_std),
-          "knn_prob": knn_class_probability(fit["features"], fit["label"], query["features"], k=k),
-          "knn_mass_pred": knn_mean(fit["features"], fit["mass"], query["features"], k=k)}
+  return {
+    "index": query["index"],
+    "prob": prob,
+    "mass_pred": split.destandardise_mass(mass_z, mass_mean, mass_std),
+    "knn_prob": knn_class_probability(fit["features"], fit["label"], query["features"], k=k),
+    "knn_mass_pred": knn_mean(fit["features"], fit["mass"], query["features"], k=k),
+  }
 
 
-def probe_checkpoint(directory: str, labelled: sources.LabelledFile, splits: Mapping[str, np.ndarray],
-                     *, batch_size: int, mesh, k: int = 20) -> dict[str, np.ndarray]:
+def probe_checkpoint(
+  directory: str,
+  labelled: sources.LabelledFile,
+  splits: Mapping[str, np.ndarray],
+  *,
+  batch_size: int,
+  mesh,
+  k: int = 20,
+) -> dict[str, np.ndarray]:
   """Linear and kNN probes on the frozen backbone of ``directory``, evaluated on ``splits["test"]``.
 
   Args:
@@ -305,17 +369,27 @@ def probe_checkpoint(directory: str, labelled: sources.LabelledFile, splits: Map
   backbone, meta = model_io.restore_backbone(directory)
   labelled.check_image_size(meta["model_config"], directory)
   mass_mean, mass_std = labelled.mass_statistics(splits["train"])
-  features = {part: _labelled_features(backbone, labelled, np.asarray(splits[part]),
-                                       mass_mean=mass_mean, mass_std=mass_std,
-                                       pixel_scale=meta.get("pixel_scale", 1.0),
-                                       batch_size=batch_size, mesh=mesh)
-              for part in ("train", "val", "test")}
-  return _fit_and_predict(features["train"], features["val"], features["test"], k=k,
-                          mass_mean=mass_mean, mass_std=mass_std)
+  features = {
+    part: _labelled_features(
+      backbone,
+      labelled,
+      np.asarray(splits[part]),
+      mass_mean=mass_mean,
+      mass_std=mass_std,
+      pixel_scale=meta.get("pixel_scale", 1.0),
+      batch_size=batch_size,
+      mesh=mesh,
+    )
+    for part in ("train", "val", "test")
+  }
+  return _fit_and_predict(
+    features["train"], features["val"], features["test"], k=k, mass_mean=mass_mean, mass_std=mass_std
+  )
 
 
-def probe_metrics(fit: Mapping, select: Mapping, evaluate: Mapping, *, mass_mean: float,
-                  mass_std: float, k: int = 20) -> dict[str, float | None]:
+def probe_metrics(
+  fit: Mapping, select: Mapping, evaluate: Mapping, *, mass_mean: float, mass_std: float, k: int = 20
+) -> dict[str, float | None]:
   """Accuracy, ROC-AUC and mass MAE (GeV) of the linear probe and kNN, fitted on ``fit``.
 
   Each argument holds ``features``, ``label``, ``mass`` (GeV) and ``mass_z`` (standardised with
@@ -325,14 +399,17 @@ def probe_metrics(fit: Mapping, select: Mapping, evaluate: Mapping, *, mass_mean
   out = _fit_and_predict(fit, select, evaluate, k=k, mass_mean=mass_mean, mass_std=mass_std)
   labels = evaluate["label"]
   two_classes = np.unique(labels).size == 2
-  return {"linear_accuracy": metrics.accuracy(labels, out["prob"]),
-          "linear_auc": metrics.roc_auc(labels, out["prob"]) if two_classes else None,
-          "linear_mass_mae": metrics.mass_mae(evaluate["mass"], out["mass_pred"]),
-          "knn_accuracy": metrics.accuracy(labels, out["knn_prob"]),
-          "knn_auc": metrics.roc_auc(labels, out["knn_prob"]) if two_classes else None}
+  return {
+    "linear_accuracy": metrics.accuracy(labels, out["prob"]),
+    "linear_auc": metrics.roc_auc(labels, out["prob"]) if two_classes else None,
+    "linear_mass_mae": metrics.mass_mae(evaluate["mass"], out["mass_pred"]),
+    "knn_accuracy": metrics.accuracy(labels, out["knn_prob"]),
+    "knn_auc": metrics.roc_auc(labels, out["knn_prob"]) if two_classes else None,
+  }
 
 
 # --- online probe during pretraining ------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class OnlineProbe:
@@ -342,6 +419,7 @@ class OnlineProbe:
   (ridge fit and kNN memory; ridge-strength choice), ``evaluate`` from its validation split (what is
   logged). Features come from the ``encoder`` of the model being trained, in eval mode.
   """
+
   labelled: sources.LabelledFile
   subsets: dict[str, np.ndarray]
   mass_mean: float
@@ -369,12 +447,27 @@ class OnlineProbe:
     if not self.due(epoch):
       return {}
     backbone = nnx.merge(nnx.graphdef(model), *state).encoder  # a copy: eval mode stays local
-    features = {name: _labelled_features(backbone, self.labelled, indices, mass_mean=self.mass_mean,
-                                         mass_std=self.mass_std, pixel_scale=self.pixel_scale,
-                                         batch_size=self.batch_size, mesh=mesh)
-                for name, indices in self.subsets.items()}
-    scores = probe_metrics(features["fit"], features["select"], features["evaluate"],
-                           mass_mean=self.mass_mean, mass_std=self.mass_std, k=self.k)
+    features = {
+      name: _labelled_features(
+        backbone,
+        self.labelled,
+        indices,
+        mass_mean=self.mass_mean,
+        mass_std=self.mass_std,
+        pixel_scale=self.pixel_scale,
+        batch_size=self.batch_size,
+        mesh=mesh,
+      )
+      for name, indices in self.subsets.items()
+    }
+    scores = probe_metrics(
+      features["fit"],
+      features["select"],
+      features["evaluate"],
+      mass_mean=self.mass_mean,
+      mass_std=self.mass_std,
+      k=self.k,
+    )
     return {f"probe/{key}": value for key, value in scores.items() if value is not None}
 
 
@@ -389,24 +482,38 @@ def online_probe(config) -> OnlineProbe | None:
   if settings is None or not settings.get("labelled_path"):
     return None
   path = settings.labelled_path
-  labelled = sources.open_labelled(path, split_seed=config.data.split_seed,
-                                   image_size=config.model.img_size)
+  labelled = sources.open_labelled(path, split_seed=config.data.split_seed, image_size=config.model.img_size)
   labels, parts = labelled.labels, labelled.parts
   seed = int(settings.get("seed", 0))
-  fit_pool = split.stratified_order(labels["label"], parts["train"], seed=seed)[:settings.num_train]
+  fit_pool = split.stratified_order(labels["label"], parts["train"], seed=seed)[: settings.num_train]
   num_select = max(int(round(ONLINE_SELECTION_FRACTION * len(fit_pool))), 1)
-  subsets = {"fit": np.sort(fit_pool[num_select:]), "select": np.sort(fit_pool[:num_select]),
-             "evaluate": np.sort(split.stratified_order(labels["label"], parts["val"],
-                                                        seed=seed)[:settings.num_val])}
+  subsets = {
+    "fit": np.sort(fit_pool[num_select:]),
+    "select": np.sort(fit_pool[:num_select]),
+    "evaluate": np.sort(split.stratified_order(labels["label"], parts["val"], seed=seed)[: settings.num_val]),
+  }
   if int(settings.every_epochs) < 1:
     raise ValueError(f"config.online_probe.every_epochs must be ≥ 1, got {settings.every_epochs}")
   if len(subsets["fit"]) < 2 or not len(subsets["evaluate"]):
-    raise ValueError(f"{path}: config.online_probe needs at least 3 train-split and 1 validation-split "
-                     f"jets, found {len(parts['train'])} and {len(parts['val'])}")
+    raise ValueError(
+      f"{path}: config.online_probe needs at least 3 train-split and 1 validation-split "
+      f"jets, found {len(parts['train'])} and {len(parts['val'])}"
+    )
   mass_mean, mass_std = labelled.mass_statistics(parts["train"])
-  logging.info("Online probe: %s, fit/select/evaluate on %s jets, every %d epoch(s)", path,
-               "/".join(str(len(v)) for v in subsets.values()), settings.every_epochs)
-  return OnlineProbe(labelled=labelled, subsets=subsets, mass_mean=mass_mean,
-                     mass_std=mass_std, pixel_scale=float(config.data.pixel_scale),
-                     batch_size=config.eval_batch_size, every_epochs=int(settings.every_epochs),
-                     num_epochs=config.num_epochs, k=int(settings.k))
+  logging.info(
+    "Online probe: %s, fit/select/evaluate on %s jets, every %d epoch(s)",
+    path,
+    "/".join(str(len(v)) for v in subsets.values()),
+    settings.every_epochs,
+  )
+  return OnlineProbe(
+    labelled=labelled,
+    subsets=subsets,
+    mass_mean=mass_mean,
+    mass_std=mass_std,
+    pixel_scale=float(config.data.pixel_scale),
+    batch_size=config.eval_batch_size,
+    every_epochs=int(settings.every_epochs),
+    num_epochs=config.num_epochs,
+    k=int(settings.k),
+  )

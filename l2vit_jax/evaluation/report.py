@@ -32,8 +32,15 @@ from l2vit_jax.evaluation import plots
 # A reference figure: a value, a (low, high) range over several models, or None where not reported.
 ReferenceValue = float | tuple[float, float] | None
 
-PER_MODEL_PLOTS = ("confusion_matrix.png", "mass_2d.png", "mass_residual.png", "mass_sculpting.png",
-                   "reliability.png", "mass_response.png", "training_curves.png")
+PER_MODEL_PLOTS = (
+  "confusion_matrix.png",
+  "mass_2d.png",
+  "mass_residual.png",
+  "mass_sculpting.png",
+  "reliability.png",
+  "mass_response.png",
+  "training_curves.png",
+)
 MEAN_IMAGES_PLOT = "mean_images.png"
 REFERENCE_LABEL = "reference figures on the real CMS test split (not comparable to synthetic data)"
 
@@ -41,6 +48,7 @@ REFERENCE_LABEL = "reference figures on the real CMS test split (not comparable 
 @dataclasses.dataclass(frozen=True)
 class ReferenceResult:
   """One row of docs/design.md, Reference results (the seed's and others' results on the real 2000-image test split)."""
+
   model: str
   accuracy: ReferenceValue
   roc_auc: ReferenceValue
@@ -49,15 +57,16 @@ class ReferenceResult:
 
 
 REFERENCE_RESULTS: tuple[ReferenceResult, ...] = (
-    ReferenceResult("seed L2ViT, SimCLR-pretrained", 0.9030, 0.9649, 16.39, 508.9),
-    ReferenceResult("seed L2ViT, scratch", 0.8955, 0.9611, 17.36, 549.4),
-    ReferenceResult("seed L2ViT, MAE-pretrained (dropped)", 0.8605, None, None, None),
-    ReferenceResult("other task solutions (XCiT, ViTs)", (0.875, 0.891), (0.939, 0.955), (18.0, 26.0), None),
-    ReferenceResult("CMS E2E ResNet-15, boosted top (published)", None, (0.975, 0.982), None, None),
+  ReferenceResult("seed L2ViT, SimCLR-pretrained", 0.9030, 0.9649, 16.39, 508.9),
+  ReferenceResult("seed L2ViT, scratch", 0.8955, 0.9611, 17.36, 549.4),
+  ReferenceResult("seed L2ViT, MAE-pretrained (dropped)", 0.8605, None, None, None),
+  ReferenceResult("other task solutions (XCiT, ViTs)", (0.875, 0.891), (0.939, 0.955), (18.0, 26.0), None),
+  ReferenceResult("CMS E2E ResNet-15, boosted top (published)", None, (0.975, 0.982), None, None),
 )
 
 
 # --- per-model outputs ------------------------------------------------------------------------------
+
 
 def _check_name(name: str) -> None:
   """Model names become folder names: refuse ones that would escape ``out_dir`` or be empty."""
@@ -71,14 +80,29 @@ def _write_predictions(path: str, *, index, labels, probs, mass_true, mass_pred)
     raise ValueError(f"index: expected integer example indices, got dtype {index.dtype}")
   if index.size != np.asarray(labels).reshape(-1).size:
     raise ValueError(f"index has {index.size} entries but labels have {np.asarray(labels).size}")
-  paths.write_with(path, np.savez, index=index.astype(np.int64),
-                   label=np.asarray(labels).reshape(-1).astype(np.int64), prob=np.asarray(probs).reshape(-1),
-                   mass_true=np.asarray(mass_true).reshape(-1), mass_pred=np.asarray(mass_pred).reshape(-1))
+  paths.write_with(
+    path,
+    np.savez,
+    index=index.astype(np.int64),
+    label=np.asarray(labels).reshape(-1).astype(np.int64),
+    prob=np.asarray(probs).reshape(-1),
+    mass_true=np.asarray(mass_true).reshape(-1),
+    mass_pred=np.asarray(mass_pred).reshape(-1),
+  )
 
 
-def write_model_outputs(out_dir: str | os.PathLike, name: str, *, index, labels, probs, mass_true, mass_pred,
-                        metrics_jsonl: str | os.PathLike | None = None,
-                        bootstrap_samples: int = 1000) -> dict:
+def write_model_outputs(
+  out_dir: str | os.PathLike,
+  name: str,
+  *,
+  index,
+  labels,
+  probs,
+  mass_true,
+  mass_pred,
+  metrics_jsonl: str | os.PathLike | None = None,
+  bootstrap_samples: int = 1000,
+) -> dict:
   """Computes one model's metrics and writes its metrics.json, predictions.npz and plots.
 
   The plots are ``PER_MODEL_PLOTS``: confusion matrix, mass 2D histogram and residuals, the physics
@@ -102,21 +126,30 @@ def write_model_outputs(out_dir: str | os.PathLike, name: str, *, index, labels,
   model_dir = paths.join(os.fspath(out_dir), name)
   paths.makedirs(model_dir)
   # Metrics first: they validate every input before anything is written.
-  results = metrics.classification_and_mass_metrics(labels, probs, mass_true, mass_pred,
-                                                        bootstrap_samples=bootstrap_samples)
-  _write_predictions(paths.join(model_dir, "predictions.npz"), index=index, labels=labels, probs=probs,
-                     mass_true=mass_true, mass_pred=mass_pred)
+  results = metrics.classification_and_mass_metrics(
+    labels, probs, mass_true, mass_pred, bootstrap_samples=bootstrap_samples
+  )
+  _write_predictions(
+    paths.join(model_dir, "predictions.npz"),
+    index=index,
+    labels=labels,
+    probs=probs,
+    mass_true=mass_true,
+    mass_pred=mass_pred,
+  )
   paths.write_json(paths.join(model_dir, "metrics.json"), results)  # inf/NaN were mapped to None
   plots.plot_confusion_matrix(labels, probs, paths.join(model_dir, "confusion_matrix.png"), title=name)
   plots.plot_mass_2d(mass_true, mass_pred, paths.join(model_dir, "mass_2d.png"), title=name)
   plots.plot_mass_residual(mass_true, mass_pred, paths.join(model_dir, "mass_residual.png"), title=name)
   plots.plot_mass_sculpting(labels, probs, mass_true, paths.join(model_dir, "mass_sculpting.png"), title=name)
   plots.plot_reliability(labels, probs, paths.join(model_dir, "reliability.png"), title=name)
-  plots.plot_mass_response(labels, mass_true, mass_pred, paths.join(model_dir, "mass_response.png"),
-                           title=f"{name}: mass response")
+  plots.plot_mass_response(
+    labels, mass_true, mass_pred, paths.join(model_dir, "mass_response.png"), title=f"{name}: mass response"
+  )
   if metrics_jsonl is not None:
-    plots.plot_training_curves({name: metrics_jsonl}, paths.join(model_dir, "training_curves.png"),
-                               title=f"{name}: training curves")
+    plots.plot_training_curves(
+      {name: metrics_jsonl}, paths.join(model_dir, "training_curves.png"), title=f"{name}: training curves"
+    )
   return results
 
 
@@ -157,8 +190,18 @@ def _reference_value(value: ReferenceValue, digits: int) -> str:
   return _number(value, digits)
 
 
-_COLUMNS = ("model", "N (signal)", "accuracy", "ROC-AUC", "1/ε_B at ε_S=0.3", "1/ε_B at ε_S=0.5",
-            "mass MAE (GeV)", "mass MSE (GeV²)", "mass resolution", "mass bias (GeV)")
+_COLUMNS = (
+  "model",
+  "N (signal)",
+  "accuracy",
+  "ROC-AUC",
+  "1/ε_B at ε_S=0.3",
+  "1/ε_B at ε_S=0.5",
+  "mass MAE (GeV)",
+  "mass MSE (GeV²)",
+  "mass resolution",
+  "mass bias (GeV)",
+)
 
 
 def _model_row(name: str, result: Mapping) -> list[str]:
@@ -166,21 +209,25 @@ def _model_row(name: str, result: Mapping) -> list[str]:
   resolution = result.get("mass_resolution")
   bias = result.get("mass_bias")
   return [
-      f"**{_cell(name)}**",
-      MISSING if count is None else f"{count} ({result.get('num_signal', '?')})",
-      _with_interval(result.get("accuracy"), result.get("accuracy_ci68"), 4),
-      _with_interval(result.get("roc_auc"), result.get("roc_auc_ci68"), 4),
-      *(_rejection(result, efficiency) for efficiency in metrics.REJECTION_EFFICIENCIES),
-      _with_interval(result.get("mass_mae"), result.get("mass_mae_ci68"), 2),
-      _number(result.get("mass_mse"), 1),
-      MISSING if resolution is None else f"{100 * resolution:.1f} %",
-      MISSING if bias is None else f"{bias:+.2f}",
+    f"**{_cell(name)}**",
+    MISSING if count is None else f"{count} ({result.get('num_signal', '?')})",
+    _with_interval(result.get("accuracy"), result.get("accuracy_ci68"), 4),
+    _with_interval(result.get("roc_auc"), result.get("roc_auc_ci68"), 4),
+    *(_rejection(result, efficiency) for efficiency in metrics.REJECTION_EFFICIENCIES),
+    _with_interval(result.get("mass_mae"), result.get("mass_mae_ci68"), 2),
+    _number(result.get("mass_mse"), 1),
+    MISSING if resolution is None else f"{100 * resolution:.1f} %",
+    MISSING if bias is None else f"{bias:+.2f}",
   ]
 
 
 def _reference_row(reference: ReferenceResult) -> list[str]:
-  row = [_cell(reference.model), MISSING, _reference_value(reference.accuracy, 4),
-         _reference_value(reference.roc_auc, 4)]
+  row = [
+    _cell(reference.model),
+    MISSING,
+    _reference_value(reference.accuracy, 4),
+    _reference_value(reference.roc_auc, 4),
+  ]
   row += [MISSING] * len(metrics.REJECTION_EFFICIENCIES)
   row += [_reference_value(reference.mass_mae, 2), _reference_value(reference.mass_mse, 1)]
   return row + [MISSING] * (len(_COLUMNS) - len(row))
@@ -229,8 +276,9 @@ def _with_error(value, error, digits: int) -> str:
   return f"{value:.{digits}f}" if error is None else f"{value:.{digits}f} ± {error:.{digits}f}"
 
 
-def _inverse_jsd(result: Mapping, key: str = "sculpting_inverse_jsd50",
-                 jsd_key: str = "sculpting_jsd50") -> str:
+def _inverse_jsd(
+  result: Mapping, key: str = "sculpting_inverse_jsd50", jsd_key: str = "sculpting_jsd50"
+) -> str:
   """1/JSD50: ∞ for identical pass/fail shapes (JSD 0), — where undefined (no QCD jet passes or fails)."""
   if key not in result:
     return MISSING
@@ -243,20 +291,27 @@ def _percent(value, digits: int = 1) -> str:
   return MISSING if value is None else f"{100 * value:.{digits}f} %"
 
 
-_SCULPTING_COLUMNS = ("model", "ε_S at the cut", "QCD jets passing / failing", "R50 = 1/ε_B",
-                      "JSD50 (bits)", "1/JSD50", "1/JSD50 floor (no sculpting)")
+_SCULPTING_COLUMNS = (
+  "model",
+  "ε_S at the cut",
+  "QCD jets passing / failing",
+  "R50 = 1/ε_B",
+  "JSD50 (bits)",
+  "1/JSD50",
+  "1/JSD50 floor (no sculpting)",
+)
 
 
 def _sculpting_row(name: str, result: Mapping) -> list[str]:
   passing, failing = result.get("sculpting_num_background_pass"), result.get("sculpting_num_background_fail")
   return [
-      f"**{_cell(name)}**",
-      _number(result.get("sculpting_signal_efficiency"), 3),
-      MISSING if passing is None else f"{passing} / {failing}",
-      _unbounded_with_interval(result, "sculpting_r50", 1),
-      _with_error(result.get("sculpting_jsd50"), result.get("sculpting_jsd50_error"), 4),
-      _inverse_jsd(result),
-      _inverse_jsd(result, "sculpting_inverse_jsd50_null", "sculpting_jsd50_null"),
+    f"**{_cell(name)}**",
+    _number(result.get("sculpting_signal_efficiency"), 3),
+    MISSING if passing is None else f"{passing} / {failing}",
+    _unbounded_with_interval(result, "sculpting_r50", 1),
+    _with_error(result.get("sculpting_jsd50"), result.get("sculpting_jsd50_error"), 4),
+    _inverse_jsd(result),
+    _inverse_jsd(result, "sculpting_inverse_jsd50_null", "sculpting_jsd50_null"),
   ]
 
 
@@ -265,9 +320,9 @@ _CALIBRATION_COLUMNS = ("model", "ECE (10 bins)", "Brier score")
 
 def _calibration_row(name: str, result: Mapping) -> list[str]:
   return [
-      f"**{_cell(name)}**",
-      _with_interval(result.get("calibration_ece"), result.get("calibration_ece_ci68"), 4),
-      _with_interval(result.get("calibration_brier"), result.get("calibration_brier_ci68"), 4),
+    f"**{_cell(name)}**",
+    _with_interval(result.get("calibration_ece"), result.get("calibration_ece_ci68"), 4),
+    _with_interval(result.get("calibration_brier"), result.get("calibration_brier_ci68"), 4),
   ]
 
 
@@ -276,8 +331,15 @@ def _window_text() -> str:
   return f"{low:g}–{high:g} GeV"
 
 
-_RESPONSE_COLUMNS = ("model", "scale top", "resolution top", "scale QCD", "resolution QCD",
-                     f"QCD in {_window_text()}: true → predicted", "QCD piles up at the top mass?")
+_RESPONSE_COLUMNS = (
+  "model",
+  "scale top",
+  "resolution top",
+  "scale QCD",
+  "resolution QCD",
+  f"QCD in {_window_text()}: true → predicted",
+  "QCD piles up at the top mass?",
+)
 
 
 def _pileup(result: Mapping) -> str:
@@ -292,13 +354,13 @@ def _pileup(result: Mapping) -> str:
 def _response_row(name: str, result: Mapping) -> list[str]:
   true, pred = result.get("qcd_top_window_fraction_true"), result.get("qcd_top_window_fraction_pred")
   return [
-      f"**{_cell(name)}**",
-      _number(result.get("mass_response_top_median"), 3),
-      _percent(result.get("mass_response_top_resolution")),
-      _number(result.get("mass_response_qcd_median"), 3),
-      _percent(result.get("mass_response_qcd_resolution")),
-      MISSING if true is None else f"{_percent(true)} → {_percent(pred)}",
-      _pileup(result),
+    f"**{_cell(name)}**",
+    _number(result.get("mass_response_top_median"), 3),
+    _percent(result.get("mass_response_top_resolution")),
+    _number(result.get("mass_response_qcd_median"), 3),
+    _percent(result.get("mass_response_qcd_resolution")),
+    MISSING if true is None else f"{_percent(true)} → {_percent(pred)}",
+    _pileup(result),
   ]
 
 
@@ -309,14 +371,19 @@ def _table(columns: Sequence[str], rows: list[list[str]]) -> str:
 
 def pileup_sentence(results: Mapping[str, Mapping]) -> str:
   """One sentence naming the models whose QCD mass predictions pile up at the top mass."""
-  judged = {name: result["qcd_top_window_pileup"] for name, result in results.items()
-            if result.get("qcd_top_window_pileup") is not None}
+  judged = {
+    name: result["qcd_top_window_pileup"]
+    for name, result in results.items()
+    if result.get("qcd_top_window_pileup") is not None
+  }
   if not judged:
     return "No model has the top-window check."
   piling = [name for name, verdict in judged.items() if verdict]
   window = _window_text()
-  rule = (f"(at least {metrics.PILEUP_RATIO:g}× as many QCD jets predicted in {window} as truly in it, "
-          "with the 68 % interval of the excess above zero)")
+  rule = (
+    f"(at least {metrics.PILEUP_RATIO:g}× as many QCD jets predicted in {window} as truly in it, "
+    "with the 68 % interval of the excess above zero)"
+  )
   if not piling:
     return f"QCD mass predictions do not pile up at the top mass for any model {rule}."
   listed = ", ".join(f"**{_cell(name)}**" for name in piling)
@@ -328,23 +395,30 @@ def physics_checks(results: Mapping[str, Mapping]) -> str:
   names = list(results)
   edges = metrics.SCULPTING_MASS_EDGES
   parts = [
-      "### Mass sculpting at ε_S = 0.5", "",
-      _table(_SCULPTING_COLUMNS, [_sculpting_row(name, results[name]) for name in names]), "",
-      f"The class score is cut where half of the top jets pass; JSD50 compares the true-mass shapes of the "
-      f"QCD jets passing and failing the cut on {edges.size - 1} bins of {edges[1] - edges[0]:g} GeV over "
-      f"{edges[0]:g}–{edges[-1]:g} GeV (last bin with the overflow). Higher R50 and higher 1/JSD50 are "
-      "both better (ATLAS/DisCo convention, PRL 125, 122001). The floor is 1/JSD50 of random pass/fail "
-      "splits of the same QCD jets: a 1/JSD50 near it means no sculpting this test set can resolve. "
-      "Plots: `<model>/mass_sculpting.png`.", "",
-      "### Calibration", "",
-      _table(_CALIBRATION_COLUMNS, [_calibration_row(name, results[name]) for name in names]), "",
-      "Reliability diagrams: `<model>/reliability.png`; per-bin values in `metrics.json` "
-      "(`reliability_*`).", "",
-      "### Mass response", "",
-      _table(_RESPONSE_COLUMNS, [_response_row(name, results[name]) for name in names]), "",
-      pileup_sentence(results) + " Scale and resolution per "
-      f"{metrics.RESPONSE_BIN_WIDTH:g}-GeV bin of true mass, per class and overall: "
-      "`<model>/mass_response.png` and `metrics.json` (`mass_response_binned_*`).",
+    "### Mass sculpting at ε_S = 0.5",
+    "",
+    _table(_SCULPTING_COLUMNS, [_sculpting_row(name, results[name]) for name in names]),
+    "",
+    f"The class score is cut where half of the top jets pass; JSD50 compares the true-mass shapes of the "
+    f"QCD jets passing and failing the cut on {edges.size - 1} bins of {edges[1] - edges[0]:g} GeV over "
+    f"{edges[0]:g}–{edges[-1]:g} GeV (last bin with the overflow). Higher R50 and higher 1/JSD50 are "
+    "both better (ATLAS/DisCo convention, PRL 125, 122001). The floor is 1/JSD50 of random pass/fail "
+    "splits of the same QCD jets: a 1/JSD50 near it means no sculpting this test set can resolve. "
+    "Plots: `<model>/mass_sculpting.png`.",
+    "",
+    "### Calibration",
+    "",
+    _table(_CALIBRATION_COLUMNS, [_calibration_row(name, results[name]) for name in names]),
+    "",
+    "Reliability diagrams: `<model>/reliability.png`; per-bin values in `metrics.json` (`reliability_*`).",
+    "",
+    "### Mass response",
+    "",
+    _table(_RESPONSE_COLUMNS, [_response_row(name, results[name]) for name in names]),
+    "",
+    pileup_sentence(results) + " Scale and resolution per "
+    f"{metrics.RESPONSE_BIN_WIDTH:g}-GeV bin of true mass, per class and overall: "
+    "`<model>/mass_response.png` and `metrics.json` (`mass_response_binned_*`).",
   ]
   return "\n".join(parts)
 
@@ -390,6 +464,7 @@ METRIC_EXPLANATIONS = """\
 
 # --- the report -------------------------------------------------------------------------------------
 
+
 def _image(relative_path: str, caption: str) -> str:
   return f"![{caption}]({relative_path.replace(os.sep, '/')})"
 
@@ -406,10 +481,16 @@ def _per_model_plot_links(out_dir: str, names: Sequence[str]) -> list[str]:
   return lines
 
 
-def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping], *,
-                 predictions: Mapping[str, tuple], training_logs: Mapping[str, str] | None = None,
-                 mean_images: metrics.ClassMeanImages | None = None,
-                 title: str = "L2ViT (JAX) evaluation report", notes: str = "") -> str:
+def write_report(
+  out_dir: str | os.PathLike,
+  results: Mapping[str, Mapping],
+  *,
+  predictions: Mapping[str, tuple],
+  training_logs: Mapping[str, str] | None = None,
+  mean_images: metrics.ClassMeanImages | None = None,
+  title: str = "L2ViT (JAX) evaluation report",
+  notes: str = "",
+) -> str:
   """Writes ``out_dir/report.md``: comparison table, physics checks, combined ROC and training curves.
 
   Args:
@@ -429,8 +510,14 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping], *,
   lines = [f"# {title}", ""]
   if notes:
     lines += [notes.strip(), ""]
-  lines += ["## Results", "", comparison_table(results), "",
-            f"Rows below the label are {REFERENCE_LABEL}: different data, listed for orientation only.", ""]
+  lines += [
+    "## Results",
+    "",
+    comparison_table(results),
+    "",
+    f"Rows below the label are {REFERENCE_LABEL}: different data, listed for orientation only.",
+    "",
+  ]
   if results:
     lines += ["## Physics checks", "", physics_checks(results), ""]
   lines += ["## Metrics", "", METRIC_EXPLANATIONS]
@@ -444,12 +531,16 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping], *,
   if mean_images is not None:
     counts = mean_images.counts
     plots.plot_mean_images(
-        mean_images.means(), counts, paths.join(out_dir, MEAN_IMAGES_PLOT),
-        title=f"Mean jet image per class and channel ({counts[1]} top, {counts[0]} QCD jets)")
-    figures.append(f"Mean image of the evaluated jets per class and channel ({counts[1]} top, {counts[0]} "
-                   "QCD; raw pixel values, log colour scale shared by a channel's two panels, blank where "
-                   "no jet has a deposit):\n\n"
-                   + _image(MEAN_IMAGES_PLOT, "mean jet image per class and channel"))
+      mean_images.means(),
+      counts,
+      paths.join(out_dir, MEAN_IMAGES_PLOT),
+      title=f"Mean jet image per class and channel ({counts[1]} top, {counts[0]} QCD jets)",
+    )
+    figures.append(
+      f"Mean image of the evaluated jets per class and channel ({counts[1]} top, {counts[0]} "
+      "QCD; raw pixel values, log colour scale shared by a channel's two panels, blank where "
+      "no jet has a deposit):\n\n" + _image(MEAN_IMAGES_PLOT, "mean jet image per class and channel")
+    )
   per_model = _per_model_plot_links(out_dir, list(results))
   if figures or per_model:
     lines += ["## Plots", ""] + [line for figure in figures for line in (figure, "")] + per_model

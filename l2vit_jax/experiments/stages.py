@@ -71,19 +71,23 @@ def data_files(config, workdir: str) -> dict[str, str]:
     return given
   if any(given.values()):
     empty = next(kind for kind, path in given.items() if not path)
-    raise errors.ConfigError(f"config.data.{empty}_path is empty while the other data path is set; give "
-                             "both files, or neither to generate them under WORKDIR/data")
+    raise errors.ConfigError(
+      f"config.data.{empty}_path is empty while the other data path is set; give "
+      "both files, or neither to generate them under WORKDIR/data"
+    )
   if paths.is_remote(workdir):
-    raise errors.ConfigError(f"{workdir}: this run generates its jet files into the workdir, and jet "
-                             "files must be on local disk; use a local --workdir or give "
-                             "--config.data.labelled_path and --config.data.unlabelled_path")
+    raise errors.ConfigError(
+      f"{workdir}: this run generates its jet files into the workdir, and jet "
+      "files must be on local disk; use a local --workdir or give "
+      "--config.data.labelled_path and --config.data.unlabelled_path"
+    )
   spec = config.generate
   if spec.generator not in config_lib.GENERATORS:
-    raise errors.ConfigError(f"config.generate.generator={spec.generator!r}: expected one of "
-                             f"{list(config_lib.GENERATORS)}")
+    raise errors.ConfigError(
+      f"config.generate.generator={spec.generator!r}: expected one of {list(config_lib.GENERATORS)}"
+    )
   if spec.generator == "synthetic":
-    synthetic.refuse_unused_settings(
-        spec, config_lib.generated_data_config(num_labelled=0, num_unlabelled=0))
+    synthetic.refuse_unused_settings(spec, config_lib.generated_data_config(num_labelled=0, num_unlabelled=0))
   files = {kind: paths.join(workdir, DATA_DIR, f"{spec.generator}_{kind}.h5") for kind in given}
   failure = None
   try:
@@ -101,15 +105,19 @@ def _make_files(config, directory: str, files: dict[str, str]) -> None:
   try:
     paths.makedirs(directory)
     with _generation_lock(directory):
-      for kind, num, seed in (("labelled", spec.num_labelled, spec.data_seed),
-                              ("unlabelled", spec.num_unlabelled, spec.data_seed + 1)):
+      for kind, num, seed in (
+        ("labelled", spec.num_labelled, spec.data_seed),
+        ("unlabelled", spec.num_unlabelled, spec.data_seed + 1),
+      ):
         if paths.exists(files[kind]):
-          _check_settings(files[kind], _recorded_settings(files[kind], kind),
-                          _expected_settings(config, kind))
+          _check_settings(
+            files[kind], _recorded_settings(files[kind], kind), _expected_settings(config, kind)
+          )
           continue
         logging.info("Generating %d %s %s jets → %s", num, spec.generator, kind, files[kind])
-        _generate(spec, files[kind], num, labelled=kind == "labelled", seed=seed,
-                  image_size=config.model.img_size)
+        _generate(
+          spec, files[kind], num, labelled=kind == "labelled", seed=seed, image_size=config.model.img_size
+        )
   except OSError as error:
     raise errors.DataError(f"{directory}: could not write the generated jet files: {error}") from error
 
@@ -127,8 +135,9 @@ def _generation_lock(directory: str):
     except errors.WorkdirLockedError as busy:
       _refuse_a_lock_that_never_expires(directory)
       if not waiting:
-        logging.info("Waiting for the jet files in %s: another process is generating them (%s)",
-                     directory, busy)
+        logging.info(
+          "Waiting for the jet files in %s: another process is generating them (%s)", directory, busy
+        )
         waiting = True
       time.sleep(LOCK_POLL_SECONDS)
   try:
@@ -148,16 +157,22 @@ def _refuse_a_lock_that_never_expires(directory: str) -> None:
   except (OSError, ValueError):
     holder = None
   if not (isinstance(holder, dict) and isinstance(holder.get("refreshed"), (int, float))):
-    raise errors.DataError(f"{path}: a lock that never expires (unreadable, or written by an older "
-                           "version) holds the generated jet files; if no run is generating them, delete "
-                           "it and rerun")
+    raise errors.DataError(
+      f"{path}: a lock that never expires (unreadable, or written by an older "
+      "version) holds the generated jet files; if no run is generating them, delete "
+      "it and rerun"
+    )
 
 
 def _expected_settings(config, kind: str) -> dict:
   """What a ``kind`` file generated for ``config`` records, by the config field that sets it."""
   spec = config.generate
-  expected = {"generate.generator": spec.generator, f"generate.num_{kind}": int(spec[f"num_{kind}"]),
-              "generate.data_seed": int(spec.data_seed), "model.img_size": int(config.model.img_size)}
+  expected = {
+    "generate.generator": spec.generator,
+    f"generate.num_{kind}": int(spec[f"num_{kind}"]),
+    "generate.data_seed": int(spec.data_seed),
+    "model.img_size": int(config.model.img_size),
+  }
   if spec.generator == "pythia":  # workers: the content does not depend on them
     expected.update({"generate.pt_min": float(spec.pt_min), "generate.pt_max": float(spec.pt_max)})
     if kind == "unlabelled":  # a labelled file is always balanced
@@ -177,16 +192,22 @@ def _recorded_settings(path: str, kind: str) -> dict:
       raise ValueError(f"its 'settings' attribute is a JSON {type(settings).__name__}, not an object")
   except (OSError, KeyError, ValueError) as error:
     if storage.read_failure(error) is not None:  # the disk or the file system, not the file
-      raise errors.DataError(f"{path}: cannot be read now ({errors.one_line(error)}); the file is kept: "
-                             "rerun once the storage answers") from error
-    raise errors.DataError(f"{path}: cannot read it as a generated jet file ({error}); delete it to "
-                           "generate it again") from error
+      raise errors.DataError(
+        f"{path}: cannot be read now ({errors.one_line(error)}); the file is kept: "
+        "rerun once the storage answers"
+      ) from error
+    raise errors.DataError(
+      f"{path}: cannot read it as a generated jet file ({error}); delete it to generate it again"
+    ) from error
   generator = GENERATOR_ATTRIBUTES.get(str(attributes.get("generator")), attributes.get("generator"))
   seed = attributes.get("seed")
-  recorded = {"generate.generator": generator, f"generate.num_{kind}": int(shape[0]),
-              # The unlabelled file is drawn from data_seed + 1.
-              "generate.data_seed": None if seed is None else int(seed) - (kind == "unlabelled"),
-              "model.img_size": int(shape[1]) if len(shape) > 1 else None}
+  recorded = {
+    "generate.generator": generator,
+    f"generate.num_{kind}": int(shape[0]),
+    # The unlabelled file is drawn from data_seed + 1.
+    "generate.data_seed": None if seed is None else int(seed) - (kind == "unlabelled"),
+    "model.img_size": int(shape[1]) if len(shape) > 1 else None,
+  }
   if generator == "pythia":
     pt_range = settings.get("pt_range", [None, None])
     recorded.update({"generate.pt_min": pt_range[0], "generate.pt_max": pt_range[1]})
@@ -201,8 +222,9 @@ def _check_settings(path: str, recorded: dict, expected: dict) -> None:
   for field, value in expected.items():
     if recorded.get(field) != value:
       raise errors.ConfigError(
-          f"{path}: generated with {field}={recorded.get(field)!r}, but this run has {field}={value!r}; "
-          "set it back, or use another --workdir")
+        f"{path}: generated with {field}={recorded.get(field)!r}, but this run has {field}={value!r}; "
+        "set it back, or use another --workdir"
+      )
 
 
 def encode_outcome(error: BaseException | None) -> np.ndarray:
@@ -212,7 +234,7 @@ def encode_outcome(error: BaseException | None) -> np.ndarray:
     text = str(error) if isinstance(error, errors.UserError) else f"{type(error).__name__}: {error}"
     line = errors.one_line(text).encode()[:OUTCOME_BYTES]
     row[0] = 1
-    row[1:1 + len(line)] = np.frombuffer(line, np.uint8)
+    row[1 : 1 + len(line)] = np.frombuffer(line, np.uint8)
   return row
 
 
@@ -241,11 +263,18 @@ def _generate(spec, path: str, num: int, *, labelled: bool, seed: int, image_siz
     synthetic.write_synthetic_hdf5(path, num, labelled=labelled, seed=seed, image_size=image_size)
     return
   from l2vit_jax.data import jet_files  # pylint: disable=import-outside-toplevel  (Pythia, FastJet)
+
   # A labelled file has balanced classes; the unlabelled one is the stated mixture.
-  jet_files.write_pythia_hdf5(path, num, labelled=labelled, seed=seed, image_size=image_size,
-                              workers=int(spec.workers) or None,
-                              pt_range=(float(spec.pt_min), float(spec.pt_max)),
-                              signal_fraction=0.5 if labelled else float(spec.signal_fraction))
+  jet_files.write_pythia_hdf5(
+    path,
+    num,
+    labelled=labelled,
+    seed=seed,
+    image_size=image_size,
+    workers=int(spec.workers) or None,
+    pt_range=(float(spec.pt_min), float(spec.pt_max)),
+    signal_fraction=0.5 if labelled else float(spec.signal_fraction),
+  )
 
 
 def stage_config(config, task: str, files: dict[str, str], recipe=None, **fields):

@@ -41,8 +41,14 @@ from l2vit_jax.runtime import compilation, paths, sharding
 
 ARMS = ("scratch", "finetune_simclr", "finetune_mae", "probe_simclr", "probe_mae", "physics_bdt")
 # The pretraining each arm needs (None: none).
-PRETRAINING = {"scratch": None, "finetune_simclr": "simclr", "finetune_mae": "mae",
-               "probe_simclr": "simclr", "probe_mae": "mae", "physics_bdt": None}
+PRETRAINING = {
+  "scratch": None,
+  "finetune_simclr": "simclr",
+  "finetune_mae": "mae",
+  "probe_simclr": "simclr",
+  "probe_mae": "mae",
+  "physics_bdt": None,
+}
 # Arms built on modules with their own dependencies (scikit-learn for the trees).
 OPTIONAL_ARMS = ("probe_simclr", "probe_mae", "physics_bdt")
 RESULT_FILE = "result.json"
@@ -52,6 +58,7 @@ COMMAND = "python -m l2vit_jax.main --config=configs/study.py{variant} --workdir
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One unit of work: a pretraining run (count None) or one arm at one label count, for one seed."""
+
   arm: str  # an entry of ARMS, or 'pretrain_simclr' / 'pretrain_mae'
   seed: int
   count: int | None
@@ -63,13 +70,15 @@ class Cell:
 
 # --- configuration ----------------------------------------------------------------------------------
 
+
 def selected_arms(config) -> tuple[str, ...]:
   """``config.study.arms`` ('scratch,physics_bdt') as a tuple, every name checked against ARMS."""
   arms = tuple(a.strip() for a in str(config.study.arms).split(",") if a.strip())
   unknown = [a for a in arms if a not in ARMS]
   if unknown or not arms:
-    raise errors.ConfigError(f"config.study.arms={config.study.arms!r}: expected a comma-separated subset of "
-                     f"{', '.join(ARMS)}")
+    raise errors.ConfigError(
+      f"config.study.arms={config.study.arms!r}: expected a comma-separated subset of {', '.join(ARMS)}"
+    )
   return arms
 
 
@@ -89,6 +98,7 @@ def cell_schedule(recipe, count: int, devices: int, min_steps: int) -> dict:
 
 # --- data -------------------------------------------------------------------------------------------
 
+
 def _classes_drawn(labels: np.ndarray, train: np.ndarray, count: int, seed: int) -> int:
   """How many classes the first ``count`` jets of seed ``seed``'s labelled subset contain."""
   if count < 1:
@@ -106,28 +116,36 @@ def check_inputs(config, files: dict[str, str], arms: tuple[str, ...]) -> dict:
     errors.DataError: one line naming the file and the label count it cannot serve.
   """
   path = files["labelled"]
-  labelled = sources.open_labelled(path, split_seed=config.data.split_seed,
-                                   image_size=config.model.img_size)
+  labelled = sources.open_labelled(path, split_seed=config.data.split_seed, image_size=config.model.img_size)
   if any(PRETRAINING[arm] for arm in arms):
-    sources.validate_file(files["unlabelled"], labelled=False, image_size=config.model.img_size,
-                          min_examples=max(config.pretrain_simclr.batch_size, config.pretrain_mae.batch_size))
+    sources.validate_file(
+      files["unlabelled"],
+      labelled=False,
+      image_size=config.model.img_size,
+      min_examples=max(config.pretrain_simclr.batch_size, config.pretrain_mae.batch_size),
+    )
   labels, parts = labelled.labels, labelled.parts
   try:
     counts = split.resolve_label_counts(config.study.label_counts, len(parts["train"]))
   except ValueError as error:
-    raise errors.ConfigError(f"config.study.label_counts={tuple(config.study.label_counts)}: {error}") from None
+    raise errors.ConfigError(
+      f"config.study.label_counts={tuple(config.study.label_counts)}: {error}"
+    ) from None
   devices, num_classes = jax.device_count(), len(np.unique(labels["label"]))
   smallest, largest = counts[0], counts[-1]
   if largest > len(parts["train"]):
-    raise errors.DataError(f"{path}: label count {largest} is larger than the train split of this file "
-                         f"({len(parts['train'])} jets); use a larger file or smaller label counts")
+    raise errors.DataError(
+      f"{path}: label count {largest} is larger than the train split of this file "
+      f"({len(parts['train'])} jets); use a larger file or smaller label counts"
+    )
   for seed in _seeds(config):
     present = _classes_drawn(labels["label"], parts["train"], smallest, seed)
     if present < num_classes or smallest < devices:
       raise errors.DataError(
-          f"{path}: label count {smallest} (of a {len(parts['train'])}-jet train split) is too small: it "
-          f"needs at least one jet of each of the {num_classes} classes and one batch of {devices} "
-          f"(seed {seed} draws {present} class(es)); use a larger file or larger label counts")
+        f"{path}: label count {smallest} (of a {len(parts['train'])}-jet train split) is too small: it "
+        f"needs at least one jet of each of the {num_classes} classes and one batch of {devices} "
+        f"(seed {seed} draws {present} class(es)); use a larger file or larger label counts"
+      )
   return {"labelled": labelled, "counts": counts}
 
 
@@ -136,6 +154,7 @@ def _seeds(config) -> list[int]:
 
 
 # --- cells ------------------------------------------------------------------------------------------
+
 
 def pretrain_dir(workdir: str, seed: int, method: str) -> str:
   return paths.join(workdir, f"seed{seed}", f"pretrain_{method}")
@@ -149,8 +168,9 @@ def plan_cells(config, workdir: str, arms: tuple[str, ...], counts: list[int]) -
       if any(PRETRAINING[arm] == method for arm in arms):
         cells.append(Cell(f"pretrain_{method}", seed, None, pretrain_dir(workdir, seed, method)))
     for count in counts:
-      cells.extend(Cell(arm, seed, count, paths.join(workdir, f"seed{seed}", f"n{count}", arm))
-                   for arm in arms)
+      cells.extend(
+        Cell(arm, seed, count, paths.join(workdir, f"seed{seed}", f"n{count}", arm)) for arm in arms
+      )
   return cells
 
 
@@ -172,8 +192,12 @@ def read_result(cell: Cell) -> dict | None:
   result = json.loads(paths.read_text(path))
   summary = result.get("train_summary")
   if summary is not None and not stages.finished(summary):
-    logging.warning("%s: records a training stopped at step %s of %s; not taken for done, the cell resumes",
-                    path, summary["step"], summary["total_steps"])
+    logging.warning(
+      "%s: records a training stopped at step %s of %s; not taken for done, the cell resumes",
+      path,
+      summary["step"],
+      summary["total_steps"],
+    )
     return None
   return result
 
@@ -196,13 +220,21 @@ class _Runner:
     recipe = self.config.finetune if pretraining else self.config.scratch
     schedule = cell_schedule(recipe, cell.count, jax.device_count(), self.config.study.min_steps)
     init_from = pretrain_dir(self.workdir, cell.seed, pretraining) if pretraining else ""
-    return stages.stage_config(self.config, "finetune", self.files, recipe, seed=cell.seed,
-                               init_from=init_from, **schedule,
-                               **{"data.train_subset": cell.count, "data.train_subset_seed": cell.seed})
+    return stages.stage_config(
+      self.config,
+      "finetune",
+      self.files,
+      recipe,
+      seed=cell.seed,
+      init_from=init_from,
+      **schedule,
+      **{"data.train_subset": cell.count, "data.train_subset_seed": cell.seed},
+    )
 
   def splits(self, cell: Cell) -> dict[str, np.ndarray]:
-    subset = split.nested_subsets(self.labels["label"], self.parts["train"], [cell.count],
-                                  seed=cell.seed)[cell.count]
+    subset = split.nested_subsets(self.labels["label"], self.parts["train"], [cell.count], seed=cell.seed)[
+      cell.count
+    ]
     return {"train": subset, "val": self.parts["val"], "test": self.parts["test"]}
 
   def train(self, stage, cell: Cell) -> dict:
@@ -218,27 +250,49 @@ class _Runner:
       return {"train_summary": self.train(self.pretrain_config(method, cell.seed), cell)}
     if cell.arm in ("scratch", "finetune_simclr", "finetune_mae"):
       summary = self.train(self.finetune_config(cell), cell)
-      return {"train_summary": summary, **self.score(evaluate.predict_checkpoint(
-          cell.directory, self.labelled, self.parts["test"], batch_size=self.config.eval_batch_size,
-          mesh=self.mesh))}
+      return {
+        "train_summary": summary,
+        **self.score(
+          evaluate.predict_checkpoint(
+            cell.directory,
+            self.labelled,
+            self.parts["test"],
+            batch_size=self.config.eval_batch_size,
+            mesh=self.mesh,
+          )
+        ),
+      }
     if cell.arm.startswith("probe_"):
       from l2vit_jax.evaluation import probes  # pylint: disable=import-outside-toplevel
+
       pretrained = pretrain_dir(self.workdir, cell.seed, PRETRAINING[cell.arm])
-      return self.score(probes.probe_checkpoint(pretrained, self.labelled, self.splits(cell),
-                                                batch_size=self.config.eval_batch_size, mesh=self.mesh))
+      return self.score(
+        probes.probe_checkpoint(
+          pretrained, self.labelled, self.splits(cell), batch_size=self.config.eval_batch_size, mesh=self.mesh
+        )
+      )
     from l2vit_jax.baselines import bdt  # pylint: disable=import-outside-toplevel
-    return self.score(bdt.physics_baseline_predictions(
-        self.files["labelled"], self.splits(cell), seed=cell.seed,
-        cache_dir=paths.join(self.workdir, "cache")))
+
+    return self.score(
+      bdt.physics_baseline_predictions(
+        self.files["labelled"], self.splits(cell), seed=cell.seed, cache_dir=paths.join(self.workdir, "cache")
+      )
+    )
 
   def score(self, predictions: dict) -> dict:
     """Test-split metrics of ``{"index", "prob", "mass_pred"}`` (every arm reports the same ones)."""
     index = np.asarray(predictions["index"])
     if not np.array_equal(np.sort(index), self.parts["test"]):
       raise ValueError("predictions do not cover exactly the fixed test split")
-    return {"metrics": metrics.classification_and_mass_metrics(
-        self.labels["label"][index], predictions["prob"], self.labels["mass"][index],
-        predictions["mass_pred"], bootstrap_samples=self.bootstrap)}
+    return {
+      "metrics": metrics.classification_and_mass_metrics(
+        self.labels["label"][index],
+        predictions["prob"],
+        self.labels["mass"][index],
+        predictions["mass_pred"],
+        bootstrap_samples=self.bootstrap,
+      )
+    }
 
 
 class _Progress:
@@ -280,8 +334,7 @@ def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
       logging.info("study cell %d/%d (%s): done already, skipped", k, len(cells), cell.describe())
       results[cell] = existing
       continue
-    logging.info("study cell %d/%d (%s) … ETA %s", k, len(cells), cell.describe(),
-                 progress.eta(pending))
+    logging.info("study cell %d/%d (%s) … ETA %s", k, len(cells), cell.describe(), progress.eta(pending))
     start = time.time()
     try:
       result = runner.run(cell)
@@ -299,18 +352,28 @@ def run_cells(cells: list[Cell], runner: _Runner) -> dict[Cell, dict]:
     progress.record(cell.arm, seconds)
     pending.remove(cell)
     results[cell] = result
-    logging.info("study cell %d/%d (%s) done in %s%s", k, len(cells), cell.describe(),
-                 _duration(seconds), _metrics_line(result))
+    logging.info(
+      "study cell %d/%d (%s) done in %s%s",
+      k,
+      len(cells),
+      cell.describe(),
+      _duration(seconds),
+      _metrics_line(result),
+    )
   return results
 
 
 def _metrics_line(result: dict) -> str:
   m = result.get("metrics")
-  return "" if not m else (f": accuracy {m['accuracy']:.3f}, ROC-AUC {m['roc_auc']:.3f}, "
-                           f"mass MAE {m['mass_mae']:.1f} GeV")
+  return (
+    ""
+    if not m
+    else (f": accuracy {m['accuracy']:.3f}, ROC-AUC {m['roc_auc']:.3f}, mass MAE {m['mass_mae']:.1f} GeV")
+  )
 
 
 # --- entry point ------------------------------------------------------------------------------------
+
 
 def study_command(config, workdir: str) -> str:
   """The command line that ran the study (with its overrides), or its plain form when called from code."""
@@ -338,13 +401,23 @@ def run_study(config, workdir: str) -> dict:
   files = stages.data_files(config, workdir)
   inputs = check_inputs(config, files, arms)
   cells = plan_cells(config, workdir, arms, inputs["counts"])
-  logging.info("Label-efficiency study: %d cells (%d seeds × counts %s × arms %s, plus pretraining) in %s",
-               len(cells), len(_seeds(config)), inputs["counts"], ", ".join(arms), workdir)
+  logging.info(
+    "Label-efficiency study: %d cells (%d seeds × counts %s × arms %s, plus pretraining) in %s",
+    len(cells),
+    len(_seeds(config)),
+    inputs["counts"],
+    ", ".join(arms),
+    workdir,
+  )
   try:
     results = run_cells(cells, _Runner(config, workdir, files, inputs["labelled"], sharding.make_mesh()))
   except _Paused as paused:  # no summary of a study with cells missing: the rerun writes it
-    logging.info("Study paused in cell %s at step %d of %d (stop_after_steps); rerun the same command to "
-                 "continue.", paused.cell.describe(), paused.summary["step"], paused.summary["total_steps"])
+    logging.info(
+      "Study paused in cell %s at step %d of %d (stop_after_steps); rerun the same command to continue.",
+      paused.cell.describe(),
+      paused.summary["step"],
+      paused.summary["total_steps"],
+    )
     return {}
   scored = [r for cell, r in results.items() if cell.count is not None]
   study = study_report.summarise(scored, arms=arms, counts=inputs["counts"])
@@ -358,9 +431,15 @@ def run_study(config, workdir: str) -> dict:
 def _data_description(config, files: dict[str, str], inputs: dict) -> dict:
   parts = inputs["labelled"].parts
   generated = not (config.data.labelled_path and config.data.unlabelled_path)
-  return {"labelled": files["labelled"], "unlabelled": files["unlabelled"],
-          "generator": str(config.generate.generator) if generated else None,
-          "synthetic": generated and config.generate.generator == "synthetic",
-          "image_size": int(config.model.img_size),
-          "train": len(parts["train"]), "val": len(parts["val"]), "test": len(parts["test"]),
-          "seeds": _seeds(config), "counts": inputs["counts"]}
+  return {
+    "labelled": files["labelled"],
+    "unlabelled": files["unlabelled"],
+    "generator": str(config.generate.generator) if generated else None,
+    "synthetic": generated and config.generate.generator == "synthetic",
+    "image_size": int(config.model.img_size),
+    "train": len(parts["train"]),
+    "val": len(parts["val"]),
+    "test": len(parts["test"]),
+    "seeds": _seeds(config),
+    "counts": inputs["counts"],
+  }

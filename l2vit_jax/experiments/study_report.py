@@ -11,8 +11,11 @@ from l2vit_jax.runtime import paths
 from l2vit_jax.evaluation import plots
 
 # metric → (label, higher is better, digits)
-METRICS = {"accuracy": ("accuracy", True, 3), "roc_auc": ("ROC-AUC", True, 3),
-           "mass_mae": ("mass MAE (GeV)", False, 1)}
+METRICS = {
+  "accuracy": ("accuracy", True, 3),
+  "roc_auc": ("ROC-AUC", True, 3),
+  "mass_mae": ("mass MAE (GeV)", False, 1),
+}
 PRETRAINED_ARMS = ("finetune_simclr", "finetune_mae", "probe_simclr", "probe_mae")
 NETWORK_ARMS = ("scratch", "finetune_simclr", "finetune_mae", "probe_simclr", "probe_mae")
 BASELINE_ARM = "physics_bdt"
@@ -30,8 +33,10 @@ def summarise(results: Iterable[Mapping], *, arms: Sequence[str], counts: Sequen
   The standard deviation is over seeds (ddof=1), so it holds the spread of initialisation, data order
   and which jets were labelled.
   """
-  cells = sorted((dict(r) for r in results if r.get("metrics")),
-                 key=lambda r: (arms.index(r["arm"]) if r["arm"] in arms else 99, r["count"], r["seed"]))
+  cells = sorted(
+    (dict(r) for r in results if r.get("metrics")),
+    key=lambda r: (arms.index(r["arm"]) if r["arm"] in arms else 99, r["count"], r["seed"]),
+  )
   summary = {}
   for arm in arms:
     for count in counts:
@@ -43,8 +48,12 @@ def summarise(results: Iterable[Mapping], *, arms: Sequence[str], counts: Sequen
         values = [c["metrics"][metric] for c in chosen]
         entry[metric] = {**_mean_std(values), "values": values}
       summary.setdefault(arm, {})[str(count)] = entry
-  study = {"arms": list(arms), "counts": [int(c) for c in counts], "summary": summary,
-           "cells": [{k: c[k] for k in ("arm", "count", "seed", "seconds", "metrics")} for c in cells]}
+  study = {
+    "arms": list(arms),
+    "counts": [int(c) for c in counts],
+    "summary": summary,
+    "cells": [{k: c[k] for k in ("arm", "count", "seed", "seconds", "metrics")} for c in cells],
+  }
   study["verdicts"] = verdicts(summary, counts)
   return study
 
@@ -87,12 +96,14 @@ def verdicts(summary: Mapping, counts: Sequence[int]) -> list[str]:
   networks = [arm for arm in NETWORK_ARMS if largest in summary.get(arm, {})]
   if networks and largest in summary.get(BASELINE_ARM, {}):
     best = max(networks, key=lambda arm: summary[arm][largest]["roc_auc"]["mean"])
-    lines.append("best network by ROC-AUC vs the physics baseline, " +
-                 _compare(summary, best, BASELINE_ARM, max(counts)))
+    lines.append(
+      "best network by ROC-AUC vs the physics baseline, " + _compare(summary, best, BASELINE_ARM, max(counts))
+    )
   return lines
 
 
 # --- outputs ----------------------------------------------------------------------------------------
+
 
 def plot_study(study: Mapping, path: str) -> str:
   """Accuracy, ROC-AUC and mass MAE against the number of labelled jets (log x), mean ± std per arm."""
@@ -135,13 +146,20 @@ def markdown_tables(study: Mapping) -> str:
   counts = study["counts"]
   blocks = []
   for metric, (label, better_high, digits) in METRICS.items():
-    lines = [f"**{label}** ({'higher' if better_high else 'lower'} is better)", "",
-             "| arm | " + " | ".join(f"n={c}" for c in counts) + " |",
-             "|---|" + "---|" * len(counts)]
+    lines = [
+      f"**{label}** ({'higher' if better_high else 'lower'} is better)",
+      "",
+      "| arm | " + " | ".join(f"n={c}" for c in counts) + " |",
+      "|---|" + "---|" * len(counts),
+    ]
     for arm in study["arms"]:
       by_count = study["summary"].get(arm, {})
-      cells = [f"{by_count[str(c)][metric]['mean']:.{digits}f} ± {by_count[str(c)][metric]['std']:.{digits}f}"
-               if str(c) in by_count else "—" for c in counts]
+      cells = [
+        f"{by_count[str(c)][metric]['mean']:.{digits}f} ± {by_count[str(c)][metric]['std']:.{digits}f}"
+        if str(c) in by_count
+        else "—"
+        for c in counts
+      ]
       lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     blocks.append("\n".join(lines))
   return "\n\n".join(blocks)
@@ -151,18 +169,28 @@ def write_report(study: Mapping, path: str) -> str:
   data = study.get("data", {})
   kind = _data_label(data, "{}") or "the labelled file"
   lines = [
-      "# Label-efficiency study", "",
-      f"Command: `{study.get('command', '')}`", "",
-      f"Data: {kind} `{data.get('labelled')}` ({data.get('image_size')}×{data.get('image_size')} images); "
-      f"fixed splits train {data.get('train')} / val {data.get('val')} / test {data.get('test')}; "
-      f"labelled subsets: nested stratified prefixes of the train split, drawn per seed; "
-      f"seeds {data.get('seeds')}. Pretraining used `{data.get('unlabelled')}`.", "",
-      "Every number is the mean ± standard deviation over seeds on the same test split.", "",
-      "![study](study.png)", "",
-      markdown_tables(study), "",
-      "## Verdict", "",
-      "A difference counts only when it exceeds the larger standard deviation over seeds.", "",
-      *([f"- {line}" for line in study.get("verdicts", [])] or ["- (not enough arms to compare)"]), ""]
+    "# Label-efficiency study",
+    "",
+    f"Command: `{study.get('command', '')}`",
+    "",
+    f"Data: {kind} `{data.get('labelled')}` ({data.get('image_size')}×{data.get('image_size')} images); "
+    f"fixed splits train {data.get('train')} / val {data.get('val')} / test {data.get('test')}; "
+    f"labelled subsets: nested stratified prefixes of the train split, drawn per seed; "
+    f"seeds {data.get('seeds')}. Pretraining used `{data.get('unlabelled')}`.",
+    "",
+    "Every number is the mean ± standard deviation over seeds on the same test split.",
+    "",
+    "![study](study.png)",
+    "",
+    markdown_tables(study),
+    "",
+    "## Verdict",
+    "",
+    "A difference counts only when it exceeds the larger standard deviation over seeds.",
+    "",
+    *([f"- {line}" for line in study.get("verdicts", [])] or ["- (not enough arms to compare)"]),
+    "",
+  ]
   paths.write_text(path, "\n".join(lines))
   return path
 

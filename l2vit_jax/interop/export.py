@@ -60,13 +60,19 @@ CHECK_BATCH = 3
 def _meta_numbers(directory: str, meta: dict) -> tuple[float, float, float]:
   """(pixel_scale, mass_mean, mass_std) of a finetuned checkpoint (``model_io`` checked their types)."""
   if meta.get("mass_mean") is None or meta.get("mass_std") is None:
-    raise ExportError(f"{directory}: not a finetuned checkpoint (its meta has no mass standardisation, "
-                      f"task {meta.get('task')!r}); export a finetune or scratch run")
+    raise ExportError(
+      f"{directory}: not a finetuned checkpoint (its meta has no mass standardisation, "
+      f"task {meta.get('task')!r}); export a finetune or scratch run"
+    )
   return float(meta.get("pixel_scale", 1.0)), float(meta["mass_mean"]), float(meta["mass_std"])
 
 
-def inference_function(model: nnx.Module, meta: dict, *, directory: str = "checkpoint",
-                       ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+def inference_function(
+  model: nnx.Module,
+  meta: dict,
+  *,
+  directory: str = "checkpoint",
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
   """``images (B, H, W, 8) float32 → (prob (B,), mass in GeV (B,))`` of a finetuned ``model``.
 
   The model is switched to eval mode, float32 compute and the 'lax' depthwise formulation (module
@@ -97,7 +103,7 @@ def export_jax(predict: Callable, shape: tuple[int, int, int]) -> bytes:
 
   Reload with ``jax.export.deserialize(bytearray(data)).call(images)``.
   """
-  batch, = jax.export.symbolic_shape("b")
+  (batch,) = jax.export.symbolic_shape("b")
   spec = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
   exported = jax.export.export(jax.jit(predict), platforms=JAX_PLATFORMS)(spec)
   return bytes(exported.serialize())
@@ -120,13 +126,20 @@ def export_onnx(predict: Callable, shape: tuple[int, int, int], *, opset: int = 
     try:
       import jax2onnx  # pylint: disable=import-outside-toplevel
     except ImportError as error:
-      raise ExportError(f"the ONNX export needs jax2onnx ({error}): pip install -e \".[export]\"") from None
+      raise ExportError(f'the ONNX export needs jax2onnx ({error}): pip install -e ".[export]"') from None
     try:
-      model = jax2onnx.to_onnx(predict, inputs=[("batch", *shape)], model_name="l2vit", opset=opset,
-                               input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
+      model = jax2onnx.to_onnx(
+        predict,
+        inputs=[("batch", *shape)],
+        model_name="l2vit",
+        opset=opset,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+      )
     except Exception as error:  # pylint: disable=broad-except  # the converter's refusals share no type
-      raise ExportError(f"jax2onnx cannot convert the model: {type(error).__name__}: "
-                        f"{one_line(error, 300)}") from error
+      raise ExportError(
+        f"jax2onnx cannot convert the model: {type(error).__name__}: {one_line(error, 300)}"
+      ) from error
   finally:
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
@@ -155,8 +168,9 @@ def check_images(shape: tuple[int, int, int], n: int = CHECK_BATCH) -> np.ndarra
   return images
 
 
-def export_checkpoint(directory: str, output: str, *, formats: tuple[str, ...] = FORMATS,
-                      opset: int = ONNX_OPSET) -> dict:
+def export_checkpoint(
+  directory: str, output: str, *, formats: tuple[str, ...] = FORMATS, opset: int = ONNX_OPSET
+) -> dict:
   """Writes the ``formats`` of the finetuned checkpoint in ``directory`` and the sidecar to ``output``.
 
   Each file is written whole or not at all (``paths.write_bytes``). The sidecar is written last,
@@ -181,21 +195,32 @@ def export_checkpoint(directory: str, output: str, *, formats: tuple[str, ...] =
     raise ExportError(f"{output}: cannot create the output directory: {error}") from None
   pixel_scale, mass_mean, mass_std = _meta_numbers(directory, meta)
   sidecar = {
-      "format": "l2vit_jax.export", "checkpoint": directory, "files": {},
-      "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32",
-                "meaning": "raw pixels as the jet files store them (divided by pixel_scale inside)"},
-      "outputs": [{"name": "prob", "shape": ["batch"], "dtype": "float32",
-                   "meaning": "class-1 (top) probability"},
-                  {"name": "mass", "shape": ["batch"], "dtype": "float32", "meaning": "jet mass in GeV"}],
-      "pixel_scale": pixel_scale, "mass_mean": mass_mean, "mass_std": mass_std,
-      "model_config": meta["model_config"], "task": meta.get("task"), "compute_dtype": "float32",
-      "depthwise_implementation": DEPTHWISE_IMPLEMENTATION, "jax_version": jax.__version__,
+    "format": "l2vit_jax.export",
+    "checkpoint": directory,
+    "files": {},
+    "input": {
+      "name": INPUT_NAME,
+      "shape": ["batch", *shape],
+      "dtype": "float32",
+      "meaning": "raw pixels as the jet files store them (divided by pixel_scale inside)",
+    },
+    "outputs": [
+      {"name": "prob", "shape": ["batch"], "dtype": "float32", "meaning": "class-1 (top) probability"},
+      {"name": "mass", "shape": ["batch"], "dtype": "float32", "meaning": "jet mass in GeV"},
+    ],
+    "pixel_scale": pixel_scale,
+    "mass_mean": mass_mean,
+    "mass_std": mass_std,
+    "model_config": meta["model_config"],
+    "task": meta.get("task"),
+    "compute_dtype": "float32",
+    "depthwise_implementation": DEPTHWISE_IMPLEMENTATION,
+    "jax_version": jax.__version__,
   }
   failure = None
   if "jax" in formats:
     paths.write_bytes(os.path.join(output, JAX_FILE), export_jax(predict, shape))
-    sidecar["files"]["jax"] = {"file": JAX_FILE, "platforms": list(JAX_PLATFORMS),
-                               "batch_dimension": "b"}
+    sidecar["files"]["jax"] = {"file": JAX_FILE, "platforms": list(JAX_PLATFORMS), "batch_dimension": "b"}
   if "onnx" in formats:
     try:
       onnx_bytes = export_onnx(predict, shape, opset=opset)
@@ -203,9 +228,12 @@ def export_checkpoint(directory: str, output: str, *, formats: tuple[str, ...] =
       failure = error
     else:
       paths.write_bytes(os.path.join(output, ONNX_FILE), onnx_bytes)
-      sidecar["files"]["onnx"] = {"file": ONNX_FILE, "opset": opset, "batch_dimension": "batch",
-                                  "max_abs_difference_to_jax": onnx_difference(
-                                      onnx_bytes, predict, check_images(shape))}
+      sidecar["files"]["onnx"] = {
+        "file": ONNX_FILE,
+        "opset": opset,
+        "batch_dimension": "batch",
+        "max_abs_difference_to_jax": onnx_difference(onnx_bytes, predict, check_images(shape)),
+      }
   paths.write_json(os.path.join(output, SIDECAR_FILE), sidecar)
   if failure is not None:
     raise ExportError(f"{failure} (the other formats were written to {output})") from failure

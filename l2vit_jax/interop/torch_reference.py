@@ -16,8 +16,9 @@ import functools
 import types
 from typing import Any
 
-INSTALL_HINT = ('PyTorch is needed for this (the CPU wheel is enough): pip install torch '
-                '(tested with torch==2.13.0)')
+INSTALL_HINT = (
+  "PyTorch is needed for this (the CPU wheel is enough): pip install torch (tested with torch==2.13.0)"
+)
 
 
 def require_torch() -> Any:
@@ -37,7 +38,6 @@ def torch_modules() -> types.SimpleNamespace:
   functional = torch.nn.functional
 
   class PatchEmbed(nn.Module):
-
     def __init__(self, in_channels, embed_dim, patch_size):
       super().__init__()
       self.proj = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
@@ -49,11 +49,10 @@ def torch_modules() -> types.SimpleNamespace:
       return self.norm(x.flatten(2).transpose(1, 2)), grid
 
   class LinearAttention(nn.Module):
-
     def __init__(self, dim, num_heads, drop_rate):
       super().__init__()
       self.num_heads = num_heads
-      self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), (dim // num_heads)**-0.5))
+      self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), (dim // num_heads) ** -0.5))
       self.qkv = nn.Linear(dim, 3 * dim)
       self.proj = nn.Linear(dim, dim)
       self.proj_drop = nn.Dropout(drop_rate)
@@ -63,14 +62,13 @@ def torch_modules() -> types.SimpleNamespace:
       qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
       q, k, v = qkv.permute(2, 0, 3, 1, 4)
       q, k = functional.relu(q), functional.relu(k)
-      kv = torch.einsum('bhnd,bhne->bhde', k, v) * self.temperature
-      denominator = torch.einsum('bhnd,bhd->bhn', q, k.sum(dim=2)).clamp(min=100.0)
-      out = torch.einsum('bhnd,bhde->bhne', q, kv) / denominator.unsqueeze(-1)
+      kv = torch.einsum("bhnd,bhne->bhde", k, v) * self.temperature
+      denominator = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)).clamp(min=100.0)
+      out = torch.einsum("bhnd,bhde->bhne", q, kv) / denominator.unsqueeze(-1)
       out = out.transpose(1, 2).reshape(batch, tokens, dim)
       return self.proj_drop(self.proj(out))
 
   class LocalConcentration(nn.Module):
-
     def __init__(self, dim, kernel_size):
       super().__init__()
       self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
@@ -85,7 +83,6 @@ def torch_modules() -> types.SimpleNamespace:
       return y.flatten(2).transpose(1, 2)
 
   class Mlp(nn.Module):
-
     def __init__(self, dim, hidden_dim, drop_rate):
       super().__init__()
       self.fc1 = nn.Linear(dim, hidden_dim)
@@ -97,7 +94,6 @@ def torch_modules() -> types.SimpleNamespace:
       return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
   class DropPath(nn.Module):
-
     def __init__(self, rate):
       super().__init__()
       self.rate = rate
@@ -110,7 +106,6 @@ def torch_modules() -> types.SimpleNamespace:
       return x * mask / keep
 
   class Block(nn.Module):
-
     def __init__(self, dim, num_heads, mlp_ratio, drop_rate, drop_path_rate, lcm_kernel):
       super().__init__()
       self.norm1 = nn.LayerNorm(dim)
@@ -129,19 +124,29 @@ def torch_modules() -> types.SimpleNamespace:
   class L2ViT(nn.Module):
     """Takes NCHW images; returns (class_logits, mass)."""
 
-    def __init__(self, in_channels=8, img_size=125, patch_size=5, embed_dim=256, depth=6,
-                 num_heads=4, mlp_ratio=4.0, num_classes=2, drop_rate=0.1, drop_path_rate=0.1,
-                 lcm_kernel=7):
+    def __init__(
+      self,
+      in_channels=8,
+      img_size=125,
+      patch_size=5,
+      embed_dim=256,
+      depth=6,
+      num_heads=4,
+      mlp_ratio=4.0,
+      num_classes=2,
+      drop_rate=0.1,
+      drop_path_rate=0.1,
+      lcm_kernel=7,
+    ):
       super().__init__()
       self.grid_size = (img_size // patch_size, img_size // patch_size)
       self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
-      self.pos_embed = nn.Parameter(
-          torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+      self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
       self.pos_drop = nn.Dropout(drop_rate)
       rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
-      self.blocks = nn.ModuleList([
-          Block(embed_dim, num_heads, mlp_ratio, drop_rate, rate, lcm_kernel) for rate in rates
-      ])
+      self.blocks = nn.ModuleList(
+        [Block(embed_dim, num_heads, mlp_ratio, drop_rate, rate, lcm_kernel) for rate in rates]
+      )
       self.norm = nn.LayerNorm(embed_dim)
       self.cls_head = nn.Linear(embed_dim, num_classes)
       self.reg_head = nn.Linear(embed_dim, 1)
@@ -164,8 +169,7 @@ def torch_modules() -> types.SimpleNamespace:
       if grid != self.grid_size:
         dim = pos_embed.shape[-1]
         pos_embed = pos_embed.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
-        pos_embed = functional.interpolate(pos_embed, size=grid, mode='bilinear',
-                                           align_corners=False)
+        pos_embed = functional.interpolate(pos_embed, size=grid, mode="bilinear", align_corners=False)
         pos_embed = pos_embed.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
       x = self.pos_drop(x + pos_embed)
       for block in self.blocks:
@@ -182,16 +186,22 @@ def torch_modules() -> types.SimpleNamespace:
     def __init__(self, in_dim=256, hidden_dim=256, out_dim=128):
       super().__init__()
       self.net = nn.Sequential(
-          nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
-          nn.Linear(hidden_dim, out_dim))
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim)
+      )
 
     def forward(self, x):
       return functional.normalize(self.net(x), dim=1)
 
   return types.SimpleNamespace(
-      PatchEmbed=PatchEmbed, LinearAttention=LinearAttention,
-      LocalConcentration=LocalConcentration, Mlp=Mlp, DropPath=DropPath, Block=Block, L2ViT=L2ViT,
-      SimCLRProjector=SimCLRProjector)
+    PatchEmbed=PatchEmbed,
+    LinearAttention=LinearAttention,
+    LocalConcentration=LocalConcentration,
+    Mlp=Mlp,
+    DropPath=DropPath,
+    Block=Block,
+    L2ViT=L2ViT,
+    SimCLRProjector=SimCLRProjector,
+  )
 
 
 def build_torch_l2vit(**kwargs) -> Any:

@@ -13,15 +13,15 @@ from l2vit_jax.models.masked import patchify
 from l2vit_jax.models.masked import random_token_mask
 
 __all__ = [
-    'ContrastiveModel',
-    'L2ViT',
-    'MaskedImageModel',
-    'SimCLRProjector',
-    'depthwise_conv2d',
-    'interpolate_pos_embed',
-    'linear_attention',
-    'param_count',
-    'patchify',
-    'random_token_mask',
-    'softmax_attention',
+  "ContrastiveModel",
+  "L2ViT",
+  "MaskedImageModel",
+  "SimCLRProjector",
+  "depthwise_conv2d",
+  "interpolate_pos_embed",
+  "linear_attention",
+  "param_count",
+  "patchify",
+  "random_token_mask",
+  "softmax_attention",
 ]

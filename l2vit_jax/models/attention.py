@@ -12,12 +12,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def linear_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    temperature: jax.Array,
-    *,
-    denominator_floor: float = 100.0,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  temperature: jax.Array,
+  *,
+  denominator_floor: float = 100.0,
 ) -> jax.Array:
   """L2ViT's ReLU-kernel linear attention, O(N d²) instead of O(N² d).
 
@@ -45,17 +45,17 @@ def linear_attention(
   # Dec 2026 a ones column on v gave Σk as a 65th column of the same two matmuls; on TPU its
   # (…, tokens, 65) float32 intermediates cost 13 % of the finetune step's bytes accessed, for the
   # same FLOPs: docs/performance.md, "The attention's denominator as its own product".)
-  kv = jnp.einsum('bhnd,bhne->bhde', k, v, precision=_HIGHEST) * jnp.asarray(temperature, jnp.float32)
-  numerator = jnp.einsum('bhnd,bhde->bhne', q, kv, precision=_HIGHEST)
-  denominator = jnp.einsum('bhnd,bhd->bhn', q, k.sum(axis=2), precision=_HIGHEST)[..., None]
+  kv = jnp.einsum("bhnd,bhne->bhde", k, v, precision=_HIGHEST) * jnp.asarray(temperature, jnp.float32)
+  numerator = jnp.einsum("bhnd,bhde->bhne", q, kv, precision=_HIGHEST)
+  denominator = jnp.einsum("bhnd,bhd->bhn", q, k.sum(axis=2), precision=_HIGHEST)[..., None]
   return (numerator / jnp.maximum(denominator, denominator_floor)).astype(out_dtype)
 
 
 def softmax_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    temperature: jax.Array | float | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  temperature: jax.Array | float | None = None,
 ) -> jax.Array:
   """Standard softmax(q kᵀ · scale) v attention, O(N² d), for ablations against the linear kernel.
 
@@ -71,8 +71,7 @@ def softmax_attention(
   out_dtype = q.dtype
   if temperature is None:
     temperature = q.shape[-1] ** -0.5
-  logits = jnp.einsum('bhnd,bhmd->bhnm', q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits * jnp.asarray(temperature, jnp.float32), axis=-1)
-  out = jnp.einsum('bhnm,bhmd->bhnd', weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhnm,bhmd->bhnd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(out_dtype)

@@ -20,35 +20,42 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal['auto', 'lax', 'shifted_adds', 'shifted_adds_vjp', 'row_scan', 'patches',
-                         'channel_batched']
+Implementation = Literal[
+  "auto", "lax", "shifted_adds", "shifted_adds_vjp", "row_scan", "patches", "channel_batched"
+]
 # Every name accepted by ``implementation``; all but 'auto' are concrete formulations.
-IMPLEMENTATIONS = ('auto', 'lax', 'shifted_adds', 'shifted_adds_vjp', 'row_scan', 'patches',
-                   'channel_batched')
+IMPLEMENTATIONS = (
+  "auto",
+  "lax",
+  "shifted_adds",
+  "shifted_adds_vjp",
+  "row_scan",
+  "patches",
+  "channel_batched",
+)
 # What 'auto' picks per backend, from scripts/benchmark.py (docs/performance.md): on XLA:CPU the
 # custom-VJP shifted adds were ≈40× faster than the grouped convolution for the gradient; GPU and
 # TPU compilers have native depthwise kernels.
-AUTO_BY_BACKEND = {'cpu': 'shifted_adds_vjp'}
-AUTO_DEFAULT = 'lax'
+AUTO_BY_BACKEND = {"cpu": "shifted_adds_vjp"}
+AUTO_DEFAULT = "lax"
 
 
 def resolve_implementation(implementation: str, backend: str | None = None) -> str:
   """The concrete formulation ``implementation`` stands for on ``backend`` (default: JAX's)."""
-  if implementation == 'auto':
+  if implementation == "auto":
     return AUTO_BY_BACKEND.get(backend or jax.default_backend(), AUTO_DEFAULT)
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown depthwise implementation {implementation!r}; use one of '
-                     f'{IMPLEMENTATIONS}')
+    raise ValueError(f"unknown depthwise implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
   return implementation
 
 
 def depthwise_conv2d(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    implementation: Implementation = 'auto',
-    precision: jax.lax.PrecisionLike = None,
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  *,
+  implementation: Implementation = "auto",
+  precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
   """Depthwise cross-correlation with 'same' padding (zero-padded, stride 1), plus bias.
 
@@ -77,19 +84,19 @@ def depthwise_conv2d(
   """
   kh, kw, group_size, channels = kernel.shape
   if group_size != 1 or channels != x.shape[-1]:
-    raise ValueError(f'depthwise kernel must be (kh, kw, 1, {x.shape[-1]}), got {kernel.shape}')
+    raise ValueError(f"depthwise kernel must be (kh, kw, 1, {x.shape[-1]}), got {kernel.shape}")
   if kh % 2 == 0 or kw % 2 == 0:
     raise ValueError(f"'same' depthwise conv needs odd kernel sizes, got {kh}×{kw}")
   implementation = resolve_implementation(implementation)
-  if implementation == 'lax':
+  if implementation == "lax":
     y = _lax_depthwise(x, kernel, precision)
-  elif implementation == 'shifted_adds':
+  elif implementation == "shifted_adds":
     y = _shifted_adds_depthwise(x, kernel[:, :, 0, :])
-  elif implementation == 'shifted_adds_vjp':
+  elif implementation == "shifted_adds_vjp":
     y = _shifted_adds_vjp(x, kernel[:, :, 0, :])
-  elif implementation == 'row_scan':
+  elif implementation == "row_scan":
     y = _row_scan_depthwise(x, kernel)
-  elif implementation == 'patches':
+  elif implementation == "patches":
     y = _patches_depthwise(x, kernel, precision)
   else:
     y = _channel_batched_depthwise(x, kernel, precision)
@@ -110,19 +117,21 @@ def _pad_same(x: jax.Array, kh: int, kw: int) -> jax.Array:
 
 # --- 'lax' ------------------------------------------------------------------------------------------
 
+
 def _lax_depthwise(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
   return jax.lax.conv_general_dilated(
-      x,
-      kernel.astype(x.dtype),
-      window_strides=(1, 1),
-      padding='SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=x.shape[-1],
-      precision=precision,
+    x,
+    kernel.astype(x.dtype),
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
+    precision=precision,
   )
 
 
 # --- 'shifted_adds' ---------------------------------------------------------------------------------
+
 
 def _shifted_adds_depthwise(x: jax.Array, taps: jax.Array) -> jax.Array:
   """Depthwise 'same' correlation of x (B, H, W, C) with taps (kh, kw, C), one tap per loop trip."""
@@ -147,6 +156,7 @@ def _shifted_adds_depthwise(x: jax.Array, taps: jax.Array) -> jax.Array:
 
 # --- 'shifted_adds_vjp' -----------------------------------------------------------------------------
 
+
 def _unrolled_shifted_adds(x: jax.Array, taps: jax.Array) -> jax.Array:
   """Σ_ij pad(x)[:, i:i+H, j:j+W] · taps[i, j], all kh·kw terms in one elementwise fusion."""
   kh, kw = taps.shape[:2]
@@ -157,7 +167,7 @@ def _unrolled_shifted_adds(x: jax.Array, taps: jax.Array) -> jax.Array:
   y = None
   for i in range(kh):
     for j in range(kw):
-      term = padded[:, i:i + height, j:j + width] * taps[i, j]
+      term = padded[:, i : i + height, j : j + width] * taps[i, j]
       y = term if y is None else y + term
   return y.astype(x.dtype)
 
@@ -182,7 +192,7 @@ def _kernel_gradient(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> jax.Array
     b, h = row // height, row % height
     rows = jax.lax.dynamic_slice(padded, (b, h, 0, 0), (1, kh, padded_width, channels))[0]
     dy_row = jax.lax.dynamic_slice(dy, (b, h, 0, 0), (1, 1, width, channels))[0]
-    return tuple(acc + rows[:, j:j + width] * dy_row for j, acc in enumerate(accumulators))
+    return tuple(acc + rows[:, j : j + width] * dy_row for j, acc in enumerate(accumulators))
 
   zeros = jnp.zeros((kh, width, channels), accumulator_dtype)
   accumulators = jax.lax.fori_loop(0, batch * height, add_row, (zeros,) * kw)
@@ -213,6 +223,7 @@ _shifted_adds_vjp.defvjp(_shifted_adds_vjp_forward, _shifted_adds_vjp_backward)
 
 # --- 'row_scan' -------------------------------------------------------------------------------------
 
+
 def _row_scan_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   kh, kw = kernel.shape[:2]
   height, width = x.shape[1:3]
@@ -224,38 +235,51 @@ def _row_scan_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
     row, taps = inputs
     window_rows = jax.lax.dynamic_slice_in_dim(padded, row, height, axis=1)
     for j in range(kw):
-      y = y + window_rows[:, :, j:j + width] * taps[j]
+      y = y + window_rows[:, :, j : j + width] * taps[j]
     return y, None
 
-  y, _ = jax.lax.scan(add_kernel_row, jnp.zeros(x.shape, accumulator_dtype),
-                      (jnp.arange(kh), rows_of_taps))
+  y, _ = jax.lax.scan(add_kernel_row, jnp.zeros(x.shape, accumulator_dtype), (jnp.arange(kh), rows_of_taps))
   return y.astype(x.dtype)
 
 
 # --- 'patches' --------------------------------------------------------------------------------------
+
 
 def _patches_depthwise(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
   kh, kw, _, channels = kernel.shape
   # Patch extraction is a convolution with one-hot filters: HIGHEST keeps it an exact copy (TF32 on
   # GPU would round the pixels).
   patches = jax.lax.conv_general_dilated_patches(
-      x, (kh, kw), (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      precision=jax.lax.Precision.HIGHEST)
+    x,
+    (kh, kw),
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   # Patch features are ordered (channel, kernel row, kernel column).
   patches = patches.reshape(*x.shape[:3], channels, kh * kw)
   taps = kernel[:, :, 0, :].reshape(kh * kw, channels).astype(x.dtype)
-  return jnp.einsum('bhwck,kc->bhwc', patches, taps, precision=precision,
-                    preferred_element_type=_accumulator_dtype(x.dtype)).astype(x.dtype)
+  return jnp.einsum(
+    "bhwck,kc->bhwc", patches, taps, precision=precision, preferred_element_type=_accumulator_dtype(x.dtype)
+  ).astype(x.dtype)
 
 
 # --- 'channel_batched' ------------------------------------------------------------------------------
 
-def _channel_batched_depthwise(x: jax.Array, kernel: jax.Array,
-                               precision: jax.lax.PrecisionLike) -> jax.Array:
+
+def _channel_batched_depthwise(
+  x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike
+) -> jax.Array:
   # (C, B, H, W, 1): each channel becomes an ordinary 1→1-feature convolution with its own kernel.
   channel_major = jnp.moveaxis(x, -1, 0)[..., None]
   kernels = jnp.moveaxis(kernel.astype(x.dtype), -1, 0)  # (C, kh, kw, 1)
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding='SAME',
-                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+  conv = functools.partial(
+    jax.lax.conv_general_dilated,
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=precision,
+  )
   y = jax.vmap(lambda xc, kc: conv(xc, kc[..., None]))(channel_major, kernels)
   return jnp.moveaxis(y[..., 0], 0, -1)

@@ -18,7 +18,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(B, H, W, C) → (B, N, p·p·C) in the token order of the patch embedding (row-major grid)."""
   b, h, w, c = images.shape
   gh, gw = h // patch_size, w // patch_size
-  patches = images[:, :gh * patch_size, :gw * patch_size].reshape(b, gh, patch_size, gw, patch_size, c)
+  patches = images[:, : gh * patch_size, : gw * patch_size].reshape(b, gh, patch_size, gw, patch_size, c)
   return patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, patch_size * patch_size * c)
 
 
@@ -42,7 +42,7 @@ class MaskedImageModel(nnx.Module):
     in_channels = encoder.patch_embed.proj.in_features
     dim = encoder.pos_embed.shape[-1]
     self.mask_token = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (dim,)))
-    self.decoder = nnx.Linear(dim, self.patch_size ** 2 * in_channels, rngs=rngs)
+    self.decoder = nnx.Linear(dim, self.patch_size**2 * in_channels, rngs=rngs)
     self.masking = nnx.Rngs(dropout=rngs.dropout())
 
   def __call__(self, images: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:

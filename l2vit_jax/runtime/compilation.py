@@ -58,6 +58,7 @@ def enable_compilation_cache(setting: str = "auto", *, default: str | None = Non
   if _compilation_cache is not _UNDECIDED:
     return _compilation_cache
   import jax  # pylint: disable=import-outside-toplevel
+
   directory = resolve_compilation_cache(setting, default=default)
   if directory is None:
     jax.config.update("jax_enable_compilation_cache", False)
@@ -73,6 +74,7 @@ def enable_compilation_cache(setting: str = "auto", *, default: str | None = Non
 
 def jax_min_compile_seconds() -> float:
   import jax  # pylint: disable=import-outside-toplevel
+
   return float(jax.config.jax_persistent_cache_min_compile_time_secs)
 
 
@@ -96,6 +98,7 @@ class CompileStats:
         return
       self._started = True
     from jax import monitoring  # pylint: disable=import-outside-toplevel
+
     monitoring.register_event_listener(self._on_event)
     monitoring.register_event_duration_secs_listener(self._on_duration)
 
@@ -120,12 +123,16 @@ class CompileStats:
       if not self.compilations:
         return None
       if _compilation_cache in (_UNDECIDED, None):
-        return (f"XLA: {self.compilations} compilation(s) in {self.seconds:.1f} s (persistent "
-                "compilation cache off)")
+        return (
+          f"XLA: {self.compilations} compilation(s) in {self.seconds:.1f} s (persistent "
+          "compilation cache off)"
+        )
       minimum = jax_min_compile_seconds()
-      return (f"XLA: {self.compilations} compilation(s) in {self.seconds:.1f} s; {self.cache_hits} read "
-              f"from the persistent cache {_compilation_cache}, saving {max(self.seconds_saved, 0.0):.1f} s"
-              + (f" (compilations under {minimum:g} s are not cached)" if minimum > 0 else ""))
+      return (
+        f"XLA: {self.compilations} compilation(s) in {self.seconds:.1f} s; {self.cache_hits} read "
+        f"from the persistent cache {_compilation_cache}, saving {max(self.seconds_saved, 0.0):.1f} s"
+        + (f" (compilations under {minimum:g} s are not cached)" if minimum > 0 else "")
+      )
 
 
 compile_stats = CompileStats()

@@ -17,6 +17,7 @@ from typing import Callable
 def quiet_library_logs() -> None:
   """Keeps Orbax's per-save INFO chatter out of the run log (its warnings and errors still show)."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
   logger = absl_logging.get_absl_logger()
   if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
     logger.addFilter(_QuietLibraries())
@@ -45,8 +46,16 @@ class ProgressBar:
   ``binary_units``: counts are bytes, shown as KiB, MiB, ... (downloads).
   """
 
-  def __init__(self, total: int | None, description: str, unit: str, *, enabled: bool = True,
-               report: Callable[[int], None] | None = None, binary_units: bool = False):
+  def __init__(
+    self,
+    total: int | None,
+    description: str,
+    unit: str,
+    *,
+    enabled: bool = True,
+    report: Callable[[int], None] | None = None,
+    binary_units: bool = False,
+  ):
     self.total, self.description, self.unit = total, description, unit
     self.done = 0
     self._report = report
@@ -62,9 +71,18 @@ class ProgressBar:
       self._report(self.done)
     if self._drawn and self._bar is None:
       import tqdm  # pylint: disable=import-outside-toplevel
-      self._bar = tqdm.tqdm(total=self.total, initial=self.done - count, desc=self.description,
-                            unit=self.unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                            mininterval=1.0, **self._units)
+
+      self._bar = tqdm.tqdm(
+        total=self.total,
+        initial=self.done - count,
+        desc=self.description,
+        unit=self.unit,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        **self._units,
+      )
     if self._bar is not None:
       self._bar.update(count)
 
@@ -84,15 +102,24 @@ class ProgressBar:
       self._bar.close()
     if exc_type is None and self._logged:
       from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
       seconds = time.perf_counter() - self._start
-      absl_logging.info("%s: %d %s(s) in %.1f s (%.1f %s/s)", self.description, self.done, self.unit,
-                        seconds, self.done / max(seconds, 1e-9), self.unit)
+      absl_logging.info(
+        "%s: %d %s(s) in %.1f s (%.1f %s/s)",
+        self.description,
+        self.done,
+        self.unit,
+        seconds,
+        self.done / max(seconds, 1e-9),
+        self.unit,
+      )
 
 
 def write(message: str, file=None) -> None:
   """Prints ``message`` as a line of its own above any bar being drawn (tqdm's ``write``), so the
   bar neither draws over it nor is broken by it; ``file`` defaults to stdout."""
   import tqdm  # pylint: disable=import-outside-toplevel
+
   tqdm.tqdm.write(message, file=sys.stdout if file is None else file)
 
 

@@ -27,9 +27,12 @@ def initialize() -> None:
   elif os.environ.get("L2VIT_COORDINATOR_ADDRESS"):
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests)
-    jax.distributed.initialize(coordinator_address=os.environ["L2VIT_COORDINATOR_ADDRESS"],
-                               num_processes=int(os.environ["L2VIT_NUM_PROCESSES"]),
-                               process_id=int(os.environ["L2VIT_PROCESS_ID"]), **timeouts)
+    jax.distributed.initialize(
+      coordinator_address=os.environ["L2VIT_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["L2VIT_NUM_PROCESSES"]),
+      process_id=int(os.environ["L2VIT_PROCESS_ID"]),
+      **timeouts,
+    )
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize(**timeouts)
   else:

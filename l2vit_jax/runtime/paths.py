@@ -114,12 +114,14 @@ def write_with(path: PathLike, writer, **kwargs) -> None:
 
 TEMPORARY_SUFFIX = ".partial"
 # .NAME.PID@HOST.TOKEN.partial, as temporary_name writes it (a host name has no "@" and no "/").
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.[0-9a-f]+"
-                        + re.escape(TEMPORARY_SUFFIX) + "$")
+_TEMPORARY = re.compile(
+  r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.[0-9a-f]+" + re.escape(TEMPORARY_SUFFIX) + "$"
+)
 
 
-def temporary_name(path: PathLike, *, pid: int | None = None, host: str | None = None,
-                   token: str | None = None) -> str:
+def temporary_name(
+  path: PathLike, *, pid: int | None = None, host: str | None = None, token: str | None = None
+) -> str:
   """The hidden temporary of the local file ``path``: ``DIR/.NAME.PID@HOST.TOKEN.partial`` (this
   process, this host and a random token unless given: the tests forge other writers' temporaries)."""
   directory, name = os.path.split(os.path.abspath(path))
@@ -147,8 +149,12 @@ def remove_stale_temporaries(path: PathLike) -> list[str]:
   stale = []
   for entry in os.listdir(directory) if os.path.isdir(directory) else ():
     match = _TEMPORARY.match(entry)
-    if match and (match["name"] == name or match["name"].startswith(name + ".")) and match["host"] == host \
-        and not process_alive(int(match["pid"])):
+    if (
+      match
+      and (match["name"] == name or match["name"].startswith(name + "."))
+      and match["host"] == host
+      and not process_alive(int(match["pid"]))
+    ):
       stale.append(os.path.join(directory, entry))
   for temporary in stale:
     try:
@@ -211,6 +217,7 @@ def _gcs_object(path: PathLike):
   if not path.startswith("gs://"):
     raise ValueError(f"{path}: object generations exist only on gs://")
   import fsspec  # pylint: disable=import-outside-toplevel
+
   filesystem, object_path = fsspec.core.url_to_fs(path)
   bucket, _, name = object_path.partition("/")
   return filesystem, bucket, name
@@ -236,13 +243,26 @@ def write_if_generation(path: PathLike, data: bytes, generation: int) -> int | N
   """
   filesystem, bucket, name = _gcs_object(path)
   metadata = json.dumps({"name": name})
-  body = (f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{metadata}\n--==0==\n"
-          "Content-Type: application/octet-stream\n\n").encode() + data + b"\n--==0==--"
-  upload = filesystem.base[:-len("storage/v1/")] + "upload/storage/v1/b/{}/o"
+  body = (
+    (
+      f"--==0==\nContent-Type: application/json; charset=UTF-8\n\n{metadata}\n--==0==\n"
+      "Content-Type: application/octet-stream\n\n"
+    ).encode()
+    + data
+    + b"\n--==0==--"
+  )
+  upload = filesystem.base[: -len("storage/v1/")] + "upload/storage/v1/b/{}/o"
   try:
-    reply = filesystem.call("POST", upload, bucket, uploadType="multipart", ifGenerationMatch=str(generation),
-                            headers={"Content-Type": 'multipart/related; boundary="==0=="'}, data=body,
-                            json_out=True)
+    reply = filesystem.call(
+      "POST",
+      upload,
+      bucket,
+      uploadType="multipart",
+      ifGenerationMatch=str(generation),
+      headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+      data=body,
+      json_out=True,
+    )
   except FileExistsError:  # HTTP 412: the precondition failed
     return None
   filesystem.invalidate_cache(f"{bucket}/{name}")

@@ -100,9 +100,12 @@ class PeerWatchdog:
     self._wake.set()
     self._thread.join(LAST_CALL_SECONDS)
     if self._thread.is_alive():
-      print(f"warning: process {self.process_id}: the peer watchdog's call to JAX's coordination "
-            f"service has not returned after {LAST_CALL_SECONDS:g} s; exiting anyway", file=sys.stderr,
-            flush=True)
+      print(
+        f"warning: process {self.process_id}: the peer watchdog's call to JAX's coordination "
+        f"service has not returned after {LAST_CALL_SECONDS:g} s; exiting anyway",
+        file=sys.stderr,
+        flush=True,
+      )
 
   def _publish(self) -> None:
     self._beats += 1
@@ -125,8 +128,11 @@ class PeerWatchdog:
         failing_since = failing_since or time.monotonic()
         if time.monotonic() - failing_since > self.timeout:
           first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-          self._lost("the coordinator (process 0)", f"its coordination service has not answered for "
-                     f"{self.timeout:g} s ({TIMEOUT_VARIABLE}): {first_line}")
+          self._lost(
+            "the coordinator (process 0)",
+            f"its coordination service has not answered for "
+            f"{self.timeout:g} s ({TIMEOUT_VARIABLE}): {first_line}",
+          )
         continue
       failing_since = None
       lost, busy = self._check(values)
@@ -152,9 +158,12 @@ class PeerWatchdog:
     return lost, busy
 
   def _lost(self, who: str, why: str) -> None:
-    print(f"error: process {self.process_id} of {self.num_processes} lost {who}: {why}. Exiting; "
-          "restart every process to resume from the last complete checkpoint.", file=sys.stderr,
-          flush=True)
+    print(
+      f"error: process {self.process_id} of {self.num_processes} lost {who}: {why}. Exiting; "
+      "restart every process to resume from the last complete checkpoint.",
+      file=sys.stderr,
+      flush=True,
+    )
     os._exit(EXIT_STATUS)  # pylint: disable=protected-access
 
 
@@ -164,8 +173,10 @@ def start_watchdog() -> None:
   if jax.process_count() < 2 or _watchdog is not None:
     return
   from jax._src import distributed  # pylint: disable=import-outside-toplevel  # the client, as Orbax uses it
-  _watchdog = PeerWatchdog(distributed.global_state.client, jax.process_index(), jax.process_count(),
-                           timeout_seconds())
+
+  _watchdog = PeerWatchdog(
+    distributed.global_state.client, jax.process_index(), jax.process_count(), timeout_seconds()
+  )
   _watchdog.start()
   # atexit runs its handlers last-registered first: this one before JAX's (registered by `import jax`),
   # which shuts the client down; both after the main thread is done and before Python finalizes.

@@ -95,8 +95,13 @@ def allocator_tuned() -> bool:
 # --- platforms ----------------------------------------------------------------------------------------
 
 # Variables a Cloud TPU VM (or a user forcing libtpu) sets; any one of them means "this may be a TPU".
-TPU_ENVIRONMENT_VARIABLES = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_NAME",
-                             "JAX_FORCE_TPU_INIT")
+TPU_ENVIRONMENT_VARIABLES = (
+  "TPU_ACCELERATOR_TYPE",
+  "TPU_WORKER_HOSTNAMES",
+  "TPU_WORKER_ID",
+  "TPU_NAME",
+  "JAX_FORCE_TPU_INIT",
+)
 _GOOGLE_PCI_VENDOR_ID = "0x1ae0"  # the vendor of every Cloud TPU chip (as jax's hardware_utils checks)
 
 

@@ -22,8 +22,9 @@ def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   # Auto axes: XLA's partitioner propagates shardings through the model (jax.make_mesh now defaults
   # to Explicit axes, which would demand sharding annotations on every op that mixes arrays).
-  return jax.make_mesh((len(devices), 1), (DATA_AXIS, MODEL_AXIS),
-                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+  return jax.make_mesh(
+    (len(devices), 1), (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+  )
 
 
 def mesh_platform(mesh: Mesh) -> str:
@@ -43,16 +44,19 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Per-process batch size; the global batch must split evenly over processes and devices."""
   devices = mesh.devices.size
   if global_batch_size % devices:
-    raise ValueError(f"batch size {global_batch_size} does not divide over {devices} devices; "
-                     f"use a multiple of {devices}")
+    raise ValueError(
+      f"batch size {global_batch_size} does not divide over {devices} devices; use a multiple of {devices}"
+    )
   return global_batch_size // jax.process_count()
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into one global array sharded along ``data``."""
   sharding = batch_sharding(mesh)
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    for key, value in local_batch.items()
+  }
 
 
 def replicate(tree, mesh: Mesh):
@@ -76,4 +80,5 @@ def to_host(array: jax.Array) -> np.ndarray:
   if array.is_fully_addressable:
     return np.asarray(array)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -38,18 +38,80 @@ import re
 # Model parts, most specific first: an operation takes the first one its op_name contains. 'blocks'
 # is what is left of the scanned blocks (models.l2vit.scan_blocks) outside any part: the loop's own
 # slicing of the stacked state and stacking of what the backward pass keeps.
-SCOPES = ("dropout", "drop_path", "optimizer", "input", "norm", "attention", "lcm", "mlp",
-          "patch_embed", "head", "blocks", "loss")
+SCOPES = (
+  "dropout",
+  "drop_path",
+  "optimizer",
+  "input",
+  "norm",
+  "attention",
+  "lcm",
+  "mlp",
+  "patch_embed",
+  "head",
+  "blocks",
+  "loss",
+)
 # No memory traffic of their own (aliases, bookkeeping) in XLA's cost model.
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-         "replica-id", "opt-barrier", "domain", "add-dependency"}
-_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs",
-                "remainder", "clamp", "compare", "select", "power", "sign", "floor", "ceil",
-                "round-nearest-even", "round-nearest-afz", "and", "or", "xor", "not",
-                "shift-left", "shift-right-logical", "shift-right-arithmetic", "popcnt", "convert",
-                "is-finite"}
-_TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "erf", "tanh",
-                   "logistic", "rsqrt", "sqrt", "cbrt", "sine", "cosine", "tan", "atan2"}
+_FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+  "domain",
+  "add-dependency",
+}
+_ELEMENTWISE = {
+  "add",
+  "subtract",
+  "multiply",
+  "divide",
+  "maximum",
+  "minimum",
+  "negate",
+  "abs",
+  "remainder",
+  "clamp",
+  "compare",
+  "select",
+  "power",
+  "sign",
+  "floor",
+  "ceil",
+  "round-nearest-even",
+  "round-nearest-afz",
+  "and",
+  "or",
+  "xor",
+  "not",
+  "shift-left",
+  "shift-right-logical",
+  "shift-right-arithmetic",
+  "popcnt",
+  "convert",
+  "is-finite",
+}
+_TRANSCENDENTAL = {
+  "exponential",
+  "exponential-minus-one",
+  "log",
+  "log-plus-one",
+  "erf",
+  "tanh",
+  "logistic",
+  "rsqrt",
+  "sqrt",
+  "cbrt",
+  "sine",
+  "cosine",
+  "tan",
+  "atan2",
+}
 
 # One array: dtype, dimensions and optional layout, e.g. bf16[16,625,1024]{2,1,0:T(8,128)(2,1)S(1)};
 # S(n) in a layout: memory space n.
@@ -98,7 +160,7 @@ def parse_instruction(line: str) -> Instruction | None:
   match = _INSTRUCTION.match(line)
   if not match or " = " not in line:
     return None
-  rest = line[match.end():]
+  rest = line[match.end() :]
   end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
   result, rest = rest[:end], rest[end:].lstrip()
   paren = rest.find("(")
@@ -107,11 +169,17 @@ def parse_instruction(line: str) -> Instruction | None:
   opcode = rest[:paren].strip()
   close = _balanced(rest, paren)
   op_name = _OP_NAME.search(rest[close:])
-  inside = rest[paren + 1:close - 1]
+  inside = rest[paren + 1 : close - 1]
   operands = re.findall(r"%([\w.\-]+)", inside)
-  return Instruction(match.group(1), opcode, result, operands, rest[close:],
-                     op_name.group(1) if op_name else "",
-                     literal=inside.strip() if opcode in ("constant", "parameter") else "")
+  return Instruction(
+    match.group(1),
+    opcode,
+    result,
+    operands,
+    rest[close:],
+    op_name.group(1) if op_name else "",
+    literal=inside.strip() if opcode in ("constant", "parameter") else "",
+  )
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -234,8 +302,9 @@ def _tuple_elements(type_text: str) -> list[str]:
   return elements + [current.strip()]
 
 
-def _sliced_traffic(instruction: Instruction, computations: dict[str, list[Instruction]]
-                    ) -> tuple[dict[int, int], int | None]:
+def _sliced_traffic(
+  instruction: Instruction, computations: dict[str, list[Instruction]]
+) -> tuple[dict[int, int], int | None]:
   """What a slice or an in-place dynamic update moves, where it moves less than its arrays.
 
   Returns bytes actually read per operand position (for fused operands only sliced, or the
@@ -270,13 +339,17 @@ def _sliced_traffic(instruction: Instruction, computations: dict[str, list[Instr
   outputs = [by_name.get(name) for name in root.operands] if root.opcode == "tuple" else [root]
   if not any(o is not None and o.opcode == "dynamic-update-slice" for o in outputs):
     return read, None
-  written = sum(shape_bytes(by_name[o.operands[1]].result) if o.opcode == "dynamic-update-slice"
-                and o.operands[1] in by_name else shape_bytes(o.result) for o in outputs if o is not None)
+  written = sum(
+    shape_bytes(by_name[o.operands[1]].result)
+    if o.opcode == "dynamic-update-slice" and o.operands[1] in by_name
+    else shape_bytes(o.result)
+    for o in outputs
+    if o is not None
+  )
   return read, written
 
 
-def _traffic(instruction: Instruction, computations: dict[str, list[Instruction]]
-             ) -> tuple[int, int, int]:
+def _traffic(instruction: Instruction, computations: dict[str, list[Instruction]]) -> tuple[int, int, int]:
   """(bytes read, bytes written, of them on chip). An asynchronous pair moves its data once, at its
   ``-start``, whose result tuple also holds the source (copy-start: (destination, source, context);
   slice-start: ((source), slice, context)); its ``-done`` only hands the destination over. Dynamic
@@ -289,6 +362,7 @@ def _traffic(instruction: Instruction, computations: dict[str, list[Instruction]
     moved = shape_bytes(destination)
     # The source's layout says where it is read from; a slice reads as much as it writes.
     return moved, moved, on_chip_bytes(destination) + (moved if on_chip_bytes(source) else 0)
+
   def moved_on_chip(type_text: str, moved: int) -> int:  # the on-chip share of what moved
     whole = shape_bytes(type_text)
     return on_chip_bytes(type_text) * moved // whole if whole else 0
@@ -314,6 +388,7 @@ def scope_of(op_name: str) -> tuple[str, str]:
 @dataclasses.dataclass
 class Entry:
   """One executed instruction's share."""
+
   name: str
   opcode: str
   scope: str
@@ -339,12 +414,17 @@ def _through_copies(name: str, by_name: dict[str, Instruction]) -> Instruction |
 
 
 def _is_constant(instruction: Instruction | None, value: int | None = None) -> bool:
-  return (instruction is not None and instruction.opcode == "constant" and instruction.literal.isdigit()
-          and (value is None or int(instruction.literal) == value))
+  return (
+    instruction is not None
+    and instruction.opcode == "constant"
+    and instruction.literal.isdigit()
+    and (value is None or int(instruction.literal) == value)
+  )
 
 
-def trip_count(loop: Instruction, computations: dict[str, list[Instruction]],
-               caller: list[Instruction]) -> int:
+def trip_count(
+  loop: Instruction, computations: dict[str, list[Instruction]], caller: list[Instruction]
+) -> int:
   """How often a ``while`` (an instruction of ``caller``) runs its body: XLA's ``known_trip_count``
   where it annotated one (XLA:CPU does); else, since libtpu leaves its loops unannotated, N for the
   loop ``lax.scan`` and ``fori_loop`` lower to — a tuple element k that starts at constant 0, grows by
@@ -365,13 +445,20 @@ def trip_count(loop: Instruction, computations: dict[str, list[Instruction]],
   k = int(index.group(1))
   in_body, in_caller = {i.name: i for i in body}, {i.name: i for i in caller}
   root, start = body[-1], _through_copies(loop.operands[0], in_caller)  # HLO prints ROOT last
-  if root.opcode != "tuple" or start is None or start.opcode != "tuple" or k >= min(
-      len(root.operands), len(start.operands)):
+  if (
+    root.opcode != "tuple"
+    or start is None
+    or start.opcode != "tuple"
+    or k >= min(len(root.operands), len(start.operands))
+  ):
     return 1
   step = _through_copies(root.operands[k], in_body)
-  if (step is None or step.opcode != "add" or not any(
-      _is_constant(_through_copies(name, in_body), 1) for name in step.operands)
-      or not _is_constant(_through_copies(start.operands[k], in_caller), 0)):
+  if (
+    step is None
+    or step.opcode != "add"
+    or not any(_is_constant(_through_copies(name, in_body), 1) for name in step.operands)
+    or not _is_constant(_through_copies(start.operands[k], in_caller), 0)
+  ):
     return 1
   return int(limit.literal)
 
@@ -381,6 +468,7 @@ def executed_instructions(computations: dict[str, list[Instruction]], entry: str
   computation's, and those of the loops, calls, conditionals and async wrappers it runs, each with how
   often it runs (loop trip counts multiply). Loops, calls and fused computations themselves are not
   yielded; a fusion is one instruction."""
+
   def walk(computation: str, trips: int, seen: tuple[str, ...]):
     instructions = computations.get(computation, [])
     for instruction in instructions:
@@ -391,13 +479,19 @@ def executed_instructions(computations: dict[str, list[Instruction]], entry: str
             yield from walk(called, body_trips, seen + (called,))
         continue
       if instruction.opcode in ("call", "conditional", "async-start"):
-        for attribute in ("calls", "to_apply", "branch_computations", "true_computation",
-                          "false_computation"):
+        for attribute in (
+          "calls",
+          "to_apply",
+          "branch_computations",
+          "true_computation",
+          "false_computation",
+        ):
           for called in instruction.called(attribute):
             if called not in seen:
               yield from walk(called, trips, seen + (called,))
         continue
       yield computation, instruction, trips
+
   yield from walk(entry, 1, (entry,))
 
 
@@ -452,8 +546,21 @@ def account(hlo_text: str) -> list[Entry]:
       op_name = consumer_op_name(computation, instruction.name)
     scope, direction = scope_of(op_name)
     read, written, on_chip = _traffic(instruction, computations)
-    entries.append(Entry(instruction.name, instruction.opcode, scope, direction, read, written,
-                         on_chip, flops, transcendentals, trips, op_name))
+    entries.append(
+      Entry(
+        instruction.name,
+        instruction.opcode,
+        scope,
+        direction,
+        read,
+        written,
+        on_chip,
+        flops,
+        transcendentals,
+        trips,
+        op_name,
+      )
+    )
 
   return entries
 
@@ -462,9 +569,11 @@ def executed_cost(entries: list[Entry], *, xla_flops: float, xla_bytes: float) -
   """XLA's FLOPs and bytes accessed with every loop body counted as often as it runs: XLA's own
   figures (one pass over each body) plus each body instruction's further trips; equal to XLA's for a
   module without loops. ``hbm_bytes``: of those bytes, the ones in HBM (ours, every trip)."""
-  return {"flops": xla_flops + sum(e.flops * (e.trips - 1) for e in entries),
-          "bytes_accessed": xla_bytes + sum(e.bytes * (e.trips - 1) for e in entries),
-          "hbm_bytes": sum((e.bytes - e.on_chip_bytes) * e.trips for e in entries)}
+  return {
+    "flops": xla_flops + sum(e.flops * (e.trips - 1) for e in entries),
+    "bytes_accessed": xla_bytes + sum(e.bytes * (e.trips - 1) for e in entries),
+    "hbm_bytes": sum((e.bytes - e.on_chip_bytes) * e.trips for e in entries),
+  }
 
 
 def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: int = 15) -> dict:
@@ -478,8 +587,17 @@ def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: 
   groups: dict[str, dict] = {}
   for entry in entries:
     key = f"{entry.scope}/{entry.direction}"
-    group = groups.setdefault(key, {"bytes_read": 0, "bytes_written": 0, "hbm_bytes": 0,
-                                    "flops": 0.0, "transcendentals": 0.0, "instructions": 0})
+    group = groups.setdefault(
+      key,
+      {
+        "bytes_read": 0,
+        "bytes_written": 0,
+        "hbm_bytes": 0,
+        "flops": 0.0,
+        "transcendentals": 0.0,
+        "instructions": 0,
+      },
+    )
     group["bytes_read"] += entry.bytes_read * entry.trips
     group["bytes_written"] += entry.bytes_written * entry.trips
     group["hbm_bytes"] += (entry.bytes - entry.on_chip_bytes) * entry.trips
@@ -487,32 +605,53 @@ def summarise(entries: list[Entry], *, xla_bytes: float, xla_flops: float, top: 
     group["transcendentals"] += entry.transcendentals * entry.trips
     group["instructions"] += 1
   ours = sum(g["bytes_read"] + g["bytes_written"] for g in groups.values())
-  groups["unattributed"] = {"bytes_read": 0, "bytes_written": max(xla_bytes - ours, 0.0),
-                            "hbm_bytes": 0, "flops": max(xla_flops - sum(
-                                g["flops"] for g in groups.values()), 0.0),
-                            "transcendentals": 0.0, "instructions": 0}
+  groups["unattributed"] = {
+    "bytes_read": 0,
+    "bytes_written": max(xla_bytes - ours, 0.0),
+    "hbm_bytes": 0,
+    "flops": max(xla_flops - sum(g["flops"] for g in groups.values()), 0.0),
+    "transcendentals": 0.0,
+    "instructions": 0,
+  }
   total = max(xla_bytes, ours, 1.0)
   for group in groups.values():
     group["share_of_bytes"] = (group["bytes_read"] + group["bytes_written"]) / total
   largest = sorted(entries, key=lambda e: e.bytes * e.trips, reverse=True)[:top]
   return {
-      "xla_bytes_accessed": xla_bytes, "xla_flops": xla_flops, "attributed_bytes": ours,
-      "hbm_bytes": executed["hbm_bytes"],
-      "attributed_flops": sum(e.flops * e.trips for e in entries),
-      "by_part": dict(sorted(groups.items(), key=lambda kv: -kv[1]["share_of_bytes"])),
-      "largest": [{"name": e.name, "opcode": e.opcode, "part": f"{e.scope}/{e.direction}",
-                   "bytes_read": e.bytes_read, "bytes_written": e.bytes_written, "flops": e.flops,
-                   "trips": e.trips, "op_name": e.op_name[-120:]} for e in largest],
+    "xla_bytes_accessed": xla_bytes,
+    "xla_flops": xla_flops,
+    "attributed_bytes": ours,
+    "hbm_bytes": executed["hbm_bytes"],
+    "attributed_flops": sum(e.flops * e.trips for e in entries),
+    "by_part": dict(sorted(groups.items(), key=lambda kv: -kv[1]["share_of_bytes"])),
+    "largest": [
+      {
+        "name": e.name,
+        "opcode": e.opcode,
+        "part": f"{e.scope}/{e.direction}",
+        "bytes_read": e.bytes_read,
+        "bytes_written": e.bytes_written,
+        "flops": e.flops,
+        "trips": e.trips,
+        "op_name": e.op_name[-120:],
+      }
+      for e in largest
+    ],
   }
 
 
 def markdown_table(summary: dict, *, per: float = 1.0, unit: str = "MB") -> str:
   """The ``by_part`` rows as a markdown table (bytes divided by ``per``, e.g. per image)."""
   scale = {"MB": 1e6, "GB": 1e9}[unit]
-  lines = [f"| part | bytes read ({unit}) | bytes written ({unit}) | share of XLA's bytes | "
-           f"of them in HBM ({unit}) | GFLOP |", "|---|---|---|---|---|---|"]
+  lines = [
+    f"| part | bytes read ({unit}) | bytes written ({unit}) | share of XLA's bytes | "
+    f"of them in HBM ({unit}) | GFLOP |",
+    "|---|---|---|---|---|---|",
+  ]
   for part, group in summary["by_part"].items():
-    lines.append(f"| {part} | {group['bytes_read'] / per / scale:,.2f} | "
-                 f"{group['bytes_written'] / per / scale:,.2f} | {group['share_of_bytes']:.1%} | "
-                 f"{group['hbm_bytes'] / per / scale:,.2f} | {group['flops'] / per / 1e9:,.3f} |")
+    lines.append(
+      f"| {part} | {group['bytes_read'] / per / scale:,.2f} | "
+      f"{group['bytes_written'] / per / scale:,.2f} | {group['share_of_bytes']:.1%} | "
+      f"{group['hbm_bytes'] / per / scale:,.2f} | {group['flops'] / per / 1e9:,.3f} |"
+    )
   return "\n".join(lines)

@@ -32,8 +32,12 @@ from l2vit_jax.data import pipeline
 # its backends start, so without it a compile fails while any other JAX process (a test run) lives.
 # JAX_SKIP_CUDA_CONSTRAINTS_CHECK: the CUDA plugin otherwise calls cuInit, fails without a GPU driver
 # and never registers its compile-only topologies.
-COMPILE_ONLY_ENVIRONMENT = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
-                            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+COMPILE_ONLY_ENVIRONMENT = {
+  "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+  "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+}
 # An H100 SXM as XLA's GPU compiler sees it (device description as dumped on one, jax-ml/jax#28376).
 H100_TARGET_CONFIG = """
 gpu_device_info {
@@ -50,8 +54,14 @@ runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 GPU_TARGET_CONFIGS = {"h100": H100_TARGET_CONFIG}
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-               "collective-broadcast")
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+  "collective-broadcast",
+)
 # Compile-only steps are given this many steps per epoch: schedules are traced, never evaluated.
 NOMINAL_STEPS_PER_EPOCH = 1000
 
@@ -68,11 +78,13 @@ def compile_only_mesh(topology: str):
   """The training mesh over the devices of a compile-only TPU slice (Cloud names are mapped) or,
   for ``h100:N``, of N H100s on one host (needs ``jax[cuda12]``, no GPU)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   topology = chips.topology_for_accelerator_type(topology)
   generation, shape = topology.split(":", 1)
   if generation in GPU_TARGET_CONFIGS:
-    description = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{int(shape)}",
-                                               target_config=GPU_TARGET_CONFIGS[generation])
+    description = topologies.get_topology_desc(
+      platform="cuda", topology=f"1x1x{int(shape)}", target_config=GPU_TARGET_CONFIGS[generation]
+    )
   else:
     spec = chips.chip_spec(topology)
     extra = {"chip_config_name": spec.chip_config_name} if spec.chip_config_name else {}
@@ -87,19 +99,28 @@ def abstract_batch(config, keys: tuple[str, ...], global_batch: int, mesh) -> di
   batching), so the keys, shapes and dtypes are those of training, with the batch dimension set.
   """
   size, channels = config.model.img_size, config.model.in_channels
-  record = {"image": np.zeros((size, size, channels), np.float32), "index": np.int64(0),
-            "label": np.int32(0), "mass": np.float32(0.0), "pt": np.float32(0.0)}
+  record = {
+    "image": np.zeros((size, size, channels), np.float32),
+    "index": np.int64(0),
+    "label": np.int32(0),
+    "mass": np.float32(0.0),
+    "pt": np.float32(0.0),
+  }
   augmentation = recipes.AUGMENTATIONS[config.task]
   if "mask" in keys:  # evaluation batches: padded and flagged
     dataset = pipeline.make_eval_dataset([record], batch_size=1, pixel_scale=config.data.pixel_scale)
   else:
-    dataset = pipeline.make_train_dataset([record], batch_size=1, seed=0, augmentation=augmentation,
-                                          pixel_scale=config.data.pixel_scale)
+    dataset = pipeline.make_train_dataset(
+      [record], batch_size=1, seed=0, augmentation=augmentation, pixel_scale=config.data.pixel_scale
+    )
   example = next(iter(dataset))
   batch_sharding = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct((global_batch, *np.shape(example[k])[1:]),
-                                  np.asarray(example[k]).dtype, sharding=batch_sharding)
-          for k in keys}
+  return {
+    k: jax.ShapeDtypeStruct(
+      (global_batch, *np.shape(example[k])[1:]), np.asarray(example[k]).dtype, sharding=batch_sharding
+    )
+    for k in keys
+  }
 
 
 def abstract_replicated(tree, mesh):
@@ -121,9 +142,11 @@ def per_chip_bytes(structs, shardings) -> int:
   Leaves the step does not read (SimCLR's unused classification heads) have no sharding in the
   executable; they count as placed by the loop (``struct.sharding``).
   """
+
   def on_one_chip(struct, chosen):
     shard_shape = (chosen or struct.sharding).shard_shape(struct.shape)
     return _nbytes(struct) * math.prod(shard_shape) // max(math.prod(struct.shape), 1)
+
   return sum(jax.tree.leaves(jax.tree.map(on_one_chip, structs, shardings)))
 
 
@@ -143,7 +166,7 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     shapes = accounting.array_sizes(instruction.result)
     if instruction.opcode.endswith("-start") and kind != "all-reduce":
       shapes = [b for b in shapes if b > 4] or shapes  # drop u32[] sync contexts
-      shapes = shapes[len(shapes) // 2:]
+      shapes = shapes[len(shapes) // 2 :]
     counted = found.setdefault(kind, {"count": 0, "bytes": 0})
     counted["count"] += trips
     counted["bytes"] += sum(shapes) * trips
@@ -158,13 +181,15 @@ def _unoptimized_cost_per_device(lowered, num_devices: int) -> dict:
   """
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+
   module = lowered.compiler_ir("hlo").as_hlo_module()
   cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module)
   return {key: cost.get(key, 0.0) / num_devices for key in ("flops", "bytes accessed")}
 
 
-def _compiled_summary(lowered, compiled, entries: list[accounting.Entry], args, batch,
-                      num_devices: int) -> dict:
+def _compiled_summary(
+  lowered, compiled, entries: list[accounting.Entry], args, batch, num_devices: int
+) -> dict:
   """The report's figures for one compiled step; ``entries`` is ``accounting.account`` of its HLO."""
   memory = compiled.memory_analysis()
   cost, cost_source = compiled.cost_analysis(), "optimized HLO, per device"
@@ -177,19 +202,19 @@ def _compiled_summary(lowered, compiled, entries: list[accounting.Entry], args, 
   # XLA counts a loop body once: the scanned blocks' would count for one block, not six.
   executed = accounting.executed_cost(entries, xla_flops=xla_flops, xla_bytes=xla_bytes)
   return {
-      "peak_memory_bytes": int(memory.peak_memory_in_bytes),
-      "argument_bytes": int(memory.argument_size_in_bytes),
-      "flops": executed["flops"],
-      "bytes_accessed": executed["bytes_accessed"],
-      "xla_flops": xla_flops,  # as XLA's cost analysis reports them, loop bodies once
-      "xla_bytes_accessed": xla_bytes,
-      # Of the bytes, those in HBM (the rest is in on-chip memory where XLA placed it; tpu/accounting.py).
-      "hbm_bytes": float(executed["hbm_bytes"]),
-      "cost_analysis_of": cost_source + "; loop bodies counted once per trip (tpu/accounting.py)",
-      "per_chip_parameter_bytes": per_chip_bytes(args[0], input_shardings[0]),
-      "per_chip_batch_bytes": per_chip_bytes(batch, input_shardings[-1]),
-      "grouped_convolutions": len(re.findall(r"feature_group_count=(?!1\b)\d+", hlo)),
-      "collectives": collectives(hlo),
+    "peak_memory_bytes": int(memory.peak_memory_in_bytes),
+    "argument_bytes": int(memory.argument_size_in_bytes),
+    "flops": executed["flops"],
+    "bytes_accessed": executed["bytes_accessed"],
+    "xla_flops": xla_flops,  # as XLA's cost analysis reports them, loop bodies once
+    "xla_bytes_accessed": xla_bytes,
+    # Of the bytes, those in HBM (the rest is in on-chip memory where XLA placed it; tpu/accounting.py).
+    "hbm_bytes": float(executed["hbm_bytes"]),
+    "cost_analysis_of": cost_source + "; loop bodies counted once per trip (tpu/accounting.py)",
+    "per_chip_parameter_bytes": per_chip_bytes(args[0], input_shardings[0]),
+    "per_chip_batch_bytes": per_chip_bytes(batch, input_shardings[-1]),
+    "grouped_convolutions": len(re.findall(r"feature_group_count=(?!1\b)\d+", hlo)),
+    "collectives": collectives(hlo),
   }
 
 
@@ -204,7 +229,8 @@ class CompiledSteps:
     model, loss = recipes.build_model_and_loss(config)
     total_steps = int(config.num_epochs * NOMINAL_STEPS_PER_EPOCH)
     self.steps, (params, batch_stats, other) = steps.build_steps(
-        config, model, loss, mesh, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, total_steps=total_steps)
+      config, model, loss, mesh, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, total_steps=total_steps
+    )
     state = abstract_replicated((params, batch_stats, other), mesh)
     opt_state = abstract_replicated(jax.eval_shape(self.steps.tx.init, params), mesh)
     step = jax.ShapeDtypeStruct((), np.int32, sharding=sharding.replicated(mesh))
@@ -226,15 +252,17 @@ class CompiledSteps:
       self.train_compile_cpu_seconds = time.process_time() - start_cpu
       self.train_hlo = compiled.as_text()
       self.train_entries = accounting.account(self.train_hlo)  # per instruction (hlo_accounting.py)
-      self.train = _compiled_summary(lowered, compiled, self.train_entries, train_args, train_batch,
-                                     mesh.size)
+      self.train = _compiled_summary(
+        lowered, compiled, self.train_entries, train_args, train_batch, mesh.size
+      )
       start = time.perf_counter()
       eval_args = (*state, eval_batch)
       lowered = self.steps.eval.lower(*eval_args)
       compiled = lowered.compile()
       self.eval_compile_seconds = time.perf_counter() - start
-      self.eval = _compiled_summary(lowered, compiled, accounting.account(compiled.as_text()), eval_args,
-                                    eval_batch, mesh.size)
+      self.eval = _compiled_summary(
+        lowered, compiled, accounting.account(compiled.as_text()), eval_args, eval_batch, mesh.size
+      )
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -242,8 +270,14 @@ def is_out_of_memory(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def largest_fitting_batch(peak_memory_at: Callable[[int], int | None], *, known: tuple[int, int],
-                          hbm_bytes: int, multiple: int, max_compiles: int) -> dict:
+def largest_fitting_batch(
+  peak_memory_at: Callable[[int], int | None],
+  *,
+  known: tuple[int, int],
+  hbm_bytes: int,
+  multiple: int,
+  max_compiles: int,
+) -> dict:
   """Largest global batch (a multiple of ``multiple``) whose train step fits ``hbm_bytes`` per chip.
 
   ``peak_memory_at(batch)`` compiles and returns the per-chip peak, or None when the compiler runs out
@@ -280,22 +314,24 @@ def largest_fitting_batch(peak_memory_at: Callable[[int], int | None], *, known:
     else:
       fails.add(batch)
   low, high = max(fits, default=None), min(fails, default=None)
-  return {"largest_fitting": low, "smallest_failing": high,
-          "exact": low is not None and high is not None and high - low <= multiple,
-          "probes": probes}
+  return {
+    "largest_fitting": low,
+    "smallest_failing": high,
+    "exact": low is not None and high is not None and high - low <= multiple,
+    "probes": probes,
+  }
 
 
-def roofline(flops_per_chip: float, bytes_per_chip: float, global_batch: int,
-             spec: chips.ChipSpec) -> dict:
+def roofline(flops_per_chip: float, bytes_per_chip: float, global_batch: int, spec: chips.ChipSpec) -> dict:
   """Lower bound on step time: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth)."""
   compute_seconds = flops_per_chip / spec.peak_bf16_flops
   memory_seconds = bytes_per_chip / spec.hbm_bytes_per_second
   seconds = max(compute_seconds, memory_seconds)
   return {
-      "step_seconds_lower_bound": seconds,
-      "bound_by": "compute" if compute_seconds >= memory_seconds else "memory",
-      "compute_seconds": compute_seconds,
-      "memory_seconds": memory_seconds,
-      "images_per_second_upper_bound": global_batch / seconds if seconds else None,
-      "mfu_at_bound": compute_seconds / seconds if seconds else None,
+    "step_seconds_lower_bound": seconds,
+    "bound_by": "compute" if compute_seconds >= memory_seconds else "memory",
+    "compute_seconds": compute_seconds,
+    "memory_seconds": memory_seconds,
+    "images_per_second_upper_bound": global_batch / seconds if seconds else None,
+    "mfu_at_bound": compute_seconds / seconds if seconds else None,
   }

@@ -33,7 +33,7 @@ def emission_seconds(profile_dir: str) -> dict[str, float]:
     for line in plane.lines:
       for event in line.events:
         if event.name.startswith(EMITTING):
-          seconds[event.name[len(EMITTING):]] += event.duration_ns / 1e9
+          seconds[event.name[len(EMITTING) :]] += event.duration_ns / 1e9
   return dict(seconds)
 
 
@@ -48,8 +48,15 @@ def slowest(seconds: dict[str, float], entries: list[accounting.Entry], top: int
   for name, spent in sorted(seconds.items(), key=lambda item: -item[1])[:top]:
     entry = by_name.get(name)
     op_name = entry.op_name if entry else ""
-    rows.append({"instruction": name, "seconds": round(spent, 2), "share": round(spent / total, 4),
-                 "scope": entry.scope if entry else "other",
-                 "direction": entry.direction if entry else "forward",
-                 "rematerialised": "rematted_computation" in op_name, "op_name": op_name})
+    rows.append(
+      {
+        "instruction": name,
+        "seconds": round(spent, 2),
+        "share": round(spent / total, 4),
+        "scope": entry.scope if entry else "other",
+        "direction": entry.direction if entry else "forward",
+        "rematerialised": "rematted_computation" in op_name,
+        "op_name": op_name,
+      }
+    )
   return {"emission_seconds": round(total, 2), "instructions": len(seconds), "slowest": rows}

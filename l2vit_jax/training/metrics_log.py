@@ -132,8 +132,9 @@ class EventWriter:
     self._remote = paths.is_remote(directory)
     self._local = tempfile.mkdtemp(prefix="l2vit-tensorboard-") if self._remote else directory
     paths.makedirs(self._local)
-    self._events = EventsWriter(os.path.join(self._local, "events"),
-                                filename_suffix=f".{os.getpid()}.{next(_event_files):06d}")
+    self._events = EventsWriter(
+      os.path.join(self._local, "events"), filename_suffix=f".{os.getpid()}.{next(_event_files):06d}"
+    )
     self.path = paths.join(directory, os.path.basename(self._events._file_name))  # pylint: disable=protected-access
     self._last_flush = time.monotonic()
     self._closed = False
@@ -146,20 +147,27 @@ class EventWriter:
   def scalars(self, step: int, values: dict) -> None:
     """Every real number of ``values`` (not bools; NaN and infinities as they are) as a scalar named by its key, at ``step``."""
     from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=import-outside-toplevel
-    summary = Summary(value=[Summary.Value(tag=key, simple_value=float(value))
-                             for key, value in values.items()
-                             if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))])
+
+    summary = Summary(
+      value=[
+        Summary.Value(tag=key, simple_value=float(value))
+        for key, value in values.items()
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+      ]
+    )
     if summary.value:
       self._write(step, summary=summary)
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     """Markdown text (TensorBoard's text plugin)."""
     from tensorboardX import summary as tbx_summary  # pylint: disable=import-outside-toplevel
+
     self._write(step, summary=tbx_summary.text(tag, text))
 
   def png(self, tag: str, data: bytes, step: int = 0) -> None:
     """A PNG file's bytes as an image, as they are (no decoding and re-encoding)."""
     from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=import-outside-toplevel
+
     width, height, channels = png_size(data)
     image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=data)
     self._write(step, summary=Summary(value=[Summary.Value(tag=tag, image=image)]))
@@ -207,8 +215,9 @@ def open_event_writer(directory: str, *, purge_step: int | None = None) -> Event
   try:
     return EventWriter(directory, purge_step=purge_step)
   except ImportError as error:
-    logging.warning("No TensorBoard events (%s): pip install tensorboardX, or set "
-                    "--config.tensorboard=False", error)
+    logging.warning(
+      "No TensorBoard events (%s): pip install tensorboardX, or set --config.tensorboard=False", error
+    )
     return None
 
 
@@ -241,7 +250,7 @@ def write_report_images(report_dir: str) -> int:
     return 0
   try:
     for name, path in figures:
-      writer.png(name[:-len(".png")], paths.as_path(path).read_bytes())
+      writer.png(name[: -len(".png")], paths.as_path(path).read_bytes())
   finally:
     writer.close()
   logging.info("TensorBoard: %d report figure(s) in %s", len(figures), writer.directory)
@@ -257,8 +266,14 @@ class MetricWriter:
   in TensorBoard by the new event file's purge marker). ``config_json``: written once as text.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None,
-               config_json: str | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    tensorboard: bool = True,
+    resume_step: int | None = None,
+    config_json: str | None = None,
+  ):
     self.enabled = jax.process_index() == 0
     self.path = paths.join(workdir, "metrics.jsonl")
     self._remote = paths.is_remote(workdir)
@@ -273,7 +288,8 @@ class MetricWriter:
     self._tensorboard = None
     if self.enabled and tensorboard:
       self._tensorboard = open_event_writer(
-          paths.join(workdir, TENSORBOARD_DIR), purge_step=None if resume_step is None else resume_step + 1)
+        paths.join(workdir, TENSORBOARD_DIR), purge_step=None if resume_step is None else resume_step + 1
+      )
       if self._tensorboard is not None and config_json:
         self._tensorboard.text("config", config_markdown(config_json), step=resume_step or 0)
 
@@ -328,15 +344,18 @@ class Progress:
     steps = max(step - self._last_step, 1)
     seconds_per_step = (now - self._last_time) / steps
     self._last_step, self._last_time = step, now
-    return {"images_per_second": self.global_batch_size / max(seconds_per_step, 1e-9),
-            "eta_seconds": seconds_per_step * (self.total_steps - step)}
+    return {
+      "images_per_second": self.global_batch_size / max(seconds_per_step, 1e-9),
+      "eta_seconds": seconds_per_step * (self.total_steps - step),
+    }
 
 
 def format_status(step: int, total_steps: int, metrics: dict) -> str:
   eta = metrics.get("eta_seconds", 0.0)
   parts = [f"step {step}/{total_steps}", f"epoch {metrics.get('epoch', 0):.2f}"]
-  parts += [f"{k} {v:.4g}" for k, v in metrics.items()
-            if k.startswith(("train/", "val/")) and isinstance(v, float)]
+  parts += [
+    f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("train/", "val/")) and isinstance(v, float)
+  ]
   if "learning_rate" in metrics:
     parts.append(f"lr {metrics['learning_rate']:.3g}")
   if "images_per_second" in metrics:

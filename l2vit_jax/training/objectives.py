@@ -49,6 +49,7 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class DualHeadLoss:
   """Cross entropy on the class plus SmoothL1 (β = 1) on the standardised mass, as the original."""
+
   mass_mean: float
   mass_std: float
   classification_weight: float = 1.0
@@ -56,22 +57,25 @@ class DualHeadLoss:
 
   def predictions(self, model: models.L2ViT, batch: dict) -> dict:
     logits, mass_z = model(batch["image"])
-    return {"logits": logits.astype(jnp.float32),
-            "mass_z": mass_z[:, 0].astype(jnp.float32)}
+    return {"logits": logits.astype(jnp.float32), "mass_z": mass_z[:, 0].astype(jnp.float32)}
 
   def __call__(self, model: models.L2ViT, batch: dict) -> tuple[jax.Array, dict]:
     out = self.predictions(model, batch)
     mask = batch.get("mask", jnp.ones_like(batch["mass"], dtype=jnp.float32))
     target_z = (batch["mass"] - self.mass_mean) / self.mass_std
     classification = masked_mean(
-        optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["label"]), mask)
+      optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["label"]), mask
+    )
     regression = masked_mean(optax.huber_loss(out["mass_z"], target_z, delta=1.0), mask)
     loss = self.classification_weight * classification + self.regression_weight * regression
     correct = (jnp.argmax(out["logits"], axis=-1) == batch["label"]).astype(jnp.float32)
     mass_gev = out["mass_z"] * self.mass_std + self.mass_mean
-    return loss, {"classification_loss": classification, "regression_loss": regression,
-                  "accuracy": masked_mean(correct, mask),
-                  "mass_mae": masked_mean(jnp.abs(mass_gev - batch["mass"]), mask)}
+    return loss, {
+      "classification_loss": classification,
+      "regression_loss": regression,
+      "accuracy": masked_mean(correct, mask),
+      "mass_mae": masked_mean(jnp.abs(mass_gev - batch["mass"]), mask),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,7 @@ class MaskedReconstructionLoss:
   clean image. Targets are ``log1p(pixels)`` by default (deposits span 4 decades) and non-zero target
   pixels weigh ``nonzero_weight`` times more than zeros, so ~99 % empty space cannot dominate.
   """
+
   mode: str = "mask"
   mask_ratio: float = 0.6
   nonzero_weight: float = 10.0
@@ -113,12 +118,14 @@ class MaskedReconstructionLoss:
     prediction = model(inputs, token_mask)
     example_weight = batch.get("mask", jnp.ones(images.shape[:1], jnp.float32))
     occupied = target > 0
-    weight = (jnp.where(occupied, self.nonzero_weight, 1.0) * scored[..., None]
-              * example_weight[:, None, None])
+    weight = jnp.where(occupied, self.nonzero_weight, 1.0) * scored[..., None] * example_weight[:, None, None]
     squared_error = jnp.square(prediction - target)
     loss = jnp.sum(weight * squared_error) / jnp.maximum(jnp.sum(weight), 1e-9)
     scored_pixels = weight > 0
     occupied_error = masked_mean(squared_error, scored_pixels & occupied)
     empty_error = masked_mean(squared_error, scored_pixels & ~occupied)
-    return loss, {"reconstruction_loss": loss, "occupied_pixel_mse": occupied_error,
-                  "empty_pixel_mse": empty_error}
+    return loss, {
+      "reconstruction_loss": loss,
+      "occupied_pixel_mse": occupied_error,
+      "empty_pixel_mse": empty_error,
+    }

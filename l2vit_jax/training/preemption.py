@@ -36,6 +36,7 @@ class StopRequests:
   def requested(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.received = "preemption notice"

@@ -20,9 +20,15 @@ from l2vit_jax.runtime import process_setup, sharding
 from l2vit_jax.training import optimizer
 
 
-def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
-                    dropout_key: jax.Array, *, skip_nonfinite: bool = False,
-                    prepare_batch: Callable | None = None) -> Callable:
+def make_train_step(
+  graphdef,
+  loss_fn: Callable,
+  tx: optax.GradientTransformation,
+  dropout_key: jax.Array,
+  *,
+  skip_nonfinite: bool = False,
+  prepare_batch: Callable | None = None,
+) -> Callable:
   """jit(params, batch_stats, other, opt_state, step, batch) -> new state and metrics (donated).
 
   ``prepare_batch`` (e.g. ``device_augment.prepare_batch``) turns the shipped batch into the one the
@@ -55,7 +61,8 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     if skip_nonfinite:
       keep_new = lambda new, old: jnp.where(finite, new, old)
       new_params, new_batch_stats, new_opt_state = jax.tree.map(
-          keep_new, (new_params, new_batch_stats, new_opt_state), (params, batch_stats, opt_state))
+        keep_new, (new_params, new_batch_stats, new_opt_state), (params, batch_stats, opt_state)
+      )
       metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_params, new_batch_stats, new_opt_state, metrics
 
@@ -68,6 +75,7 @@ def make_eval_step(graphdef, loss_fn: Callable) -> Callable:
     loss, metrics = loss_fn(model, batch)
     count = jnp.sum(batch["mask"]) if "mask" in batch else jnp.float32(next(iter(batch.values())).shape[0])
     return {"loss": loss, **metrics, "count": count}
+
   return jax.jit(eval_step)
 
 
@@ -96,8 +104,9 @@ def fix_depthwise_implementations(model: nnx.Module, platform: str) -> str:
   chosen = set()
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and hasattr(node, "depthwise_implementation"):
-      node.depthwise_implementation = depthwise.resolve_implementation(node.depthwise_implementation,
-                                                                       platform)
+      node.depthwise_implementation = depthwise.resolve_implementation(
+        node.depthwise_implementation, platform
+      )
       chosen.add(node.depthwise_implementation)
   return ",".join(sorted(chosen))
 
@@ -125,6 +134,7 @@ def configure_block_loop(model: nnx.Module, config, platform: str) -> tuple[bool
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The jitted train and eval steps of one model for one platform, and what they were built with."""
+
   train: Callable
   eval: Callable
   tx: optax.GradientTransformation
@@ -136,8 +146,16 @@ class Steps:
   remat_policy: str
 
 
-def build_steps(config, model: nnx.Module, loss_fn: Callable, mesh, *, steps_per_epoch: int,
-                total_steps: int, prepare_batch: Callable | None = None) -> tuple[Steps, tuple]:
+def build_steps(
+  config,
+  model: nnx.Module,
+  loss_fn: Callable,
+  mesh,
+  *,
+  steps_per_epoch: int,
+  total_steps: int,
+  prepare_batch: Callable | None = None,
+) -> tuple[Steps, tuple]:
   """The steps the training loop runs, for the devices of ``mesh`` (also a compile-only TPU mesh).
 
   Platform-dependent choices follow the mesh's devices, not JAX's default backend: 'auto' depthwise
@@ -157,16 +175,26 @@ def build_steps(config, model: nnx.Module, loss_fn: Callable, mesh, *, steps_per
   graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   schedules = optimizer.learning_rate_schedules(config, steps_per_epoch, total_steps)
   tx = optimizer.make_optimizer(config, schedules)
-  dropout_key = jax.random.key(config.seed, impl=resolve_prng_impl(config.get("prng_impl", "auto"),
-                                                                   platform))
-  train_step = make_train_step(graphdef, loss_fn, tx, dropout_key,
-                               skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
-                               prepare_batch=prepare_batch)
-  steps = Steps(train=train_step, eval=make_eval_step(eval_graphdef, loss_fn), tx=tx,
-                schedules=schedules, platform=platform,
-                depthwise_implementation=depthwise_implementation,
-                prng_impl=str(jax.random.key_impl(dropout_key)), scan_blocks=scan_blocks,
-                remat_policy=remat_policy)
+  dropout_key = jax.random.key(config.seed, impl=resolve_prng_impl(config.get("prng_impl", "auto"), platform))
+  train_step = make_train_step(
+    graphdef,
+    loss_fn,
+    tx,
+    dropout_key,
+    skip_nonfinite=bool(config.get("skip_nonfinite_steps", False)),
+    prepare_batch=prepare_batch,
+  )
+  steps = Steps(
+    train=train_step,
+    eval=make_eval_step(eval_graphdef, loss_fn),
+    tx=tx,
+    schedules=schedules,
+    platform=platform,
+    depthwise_implementation=depthwise_implementation,
+    prng_impl=str(jax.random.key_impl(dropout_key)),
+    scan_blocks=scan_blocks,
+    remat_policy=remat_policy,
+  )
   return steps, (params, batch_stats, other)
 
 
