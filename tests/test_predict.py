@@ -221,6 +221,23 @@ def test_chunks_left_by_a_run_on_another_input_are_not_reused(shared, tmp_path, 
   _assert_same_predictions(summary["path"], shared["arrays"])
 
 
+def test_chunks_without_a_manifest_are_not_reused(shared, tmp_path):
+  """A kill while chunks were removed can leave some without their manifest: another run's, perhaps
+  another checkpoint's, so they are cleared rather than taken for this run's."""
+  workdir = tmp_path / "out"
+  chunks = workdir / predict.CHUNKS_DIR
+  chunks.mkdir(parents=True)
+  np.savez(
+    chunks / "chunk-000000.npz",
+    index=np.arange(CHUNK),
+    prob_top=np.zeros(CHUNK, np.float32),
+    mass=np.zeros(CHUNK, np.float32),
+  )
+  summary = predict.predict_file(_config(shared["checkpoint"], shared["jets"]), str(workdir))
+  assert summary["resumed_jets"] == 0
+  _assert_same_predictions(summary["path"], shared["arrays"])
+
+
 # --- streaming ---------------------------------------------------------------------------------------------
 
 # In a fresh process: a warm-up run on a small file (compiling the forward pass, starting the input

@@ -9,7 +9,7 @@ in ``write_predictions``) and names the checkpoint it came from.
 
 Invariants, and why:
 
-* Equal to the evaluation. Every chunk is scored by ``evaluate.predict`` (the checkpoint's pixel scale,
+* Equal to the evaluation. Every chunk is scored by ``evaluate.predictor`` (the checkpoint's pixel scale,
   its mass standardisation undone) over ``inference.map_source`` (sharded over every device of every
   process, padded to whole global batches, gathered on every process), with chunk boundaries at whole
   global batches: each jet meets the same forward pass in the same batch position as in one pass.
@@ -81,12 +81,16 @@ def checkpoint_identity(directory: str, meta: dict) -> dict:
 
 
 def input_identity(path: str, num_jets: int) -> dict:
-  """The input file by absolute path, size and modification time: a rewritten file is another input."""
+  """The input file by absolute path, size, inode, modification and change time: a rewritten or
+  replaced file is another input (tools that copy a file's modification time, ``cp -p`` or ``rsync
+  -t``, cannot set its change time or keep its inode)."""
   stat = os.stat(path)
   return {
     "input_path": os.path.abspath(path),
     "input_bytes": int(stat.st_size),
+    "input_inode": int(stat.st_ino),
     "input_mtime_ns": int(stat.st_mtime_ns),
+    "input_ctime_ns": int(stat.st_ctime_ns),
     "num_jets": int(num_jets),
   }
 
@@ -225,8 +229,18 @@ class ChunkStore:
     return paths.join(self.directory, f"chunk-{chunk:06d}.npz")
 
   def remove(self) -> None:
-    if paths.is_dir(self.directory):
-      paths.as_path(self.directory).rmtree()
+    """Removes the chunks, then the manifest, then the folder: a kill midway leaves a manifest with
+    chunks of its own fingerprint, or a folder without one, which ``open`` clears."""
+    if not paths.is_dir(self.directory):
+      return
+    folder = paths.as_path(self.directory)
+    for entry in folder.iterdir():
+      if entry.name != MANIFEST_FILE:
+        entry.unlink()
+    manifest = folder / MANIFEST_FILE
+    if manifest.exists():
+      manifest.unlink()
+    folder.rmtree()
 
   def open(self) -> np.ndarray:
     """Which chunks are finished, as a bool array; chunks of another fingerprint are removed first."""
@@ -246,6 +260,7 @@ class ChunkStore:
         )
         self.remove()
     if not paths.exists(manifest):
+      self.remove()  # chunks without a manifest cannot be told apart from another run's
       paths.makedirs(self.directory)
       paths.write_json(manifest, wanted)
     return np.array([self.read(chunk) is not None for chunk in range(self.plan.num_chunks)])
@@ -398,8 +413,9 @@ def predict_file(config, workdir: str) -> dict:
   except errors.DataError:  # the input is bad: its chunks are worth nothing, and nothing is left
     _on_process_0(store.remove, store.directory)
     _release(lock)
-    if created:
-      _on_process_0(lambda: _remove_if_empty(workdir), workdir)
+    # Every process enters the collective; process 0's own view decides (another process may have
+    # found the folder process 0 had just made).
+    _on_process_0(lambda: created and _remove_if_empty(workdir), workdir)
     raise
   finally:
     _release(lock)

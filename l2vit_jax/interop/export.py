@@ -27,6 +27,7 @@ BatchNorm, the exact erf GELU (ONNX ``Erf``) and softmax.
 from __future__ import annotations
 
 import logging as python_logging
+import math
 import os
 from typing import Callable
 
@@ -228,11 +229,13 @@ def export_checkpoint(
       failure = error
     else:
       paths.write_bytes(os.path.join(output, ONNX_FILE), onnx_bytes)
+      difference = float(onnx_difference(onnx_bytes, predict, check_images(shape)))
       sidecar["files"]["onnx"] = {
         "file": ONNX_FILE,
         "opset": opset,
         "batch_dimension": "batch",
-        "max_abs_difference_to_jax": onnx_difference(onnx_bytes, predict, check_images(shape)),
+        # strict JSON has no NaN: a broken conversion's difference is recorded as its name
+        "max_abs_difference_to_jax": difference if math.isfinite(difference) else str(difference),
       }
   paths.write_json(os.path.join(output, SIDECAR_FILE), sidecar)
   if failure is not None:
