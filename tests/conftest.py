@@ -105,3 +105,36 @@ def flat_params(model, variable_type=None) -> dict:
   from l2vit_jax.checkpoint import naming  # pylint: disable=import-outside-toplevel
 
   return naming.flatten_names(nnx.to_pure_dict(nnx.state(model, variable_type or nnx.Param)))
+
+
+def run_two_processes(argv: list[str], env: dict, log_dir, *, timeout: float = 400, cwd=None) -> list:
+  """Runs ``argv`` as processes 0 and 1 of one run, coordinated on 127.0.0.1 at a free port; returns
+  (exit status, output) of each. Output goes to files, not pipes: a full pipe would block one process
+  at a barrier forever. Both are killed when the first wait times out or the test ends."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as probe:  # a free port for the coordinator
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  logs = [os.path.join(str(log_dir), f"process{i}.log") for i in range(2)]
+  processes = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as out:
+      coordination = dict(
+        L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", L2VIT_NUM_PROCESSES="2", L2VIT_PROCESS_ID=str(i)
+      )
+      processes.append(
+        subprocess.Popen(argv, env=dict(env, **coordination), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+      )
+  try:
+    for process in processes:
+      process.wait(timeout=timeout)
+  finally:
+    for process in processes:
+      process.kill()
+  outputs = []
+  for process, log in zip(processes, logs):
+    with open(log) as file:
+      outputs.append((process.returncode, file.read()))
+  return outputs

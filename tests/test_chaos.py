@@ -141,7 +141,7 @@ def test_a_new_write_deletes_only_the_partial_files_of_dead_writers_on_this_host
   path = str(output / name)
   dead = subprocess.Popen([sys.executable, "-c", ""])
   dead.wait()
-  host = socket.gethostname()
+  host = paths._machine_tag()  # pylint: disable=protected-access  # this host name, boot and PID namespace
 
   def partial(name, pid, on_host):
     return paths.temporary_name(name, pid=pid, host=on_host, token="0a1b2c3d")
@@ -150,6 +150,8 @@ def test_a_new_write_deletes_only_the_partial_files_of_dead_writers_on_this_host
   kept = [
     partial(path, os.getpid(), host),
     partial(path, dead.pid, "another-host"),
+    # another container with this host name: its PIDs mean nothing here
+    partial(path, dead.pid, f"{socket.gethostname()}~00000000"),
     str(output / f".other.h5.{dead.pid}@{host}.0a1b2c3d.partial"),
   ]
   for temporary in [*stale, *kept]:

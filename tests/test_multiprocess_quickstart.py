@@ -7,14 +7,12 @@ Two CPU processes with gloo collectives and JAX's coordination service on a free
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import TEST_XLA_FLAGS
+from conftest import TEST_XLA_FLAGS, run_two_processes
 from l2vit_jax import errors
 from l2vit_jax.data import synthetic
 from l2vit_jax.experiments import stages
@@ -49,43 +47,16 @@ TINY = [
 
 def _run_two_processes(tmp_path, workdir, *flags) -> list[tuple[int, str]]:
   """Runs the quickstart as processes 0 and 1 of one run; (exit status, output) of each."""
-  with socket.socket() as probe:  # a free port for the coordinator
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  processes = []
-  for i, log in enumerate(logs):
-    # Output goes to files, not pipes: a full pipe would block one process at a barrier forever.
-    with open(log, "w") as out:
-      processes.append(
-        subprocess.Popen(
-          [
-            sys.executable,
-            "-m",
-            "l2vit_jax.main",
-            "--config=configs/quickstart.py",
-            f"--workdir={workdir}",
-            *TINY,
-            *flags,
-          ],
-          env=dict(
-            ENV,
-            L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            L2VIT_NUM_PROCESSES="2",
-            L2VIT_PROCESS_ID=str(i),
-          ),
-          cwd=REPO,
-          stdout=out,
-          stderr=subprocess.STDOUT,
-        )
-      )
-  try:
-    for process in processes:
-      process.wait(timeout=400)
-  finally:
-    for process in processes:
-      process.kill()
-  return [(process.returncode, log.read_text()) for process, log in zip(processes, logs)]
+  argv = [
+    sys.executable,
+    "-m",
+    "l2vit_jax.main",
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    *TINY,
+    *flags,
+  ]
+  return run_two_processes(argv, ENV, tmp_path, cwd=REPO)
 
 
 def test_the_quickstart_as_two_processes_finishes_in_both_with_one_report(tmp_path):

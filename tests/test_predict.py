@@ -10,7 +10,6 @@ output is one uninterrupted single-process run in chunks of 16 jets (batches of 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TEST_XLA_FLAGS, tiny_config, write_jet_file
+from conftest import TEST_XLA_FLAGS, run_two_processes, tiny_config, write_jet_file
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io, workdir_lock
 from l2vit_jax.data import hdf5, sources, sparse, split
@@ -322,37 +321,17 @@ def test_a_rerun_after_a_kill_scores_only_the_missing_chunks_and_writes_the_same
 
 def test_two_processes_of_two_devices_each_write_one_file_equal_to_one_process(shared, tmp_path):
   workdir = tmp_path / "out"
-  with socket.socket() as probe:  # a free port for the coordinator
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  processes = []
-  for i, log in enumerate(logs):
-    with open(log, "w") as out:  # files, not pipes: a full pipe would block a process at a barrier
-      processes.append(
-        subprocess.Popen(
-          [sys.executable, "-c", PREDICT_CLI, "0", *_cli_args(shared, workdir)],
-          env=dict(
-            ENV,
-            XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
-            L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            L2VIT_NUM_PROCESSES="2",
-            L2VIT_PROCESS_ID=str(i),
-          ),
-          cwd=REPO,
-          stdout=out,
-          stderr=subprocess.STDOUT,
-        )
-      )
-  try:
-    for process in processes:
-      process.wait(timeout=300)
-  finally:
-    for process in processes:
-      process.kill()
-  for process, log in zip(processes, logs):
-    assert process.returncode == 0, log.read_text()[-3000:]
-  assert "4 global devices" in logs[0].read_text()
+  env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}")
+  results = run_two_processes(
+    [sys.executable, "-c", PREDICT_CLI, "0", *_cli_args(shared, workdir)],
+    env,
+    tmp_path,
+    timeout=300,
+    cwd=REPO,
+  )
+  for status, output in results:
+    assert status == 0, output[-3000:]
+  assert "4 global devices" in results[0][1]
   assert os.listdir(workdir) == [predict.PREDICTIONS_FILE]
   arrays, attrs = _read(workdir / predict.PREDICTIONS_FILE)
   np.testing.assert_array_equal(arrays["index"], shared["arrays"]["index"])

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TEST_XLA_FLAGS, flat_params, tiny_config, write_jet_file
+from conftest import TEST_XLA_FLAGS, flat_params, run_two_processes, tiny_config, write_jet_file
 from l2vit_jax import errors
 from l2vit_jax.checkpoint import model_io, naming
 from l2vit_jax.runtime import process_setup, sharding
@@ -194,46 +193,19 @@ def test_two_processes_train_checkpoint_and_resume(files, tmp_path):
   workdir = tmp_path / "two_process"
 
   def launch(*overrides):
-    with socket.socket() as probe:  # a free port for the coordinator
-      probe.bind(("127.0.0.1", 0))
-      port = probe.getsockname()[1]
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    processes = []
-    for i, log in enumerate(logs):
-      # Output goes to files, not pipes: a full pipe would block one process at a barrier forever.
-      with open(log, "w") as out:
-        processes.append(
-          subprocess.Popen(
-            [
-              sys.executable,
-              "-m",
-              "l2vit_jax.main",
-              f"--config={config_file}",
-              f"--workdir={workdir}",
-              *overrides,
-            ],
-            env=dict(
-              os.environ,
-              PYTHONPATH=os.pathsep.join([REPO, TESTS]),
-              JAX_PLATFORMS="cpu",
-              L2VIT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-              L2VIT_NUM_PROCESSES="2",
-              L2VIT_PROCESS_ID=str(i),
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-          )
-        )
-    try:
-      for process in processes:
-        process.wait(timeout=300)
-    finally:
-      for process in processes:
-        process.kill()
-    outputs = [log.read_text() for log in logs]
-    for process, output in zip(processes, outputs):
-      assert process.returncode == 0, output[-3000:]
-    return outputs
+    argv = [
+      sys.executable,
+      "-m",
+      "l2vit_jax.main",
+      f"--config={config_file}",
+      f"--workdir={workdir}",
+      *overrides,
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), JAX_PLATFORMS="cpu")
+    results = run_two_processes(argv, env, tmp_path, timeout=300)
+    for status, output in results:
+      assert status == 0, output[-3000:]
+    return [output for _, output in results]
 
   launch("--config.stop_after_steps=3")
   assert os.listdir(workdir / "checkpoints") == ["3"]

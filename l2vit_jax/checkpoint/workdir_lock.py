@@ -44,7 +44,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -86,26 +85,7 @@ def lease_seconds() -> float:
   return value
 
 
-def _read_first_line(path: str) -> str | None:
-  try:
-    with open(path) as file:
-      return file.readline().strip() or None
-  except OSError:
-    return None
-
-
-def machine_identity() -> dict:
-  """This process's host name, the kernel's boot id and its PID namespace: two lock holders can judge
-  each other's PIDs only when all three agree (same kernel, same boot, same namespace)."""
-  try:
-    namespace = os.readlink("/proc/self/ns/pid")
-  except OSError:
-    namespace = None
-  return {
-    "host": socket.gethostname(),
-    "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
-    "pid_namespace": namespace,
-  }
+machine_identity = paths.machine_identity  # the lock judges a holder's PID by it
 
 
 def _token(data: bytes) -> str | None:

@@ -28,6 +28,7 @@ temporary; ``is_temporary`` recognises one (``scripts/chaos_run.py`` lists the o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -126,7 +127,7 @@ def temporary_name(
   process, this host and a random token unless given: the tests forge other writers' temporaries)."""
   directory, name = os.path.split(os.path.abspath(path))
   pid = os.getpid() if pid is None else pid
-  host = socket.gethostname() if host is None else host
+  host = _machine_tag() if host is None else host
   token = secrets.token_hex(4) if token is None else token
   return os.path.join(directory, f".{name}.{pid}@{host}.{token}{TEMPORARY_SUFFIX}")
 
@@ -138,14 +139,15 @@ def is_temporary(name: str) -> bool:
 
 def remove_stale_temporaries(path: PathLike) -> list[str]:
   """Deletes the temporaries of the local file ``path``, and of its helper files ``path.*``, whose
-  writer was a process of this host that is gone; returns their paths.
+  writer was a process of this machine (host name, boot and PID namespace: ``_machine_tag``) that is
+  gone; returns their paths.
 
   A killed writer leaves its temporary behind (at full size a jet file's is hundreds of MB, one per
   kill). Another host's temporaries (a shared filesystem) are left: whether their process lives cannot
   be checked from here.
   """
   directory, name = os.path.split(os.path.abspath(path))
-  host = socket.gethostname()
+  host = _machine_tag()  # another container with our host name has another PID namespace: not judged
   stale = []
   for entry in os.listdir(directory) if os.path.isdir(directory) else ():
     match = _TEMPORARY.match(entry)
@@ -286,6 +288,40 @@ def remove(path: PathLike) -> None:
     as_path(path).unlink()
   except FileNotFoundError:
     pass
+
+
+def _read_first_line(path: str) -> str | None:
+  try:
+    with open(path) as file:
+      return file.readline().strip() or None
+  except OSError:
+    return None
+
+
+def machine_identity() -> dict:
+  """This process's host name, the kernel's boot id and its PID namespace: two processes (lock
+  holders, writers of temporaries) can judge each other's PIDs only when all three agree (same kernel,
+  same boot, same namespace)."""
+  try:
+    namespace = os.readlink("/proc/self/ns/pid")
+  except OSError:
+    namespace = None
+  return {
+    "host": socket.gethostname(),
+    "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
+    "pid_namespace": namespace,
+  }
+
+
+def _machine_tag() -> str:
+  """The host name, with a short hash of the boot id and PID namespace where the system has them: what
+  a temporary's name records of its writer's machine, so that only a writer whose PID means the same
+  here is judged gone by it."""
+  identity = machine_identity()
+  if identity["boot_id"] is None and identity["pid_namespace"] is None:
+    return identity["host"]
+  tag = hashlib.sha256(f"{identity['boot_id']}|{identity['pid_namespace']}".encode()).hexdigest()[:8]
+  return f"{identity['host']}~{tag}"
 
 
 def process_alive(pid: int) -> bool:
