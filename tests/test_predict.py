@@ -201,18 +201,20 @@ def test_a_rerun_on_a_complete_output_does_nothing(shared):
   assert os.stat(shared["output"]).st_mtime_ns == before
 
 
-def test_chunks_left_by_a_run_on_another_input_are_not_reused(shared, tmp_path, caplog):
-  workdir = tmp_path / "out"
+def _a_zero_chunk_of_another_run(workdir):
+  """The chunk folder of ``workdir`` holding a first chunk of zeros; returns the folder."""
   chunks = workdir / predict.CHUNKS_DIR
   chunks.mkdir(parents=True)
+  zeros = np.zeros(CHUNK, np.float32)
+  np.savez(chunks / "chunk-000000.npz", index=np.arange(CHUNK), prob_top=zeros, mass=zeros)
+  return chunks
+
+
+def test_chunks_left_by_a_run_on_another_input_are_not_reused(shared, tmp_path, caplog):
+  workdir = tmp_path / "out"
+  chunks = _a_zero_chunk_of_another_run(workdir)
   (chunks / predict.MANIFEST_FILE).write_text(
     json.dumps({**json.loads(shared["attrs"]["fingerprint"]), "input_bytes": 1})
-  )
-  np.savez(
-    chunks / "chunk-000000.npz",
-    index=np.arange(CHUNK),
-    prob_top=np.zeros(CHUNK, np.float32),
-    mass=np.zeros(CHUNK, np.float32),
   )
   summary = predict.predict_file(_config(shared["checkpoint"], shared["jets"]), str(workdir))
   assert summary["resumed_jets"] == 0
@@ -224,14 +226,7 @@ def test_chunks_without_a_manifest_are_not_reused(shared, tmp_path):
   """A kill while chunks were removed can leave some without their manifest: another run's, perhaps
   another checkpoint's, so they are cleared rather than taken for this run's."""
   workdir = tmp_path / "out"
-  chunks = workdir / predict.CHUNKS_DIR
-  chunks.mkdir(parents=True)
-  np.savez(
-    chunks / "chunk-000000.npz",
-    index=np.arange(CHUNK),
-    prob_top=np.zeros(CHUNK, np.float32),
-    mass=np.zeros(CHUNK, np.float32),
-  )
+  _a_zero_chunk_of_another_run(workdir)
   summary = predict.predict_file(_config(shared["checkpoint"], shared["jets"]), str(workdir))
   assert summary["resumed_jets"] == 0
   _assert_same_predictions(summary["path"], shared["arrays"])
