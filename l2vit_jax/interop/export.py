@@ -16,7 +16,8 @@ Invariants of the exported function:
   and float32 only adds precision);
 * the LCM's depthwise convolutions use the 'lax' formulation (``models/depthwise.py``): a grouped
   convolution, which every backend and ONNX (``Conv`` with ``group``) run natively, whereas the
-  CPU-tuned 'shifted_adds_vjp' is 49 shifted multiply-adds behind an optimization barrier. Every
+  CPU-tuned 'shifted_adds_vjp' is a loop over the 49 taps' shifted multiply-adds with a custom
+  gradient, which converters do not know. Every
   formulation computes the same function, so this changes no result beyond rounding.
 
 What converts to ONNX (jax2onnx 0.13, opset 17): everything the model uses — the patch-embedding

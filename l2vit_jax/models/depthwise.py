@@ -2,8 +2,7 @@
 
 The LCM's two depthwise 7×7 convolutions are the only grouped convolutions in the model, and their
 best formulation depends on the backend: XLA:CPU lowers ``feature_group_count=C`` convolutions very
-slowly (≈0.3 s forward, ≈1.9 s gradient for 16×25×25×256 on 2 cores), while GPU/TPU handle them
-natively. Callers only ever use :func:`depthwise_conv2d`, so formulations can be chosen per backend
+slowly (measured in docs/performance.md, "Kernels"), while GPU/TPU handle them natively. Callers only ever use :func:`depthwise_conv2d`, so formulations can be chosen per backend
 without touching the model. Every formulation computes the same function (tested against each other,
 forward and gradients); ``scripts/benchmark.py --only=depthwise`` times them all.
 
@@ -33,9 +32,9 @@ IMPLEMENTATIONS = (
   "patches",
   "channel_batched",
 )
-# What 'auto' picks per backend, from scripts/benchmark.py (docs/performance.md): on XLA:CPU the
-# custom-VJP shifted adds were ≈40× faster than the grouped convolution for the gradient; GPU and
-# TPU compilers have native depthwise kernels.
+# What 'auto' picks per backend, from scripts/benchmark.py --only=depthwise (docs/performance.md,
+# "Kernels"): on XLA:CPU the custom-VJP shifted adds are far faster than the grouped convolution,
+# above all for the gradient; GPU and TPU compilers have native depthwise kernels.
 AUTO_BY_BACKEND = {"cpu": "shifted_adds_vjp"}
 AUTO_DEFAULT = "lax"
 
@@ -179,8 +178,8 @@ def _kernel_gradient(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> jax.Array
   the kh padded input rows shifted by j with the output-gradient row into a (kh, width, C)
   accumulator (kw of them, 1.3 MB in all for the seed's 25×256): elementwise and cache-resident. The
   direct form — kh·kw reductions over the whole (B, H, W) — re-reads the activations from memory kh·kw
-  times and was ≈10× slower on XLA:CPU; one accumulator per tap (kh·kw of them) was as fast but
-  took 5× longer to compile.
+  times and was much slower on XLA:CPU; one accumulator per tap (kh·kw of them) was as fast but
+  compiled far longer.
   """
   batch, height, width, channels = x.shape
   accumulator_dtype = _accumulator_dtype(x.dtype)
