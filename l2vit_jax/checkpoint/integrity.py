@@ -53,19 +53,23 @@ def _host_copy(value) -> np.ndarray | None:
   return np.ascontiguousarray(np.asarray(value))
 
 
-def array_digests(items: dict[str, Any]) -> dict[str, str]:
-  """SHA-256 of every array of ``{item: pytree}``, named ``item/key/key/...``.
-
-  The names follow the pytree paths, which a restore into the same structure, or without a target
-  (nested dicts keyed by the same names), reproduces.
-  """
-  digests = {}
+def _named_arrays(items: dict[str, Any]):
+  """(``item/key/key/...``, leaf) of every array leaf (one with a dtype) of ``{item: pytree}``: the
+  names digests are saved under, which a restore into the same structure, or without a target (nested
+  dicts keyed by the same names), reproduces."""
   for item, tree in items.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      host = _host_copy(leaf)
-      if host is not None:
-        name = "/".join([item] + [_key_name(entry) for entry in path])
-        digests[name] = "sha256:" + hashlib.sha256(host.view(np.uint8).data).hexdigest()  # no copy
+      if hasattr(leaf, "dtype"):
+        yield "/".join([item] + [_key_name(entry) for entry in path]), leaf
+
+
+def array_digests(items: dict[str, Any]) -> dict[str, str]:
+  """SHA-256 of every array of ``{item: pytree}``, by ``_named_arrays``' names."""
+  digests = {}
+  for name, leaf in _named_arrays(items):
+    host = _host_copy(leaf)
+    if host is not None:
+      digests[name] = "sha256:" + hashlib.sha256(host.view(np.uint8).data).hexdigest()  # no copy
   return digests
 
 
@@ -77,12 +81,7 @@ def structure_differences(items: dict[str, Any], meta: dict) -> list[str]:
   saved = meta.get(DIGESTS)
   if not isinstance(saved, dict):
     return []
-  wanted = {
-    "/".join([item] + [_key_name(entry) for entry in path])
-    for item, tree in items.items()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    if hasattr(leaf, "dtype")
-  }
+  wanted = {name for name, _ in _named_arrays(items)}
   stored = {name for name in saved if name.split("/")[0] in items}
   return sorted(wanted ^ stored)
 
