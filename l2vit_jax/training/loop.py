@@ -141,7 +141,7 @@ def input_layout(config) -> dict:
 def _check_same_input_layout(saved_meta: dict, meta: dict, workdir: str) -> None:
   """Refuses, naming the setting, a resume whose input pipeline cannot take the saved position.
   Checkpoints from before the layout was recorded hold the batch size only; their worker count is
-  checked when their position is restored (``TrainingCheckpointer.restore``)."""
+  checked when their position is restored (``TrainingCheckpointer._restore_data``)."""
   saved = saved_meta.get("input_layout")
   if not isinstance(saved, dict):
     saved = {key: saved_meta[key] for key in ("global_batch_size",) if key in saved_meta}
