@@ -59,7 +59,15 @@ class DivergenceError(UserError, RuntimeError):
 
 
 class WorkdirLockedError(UserError, RuntimeError):
-  """Another live run holds the workdir's lock."""
+  """Another live run holds the workdir's lock.
+
+  ``expires``: False for a lock that is never taken over however long one waits (unparsable, or of an
+  older version without a refresh time), so that a caller that would wait for it stops instead.
+  """
+
+  def __init__(self, message: str, *, expires: bool = True):
+    super().__init__(message)
+    self.expires = expires
 
 
 class Preempted(Exception):

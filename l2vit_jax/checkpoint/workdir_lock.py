@@ -360,7 +360,8 @@ class WorkdirLock:
     raise WorkdirLockedError(f"{self.path}: could not take the workdir lock (contended); try again")
 
   def _refuse(self, holder: dict) -> None:
-    if holder and isinstance(holder.get("refreshed"), (int, float)):
+    expires = bool(holder) and isinstance(holder.get("refreshed"), (int, float))
+    if expires:
       lease = holder.get("lease_seconds", self.lease)
       hint = (
         f"; it was refreshed {max(time.time() - holder['refreshed'], 0):.0f} s ago and is taken over "
@@ -370,7 +371,8 @@ class WorkdirLock:
       hint = "" if self._same_machine(holder) else "; if that run is dead, delete the lock file"
     raise WorkdirLockedError(
       f"{self.workdir}: workdir is in use by {describe(holder)}; use another "
-      f"--workdir or wait for it to finish (lock: {self.path}{hint})"
+      f"--workdir or wait for it to finish (lock: {self.path}{hint})",
+      expires=expires,
     )
 
   def _mark_refresh_start(self) -> None:

@@ -133,7 +133,11 @@ def _generation_lock(directory: str):
       lock.acquire()
       break
     except errors.WorkdirLockedError as busy:
-      _refuse_a_lock_that_never_expires(directory)
+      if not busy.expires:  # waiting would wait for ever, every other process with it
+        raise errors.DataError(
+          f"{lock.path}: a lock that never expires (unreadable, or written by an older version) holds "
+          "the generated jet files; if no run is generating them, delete it and rerun"
+        ) from busy
       if not waiting:
         logging.info(
           "Waiting for the jet files in %s: another process is generating them (%s)", directory, busy
@@ -144,24 +148,6 @@ def _generation_lock(directory: str):
     yield
   finally:
     lock.release()
-
-
-def _refuse_a_lock_that_never_expires(directory: str) -> None:
-  """A lock that cannot be parsed or has no refresh time (an older version's) never expires: waiting
-  for it would wait for ever, every other process with it. Refused in one line instead."""
-  path = paths.join(directory, workdir_lock.LOCK_FILE)
-  try:
-    holder = json.loads(paths.read_text(path))
-  except FileNotFoundError:
-    return  # released meanwhile: the next attempt takes it
-  except (OSError, ValueError):
-    holder = None
-  if not (isinstance(holder, dict) and isinstance(holder.get("refreshed"), (int, float))):
-    raise errors.DataError(
-      f"{path}: a lock that never expires (unreadable, or written by an older "
-      "version) holds the generated jet files; if no run is generating them, delete "
-      "it and rerun"
-    )
 
 
 def _expected_settings(config, kind: str) -> dict:
